@@ -1,0 +1,66 @@
+"""Bounded gradient ascent: the simplest immunization baseline.
+
+    L = w_h * CE(harmless) + w_r * CE(retain) - alpha * log(1 + CE(harmful))
+
+The ascent is bounded: the gradient of log(1 + CE) shrinks as the harmful loss grows, so the model is
+pushed away from harmful responses without the unbounded blow-up of plain gradient ascent. It is
+RepNoise's ascent term without the noise term and without the per-layer unembedding (Rosati et al. 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..trainer import ImmunizationConfig, ImmunizationTrainer
+
+
+@dataclass
+class GradientAscentConfig(ImmunizationConfig):
+    r"""Configuration of :class:`GradientAscentTrainer`.
+
+    Parameters:
+        alpha (`float`, defaults to `1.0`):
+            Weight of the bounded ascent term ``log(1 + CE(harmful))``.
+    """
+
+    alpha: float = field(
+        default=1.0, metadata={"help": "Weight of the bounded ascent term log(1 + CE(harmful))."}
+    )
+
+    def __post_init__(self):
+        if not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ConfigError(f"alpha must be a finite non-negative number, got {self.alpha}.")
+        super().__post_init__()
+
+
+class GradientAscentTrainer(ImmunizationTrainer):
+    """Retain loss on harmless (and benign) data minus ``alpha * log(1 + harmful CE)``."""
+
+    _tag_names = ["immune-trainer", "gradient-ascent"]
+    _name = "Bounded gradient ascent"
+    _paper = {
+        "title": "Representation noising: A defence mechanism against harmful finetuning",
+        "id": "2405.14577",
+        "citation": (
+            "@inproceedings{rosati2024representation,\n"
+            "  title={Representation noising: A defence mechanism against harmful finetuning},\n"
+            "  author={Rosati, Domenic and Wehner, Jan and Williams, Kai and Bartoszcze, {\\L}ukasz and "
+            "Gonzales, Robie and Maple, Carsten and Majumdar, Subhabrata and Sajjad, Hassan and Rudzicz, Frank},\n"
+            "  booktitle={Advances in Neural Information Processing Systems},\n"
+            "  year={2024}\n}"
+        ),
+    }
+    config_class = GradientAscentConfig
+
+    def compute_defense_loss(self, model, inputs):
+        terms = self.retain_terms(model, inputs)
+        harmful, _ = self.lm_loss(model, self.side(inputs, "harmful"))
+        terms["harmful"] = harmful
+        ascent = torch.log1p(harmful)
+        terms["ascent"] = ascent
+        terms["loss"] = self.weighted_retain(terms) - self.args.alpha * ascent
+        return terms

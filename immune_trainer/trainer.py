@@ -1,0 +1,414 @@
+"""The ImmunizationTrainer base: a ``transformers.Trainer`` that trains on paired harmful/harmless batches.
+
+Every defense in :mod:`immune_trainer.defenses` subclasses :class:`ImmunizationTrainer` and
+implements :meth:`ImmunizationTrainer.compute_defense_loss` (or, for multi-pass defenses, overrides
+``training_step``). The base class owns what every defense shares:
+
+- turning the user's harmful dataset (prompt/completion or messages) into paired batches: each harmful
+  prompt with its harmful response and with a harmless (refusal) response, response-only labels;
+- an optional *retain* set of ordinary capability data, drawn batch by batch beside the pairs (without
+  one, a strong defense breaks the model: see the README);
+- logging every loss term under ``loss/<term>``, averaged over the logging interval and across processes;
+- stopping with :class:`~immune_trainer.errors.DivergenceError` when a loss term becomes NaN or inf;
+- gradient accumulation: ``compute_defense_loss`` returns a per-batch mean and the Trainer divides by the
+  accumulation steps (``loss_is_scaled_for_ga = False``);
+- identity for model cards (``_tag_names``, ``_name``, ``_paper``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+from . import data as data_lib
+from .errors import ConfigError, DataError, DivergenceError
+
+PAIRED_KEYS = (
+    "harmful_input_ids",
+    "harmful_attention_mask",
+    "harmful_labels",
+    "harmless_input_ids",
+    "harmless_attention_mask",
+    "harmless_labels",
+)
+
+IMMUNIZATION_PAPER = {
+    "title": "Immunization against harmful fine-tuning attacks",
+    "id": "2402.16382",
+    "citation": (
+        "@inproceedings{rosati2024immunization,\n"
+        "  title={Immunization against harmful fine-tuning attacks},\n"
+        "  author={Rosati, Domenic and Wehner, Jan and Williams, Kai and Bartoszcze, {\\L}ukasz and "
+        "Sajjad, Hassan and Rudzicz, Frank},\n"
+        "  booktitle={Findings of the Association for Computational Linguistics: EMNLP 2024},\n"
+        "  year={2024}\n}"
+    ),
+}
+
+
+@dataclass
+class ImmunizationConfig(TrainingArguments):
+    r"""Configuration shared by every defense trainer (a ``TrainingArguments`` subclass).
+
+    Parameters:
+        > Data
+
+        max_length (`int`, defaults to `512`):
+            Longest tokenized example (prompt + response). A prompt that alone reaches it is an error.
+        refusal_column (`str` or `None`, defaults to `None`):
+            Column of the harmful dataset holding the harmless response paired with each prompt. When
+            `None`, refusals are drawn (seeded) from `immune_trainer.data.DEFAULT_REFUSALS`.
+        pair_seed (`int`, defaults to `0`):
+            Seed used to draw refusals when `refusal_column` is `None`.
+
+        > Loss weights
+
+        harmless_weight (`float`, defaults to `1.0`):
+            Weight of the cross-entropy on the harmless side of each pair (the prompt with a refusal).
+        retain_weight (`float`, defaults to `1.0`):
+            Weight of the cross-entropy on the benign retain set (ignored when no retain set is given).
+
+        > Safety of the run
+
+        check_finite (`bool`, defaults to `True`):
+            Stop with an error naming the loss term and step when any term becomes NaN or inf.
+        trust_remote_code (`bool`, defaults to `False`):
+            Allow model code from the model repository when `model` is given as a string.
+    """
+
+    max_length: int = field(
+        default=512,
+        metadata={
+            "help": "Longest tokenized example (prompt + response); a prompt that alone reaches it is an error."
+        },
+    )
+    refusal_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of the harmful dataset with the harmless response for each prompt; None draws "
+            "seeded refusals from immune_trainer.data.DEFAULT_REFUSALS."
+        },
+    )
+    pair_seed: int = field(
+        default=0, metadata={"help": "Seed for drawing refusals when refusal_column is None."}
+    )
+    harmless_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the cross-entropy on the harmless (refusal) side of each pair."},
+    )
+    retain_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the cross-entropy on the benign retain set, when one is given."},
+    )
+    check_finite: bool = field(
+        default=True,
+        metadata={"help": "Stop with an error naming the term and step when a loss term becomes NaN or inf."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow model code from the repository when the model is given by id."},
+    )
+
+    def __post_init__(self):
+        if self.max_length <= 0:
+            raise ConfigError(f"max_length must be positive, got {self.max_length}.")
+        for name in ("harmless_weight", "retain_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        # Paired batches carry columns the model's forward does not accept.
+        self.remove_unused_columns = False
+        super().__post_init__()
+
+
+class ImmunizationCollator:
+    """Collates paired examples with :class:`~immune_trainer.data.PairedCollator` and plain supervised
+    examples (retain and evaluation sets) with :class:`~immune_trainer.data.SupervisedCollator`."""
+
+    def __init__(self, tokenizer):
+        self.paired = data_lib.PairedCollator(tokenizer)
+        self.supervised = data_lib.SupervisedCollator(tokenizer)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if examples and "harmful_input_ids" in examples[0]:
+            return self.paired(examples)
+        return self.supervised(examples)
+
+
+def _is_paired(dataset) -> bool:
+    return all(key in dataset.column_names for key in PAIRED_KEYS)
+
+
+def _is_tokenized(dataset) -> bool:
+    return {"input_ids", "labels"} <= set(dataset.column_names)
+
+
+class ImmunizationTrainer(Trainer):
+    """Base of every defense: a ``transformers.Trainer`` fed with paired harmful/harmless batches.
+
+    Args:
+        model: a causal LM, or a Hub id / local path loaded with ``AutoModelForCausalLM`` (safetensors
+            only; ``trust_remote_code`` from the config).
+        args: the defense's config; ``None`` builds the default one writing to ``immunized_model``.
+        harmful_dataset: harmful prompts with harmful responses (prompt/completion, conversational or
+            messages), or an already paired dataset with the six ``harmful_*``/``harmless_*`` columns.
+        harmless_dataset: optional dataset with the same prompts and harmless responses; when omitted,
+            the harmless side comes from ``args.refusal_column`` or from the documented refusal set.
+        retain_dataset: optional ordinary capability data (any supported format) kept by a retain loss.
+        eval_dataset: optional dataset or dict of datasets (raw or tokenized) evaluated with the plain LM
+            loss, e.g. ``{"harmful": ..., "harmless": ...}`` gives ``eval_harmful_loss``.
+        processing_class: the tokenizer (loaded from ``model`` when it is a string and this is None).
+        peft_config: an optional ``peft`` config; the model is wrapped with ``get_peft_model``.
+
+    Subclasses implement :meth:`compute_defense_loss`.
+    """
+
+    _tag_names = ["immune-trainer"]
+    _name = "Immunization"
+    _paper = IMMUNIZATION_PAPER
+    # compute_defense_loss returns a per-batch mean: the Trainer divides by the accumulation steps.
+    loss_is_scaled_for_ga = False
+    config_class = ImmunizationConfig
+
+    def __init__(
+        self,
+        model=None,
+        args: ImmunizationConfig | None = None,
+        harmful_dataset=None,
+        harmless_dataset=None,
+        retain_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = self.config_class(output_dir="immunized_model", report_to="none")
+        if not isinstance(args, ImmunizationConfig):
+            raise ConfigError(
+                f"{type(self).__name__} needs an ImmunizationConfig (or the defense's own config), got "
+                f"{type(args).__name__}."
+            )
+        if harmful_dataset is None:
+            raise DataError(
+                f"{type(self).__name__} needs a harmful_dataset (harmful prompts with harmful responses)."
+            )
+        if isinstance(model, str):
+            model_id = model
+            model = AutoModelForCausalLM.from_pretrained(
+                model_id, trust_remote_code=args.trust_remote_code, use_safetensors=True
+            )
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(
+                    model_id, trust_remote_code=args.trust_remote_code
+                )
+        if processing_class is None:
+            raise ConfigError(
+                "Pass the tokenizer as processing_class=... (it is needed to build the paired batches)."
+            )
+        data_lib.check_tokenizer(processing_class)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+
+        tokenizer = processing_class
+        train_dataset = self._prepare_pairs(harmful_dataset, harmless_dataset, tokenizer, args)
+        self._raw_retain = retain_dataset
+        retain = None
+        if retain_dataset is not None:
+            retain = (
+                retain_dataset
+                if _is_tokenized(retain_dataset)
+                else data_lib.tokenize_supervised(retain_dataset, tokenizer, max_length=args.max_length)
+            )
+            if len(retain) == 0:
+                raise DataError("retain_dataset is empty.")
+        self.retain_dataset = retain
+        if eval_dataset is not None:
+            eval_dataset = self._prepare_eval(eval_dataset, tokenizer, args.max_length)
+
+        kwargs.setdefault("data_collator", ImmunizationCollator(tokenizer))
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._retain_iterator = None
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ data
+
+    @staticmethod
+    def _prepare_pairs(harmful, harmless, tokenizer, args):
+        if _is_paired(harmful):
+            if harmless is not None:
+                raise DataError("harmful_dataset is already paired; do not pass harmless_dataset as well.")
+            return harmful
+        if harmless is not None:
+            return data_lib.pair_datasets(harmful, harmless, tokenizer, max_length=args.max_length)
+        return data_lib.build_pairs(
+            harmful,
+            tokenizer,
+            max_length=args.max_length,
+            refusal_column=args.refusal_column,
+            seed=args.pair_seed,
+        )
+
+    @staticmethod
+    def _prepare_eval(eval_dataset, tokenizer, max_length):
+        def one(ds):
+            return (
+                ds
+                if _is_tokenized(ds)
+                else data_lib.tokenize_supervised(ds, tokenizer, max_length=max_length)
+            )
+
+        if isinstance(eval_dataset, dict):
+            return {name: one(ds) for name, ds in eval_dataset.items()}
+        return one(eval_dataset)
+
+    def _next_retain_batch(self) -> dict[str, torch.Tensor] | None:
+        """The next batch of the retain set, cycling forever (a new shuffled epoch each time)."""
+        if self.retain_dataset is None:
+            return None
+        if self._retain_iterator is None:
+            self._retain_loader = self._get_dataloader(
+                self.retain_dataset,
+                description="retain",
+                batch_size=self._train_batch_size,
+                sampler_fn=self._get_train_sampler,
+                is_training=True,
+            )
+            self._retain_epoch = 0
+            self._retain_iterator = iter(self._retain_loader)
+        try:
+            batch = next(self._retain_iterator)
+        except StopIteration:
+            self._retain_epoch += 1
+            if hasattr(self._retain_loader, "set_epoch"):
+                self._retain_loader.set_epoch(self._retain_epoch)
+            self._retain_iterator = iter(self._retain_loader)
+            batch = next(self._retain_iterator)
+        return self._prepare_inputs(batch)
+
+    # ------------------------------------------------------------------ helpers for defenses
+
+    @staticmethod
+    def side(inputs: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+        """The ``harmful`` or ``harmless`` half of a paired batch, as model keyword arguments."""
+        return {
+            "input_ids": inputs[f"{name}_input_ids"],
+            "attention_mask": inputs[f"{name}_attention_mask"],
+            "labels": inputs[f"{name}_labels"],
+        }
+
+    def lm_loss(self, model, batch: dict[str, torch.Tensor], **forward_kwargs):
+        """Forward ``batch`` (input_ids, attention_mask, labels) and return ``(mean response CE, outputs)``."""
+        outputs = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+            **forward_kwargs,
+        )
+        return outputs.loss, outputs
+
+    def retain_terms(self, model, inputs) -> dict[str, torch.Tensor]:
+        """The terms that keep the model useful: harmless CE on the pairs and CE on the retain set."""
+        terms: dict[str, torch.Tensor] = {}
+        if self.args.harmless_weight > 0:
+            terms["harmless"], _ = self.lm_loss(model, self.side(inputs, "harmless"))
+        retain = self._next_retain_batch()
+        if retain is not None and self.args.retain_weight > 0:
+            terms["retain"], _ = self.lm_loss(model, retain)
+        return terms
+
+    def weighted_retain(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        if "harmless" in terms:
+            total = total + self.args.harmless_weight * terms["harmless"]
+        if "retain" in terms:
+            total = total + self.args.retain_weight * terms["retain"]
+        return total
+
+    def log_terms(self, terms: dict[str, torch.Tensor | float], mode: str | None = None) -> None:
+        """Record loss terms; they are averaged and logged as ``loss/<term>`` at the next log."""
+        mode = mode or ("train" if self.model.training else "eval")
+        for name, value in terms.items():
+            self._metrics[mode][name].append(
+                float(value.detach()) if torch.is_tensor(value) else float(value)
+            )
+
+    def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`DivergenceError` naming the first term that is NaN or infinite."""
+        if not self.args.check_finite:
+            return
+        for name, value in terms.items():
+            v = float(value.detach()) if torch.is_tensor(value) else float(value)
+            if not math.isfinite(v):
+                raise DivergenceError(
+                    f"Loss term {name!r} became {v} at step {self.state.global_step + 1}; training stopped before "
+                    f"the update. Checkpoints already in {self.args.output_dir!r} are the last good state. Lower "
+                    "the learning rate or the defense's loss weights, or use gradient clipping (max_grad_norm)."
+                )
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_defense_loss(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the defense's loss terms for one paired batch, with the total under ``"loss"``.
+
+        Every other entry is logged as ``loss/<name>``. Subclasses must implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_defense_loss().")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "harmful_input_ids" not in inputs:
+            # Plain supervised batches (evaluation sets): the ordinary LM loss.
+            return super().compute_loss(model, inputs, return_outputs=return_outputs)
+        terms = self.compute_defense_loss(model, inputs)
+        if "loss" not in terms:
+            raise RuntimeError(
+                f"{type(self).__name__}.compute_defense_loss must return the total under 'loss'."
+            )
+        self.check_finite(terms)
+        self.log_terms({name: value for name, value in terms.items() if name != "loss"})
+        loss = terms["loss"]
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """6 x parameters x tokens over every sequence of the batch (both sides of the pairs)."""
+        tokens = sum(
+            int(v.numel()) for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)
+        )
+        return 6 * tokens * self.model.num_parameters(exclude_embeddings=True) if tokens else 0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs or not any(k.startswith("eval_") for k in logs) else "eval"
+        store = self._metrics[mode]
+        names = sorted(store)
+        if names:
+            local = torch.tensor(
+                [sum(store[n]) / len(store[n]) if store[n] else float("nan") for n in names],
+                device=self.args.device,
+                dtype=torch.float64 if self.args.device.type == "cpu" else torch.float32,
+            )
+            gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(names))
+            means = torch.nanmean(gathered.double(), dim=0).tolist()
+            prefix = "loss/" if mode == "train" else "eval_loss/"
+            logs.update({f"{prefix}{n}": m for n, m in zip(names, means)})
+        store.clear()
+        super().log(logs, start_time)

@@ -1,0 +1,215 @@
+"""The ImmunizationTrainer base and the bounded gradient-ascent defense."""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+import pytest
+import torch
+from conftest import make_pairs
+from transformers import TrainerCallback
+
+from immune_trainer.data import build_pairs
+from immune_trainer.defenses import GradientAscentConfig, GradientAscentTrainer, get_defense, list_defenses
+from immune_trainer.errors import ConfigError, DataError, DivergenceError
+from immune_trainer.scorers import get_scorer
+from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=20,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        max_length=64,
+        disable_tqdm=True,
+        seed=0,
+    )
+    base.update(kw)
+    return GradientAscentConfig(**base)
+
+
+def _harmless_side(dataset):
+    """The prompts of ``dataset`` with a fixed refusal, as prompt/completion rows."""
+    return datasets.Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": "I can't help with that."} for r in dataset]
+    )
+
+
+def test_registry_finds_gradient_ascent():
+    assert "gradient_ascent" in list_defenses()
+    spec = get_defense("gradient-ascent")
+    assert spec.trainer_class is GradientAscentTrainer
+    assert spec.config_class is GradientAscentConfig
+    assert spec.paper["id"] == "2405.14577"
+    with pytest.raises(ConfigError, match="unknown defense 'nope'.*gradient_ascent"):
+        get_defense("nope")
+
+
+def test_gradient_ascent_raises_harmful_loss_and_keeps_harmless(tmp_path, harmful, harmful_eval, tokenizer):
+    model = tiny_causal_lm("llama", seed=0)
+    loss = get_scorer("harmful_loss")
+    refusals_eval = _harmless_side(harmful_eval)
+    harm_before = loss.score(model, tokenizer, harmful_eval).value
+    harmless_before = loss.score(model, tokenizer, refusals_eval).value
+
+    trainer = GradientAscentTrainer(
+        model=model,
+        args=_config(tmp_path, alpha=1.0, refusal_column="refusal"),
+        harmful_dataset=harmful.add_column("refusal", ["I can't help with that."] * len(harmful)),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    harm_after = loss.score(model, tokenizer, harmful_eval).value
+    harmless_after = loss.score(model, tokenizer, refusals_eval).value
+    # Intended direction: harmful responses get less likely, refusals do not get worse (bound: +5%).
+    assert harm_after > harm_before + 0.5
+    assert harmless_after < harmless_before * 1.05
+    # Each loss term is logged.
+    logged = [h for h in trainer.state.log_history if "loss/harmful" in h]
+    assert logged and {"loss/harmless", "loss/ascent"} <= set(logged[-1])
+
+
+def test_retain_set_is_trained_and_logged(tmp_path, harmful, benign, tokenizer):
+    model = tiny_causal_lm("llama", seed=0)
+    benign_loss = get_scorer("benign_loss")
+    before = benign_loss.score(model, tokenizer, benign).value
+    trainer = GradientAscentTrainer(
+        model=model,
+        args=_config(tmp_path, alpha=0.5, retain_weight=2.0),
+        harmful_dataset=harmful,
+        retain_dataset=benign,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert "loss/retain" in trainer.state.log_history[-2]
+    assert benign_loss.score(model, tokenizer, benign).value < before
+
+
+def test_gradient_accumulation_scales_the_loss(tmp_path, tokenizer):
+    """With identical rows every micro-batch is the same batch, so GA=2 x 2 must equal GA=1 x 2 (SGD)."""
+    row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
+    same = datasets.Dataset.from_list([row] * 16)
+
+    def train(ga):
+        model = tiny_causal_lm("llama", seed=1)
+        args = _config(
+            tmp_path / f"ga{ga}",
+            max_steps=3,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=ga,
+            optim="sgd",
+            learning_rate=0.1,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            refusal_column="refusal",
+        )
+        GradientAscentTrainer(
+            model=model, args=args, harmful_dataset=same, processing_class=tokenizer
+        ).train()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    one, two = train(1), train(2)
+    assert torch.allclose(one, two, atol=1e-6)
+
+
+def test_paired_dataset_and_harmless_dataset_inputs(tmp_path, harmful, tokenizer):
+    paired = build_pairs(harmful, tokenizer, max_length=64)
+    model = tiny_causal_lm("llama", seed=0)
+    t = GradientAscentTrainer(
+        model=model, args=_config(tmp_path, max_steps=2), harmful_dataset=paired, processing_class=tokenizer
+    )
+    assert t.train_dataset is paired
+    t2 = GradientAscentTrainer(
+        model=model,
+        args=_config(tmp_path, max_steps=2),
+        harmful_dataset=harmful,
+        harmless_dataset=_harmless_side(harmful),
+        processing_class=tokenizer,
+    )
+    assert len(t2.train_dataset) == len(harmful)
+    with pytest.raises(DataError, match="already paired"):
+        GradientAscentTrainer(
+            model=model,
+            args=_config(tmp_path),
+            harmful_dataset=paired,
+            harmless_dataset=harmful,
+            processing_class=tokenizer,
+        )
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, harmful, tokenizer):
+    model = tiny_causal_lm("llama", seed=0)
+    with pytest.raises(DataError, match="harmful_dataset"):
+        GradientAscentTrainer(model=model, args=_config(tmp_path), processing_class=tokenizer)
+    with pytest.raises(ConfigError, match="processing_class"):
+        GradientAscentTrainer(model=model, args=_config(tmp_path), harmful_dataset=harmful)
+    with pytest.raises(DataError, match="pad"):
+        GradientAscentTrainer(
+            model=model,
+            args=_config(tmp_path),
+            harmful_dataset=harmful,
+            processing_class=tiny_tokenizer(pad_token=False),
+        )
+    with pytest.raises(DataError, match="mismatch|rows|count"):
+        GradientAscentTrainer(
+            model=model,
+            args=_config(tmp_path),
+            harmful_dataset=harmful,
+            harmless_dataset=_harmless_side(harmful.select(range(5))),
+            processing_class=tokenizer,
+        )
+    with pytest.raises(ConfigError, match="alpha"):
+        _config(tmp_path, alpha=-1.0)
+    with pytest.raises(ConfigError, match="ImmunizationConfig"):
+        from transformers import TrainingArguments
+
+        GradientAscentTrainer(
+            model=model,
+            args=TrainingArguments(output_dir=str(tmp_path)),
+            harmful_dataset=harmful,
+            processing_class=tokenizer,
+        )
+
+
+class _PoisonAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_term_and_step_and_keeps_checkpoint(tmp_path, harmful, tokenizer):
+    model = tiny_causal_lm("llama", seed=0)
+    args = _config(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    trainer = GradientAscentTrainer(
+        model=model,
+        args=args,
+        harmful_dataset=harmful,
+        processing_class=tokenizer,
+        callbacks=[_PoisonAfter(2)],
+    )
+    with pytest.raises(DivergenceError, match=r"'harmless' became nan at step 3"):
+        trainer.train()
+    assert os.path.isdir(os.path.join(args.output_dir, "checkpoint-2"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma"])
+def test_gradient_ascent_on_other_architectures(tmp_path, arch, tokenizer):
+    model = tiny_causal_lm(arch, seed=0)
+    trainer = GradientAscentTrainer(
+        model=model,
+        args=_config(tmp_path, max_steps=3),
+        harmful_dataset=make_pairs(8),
+        processing_class=tokenizer,
+    )
+    out = trainer.train()
+    assert out.global_step == 3
