@@ -219,6 +219,14 @@ class Scorer(abc.ABC):
     def score(self, model, tokenizer, dataset) -> ScoreResult:
         """Score ``model`` (with its ``tokenizer``) on ``dataset`` and return a :class:`ScoreResult`."""
 
+    def prepare(self, tokenizer, dataset):
+        """Return ``dataset`` in the form :meth:`score` consumes fastest, for repeated scoring.
+
+        The attack harness scores the same held-out set many times; loss-based scorers tokenize it
+        once here. The default returns the dataset unchanged.
+        """
+        return dataset
+
     def validate_threshold(self, phi: float) -> float:
         """Return ``phi`` as a float if it is a finite number inside this scorer's ``range``.
 
@@ -527,6 +535,11 @@ class _ResponseLossScorer(Scorer):
 
     range: ClassVar[tuple[float, float]] = (0.0, math.inf)
 
+    def prepare(self, tokenizer, dataset):
+        """Tokenize once (response-only labels) so repeated scoring does not re-tokenize."""
+        ds = _limited(_as_dataset(dataset), self.limit)
+        return _tokenized_supervised(ds, tokenizer, self.max_length, self.column_map)
+
     def score(self, model, tokenizer, dataset) -> ScoreResult:
         """Token-weighted mean response NLL: sum of NLLs over all response tokens / their count."""
         ds = _limited(_as_dataset(dataset), self.limit)
@@ -590,6 +603,8 @@ class PerplexityScorer(_ResponseLossScorer):
     )
 
     text_column: str = field(default="text", metadata={"help": "Column holding plain text documents."})
+
+    prepare = Scorer.prepare  # plain text is chunked in score(); nothing to prepare
 
     def score(self, model, tokenizer, dataset) -> ScoreResult:
         """exp of the token-weighted mean NLL; details name the set and count the tokens."""
