@@ -1,0 +1,292 @@
+"""The ``immune-trainer`` command line: thin commands over the Python API.
+
+Every command's options are the same dataclasses the Python API uses, parsed with trl's
+``TrlParser`` (an ``HfArgumentParser``), so any option can also come from ``--config file.yaml``;
+flags given on the command line override the file.
+
+    immune-trainer attack    --model PATH --dataset SPEC [--eval_dataset SPEC] [--learning_rates ...]
+    immune-trainer evaluate  --base_model PATH --model PATH --dataset SPEC ...
+    immune-trainer immunize  --defense NAME --model PATH --dataset SPEC --output_dir DIR ...
+    immune-trainer defenses | scorers | attacks      (list what is registered)
+
+A dataset SPEC is a local file (.json, .jsonl, .csv, .parquet), a folder written by
+``Dataset.save_to_disk``, ``embedded:NAME[/SPLIT]`` (the embedded offline data), or a Hub id with an
+optional split (``PKU-Alignment/BeaverTails:30k_test``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, DataError, ImmuneTrainerError
+from .loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer
+
+logger = logging.getLogger("immune_trainer")
+
+COMMANDS = (
+    "attack",
+    "evaluate",
+    "immunize",
+    "demo",
+    "assets",
+    "card",
+    "push",
+    "verify",
+    "defenses",
+    "scorers",
+    "attacks",
+)
+
+
+# ---------------------------------------------------------------------------- shared arguments
+
+
+@dataclass
+class AttackDataArguments:
+    """The attacker's data and where results go."""
+
+    dataset: str = field(
+        default="embedded:harmful/attack",
+        metadata={
+            "help": "Harmful training data of the attack (file, folder, embedded:NAME/SPLIT or Hub id)."
+        },
+    )
+    eval_dataset: str | None = field(
+        default="embedded:harmful/in_domain",
+        metadata={
+            "help": "Held-out harmful data on which f is measured; None splits eval_size rows off dataset."
+        },
+    )
+    eval_size: int = field(default=32, metadata={"help": "Rows split off dataset when eval_dataset is None."})
+    eval_limit: int = field(default=0, metadata={"help": "Use at most this many eval rows (0 = all)."})
+    output: str = field(
+        default="attack_curves.json", metadata={"help": "Where the attack curves JSON is written."}
+    )
+
+
+@dataclass
+class ImmunizeArguments:
+    """The model and data of ``immune-trainer immunize`` (the defense's config gives everything else)."""
+
+    model: str = field(default="embedded", metadata={"help": "Model path, Hub id, or 'embedded'."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer path or id (default: the model's)."}
+    )
+    dataset: str = field(
+        default="embedded:harmful/defense", metadata={"help": "Harmful data the defense trains against."}
+    )
+    retain_dataset: str | None = field(
+        default="embedded:benign", metadata={"help": "Ordinary capability data kept by the retain loss."}
+    )
+
+
+# ---------------------------------------------------------------------------- loading helpers
+
+
+def _eval_split(data_args: AttackDataArguments):
+    train = load_dataset_spec(data_args.dataset)
+    if data_args.eval_dataset:
+        eval_ds = load_dataset_spec(data_args.eval_dataset)
+    else:
+        if len(train) <= data_args.eval_size:
+            raise DataError(
+                f"dataset has {len(train)} rows: too few to split {data_args.eval_size} off for evaluation; "
+                "pass --eval_dataset."
+            )
+        parts = train.train_test_split(test_size=data_args.eval_size, seed=0)
+        train, eval_ds = parts["train"], parts["test"]
+    if data_args.eval_limit and len(eval_ds) > data_args.eval_limit:
+        eval_ds = eval_ds.select(range(data_args.eval_limit))
+    return train, eval_ds
+
+
+def _parser(dataclass_types, prog: str):
+    from trl import TrlParser
+
+    return TrlParser(dataclass_types, prog=f"immune-trainer {prog}")
+
+
+def curves_table(curves) -> str:
+    """A plain-text table of attack curves: one row per grid setting, one column per evaluated step."""
+    steps = sorted({p.step for c in curves for p in c.points})
+    head = ["setting"] + [f"step {s}" for s in steps]
+    rows = []
+    for c in curves:
+        by_step = {p.step: p.value for p in c.points}
+        n = c.config.get("num_samples") or "all"
+        label = (
+            f"{c.config.get('family')} lr={c.config.get('learning_rate'):g} n={n} seed={c.config.get('seed')}"
+        )
+        rows.append([label] + [f"{by_step[s]:.4f}" if s in by_step else "" for s in steps])
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [head] + rows)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_attack(argv: list[str]) -> int:
+    from .attacks import AttackConfig, HarmfulFineTuningAttack
+
+    parser = _parser([ModelArguments, AttackDataArguments, AttackConfig], "attack")
+    model_args, data_args, attack_cfg = parser.parse_args_and_config(argv)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    train, eval_ds = _eval_split(data_args)
+    attack = HarmfulFineTuningAttack(attack_cfg)
+    result = attack.run(model, tokenizer, train, eval_ds, progress=lambda m: print(m, flush=True))
+    payload = {
+        "model": model_args.model,
+        "dataset": data_args.dataset,
+        "eval_dataset": data_args.eval_dataset,
+    }
+    payload.update(result.to_dict())
+    _atomic_write_json(Path(data_args.output), payload)
+    print(curves_table(result.curves))
+    direction = "lower" if attack.scorer.higher_is_better else "higher"
+    print(
+        f"\nworst {attack.scorer.name} over the grid: {result.worst_value(attack.scorer.higher_is_better):.4f} "
+        f"({direction} is more harmful)\nwrote {data_args.output}"
+    )
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from .attacks import AttackConfig
+    from .evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
+
+    parser = _parser([ModelArguments, EvaluationData, AttackConfig, EvaluationConfig], "evaluate")
+    model_args, data, attack_cfg, eval_cfg = parser.parse_args_and_config(argv)
+    report = evaluate_from_specs(
+        model_args, data, attack_cfg, eval_cfg, progress=lambda m: print(m, flush=True)
+    )
+    report.save(eval_cfg.report)
+    print(report.table())
+    print(f"\nwrote {eval_cfg.report}")
+    return 0
+
+
+def cmd_immunize(argv: list[str]) -> int:
+    from .defenses import get_defense, list_defenses
+
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--defense=") else [a])]
+    if "--defense" not in argv:
+        raise ConfigError(f"immunize needs --defense NAME; known defenses: {', '.join(list_defenses())}.")
+    i = argv.index("--defense")
+    if i + 1 >= len(argv):
+        raise ConfigError("--defense needs a name.")
+    spec = get_defense(argv[i + 1])
+    rest = argv[:i] + argv[i + 2 :]
+
+    parser = _parser([ImmunizeArguments, spec.config_class], "immunize")
+    data, config = parser.parse_args_and_config(rest)
+    model_args = ModelArguments(
+        model=data.model, tokenizer=data.tokenizer, trust_remote_code=config.trust_remote_code
+    )
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    harmful = load_dataset_spec(data.dataset)
+    retain = load_dataset_spec(data.retain_dataset) if data.retain_dataset else None
+    trainer = spec.trainer_class(
+        model=model, args=config, harmful_dataset=harmful, retain_dataset=retain, processing_class=tokenizer
+    )
+    trainer.train()
+    trainer.save_model(config.output_dir)
+    tokenizer.save_pretrained(config.output_dir)
+    print(f"immunized model ({spec.name}) written to {config.output_dir}")
+    return 0
+
+
+def cmd_list(kind: str) -> int:
+    if kind == "defenses":
+        from .defenses import DEFENSES
+
+        for name, spec in sorted(DEFENSES.items()):
+            print(f"{name:20s} {spec.description}")
+    elif kind == "scorers":
+        from .scorers import SCORERS
+
+        for name, cls in sorted(SCORERS.items()):
+            print(f"{name:20s} {cls.kind:12s} higher_is_better={cls.higher_is_better}  {cls.description}")
+    else:
+        from .attacks import ATTACKS
+
+        for name, fam in sorted(ATTACKS.items()):
+            print(f"{name:20s} {fam.description}")
+    return 0
+
+
+def _atomic_write_json(path: Path, payload) -> None:
+    import os
+    import tempfile
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        from .errors import OutputError
+
+        raise OutputError(f"cannot write {path}: {err.strerror or err}.") from err
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+USAGE = """usage: immune-trainer COMMAND [options] [--config file.yaml]
+
+commands:
+  attack     run the harmful fine-tuning attack grid on a model and write its curves
+  evaluate   measure the four immunization conditions of a model against its base model
+  immunize   train a defense (--defense NAME) on a model
+  demo       the embedded end-to-end demo (offline model and data)
+  assets     prepare and list the embedded offline assets
+  card       write the model card of an immunized model folder
+  push       push an immunized model folder and its card to the Hub
+  verify     re-run the recorded attack of a card/report and check each claim
+  defenses | scorers | attacks   list what is registered
+
+Run `immune-trainer COMMAND --help` for a command's options."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "datasets", "httpx", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "attack":
+            return cmd_attack(rest)
+        if command == "evaluate":
+            return cmd_evaluate(rest)
+        if command == "immunize":
+            return cmd_immunize(rest)
+        if command in ("defenses", "scorers", "attacks"):
+            return cmd_list(command)
+        if command == "demo":
+            from .demo import main as demo_main
+
+            return demo_main(rest)
+        if command == "assets":
+            from .assets import main as assets_main
+
+            return assets_main(rest)
+        if command in ("card", "push", "verify"):
+            from .hub import cli as hub_cli
+
+            return getattr(hub_cli, f"cmd_{command}")(rest)
+        print(f"immune-trainer: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    except ImmuneTrainerError as err:
+        print(f"immune-trainer {command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
