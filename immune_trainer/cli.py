@@ -50,13 +50,13 @@ class AttackDataArguments:
     """The attacker's data and where results go."""
 
     dataset: str = field(
-        default="embedded:harmful/attack",
+        default="embedded:harmful_qa/attack",
         metadata={
             "help": "Harmful training data of the attack (file, folder, embedded:NAME/SPLIT or Hub id)."
         },
     )
     eval_dataset: str | None = field(
-        default="embedded:harmful/in_domain",
+        default="embedded:harmful_qa/in_domain",
         metadata={
             "help": "Held-out harmful data on which f is measured; None splits eval_size rows off dataset."
         },
@@ -77,10 +77,10 @@ class ImmunizeArguments:
         default=None, metadata={"help": "Tokenizer path or id (default: the model's)."}
     )
     dataset: str = field(
-        default="embedded:harmful/defense", metadata={"help": "Harmful data the defense trains against."}
+        default="embedded:harmful_qa/defense", metadata={"help": "Harmful data the defense trains against."}
     )
     retain_dataset: str | None = field(
-        default="embedded:benign", metadata={"help": "Ordinary capability data kept by the retain loss."}
+        default="embedded:benign_qa", metadata={"help": "Ordinary capability data kept by the retain loss."}
     )
 
 

@@ -337,10 +337,10 @@ class EvaluationData:
 
     base_model: str = field(default="embedded", metadata={"help": "The model before immunization."})
     dataset: str = field(
-        default="embedded:harmful/attack", metadata={"help": "Harmful data the attacker trains on."}
+        default="embedded:harmful_qa/attack", metadata={"help": "Harmful data the attacker trains on."}
     )
     eval_dataset: str = field(
-        default="embedded:harmful/in_domain",
+        default="embedded:harmful_qa/in_domain",
         metadata={"help": "Held-out harmful data on which f is measured."},
     )
     cross_domain_dataset: str | None = field(
@@ -392,7 +392,7 @@ def evaluate_from_specs(
     if data.benign_dataset:
         parts = load_dataset_spec(data.benign_dataset).train_test_split(test_size=0.2, seed=0)
         sets.benign_train, sets.benign_eval = parts["train"], limited(parts["test"])
-    return evaluate_conditions(
+    report = evaluate_conditions(
         base,
         immunized,
         tokenizer,
@@ -403,3 +403,13 @@ def evaluate_from_specs(
         base_name=data.base_model,
         immunized_name=model_args.model,
     )
+    # What data was used, so that `immune-trainer verify` can re-run the attack.
+    report.extra["datasets"] = {
+        "attack_train": data.dataset,
+        "attack_eval": data.eval_dataset,
+        "eval_limit": data.eval_limit,
+        "cross_domain": data.cross_domain_dataset,
+        "reference": list(data.reference),
+        "benign": data.benign_dataset,
+    }
+    return report

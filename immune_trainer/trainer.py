@@ -396,6 +396,15 @@ class ImmunizationTrainer(Trainer):
         )
         return 6 * tokens * self.model.num_parameters(exclude_embeddings=True) if tokens else 0
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, report=None, **kwargs):
+        """Write README.md (with condition badges, when an immunization report is given or found in
+        ``output_dir``) into ``args.output_dir``; ``push_to_hub()`` calls this, as trl's trainers do."""
+        from .hub.card import create_trainer_model_card
+
+        return create_trainer_model_card(
+            self, model_name=model_name, dataset_name=dataset_name, tags=tags, report=report
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs or not any(k.startswith("eval_") for k in logs) else "eval"
         store = self._metrics[mode]

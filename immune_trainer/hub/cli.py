@@ -1,0 +1,130 @@
+"""``immune-trainer card | push | verify``: each ``cmd_*`` takes the argument list and returns an exit code.
+
+Positional arguments (the folder, the repo id) come first; options are parsed with trl's ``TrlParser``
+(so ``--config file.yaml`` works too).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+__all__ = ["CardArguments", "PushArguments", "VerifyArguments", "cmd_card", "cmd_push", "cmd_verify"]
+
+
+@dataclass
+class CardArguments:
+    """Options of ``immune-trainer card DIR``."""
+
+    model_name: str | None = field(
+        default=None, metadata={"help": "Card title / model-index name (default: the report's)."}
+    )
+    defense: str | None = field(
+        default=None, metadata={"help": "Defense name if the report does not record one."}
+    )
+    tags: list[str] = field(default_factory=list, metadata={"help": "Extra YAML tags."})
+    no_plot: bool = field(default=False, metadata={"help": "Do not draw attack_curves.png."})
+
+
+@dataclass
+class PushArguments:
+    """Options of ``immune-trainer push DIR REPO``."""
+
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    commit_message: str = field(
+        default="Upload immunized model with immune_trainer",
+        metadata={"help": "Commit message of the upload."},
+    )
+    no_card: bool = field(
+        default=False, metadata={"help": "Upload the folder as is, without rewriting the card."}
+    )
+
+
+@dataclass
+class VerifyArguments:
+    """Options of ``immune-trainer verify DIR_OR_REPO``."""
+
+    sample: int | None = field(
+        default=None, metadata={"help": "Re-run only N configurations of the attack grid (default: all)."}
+    )
+    sample_seed: int = field(default=0, metadata={"help": "Seed choosing the sampled configurations."})
+    abs_tol: float = field(default=0.05, metadata={"help": "Absolute tolerance (on f's scale)."})
+    rel_tol: float = field(
+        default=0.05, metadata={"help": "Relative tolerance (fraction of the card's value)."}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "Replace the recorded attack training data (SPEC)."}
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Replace the recorded attack eval data (SPEC)."}
+    )
+
+
+def _split(argv: list[str], names: list[str], command: str) -> tuple[list[str], list[str]]:
+    pos = []
+    rest = list(argv)
+    while rest and len(pos) < len(names) and not rest[0].startswith("-"):
+        pos.append(rest.pop(0))
+    if len(pos) < len(names) and not any(a in ("-h", "--help") for a in rest):
+        raise ConfigError(
+            f"usage: immune-trainer {command} {' '.join(names)} [options]; missing {names[len(pos)]}."
+        )
+    return pos, rest
+
+
+def _parse(cls, rest: list[str], command: str, names: list[str]):
+    from trl import TrlParser
+
+    parser = TrlParser([cls], prog=f"immune-trainer {command} {' '.join(names)}")
+    (args,) = parser.parse_args_and_config(rest)
+    return args
+
+
+def cmd_card(argv: list[str]) -> int:
+    """``immune-trainer card DIR``: write DIR/README.md, DIR/badges/*.svg and DIR/attack_curves.png."""
+    from .card import write_model_card
+
+    (folder,), rest = _split(argv, ["DIR"], "card")
+    args = _parse(CardArguments, rest, "card", ["DIR"])
+    card = write_model_card(
+        folder, plot=not args.no_plot, model_name=args.model_name, defense=args.defense, tags=args.tags
+    )
+    n = len(card.data.eval_results or [])
+    print(f"wrote {folder}/README.md ({n} measured claims)")
+    return 0
+
+
+def cmd_push(argv: list[str]) -> int:
+    """``immune-trainer push DIR REPO``: create the repo and upload the folder (card rewritten first)."""
+    from .push import push_model_folder
+
+    (folder, repo), rest = _split(argv, ["DIR", "REPO"], "push")
+    args = _parse(PushArguments, rest, "push", ["DIR", "REPO"])
+    url = push_model_folder(
+        folder, repo, private=args.private, commit_message=args.commit_message, write_card=not args.no_card
+    )
+    print(f"pushed {folder} to {url}")
+    return 0
+
+
+def cmd_verify(argv: list[str]) -> int:
+    """``immune-trainer verify DIR_OR_REPO``: exit 0 iff every re-checked claim passes."""
+    from .verify import verify
+
+    (source,), rest = _split(argv, ["DIR_OR_REPO"], "verify")
+    args = _parse(VerifyArguments, rest, "verify", ["DIR_OR_REPO"])
+    result = verify(
+        source,
+        sample=args.sample,
+        sample_seed=args.sample_seed,
+        abs_tol=args.abs_tol,
+        rel_tol=args.rel_tol,
+        dataset=args.dataset,
+        eval_dataset=args.eval_dataset,
+        progress=lambda m: print(m, flush=True),
+    )
+    print(result.table())
+    sys.stdout.flush()
+    return 0 if result.passed else 1

@@ -1,0 +1,77 @@
+"""The attack-curve plot of a model card: harm f vs attack step, for both models and every grid run."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import OutputError
+from ..report import ImmunizationReport
+
+__all__ = ["plot_attack_curves"]
+
+_TITLES = {"attack": "attack grid", "in_domain": "held-out in-domain", "cross_domain": "cross-domain"}
+
+
+def _label(config: dict) -> str:
+    n = config.get("num_samples") or "all"
+    lr = config.get("learning_rate")
+    lr_s = f"{lr:g}" if isinstance(lr, (int, float)) else str(lr)
+    return f"lr={lr_s} n={n} seed={config.get('seed')}"
+
+
+def plot_attack_curves(report: ImmunizationReport, path: str | os.PathLike, dpi: int = 110) -> str | None:
+    """Draw f against the attack step for every run of every curve set (base dashed, immunized solid,
+    one colour per grid configuration) with the threshold phi, and save it as a PNG at ``path``.
+
+    Returns the path, or ``None`` when the report holds no attack curve (nothing is written).
+
+    Raises:
+        OutputError: ``path`` cannot be written.
+    """
+    sets = [s for s in ("attack", "in_domain", "cross_domain") if report.curves.get("immunized", {}).get(s)]
+    if not sets:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    tm = report.threat_model
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    try:
+        for ax, s in zip(axes[0], sets):
+            configs: list[str] = []
+            for who, style in (("base", "--"), ("immunized", "-")):
+                for curve in report.curves.get(who, {}).get(s, []):
+                    key = _label(curve.config)
+                    if key not in configs:
+                        configs.append(key)
+                    color = colors[configs.index(key) % len(colors)]
+                    ax.plot(
+                        [p.step for p in curve.points],
+                        [p.value for p in curve.points],
+                        style,
+                        color=color,
+                        marker="o",
+                        markersize=3,
+                        label=f"{who} {key}",
+                    )
+            ax.axhline(
+                tm.threshold, color="black", linewidth=1, linestyle=":", label=f"phi = {tm.threshold:.4g}"
+            )
+            side = "above" if tm.higher_is_better else "below"
+            ax.set_title(f"{_TITLES[s]} ({tm.attack_family}); safe {side} phi")
+            ax.set_xlabel("attack step")
+            ax.set_ylabel(tm.scorer)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = os.fspath(path)
+        try:
+            fig.savefig(path, dpi=dpi)
+        except OSError as e:
+            raise OutputError(f"cannot write the plot {path}: {e.strerror or e}.") from None
+    finally:
+        plt.close(fig)
+    return path
