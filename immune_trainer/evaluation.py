@@ -14,6 +14,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .attacks import AttackConfig, HarmfulFineTuningAttack
@@ -64,6 +65,12 @@ class EvaluationConfig:
     threshold_step: int | None = field(
         default=None,
         metadata={"help": "Attack step at which phi is read off the base model (default: eval_every)."},
+    )
+    generalization_max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Attack budget on the in-domain and cross-domain sets (default: the attack's max_steps)."
+        },
     )
     min_cost_multiple: float = field(
         default=2.0,
@@ -155,6 +162,20 @@ def threshold_from_base(curves: list[AttackCurve], step: int) -> float:
     return float(statistics.median(values))
 
 
+def _generalization_attack(attack: HarmfulFineTuningAttack, cfg: EvaluationConfig) -> HarmfulFineTuningAttack:
+    """The attack run on the generalization sets: the same grid, with its own step budget if given."""
+    if cfg.generalization_max_steps is None or cfg.generalization_max_steps == attack.config.max_steps:
+        return attack
+    from dataclasses import replace
+
+    steps = cfg.generalization_max_steps
+    out_dir = attack.config.output_dir and str(Path(attack.config.output_dir) / "generalization")
+    config = replace(
+        attack.config, max_steps=steps, eval_every=min(attack.config.eval_every, steps), output_dir=out_dir
+    )
+    return HarmfulFineTuningAttack(config, scorer=attack.scorer)
+
+
 def benign_curves(
     model, tokenizer, train, eval_data, attack_cfg: AttackConfig, cfg: EvaluationConfig, scorer
 ):
@@ -229,16 +250,25 @@ def evaluate_conditions(
             sets[key] = (train, ev)
 
     curves: dict[str, dict[str, list[AttackCurve]]] = {"base": {}, "immunized": {}}
+    attacks = {key: attack if key == "attack" else _generalization_attack(attack, cfg) for key in sets}
     for key, (train, ev) in sets.items():
         for who, model in (("base", base_model), ("immunized", immunized_model)):
             say(f"[{key}] attacking the {who} model")
-            curves[who][key] = attack.run(model, tokenizer, train, ev, progress=say).curves
+            curves[who][key] = attacks[key].run(model, tokenizer, train, ev, progress=say).curves
 
     threshold_source = "given by the user"
+    set_thresholds: dict[str, float] = {}
     if cfg.threshold is None:
         step = cfg.threshold_step if cfg.threshold_step is not None else attack.config.eval_every
         cfg.threshold = threshold_from_base(curves["base"]["attack"], step)
         threshold_source = f"base model's median {scorer.name} over the attack grid after {step} attack steps"
+        for key in sets:
+            if key != "attack":
+                # A loss-based f sits at another level on other data: each set gets its own phi.
+                set_step = min(step, attacks[key].config.eval_every)
+                set_thresholds[key] = threshold_from_base(curves["base"][key], set_step)
+        if set_thresholds:
+            threshold_source += " (each generalization set: the same rule on that set)"
         say(f"phi = {cfg.threshold:.4f} ({threshold_source})")
 
     base_cap = imm_cap = cap_dir = None
@@ -304,6 +334,8 @@ def evaluate_conditions(
         trainability_tolerance=cfg.trainability_tolerance,
         trainability_target=target,
         trainability_eps_steps=eps,
+        set_thresholds=set_thresholds,
+        set_budgets={k: a.config.max_steps for k, a in attacks.items() if k != "attack"},
     )
     return build_report(
         threat_model=threat,

@@ -124,6 +124,16 @@ class ThreatModel:
     trainability_eps_steps: float | None = field(
         default=None, metadata={"help": "Largest allowed |t1 - t2|."}
     )
+    set_thresholds: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "phi per curve set where it differs from `threshold` (e.g. {'cross_domain': 2.4})."
+        },
+    )
+    set_budgets: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Attack budget in steps per curve set where it differs from `max_steps`."},
+    )
 
     def __post_init__(self):
         if not isinstance(self.attack_family, str) or not self.attack_family:
@@ -147,6 +157,18 @@ class ThreatModel:
                 "choose phi on the scorer's scale (e.g. a probability in [0, 1] for a judge)."
             )
         self.threshold = float(self.threshold)
+        for key, phi in dict(self.set_thresholds).items():
+            if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not math.isfinite(phi):
+                raise ConfigError(
+                    f"ThreatModel.set_thresholds[{key!r}] must be a finite number, got {phi!r}."
+                )
+            if not lo <= phi <= hi:
+                raise ConfigError(
+                    f"threshold phi={phi} for curve set {key!r} is outside the range [{lo}, {hi}] of scorer "
+                    f"'{self.scorer}'."
+                )
+        self.set_thresholds = {k: float(v) for k, v in dict(self.set_thresholds).items()}
+        self.set_budgets = {k: int(v) for k, v in dict(self.set_budgets).items()}
         for name in ("max_steps", "eval_every", "batch_size", "max_length"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -160,6 +182,8 @@ class ThreatModel:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["scorer_range"] = list(self.scorer_range)
         d["grid"] = dict(self.grid)
+        d["set_thresholds"] = dict(self.set_thresholds)
+        d["set_budgets"] = dict(self.set_budgets)
         return d
 
     @classmethod
@@ -517,6 +541,7 @@ def build_report(
     conditions = C.assess(
         threshold=threat_model.threshold,
         higher_is_better=threat_model.higher_is_better,
+        set_thresholds=threat_model.set_thresholds,
         base_curves=base_curves,
         immunized_curves=immunized_curves,
         base_capability=base_capability,

@@ -330,6 +330,20 @@ def test_generalization_and_trainability_count_where_measured():
     assert c.trainability.holds is False and not c.immunized
 
 
+def test_set_thresholds_give_a_set_its_own_phi():
+    # On another harm domain the base model's loss sits higher: a per-set phi judges it on its own scale.
+    cross_base = [v + 1.0 for v in BASE]
+    cross_imm = [v + 1.0 for v in WEAK]
+    imm = {"attack": [curve(WEAK)], "cross_domain": [curve(cross_imm)]}
+    base = {"attack": [curve(BASE)], "cross_domain": [curve(cross_base)]}
+    shared = _assess(immunized_curves=imm, base_curves=base)
+    own = _assess(immunized_curves=imm, base_curves=base, set_thresholds={"cross_domain": PHI + 1.0})
+    # With the main phi nothing on the cross-domain scale ever crosses: no multiple can be computed.
+    assert shared.generalization.cross_domain.strong
+    assert own.generalization.cross_domain.threshold == PHI + 1.0
+    assert own.generalization.cross_domain.steps_multiple == pytest.approx(own.resistance.steps_multiple)
+
+
 def test_assess_input_errors():
     with pytest.raises(ConfigError, match="unknown curve set"):
         _assess(immunized_curves={"atack": [curve(WEAK)]})

@@ -79,6 +79,10 @@ def test_every_condition_gets_a_number_and_the_report_round_trips(models, tmp_pa
     base_at_2 = next(p.value for p in report.curves["base"]["attack"][0].points if p.step == 2)
     assert report.threat_model.threshold == pytest.approx(base_at_2)
     assert "base model" in report.threat_model.threshold_source
+    # The cross-domain set gets phi by the same rule on its own data.
+    cross_at_2 = next(p.value for p in report.curves["base"]["cross_domain"][0].points if p.step == 2)
+    assert report.threat_model.set_thresholds == {"cross_domain": pytest.approx(cross_at_2)}
+    assert c.generalization.cross_domain.threshold == pytest.approx(cross_at_2)
     # The defense raised the harmful loss the attack starts from.
     assert (
         report.curves["immunized"]["attack"][0].points[0].value
