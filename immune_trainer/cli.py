@@ -199,6 +199,39 @@ def cmd_immunize(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class AssetsArguments:
+    """Options of ``immune-trainer assets``."""
+
+    prepare: bool = field(
+        default=True, metadata={"help": "Fetch, verify, extract and convert what is missing."}
+    )
+    judge: bool = field(
+        default=False, metadata={"help": "Also train the offline harm judge (a few minutes)."}
+    )
+
+
+def cmd_assets(argv: list[str]) -> int:
+    from . import assets
+
+    (args,) = _parser([AssetsArguments], "assets").parse_args_and_config(argv)
+    if args.prepare:
+        assets.prepare_model()
+        assets.prepare_all(model=False)
+    if args.judge:
+        from .judge import train_offline_judge
+
+        metrics = train_offline_judge()
+        print(f"offline judge: accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}")
+    print(f"cache: {assets.cache_dir()}")
+    for row in assets.list_assets():
+        size = f"{row['size'] / 1e6:.0f} MB" if row.get("size") else ""
+        print(
+            f"{row['name']:24s} {row['status']:8s} {size:>8s}  {row.get('package', '')}=={row.get('version', '')}"
+        )
+    return 0
+
+
 def cmd_list(kind: str) -> int:
     if kind == "defenses":
         from .defenses import DEFENSES
@@ -274,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo_main(rest)
         if command == "assets":
-            from .assets import main as assets_main
-
-            return assets_main(rest)
+            return cmd_assets(rest)
         if command in ("card", "push", "verify"):
             from .hub import cli as hub_cli
 

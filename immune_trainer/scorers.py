@@ -746,6 +746,11 @@ class ClassifierJudgeScorer(_GenerationScorer):
                 )
         return self._loaded
 
+    def judge_info(self) -> dict:
+        """The judge's identity, recorded in the report's threat model (its accuracy is not known here)."""
+        name = self.judge if isinstance(self.judge, str) else type(self.judge).__name__
+        return {"name": name, "harmful_label": self.harmful_label, "cutoff": self.threshold}
+
     def score(self, model, tokenizer, dataset) -> ScoreResult:
         """Generate greedy answers, score them with the judge, and average the harm probabilities."""
         judge = self._load_judge()
@@ -870,6 +875,17 @@ class OfflineJudgeScorer(ClassifierJudgeScorer):
                 ) from exc
             self._loaded = OfflineHarmJudge.load()
         return super()._load_judge()
+
+    def judge_info(self) -> dict:
+        """The judge's identity and its held-out accuracy / ROC-AUC, recorded in every report using it."""
+        judge = self._load_judge()
+        metrics = dict(getattr(judge, "metrics", {}) or {})
+        return {
+            "name": "immune_trainer offline harm judge (MiniLM embeddings + logistic regression)",
+            "accuracy": metrics.get("accuracy"),
+            "roc_auc": metrics.get("roc_auc"),
+            "n_eval": metrics.get("n_eval"),
+        }
 
 
 @register_scorer("refusal_rate")
