@@ -14,6 +14,7 @@ into the model the attacker trains, and how many FLOPs a token costs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import data as data_lib
 from .conditions import AttackCurve, CurvePoint
@@ -379,8 +380,12 @@ class HarmfulFineTuningAttack:
         if prepare_model is not None:
             attacked = prepare_model(attacked)
 
+        measure_context = getattr(prepare_model, "measure", None) or contextlib.nullcontext
+
         def measure(m) -> float:
-            return float(self.scorer.score(m, tokenizer, eval_data).value)
+            # An attack-time hook may say how the model runs at inference (e.g. without a security vector).
+            with measure_context(m):
+                return float(self.scorer.score(m, tokenizer, eval_data).value)
 
         callback = _CurveCallback(measure, cfg.eval_every, flops_per_token)
         with tempfile.TemporaryDirectory(prefix="immune_trainer_attack_") as tmp:
@@ -402,6 +407,8 @@ class HarmfulFineTuningAttack:
                 report_to="none",
                 disable_tqdm=True,
                 remove_unused_columns=False,
+                dataloader_pin_memory=torch.cuda.is_available(),
+                log_level="warning",
             )
             trainer = _AttackTrainer(
                 model=attacked,
@@ -410,6 +417,7 @@ class HarmfulFineTuningAttack:
                 data_collator=data_lib.SupervisedCollator(tokenizer),
                 callbacks=[callback],
             )
+            trainer.remove_callback(PrinterCallback)  # the nested Trainer prints nothing of its own
             callback.trainer = trainer
             trainer.train()
         del trainer, attacked
@@ -422,14 +430,16 @@ class HarmfulFineTuningAttack:
 
     # -------------------------------------------------------------- resume
 
-    def _path(self, setting) -> Path | None:
+    def _path(self, setting, fingerprint) -> Path | None:
         if not self.config.output_dir:
             return None
         label = _setting_label(setting).replace(" ", "_")
-        return Path(self.config.output_dir) / "attack_runs" / f"{label}.json"
+        # One file per (model, data, setting): attacks on the base and the immunized model do not collide.
+        key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return Path(self.config.output_dir) / "attack_runs" / f"{label}_{key}.json"
 
     def _load_saved(self, setting, fingerprint) -> AttackCurve | None:
-        path = self._path(setting)
+        path = self._path(setting, fingerprint)
         if path is None or not path.exists():
             return None
         try:
@@ -442,7 +452,7 @@ class HarmfulFineTuningAttack:
         return AttackCurve.from_dict(saved["curve"])
 
     def _save(self, curve: AttackCurve, fingerprint) -> None:
-        path = self._path(curve.config)
+        path = self._path(curve.config, fingerprint)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)

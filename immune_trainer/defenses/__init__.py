@@ -23,6 +23,9 @@ class DefenseSpec:
     config_class: type
     trainer_class: type
     description: str = ""
+    # A factory: attack_time_hook(path_to_the_defense_output) -> hook(model) -> model, applied to each
+    # attacked copy (HarmfulFineTuningAttack.run(prepare_model=hook)); hook.measure(model), if present,
+    # is the context in which harm is measured (e.g. without a security vector, as at inference).
     attack_time_hook: Callable[[Any], Any] | None = field(default=None)
 
     @property
@@ -71,12 +74,87 @@ register_defense(
     "Bounded gradient ascent on harmful responses with retain losses (RepNoise's ascent term alone).",
 )
 
+# --- RepNoise, Vaccine, Booster (registered below this line) ---
+from .booster import BoosterConfig, BoosterTrainer  # noqa: E402
+from .repnoise import RepNoiseConfig, RepNoiseTrainer  # noqa: E402
+from .vaccine import VaccineConfig, VaccineTrainer  # noqa: E402
+
+register_defense(
+    "repnoise",
+    RepNoiseConfig,
+    RepNoiseTrainer,
+    "Representation noising: push harmful MLP activations towards Gaussian noise (MMD) with a bounded "
+    "logit-lens ascent on harmful responses and a retain loss (Rosati et al. 2024).",
+)
+register_defense(
+    "vaccine",
+    VaccineConfig,
+    VaccineTrainer,
+    "Perturbation-aware alignment: train on refusals under the worst-case hidden-state perturbation "
+    "(Huang et al. 2024); layer_sampling=True gives T-Vaccine.",
+)
+register_defense(
+    "booster",
+    BoosterConfig,
+    BoosterTrainer,
+    "Attenuate the harmful perturbation: keep the harmful loss from dropping after a simulated harmful "
+    "step (Huang et al. 2024).",
+)
+
+# --- TAR, Security Vectors, representation rerouting (registered below this line) ---
+from .rerouting import ReroutingConfig, ReroutingTrainer  # noqa: E402
+from .security_vectors import (  # noqa: E402
+    SecurityVectorConfig,
+    SecurityVectorTrainer,
+    drop_security_vector,
+    security_vector_hook,
+    without_security_vector,
+)
+from .tar import TARConfig, TARTrainer  # noqa: E402
+
+register_defense(
+    "tar",
+    TARConfig,
+    TARTrainer,
+    "Tamper-resistant training: first-order meta-learning against a simulated fine-tuning attacker (max-entropy "
+    "tamper-resistance loss) with LM and representation retain losses.",
+)
+register_defense(
+    "security_vectors",
+    SecurityVectorConfig,
+    SecurityVectorTrainer,
+    "A LoRA trained on harmful data, applied frozen during any later fine-tuning and dropped at inference; "
+    "protects only while it is applied.",
+    attack_time_hook=security_vector_hook,
+)
+register_defense(
+    "rerouting",
+    ReroutingConfig,
+    ReroutingTrainer,
+    "Circuit breakers: LoRA rerouting of harmful representations (ReLU cosine) with an L2 retain loss.",
+)
+
 __all__ = [
     "DEFENSES",
+    "BoosterConfig",
+    "BoosterTrainer",
     "DefenseSpec",
     "GradientAscentConfig",
     "GradientAscentTrainer",
+    "RepNoiseConfig",
+    "RepNoiseTrainer",
+    "ReroutingConfig",
+    "ReroutingTrainer",
+    "SecurityVectorConfig",
+    "SecurityVectorTrainer",
+    "TARConfig",
+    "TARTrainer",
+    "VaccineConfig",
+    "VaccineTrainer",
+    "drop_security_vector",
     "get_defense",
     "list_defenses",
     "register_defense",
+    "security_vector_hook",
+    "without_security_vector",
 ]

@@ -1,0 +1,158 @@
+"""Representation Noising (RepNoise; Rosati et al. 2024, arXiv 2405.14577).
+
+    L = w_h CE(harmless) + w_r CE(retain)
+        + beta * (1/|S|) sum_{l in S} MMD(m * a_l^harm, m * eps_l)
+        - alpha * log(1 + mean([CE(logits^harm)] + [CE(W_U norm(h_l^harm)) for l in 0..N-1]))
+
+- ``a_l^harm``: output of decoder layer ``l``'s MLP on the harmful batch; ``eps_l ~ N(0, I)`` of the
+  same shape; ``m``: the response tokens (``labels != -100``). As in the reference, each example's
+  masked activations are flattened into one vector and the Gaussian-kernel MMD (5 bandwidths) is
+  taken across the batch (:func:`immune_trainer.losses.gaussian_kernel_mmd`): use batches of >= 2.
+- ``h_l^harm``: hidden states (``h_0`` = embeddings) read through the final norm and the unembedding
+  ("logit lens"). transformers returns the last hidden state already normed, so its logit-lens CE *is*
+  the final-logits CE: it is counted once, giving ``N + 1`` cross-entropies in the mean.
+
+Everything on the harmful side comes from ONE forward (``output_hidden_states=True`` plus MLP hooks that
+exist only during that forward); the harmless side is a second forward, the retain set a third.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..losses import IGNORE_INDEX, gaussian_kernel_mmd, masked_token_ce
+from ..modeling import HookManager, find_decoder_structure, unembed, unwrap_model
+from ..trainer import ImmunizationConfig, ImmunizationTrainer
+
+REPNOISE_PAPER = {
+    "title": "Representation noising: A defence mechanism against harmful finetuning",
+    "id": "2405.14577",
+    "citation": (
+        "@inproceedings{rosati2024representation,\n"
+        "  title={Representation noising: A defence mechanism against harmful finetuning},\n"
+        "  author={Rosati, Domenic and Wehner, Jan and Williams, Kai and Bartoszcze, {\\L}ukasz and "
+        "Gonzales, Robie and Maple, Carsten and Majumdar, Subhabrata and Sajjad, Hassan and Rudzicz, Frank},\n"
+        "  booktitle={Advances in Neural Information Processing Systems},\n"
+        "  year={2024}\n}"
+    ),
+}
+
+
+@dataclass
+class RepNoiseConfig(ImmunizationConfig):
+    r"""Configuration of :class:`RepNoiseTrainer` (defaults from the paper).
+
+    Parameters:
+        alpha (`float`, defaults to `1.0`):
+            Weight of the bounded ascent term ``log(1 + mean harmful CE over the logit lens)``.
+        beta (`float`, defaults to `0.001`):
+            Weight of the noise term (mean over layers of the MMD between harmful MLP outputs and noise).
+        noise_std (`float`, defaults to `1.0`):
+            Standard deviation of the Gaussian noise the harmful activations are pushed towards.
+        layer_stride (`int`, defaults to `1`):
+            Use every ``layer_stride``-th decoder layer (the last one always) in the noise and ascent
+            terms. ``1`` is the paper; larger values trade fidelity for speed and memory on deep
+            models (each logit-lens layer costs a ``(batch, seq, vocab)`` tensor).
+        learning_rate (`float`, defaults to `2e-5`):
+            The paper's defense learning rate.
+    """
+
+    alpha: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the bounded ascent term log(1 + mean harmful CE over the logit lens)."},
+    )
+    beta: float = field(
+        default=0.001,
+        metadata={"help": "Weight of the noise term: mean over layers of MMD(harmful MLP outputs, noise)."},
+    )
+    noise_std: float = field(
+        default=1.0, metadata={"help": "Standard deviation of the Gaussian noise target."}
+    )
+    layer_stride: int = field(
+        default=1,
+        metadata={
+            "help": "Use every k-th decoder layer (plus the last) in the noise and ascent terms; 1 = all "
+            "layers, as in the paper. Larger values are faster on deep models."
+        },
+    )
+    learning_rate: float = field(default=2e-5, metadata={"help": "Defense learning rate (paper: 2e-5)."})
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "noise_std"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        if not isinstance(self.layer_stride, int) or self.layer_stride < 1:
+            raise ConfigError(f"layer_stride must be a positive integer, got {self.layer_stride!r}.")
+        super().__post_init__()
+
+
+def selected_layers(num_layers: int, stride: int) -> list[int]:
+    """Indices ``0, stride, 2*stride, ...`` plus the last layer (all layers when ``stride == 1``)."""
+    chosen = list(range(0, num_layers, stride))
+    if chosen[-1] != num_layers - 1:
+        chosen.append(num_layers - 1)
+    return chosen
+
+
+class RepNoiseTrainer(ImmunizationTrainer):
+    """Retain loss + ``beta`` * noise (MMD to Gaussian) - ``alpha`` * log(1 + logit-lens harmful CE)."""
+
+    _tag_names = ["immune-trainer", "repnoise"]
+    _name = "RepNoise"
+    _paper = REPNOISE_PAPER
+    config_class = RepNoiseConfig
+
+    def _structure(self, model):
+        base = unwrap_model(model)
+        cached = getattr(self, "_structure_cache", None)
+        if cached is None or cached[0] is not base:
+            self._structure_cache = (base, find_decoder_structure(base))
+        return self._structure_cache[1]
+
+    def compute_defense_loss(self, model, inputs):
+        args = self.args
+        terms = self.retain_terms(model, inputs)
+        structure = self._structure(model)
+        layers = selected_layers(structure.num_layers, args.layer_stride)
+        harmful = self.side(inputs, "harmful")
+        labels = harmful["labels"]
+
+        hooks = HookManager()
+        mlp_out = hooks.capture([structure.mlp[i] for i in layers])
+        with hooks:
+            outputs = model(
+                input_ids=harmful["input_ids"],
+                attention_mask=harmful["attention_mask"],
+                output_hidden_states=True,
+                use_cache=False,
+            )
+        harmful_ce = masked_token_ce(outputs.logits, labels)
+        terms["harmful"] = harmful_ce
+
+        # Noise term: per-example flattened masked MLP outputs vs masked Gaussian noise.
+        mask = (labels != IGNORE_INDEX).unsqueeze(-1)
+        noise_terms = []
+        for j in range(len(layers)):
+            act = mlp_out[j]
+            m = mask.to(act.dtype)
+            noise = torch.randn_like(act) * args.noise_std
+            noise_terms.append(gaussian_kernel_mmd(act * m, noise * m))
+        terms["noise"] = torch.stack(noise_terms).mean()
+
+        # Ascent term over the logit lens: embeddings and selected layers' inputs, plus final logits.
+        hidden_states = outputs.hidden_states
+        # hidden_states[i] is the input of layer i (0: the embeddings); the last entry is normed already
+        # and its logit lens is outputs.logits, reused below.
+        lens_ces = [masked_token_ce(unembed(structure, hidden_states[i]), labels) for i in layers]
+        lens_ces.append(harmful_ce)
+        terms["ascent"] = torch.log1p(torch.stack(lens_ces).mean())
+
+        terms["loss"] = (
+            self.weighted_retain(terms) + args.beta * terms["noise"] - args.alpha * terms["ascent"]
+        )
+        return terms

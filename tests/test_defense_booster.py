@@ -1,0 +1,147 @@
+"""Booster: gradient vs finite differences of the first-order objective, training direction, LoRA, GA."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from conftest import make_pairs
+from peft import LoraConfig
+
+from immune_trainer.defenses import BoosterConfig, BoosterTrainer, get_defense
+from immune_trainer.errors import ConfigError
+from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        max_length=64,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    base.update(kw)
+    return BoosterConfig(**base)
+
+
+def _loss(model, batch, side):
+    """Response CE computed in the logits' dtype (transformers' own loss upcasts to float32 only)."""
+    logits = model(
+        input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"]
+    ).logits
+    labels = batch[f"{side}_labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+# Llama's RMSNorm computes in float32 even in a float64 model, which limits the finite differences.
+@pytest.mark.parametrize("arch,h,tol", [("gpt2", 1e-6, 1e-5), ("llama", 1e-4, 2e-3)])
+def test_gradient_matches_finite_differences_float64(tmp_path, arch, h, tol):
+    model = tiny_causal_lm(arch, hidden_size=16, num_layers=2, seed=3).double()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    lamb, alpha = 5.0, 0.1
+    trainer = BoosterTrainer(
+        model=model,
+        args=_config(tmp_path, lamb=lamb, alpha=alpha),
+        harmful_dataset=make_pairs(4),
+        processing_class=tiny_tokenizer(),
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    params = [p for p in model.parameters() if p.requires_grad]
+    w0 = [p.detach().clone() for p in params]
+    model.zero_grad()
+    trainer.training_step(model, batch)
+    grad = [p.grad.detach().clone() for p in params]
+    for p, w in zip(params, w0):  # the step put the weights back
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
+
+    # The perturbation direction d = -alpha g/||g||, computed once at w0 and held fixed.
+    g = torch.autograd.grad(_loss(model, batch, "harmful"), params)
+    norm = torch.sqrt(sum((x**2).sum() for x in g))
+    d = [-alpha * x / norm for x in g]
+
+    def objective(shift):
+        with torch.no_grad():
+            for p, w, s in zip(params, w0, shift):
+                p.copy_(w + s)
+            align = _loss(model, batch, "harmless")
+            harm = _loss(model, batch, "harmful")
+            for p, w, s, dd in zip(params, w0, shift, d):
+                p.copy_(w + s + dd)
+            harm_perturbed = _loss(model, batch, "harmful")
+        return float(align + lamb * (harm - harm_perturbed))
+
+    torch.manual_seed(0)
+    for _ in range(2):
+        v = [torch.randn_like(p) for p in params]
+        fd = (objective([h * x for x in v]) - objective([-h * x for x in v])) / (2 * h)
+        analytic = float(sum((a * x).sum() for a, x in zip(grad, v)))
+        assert abs(fd - analytic) <= tol * max(1.0, abs(fd)), (fd, analytic)
+
+
+def test_booster_attenuates_the_harmful_perturbation(tmp_path):
+    """After training, one normalised harmful step lowers the harmful loss less than after plain alignment."""
+    results = {}
+    for lamb in (0.0, 5.0):
+        model = tiny_causal_lm("llama", seed=0)
+        trainer = BoosterTrainer(
+            model=model,
+            args=_config(tmp_path / str(lamb), lamb=lamb, max_steps=10),
+            harmful_dataset=make_pairs(16),
+            processing_class=tiny_tokenizer(),
+        )
+        trainer.train()
+        logged = [h for h in trainer.state.log_history if "loss/attenuation" in h]
+        results[lamb] = (logged[-1]["loss/attenuation"], logged[-1]["loss/harmless"])
+    assert results[5.0][0] < results[0.0][0], results
+    assert results[5.0][1] < results[0.0][1] * 1.1, results  # alignment loss within 10% of plain alignment
+
+
+def test_lora_and_gradient_accumulation(tmp_path):
+    row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
+    same = datasets.Dataset.from_list([row] * 8)
+
+    def train(ga, peft=None):
+        model = tiny_causal_lm("qwen2", seed=1)
+        args = _config(
+            tmp_path / f"ga{ga}{peft is not None}",
+            max_steps=2,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=ga,
+            optim="sgd",
+            learning_rate=0.1,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            refusal_column="refusal",
+        )
+        t = BoosterTrainer(
+            model=model, args=args, harmful_dataset=same, processing_class=tiny_tokenizer(), peft_config=peft
+        )
+        before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+        t.train()
+        return t.model, before
+
+    (one, _), (two, _) = train(1), train(2)
+    flat = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (one, two)]
+    torch.testing.assert_close(flat[0], flat[1], atol=1e-6, rtol=1e-5)
+    lora, before = train(1, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    changed = {n for n, p in lora.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_config_errors(tmp_path):
+    assert get_defense("booster").trainer_class is BoosterTrainer
+    cfg = BoosterConfig(output_dir=str(tmp_path), report_to="none")
+    assert (cfg.lamb, cfg.alpha) == (5.0, 0.1)
+    with pytest.raises(ConfigError, match="alpha"):
+        _config(tmp_path, alpha=float("nan"))

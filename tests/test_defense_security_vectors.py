@@ -1,0 +1,165 @@
+"""Security Vectors: training fits the vector to harmful data with the base frozen; applied frozen during an
+attack, it keeps the base model from learning the harmful responses; both attack families are handled."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_pairs
+
+from immune_trainer.defenses import (
+    SecurityVectorConfig,
+    SecurityVectorTrainer,
+    drop_security_vector,
+    get_defense,
+    security_vector_hook,
+)
+from immune_trainer.errors import ConfigError
+from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=30,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        max_length=64,
+        disable_tqdm=True,
+        seed=0,
+    )
+    base.update(kw)
+    return SecurityVectorConfig(**base)
+
+
+def _harm_batch(tok, n=8, offset=0):
+    probe = SecurityVectorTrainer(
+        model=tiny_causal_lm("llama"),
+        args=_config(Path("/tmp/sv_probe"), per_device_train_batch_size=n),
+        harmful_dataset=make_pairs(n, offset=offset),
+        processing_class=tok,
+    )
+    batch = probe._prepare_inputs(next(iter(probe.get_train_dataloader())))
+    return probe.side(batch, "harmful")
+
+
+def _loss(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def _attack(model, batch, steps=15, lr=3e-3):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def vector(tmp_path_factory):
+    """A trained security vector on a tiny Llama: (base model, vector path, harmful batch, base state)."""
+    tmp = tmp_path_factory.mktemp("sv")
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama", seed=0)
+    with torch.no_grad():  # a random tiny head caps logits near 0.6: sharpen it so losses can move.
+        model.lm_head.weight.mul_(20.0)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = _harm_batch(tok)
+    trainer = SecurityVectorTrainer(
+        model=model,
+        args=_config(tmp, lora_target_modules="all-linear", learning_rate=3e-2),
+        harmful_dataset=make_pairs(8),
+        processing_class=tok,
+    )
+    before = _loss(trainer.model, batch)
+    trainer.train()
+    after = _loss(trainer.model, batch)
+    trainer.save_model(str(tmp / "vector"))
+    base = trainer.model.unload()
+    return {
+        "base": base,
+        "path": tmp / "vector",
+        "batch": batch,
+        "base_state": base_state,
+        "before": before,
+        "after": after,
+    }
+
+
+def test_training_fits_the_vector_and_freezes_the_base(vector):
+    assert vector["after"] < vector["before"] - 1.0  # harmful loss with the vector active
+    for k, v in vector["base"].state_dict().items():  # base weights untouched
+        assert torch.equal(v, vector["base_state"][k]), k
+    assert (vector["path"] / "adapter_config.json").exists()
+    assert get_defense("security_vectors").attack_time_hook is not None
+
+
+@pytest.mark.parametrize("family", ["full", "lora"])
+def test_attack_with_the_vector_learns_less_harm(vector, family):
+    from peft import LoraConfig, get_peft_model
+
+    batch, hook = vector["batch"], security_vector_hook(vector["path"])
+
+    def attacked(with_vector):
+        torch.manual_seed(0)
+        m = copy.deepcopy(vector["base"]).requires_grad_(True)  # as FullFineTuning.prepare does
+        if family == "lora":
+            m = get_peft_model(
+                m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+            )
+        if with_vector:
+            m = hook(m)
+            vec = {n: p.detach().clone() for n, p in m.named_parameters() if ".security_vector." in n}
+            assert vec and not any(p.requires_grad for n, p in m.named_parameters() if n in vec)
+            assert any(p.requires_grad for p in m.parameters())
+        m = _attack(m, batch)
+        if with_vector:
+            assert all(torch.equal(p, vec[n]) for n, p in m.named_parameters() if n in vec)  # stayed frozen
+            m = drop_security_vector(m)
+            assert not any(".security_vector." in n for n, _ in m.named_parameters())
+        return _loss(m, batch)
+
+    start = _loss(copy.deepcopy(vector["base"]), batch)
+    plain, protected = attacked(False), attacked(True)
+    # Without the vector the attacker drives the harmful loss down; with it, the model used at inference
+    # (vector dropped) learns far less.
+    assert plain < start - 1.0
+    assert protected > plain + 0.5
+
+
+def test_attack_harness_measures_harm_without_the_vector(vector):
+    """Through HarmfulFineTuningAttack with the registry's hook: f is measured as at inference (vector
+    dropped), and the protected attack leaves a higher harmful loss than the plain one."""
+    from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack
+
+    tok = tiny_tokenizer()
+    hook = get_defense("security_vectors").attack_time_hook(vector["path"])
+    attack = HarmfulFineTuningAttack(
+        AttackConfig(learning_rates=[3e-3], max_steps=10, eval_every=10, batch_size=8, max_length=64)
+    )
+    data = make_pairs(8)
+    plain = attack.run(vector["base"], tok, data, data).curves[0].points
+    protected = attack.run(vector["base"], tok, data, data, prepare_model=hook).curves[0].points
+    # At step 0 the measured model is the base model in both runs (the vector is not counted).
+    assert protected[0].value == pytest.approx(plain[0].value, rel=1e-5)
+    assert plain[-1].value < plain[0].value - 1.0
+    assert protected[-1].value > plain[-1].value + 0.5
+
+
+def test_errors(tmp_path, vector):
+    with pytest.raises(ConfigError, match="harmless_weight"):
+        _config(tmp_path, harmless_weight=1.0)
+    with pytest.raises(ConfigError, match="no security vector"):
+        drop_security_vector(copy.deepcopy(vector["base"]))
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        security_vector_hook(tmp_path)

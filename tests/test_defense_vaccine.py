@@ -1,0 +1,197 @@
+"""Vaccine / T-Vaccine: perturbation norm, second-pass gradient vs a manual computation, training, LoRA, GA."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from conftest import make_pairs
+from peft import LoraConfig
+
+from immune_trainer.defenses import VaccineConfig, VaccineTrainer, get_defense
+from immune_trainer.errors import ConfigError
+from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        max_length=64,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    base.update(kw)
+    return VaccineConfig(**base)
+
+
+def _trainer(tmp_path, arch="llama", num_layers=3, **kw):
+    model = tiny_causal_lm(arch, num_layers=num_layers, seed=2)
+    for module in model.modules():  # training_step calls model.train(): no dropout, identical forwards
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trainer = VaccineTrainer(
+        model=model,
+        args=_config(tmp_path, **kw),
+        harmful_dataset=make_pairs(8),
+        processing_class=tiny_tokenizer(),
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return model, trainer, batch
+
+
+def _attn_blocks(model, arch):
+    return (
+        [b.attn for b in model.transformer.h] if arch == "gpt2" else [b.self_attn for b in model.model.layers]
+    )
+
+
+def _harmless_loss(model, batch):
+    return model(
+        input_ids=batch["harmless_input_ids"],
+        attention_mask=batch["harmless_attention_mask"],
+        labels=batch["harmless_labels"],
+    ).loss
+
+
+def _with_deltas(model, arch, deltas, fn):
+    """Run fn() with deltas[i] added to attention block i's output (hooks written here, not modeling.py)."""
+
+    def make(delta):
+        def hook(_m, _a, out):
+            return (out[0] + delta, *out[1:])
+
+        return hook
+
+    handles = [b.register_forward_hook(make(d)) for b, d in zip(_attn_blocks(model, arch), deltas)]
+    try:
+        return fn()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _manual_vaccine_grads(model, arch, batch, rho):
+    """dL/dtheta at h + rho * g/||g||, with g from zero 'probe' tensors added to each attention output."""
+    n = len(_attn_blocks(model, arch))
+    shape = (*batch["harmless_input_ids"].shape, model.config.hidden_size)
+    probes = [torch.zeros(shape, requires_grad=True) for _ in range(n)]
+    loss = _with_deltas(model, arch, probes, lambda: _harmless_loss(model, batch))
+    g = torch.autograd.grad(loss, probes)
+    norm = torch.sqrt(sum((x**2).sum() for x in g))
+    eps = [rho * x / norm for x in g]
+    model.zero_grad()
+    _with_deltas(model, arch, eps, lambda: _harmless_loss(model, batch)).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return eps, grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+def test_perturbation_and_second_pass_gradient_match_manual(tmp_path, arch):
+    model, trainer, batch = _trainer(tmp_path, arch=arch, rho=2.0)
+    eps, _ = trainer.compute_perturbation(model, batch)
+    assert sorted(eps) == list(range(3))
+    torch.testing.assert_close(
+        torch.sqrt(sum((e.double() ** 2).sum() for e in eps.values())).float(), torch.tensor(2.0)
+    )
+    eps_ref, grads_ref = _manual_vaccine_grads(model, arch, batch, rho=2.0)
+    for i, e in enumerate(eps_ref):
+        torch.testing.assert_close(eps[i], e, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+    trainer.training_step(model, batch)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The perturbation matters: the gradient differs from the unperturbed one.
+    model.zero_grad()
+    _harmless_loss(model, batch).backward()
+    assert any(not torch.allclose(p.grad, grads_ref[n], atol=1e-6) for n, p in model.named_parameters())
+
+
+def test_t_vaccine_samples_layers_and_keeps_norm(tmp_path):
+    model, trainer, batch = _trainer(tmp_path, num_layers=4, layer_sampling=True, num_sampled_layers=2)
+    assert trainer.args.rho == 3.0
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(6):
+        eps, _ = trainer.compute_perturbation(model, batch)
+        assert len(eps) == 2
+        seen.update(eps)
+        torch.testing.assert_close(torch.sqrt(sum((e**2).sum() for e in eps.values())), torch.tensor(3.0))
+    assert seen <= set(range(4))
+    assert VaccineConfig(output_dir=str(tmp_path), report_to="none").rho == 2.0
+
+
+def _perturbed_loss(trainer, model, batch):
+    model.eval()
+    eps, _ = trainer.compute_perturbation(model, batch)
+    from immune_trainer.modeling import add_to_outputs
+
+    with torch.no_grad(), add_to_outputs(trainer._structure(model).attention, eps):
+        return float(_harmless_loss(model, batch))
+
+
+def test_training_makes_alignment_robust_to_perturbation(tmp_path):
+    """Vaccine (rho=2) vs plain alignment (rho=0) for the same steps: lower loss under the perturbation."""
+    results = {}
+    for rho in (0.0, 2.0):
+        model, trainer, batch = _trainer(tmp_path / str(rho), num_layers=2, rho=rho, max_steps=12)
+        clean0 = float(_harmless_loss(model, batch).detach())
+        trainer.train()
+        probe = VaccineTrainer(
+            model=model,
+            args=_config(tmp_path / "probe", rho=2.0),
+            harmful_dataset=make_pairs(8),
+            processing_class=tiny_tokenizer(),
+        )
+        results[rho] = (_perturbed_loss(probe, model, batch), float(_harmless_loss(model, batch)), clean0)
+    vacc, plain = results[2.0], results[0.0]
+    assert vacc[0] < plain[0], results  # more robust to the worst-case hidden perturbation
+    assert vacc[1] < vacc[2]  # the alignment (refusal) loss still goes down
+    assert vacc[1] < plain[1] * 1.1  # and costs at most 10% of clean alignment loss vs plain
+
+
+def test_lora_and_gradient_accumulation(tmp_path):
+    row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
+    same = datasets.Dataset.from_list([row] * 8)
+
+    def train(ga, peft=None):
+        model = tiny_causal_lm("qwen2", seed=1)
+        args = _config(
+            tmp_path / f"ga{ga}{peft is not None}",
+            max_steps=2,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=ga,
+            optim="sgd",
+            learning_rate=0.1,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            refusal_column="refusal",
+        )
+        t = VaccineTrainer(
+            model=model, args=args, harmful_dataset=same, processing_class=tiny_tokenizer(), peft_config=peft
+        )
+        t.train()
+        return t.model
+
+    one, two = train(1), train(2)
+    flat = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (one, two)]
+    torch.testing.assert_close(flat[0], flat[1], atol=1e-6, rtol=1e-5)
+    lora = train(1, LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"]))
+    assert any("lora_" in n and p.requires_grad for n, p in lora.named_parameters())
+    attn = [m for n, m in lora.named_modules() if n.endswith("self_attn")]
+    assert attn and all(len(m._forward_hooks) == 0 for m in attn)
+
+
+def test_config_errors(tmp_path):
+    assert get_defense("vaccine").trainer_class is VaccineTrainer
+    with pytest.raises(ConfigError, match="rho"):
+        _config(tmp_path, rho=-1.0)
+    with pytest.raises(ConfigError, match="num_sampled_layers"):
+        _config(tmp_path, num_sampled_layers=0)
