@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -42,6 +43,43 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+RANDOM_CONFIGS = {
+    # Random-initialised models of a real size, for timing and memory (no weights need to be fetched).
+    "qwen2-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
+    "tiny-test": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
+}
+
+
 def _load(model_name: str):
     from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
@@ -49,8 +87,14 @@ def _load(model_name: str):
         return tiny_causal_lm(
             model_name.split(":", 1)[1], hidden_size=256, num_layers=4, num_heads=4
         ), tiny_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if model_name.startswith("random:"):
+        values = dict(RANDOM_CONFIGS[model_name.split(":", 1)[1]])
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        model = AutoModelForCausalLM.from_config(config)
+        model.config.use_cache = False
+        return model, tiny_tokenizer()
     return AutoModelForCausalLM.from_pretrained(model_name), AutoTokenizer.from_pretrained(model_name)
 
 
@@ -79,8 +123,10 @@ def worker(opts) -> dict:
     from immune_trainer.defenses import get_defense
 
     torch.manual_seed(0)
-    model, tokenizer = _load(opts.model)
     use_cpu = opts.device == "cpu"
+    cuda = torch.cuda.is_available() and not use_cpu
+    start_mem = 0 if cuda else _rss_mb()  # before the model: the peak counts weights, grads, optimizer
+    model, tokenizer = _load(opts.model)
     common = dict(
         output_dir="/tmp/defense_step_bench",
         report_to="none",
@@ -88,6 +134,7 @@ def worker(opts) -> dict:
         use_cpu=use_cpu,
         save_strategy="no",
         disable_tqdm=True,
+        bf16=opts.bf16,
     )
     batch = _batch(tokenizer, opts.batch_size, opts.seq_len, opts.seq_len // 2)
     if opts.worker == "plain":
@@ -107,7 +154,6 @@ def worker(opts) -> dict:
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by train(); we call training_step directly
     model = trainer.model
-    cuda = torch.cuda.is_available() and not use_cpu
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -118,16 +164,24 @@ def worker(opts) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         trainer.training_step(model, dict(step_batch))
+        trainer.optimizer.step()  # a whole training step: the optimizer's states count in the peak
+        model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         if i >= opts.warmup:
             times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
     if cuda:
-        peak = (torch.cuda.max_memory_allocated() - mem0) / 2**20
+        peak_abs = torch.cuda.max_memory_allocated() / 2**20
+        peak = peak_abs - mem0 / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - mem0
-    return {"name": opts.worker, "median_ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0.0)}
+        peak_abs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_abs - mem0
+    return {
+        "name": opts.worker,
+        "median_ms": 1000 * statistics.median(times),
+        "peak_mb": max(peak_abs - start_mem, 0.0),
+        "step_growth_mb": max(peak, 0.0),
+    }
 
 
 def main(argv=None) -> int:
@@ -146,7 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/defense_step_<device>.json)"
     )
-    parser.add_argument("--timeout", type=int, default=120, help="seconds allowed per defense")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds allowed per defense")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPU)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.device is None:
@@ -175,6 +230,7 @@ def main(argv=None) -> int:
         str(opts.warmup),
         "--device",
         opts.device,
+        *(["--bf16"] if opts.bf16 else []),
     ]
     rows = {}
     for name in ["plain", *names]:
@@ -198,19 +254,30 @@ def main(argv=None) -> int:
         f"model {opts.model}, device {opts.device}, batch {opts.batch_size} x {opts.seq_len} tokens, "
         f"median of {opts.steps} steps after {opts.warmup} warm-up"
     )
-    print("plain = transformers.Trainer.training_step on the harmful half of the pairs alone (1 fwd + 1 bwd)")
-    print(f"{'defense':<20}{'ms/step':>10}{'x plain':>9}{'target':>8}{'peak MB':>10}{'x plain':>9}")
+    print(
+        "plain = transformers.Trainer.training_step + optimizer step on the harmful half of the pairs alone;\n"
+        "peak MB = peak process memory of training (weights, gradients, optimizer states, activations);\n"
+        "step MB = its growth over the memory before the first step"
+    )
+    print(
+        f"{'defense':<20}{'ms/step':>10}{'x plain':>9}{'target':>8}{'peak MB':>10}{'x plain':>9}"
+        f"{'step MB':>10}{'x plain':>9}"
+    )
     for name, row in rows.items():
         if "error" in row:
             print(f"{name:<20} ERROR: {row['error']}")
             continue
         row["time_ratio"] = row["median_ms"] / plain["median_ms"]
         row["memory_ratio"] = row["peak_mb"] / plain["peak_mb"] if plain["peak_mb"] > 0 else None
+        row["step_growth_ratio"] = (
+            row["step_growth_mb"] / plain["step_growth_mb"] if plain["step_growth_mb"] > 0 else None
+        )
         row["time_target"] = TARGETS.get(name)
         mem = f"{row['memory_ratio']:.2f}" if row["memory_ratio"] is not None else "n/a"
         target = f"{row['time_target']:.1f}" if row["time_target"] else ("K+1" if name == "tar" else "-")
         print(
             f"{name:<20}{row['median_ms']:>10.1f}{row['time_ratio']:>9.2f}{target:>8}{row['peak_mb']:>10.1f}{mem:>9}"
+            f"{row['step_growth_mb']:>10.1f}{row['step_growth_ratio'] or 0:>9.2f}"
         )
     out = Path(opts.output or Path(__file__).parent / "results" / f"defense_step_{opts.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,8 +290,13 @@ def main(argv=None) -> int:
                 "seq_len": opts.seq_len,
                 "steps": opts.steps,
                 "warmup": opts.warmup,
-                "plain": "transformers.Trainer.training_step on the harmful half of the paired batch alone",
-                "memory": "peak growth over the pre-step baseline (CPU: ru_maxrss - RSS; GPU: max_memory_allocated)",
+                "bf16": opts.bf16,
+                "machine": platform.platform(),
+                "date": time.strftime("%Y-%m-%d"),
+                "plain": "transformers.Trainer.training_step + optimizer.step on the harmful half of the paired batch alone",
+                "memory": "peak_mb: peak memory of the training process over the memory before the model was "
+                "loaded (CPU: ru_maxrss; GPU: max_memory_allocated), i.e. weights + gradients + optimizer "
+                "states + activations; step_growth_mb: peak over the memory just before the first step",
                 "rows": list(rows.values()),
             },
             indent=2,

@@ -43,17 +43,17 @@ PRESETS: dict[str, dict] = {
         batch_size=2,
     ),
     "default": dict(
-        defense_steps=40,
+        defense_steps=24,
         defense_lr=3e-5,
         attack_learning_rates=[3e-5, 8e-5],
-        attack_steps=20,
+        attack_steps=16,
         eval_every=4,
         eval_pairs=16,
-        cross_domain_steps=12,
+        cross_domain_steps=8,
         reference_rows=16,
-        benign_steps=16,
+        benign_steps=8,
         benign_eval_every=4,
-        max_length=160,
+        max_length=128,
         batch_size=4,
     ),
     "full": dict(
@@ -85,6 +85,13 @@ class DemoConfig:
     alpha: float = field(default=1.0, metadata={"help": "Weight of the defense's bounded ascent term."})
     beta: float = field(default=0.001, metadata={"help": "RepNoise's noise (MMD) weight."})
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the benign retain loss."})
+    layer_stride: int = field(
+        default=5,
+        metadata={
+            "help": "RepNoise: use every N-th layer (and the last) for the noise and ascent terms; the logit "
+            "lens over a 49k vocabulary dominates a CPU step."
+        },
+    )
     defense_steps: int | None = field(default=None, metadata={"help": "Defense optimizer steps."})
     defense_lr: float | None = field(default=None, metadata={"help": "Defense learning rate."})
     attack_learning_rates: list[float] | None = field(
@@ -146,6 +153,7 @@ def build_defense_config(spec, cfg: DemoConfig, output_dir: str):
         retain_weight=cfg.retain_weight,
         alpha=cfg.alpha,
         beta=cfg.beta,
+        layer_stride=cfg.layer_stride,
         disable_tqdm=True,
         use_cpu=not _cuda(),
     )
@@ -329,6 +337,7 @@ def _defense_summary(cfg: DemoConfig) -> dict:
         "alpha": cfg.alpha,
         "beta": cfg.beta,
         "retain_weight": cfg.retain_weight,
+        "layer_stride": cfg.layer_stride,
         "batch_size": cfg.batch_size,
         "max_length": cfg.max_length,
     }

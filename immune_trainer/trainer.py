@@ -17,6 +17,7 @@ implements :meth:`ImmunizationTrainer.compute_defense_loss` (or, for multi-pass 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -124,6 +125,18 @@ class ImmunizationConfig(TrainingArguments):
         # Paired batches carry columns the model's forward does not accept.
         self.remove_unused_columns = False
         super().__post_init__()
+
+
+def merge_parts(parts) -> dict[str, torch.Tensor]:
+    """Merge loss parts (dicts of terms, each with its total under ``"loss"``) into one dict whose
+    ``"loss"`` is the sum of the parts' totals."""
+    merged: dict[str, torch.Tensor] = {}
+    total = 0.0
+    for part in parts:
+        total = total + part["loss"]
+        merged.update({k: v for k, v in part.items() if k != "loss"})
+    merged["loss"] = total
+    return merged
 
 
 class ImmunizationCollator:
@@ -337,6 +350,17 @@ class ImmunizationTrainer(Trainer):
             terms["retain"], _ = self.lm_loss(model, retain)
         return terms
 
+    def has_retain_terms(self) -> bool:
+        """Whether :meth:`retain_terms` returns anything (a harmless weight, or a retain set with a weight)."""
+        return self.args.harmless_weight > 0 or (
+            self.retain_dataset is not None and self.args.retain_weight > 0
+        )
+
+    def retain_part(self, model, inputs) -> dict[str, torch.Tensor]:
+        """:meth:`retain_terms` as a loss part (for :meth:`defense_loss_parts`)."""
+        terms = self.retain_terms(model, inputs)
+        return {**terms, "loss": self.weighted_retain(terms)}
+
     def weighted_retain(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         total = 0.0
         if "harmless" in terms:
@@ -375,19 +399,63 @@ class ImmunizationTrainer(Trainer):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement compute_defense_loss().")
 
+    def defense_loss_parts(self, model, inputs: dict[str, torch.Tensor]) -> list:
+        """The defense's loss in parts: a list of zero-argument functions, each returning a dict of terms
+        with that part's total under ``"loss"``. The total loss is the sum of the parts.
+
+        :meth:`training_step` computes each part and back-propagates it before computing the next, so
+        only one part's activations are alive at a time (the harmless and harmful sides are separate
+        sequences: holding both graphs would double activation memory). The default is
+        :meth:`compute_defense_loss` as a single part; defenses whose terms split cleanly override this
+        instead (see :class:`~immune_trainer.defenses.GradientAscentTrainer`).
+        """
+        return [lambda: self.compute_defense_loss(model, inputs)]
+
+    def _checked(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "loss" not in terms:
+            raise RuntimeError(f"{type(self).__name__}: every loss part needs its total under 'loss'.")
+        self.check_finite(terms)
+        self.log_terms({name: value for name, value in terms.items() if name != "loss"})
+        return terms["loss"]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "harmful_input_ids" not in inputs:
             # Plain supervised batches (evaluation sets): the ordinary LM loss.
             return super().compute_loss(model, inputs, return_outputs=return_outputs)
-        terms = self.compute_defense_loss(model, inputs)
-        if "loss" not in terms:
-            raise RuntimeError(
-                f"{type(self).__name__}.compute_defense_loss must return the total under 'loss'."
-            )
-        self.check_finite(terms)
-        self.log_terms({name: value for name, value in terms.items() if name != "loss"})
-        loss = terms["loss"]
+        loss = sum(self._checked(part()) for part in self.defense_loss_parts(model, inputs))
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Back-propagate each loss part before computing the next (see :meth:`defense_loss_parts`).
+
+        Gradients of the parts add up in ``.grad`` exactly as the gradient of their sum would; under DDP
+        only the last part's backward synchronises gradients (``no_sync`` for the others). Under DeepSpeed,
+        whose engine counts backward calls, the parts are summed and back-propagated once.
+        """
+        from accelerate.utils import DistributedType
+
+        if (
+            "harmful_input_ids" not in inputs
+            or self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        ):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = self.current_gradient_accumulation_steps
+        parts = self.defense_loss_parts(model, inputs)
+        if not parts:
+            raise RuntimeError(f"{type(self).__name__}.defense_loss_parts returned no part.")
+        total = 0.0
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            with self.compute_loss_context_manager():
+                loss = self._checked(part())
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                self.accelerator.backward(loss / scale)
+            total = total + loss.detach()
+        return total / scale
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """6 x parameters x tokens over every sequence of the batch (both sides of the pairs)."""

@@ -118,6 +118,32 @@ def test_gradient_accumulation_scales_the_loss(tmp_path, tokenizer):
     assert torch.allclose(one, two, atol=1e-6)
 
 
+@pytest.mark.parametrize("defense", ["gradient_ascent", "repnoise"])
+def test_part_by_part_backward_equals_one_backward_of_the_sum(tmp_path, harmful, tokenizer, defense):
+    """training_step back-propagates the retain part before computing the harmful part (half the
+    activation memory); the gradient must equal that of the summed loss."""
+    spec = get_defense(defense)
+    model = tiny_causal_lm("llama", seed=0)
+    args = spec.config_class(
+        output_dir=str(tmp_path), report_to="none", max_length=64, per_device_train_batch_size=4
+    )
+    trainer = spec.trainer_class(model=model, args=args, harmful_dataset=harmful, processing_class=tokenizer)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 2
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert len(trainer.defense_loss_parts(model, batch)) == 2
+    torch.manual_seed(0)  # RepNoise draws Gaussian noise
+    trainer.training_step(model, dict(batch))
+    streamed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(0)
+    (trainer.compute_defense_loss(model, batch)["loss"] / 2).backward()
+    for a, b in zip(streamed, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-6)
+    args.harmless_weight = 0.0
+    assert len(trainer.defense_loss_parts(model, batch)) == 1  # nothing to retain: one part
+
+
 def test_paired_dataset_and_harmless_dataset_inputs(tmp_path, harmful, tokenizer):
     paired = build_pairs(harmful, tokenizer, max_length=64)
     model = tiny_causal_lm("llama", seed=0)

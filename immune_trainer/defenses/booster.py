@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..losses import booster_perturbed_direction
+from ..losses import global_grad_norm
 from ..trainer import ImmunizationConfig, ImmunizationTrainer
 from .vaccine import _ga_steps, _no_sync
 
@@ -88,12 +88,18 @@ class BoosterTrainer(ImmunizationTrainer):
         harmful = self.side(inputs, "harmful")
         terms: dict[str, torch.Tensor] = {}
 
-        # Pass 1: g = grad L_harm(w).
+        # Pass 1: g = grad L_harm(w), turned in place into the weight step d = -alpha g/||g|| (so only one
+        # parameter-sized buffer is kept: g is recovered from d below).
         with _no_sync(model), self.compute_loss_context_manager():
             harm, _ = self.lm_loss(model, harmful)
-            grads = torch.autograd.grad(harm, params, allow_unused=True)
+            step = list(torch.autograd.grad(harm, params, allow_unused=True))
         terms["harmful"] = harm.detach()
-        step = booster_perturbed_direction(grads, args.alpha)  # -alpha g/||g||
+        with torch.no_grad():
+            gnorm = global_grad_norm(step)
+            factor = -args.alpha / gnorm.clamp(min=1e-12)
+            for d in step:
+                if d is not None:
+                    d.mul_(factor)
 
         # Pass 2: -lambda * grad L_harm(w - alpha g/||g||), accumulated locally.
         with torch.no_grad():
@@ -113,12 +119,14 @@ class BoosterTrainer(ImmunizationTrainer):
         terms["harmful_perturbed"] = harm_perturbed.detach()
         terms["attenuation"] = terms["harmful"] - terms["harmful_perturbed"]
 
-        # Pass 3: grad L_align(w) + lambda * g through one synchronised backward.
+        # Pass 3: grad L_align(w) + lambda * g through one synchronised backward; g = d * (-||g|| / alpha),
+        # added through the linear surrogate <w, sg(d)> whose gradient is d.
         with self.compute_loss_context_manager():
             retain = self.retain_terms(model, inputs)
             align = self.weighted_retain(retain)
-            surrogate = sum((p * g.detach()).sum() for p, g in zip(params, grads) if g is not None)
-            objective = align + args.lamb * (surrogate - surrogate.detach())
+            surrogate = sum((p * d).sum() for p, d in zip(params, step) if d is not None)
+            g_scale = -gnorm.detach() / args.alpha if args.alpha > 0 else 0.0
+            objective = align + args.lamb * g_scale * (surrogate - surrogate.detach())
         terms.update(retain)
         loss_value = (align if torch.is_tensor(align) else harm.new_zeros(())) + args.lamb * terms[
             "attenuation"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
 
 
 @dataclass
@@ -56,11 +56,15 @@ class GradientAscentTrainer(ImmunizationTrainer):
     }
     config_class = GradientAscentConfig
 
-    def compute_defense_loss(self, model, inputs):
-        terms = self.retain_terms(model, inputs)
+    def defense_loss_parts(self, model, inputs):
+        # Two parts, back-propagated one after the other: the retain side, then the ascent side.
+        parts = [lambda: self.retain_part(model, inputs)] if self.has_retain_terms() else []
+        return parts + [lambda: self._ascent_part(model, inputs)]
+
+    def _ascent_part(self, model, inputs):
         harmful, _ = self.lm_loss(model, self.side(inputs, "harmful"))
-        terms["harmful"] = harmful
         ascent = torch.log1p(harmful)
-        terms["ascent"] = ascent
-        terms["loss"] = self.weighted_retain(terms) - self.args.alpha * ascent
-        return terms
+        return {"harmful": harmful, "ascent": ascent, "loss": -self.args.alpha * ascent}
+
+    def compute_defense_loss(self, model, inputs):
+        return merge_parts(part() for part in self.defense_loss_parts(model, inputs))

@@ -22,11 +22,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 
 from ..errors import ConfigError
 from ..losses import IGNORE_INDEX, gaussian_kernel_mmd, masked_token_ce
 from ..modeling import HookManager, find_decoder_structure, unembed, unwrap_model
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
 
 REPNOISE_PAPER = {
     "title": "Representation noising: A defence mechanism against harmful finetuning",
@@ -114,9 +115,16 @@ class RepNoiseTrainer(ImmunizationTrainer):
             self._structure_cache = (base, find_decoder_structure(base))
         return self._structure_cache[1]
 
+    def defense_loss_parts(self, model, inputs):
+        # Two parts, back-propagated one after the other: the retain side, then the harmful side.
+        parts = [lambda: self.retain_part(model, inputs)] if self.has_retain_terms() else []
+        return parts + [lambda: self._harmful_terms(model, inputs)]
+
     def compute_defense_loss(self, model, inputs):
+        return merge_parts(part() for part in self.defense_loss_parts(model, inputs))
+
+    def _harmful_terms(self, model, inputs):
         args = self.args
-        terms = self.retain_terms(model, inputs)
         structure = self._structure(model)
         layers = selected_layers(structure.num_layers, args.layer_stride)
         harmful = self.side(inputs, "harmful")
@@ -132,27 +140,53 @@ class RepNoiseTrainer(ImmunizationTrainer):
                 use_cache=False,
             )
         harmful_ce = masked_token_ce(outputs.logits, labels)
-        terms["harmful"] = harmful_ce
 
         # Noise term: per-example flattened masked MLP outputs vs masked Gaussian noise.
         mask = (labels != IGNORE_INDEX).unsqueeze(-1)
-        noise_terms = []
-        for j in range(len(layers)):
-            act = mlp_out[j]
-            m = mask.to(act.dtype)
-            noise = torch.randn_like(act) * args.noise_std
-            noise_terms.append(gaussian_kernel_mmd(act * m, noise * m))
-        terms["noise"] = torch.stack(noise_terms).mean()
+        # Each layer's noise, masked copies and kernel matrices are recomputed in the backward pass rather
+        # than stored (the checkpoint replays the same random numbers).
+        noise_terms = [
+            torch.utils.checkpoint.checkpoint(
+                _noise_mmd, mlp_out[j], mask, args.noise_std, use_reentrant=False
+            )
+            for j in range(len(layers))
+        ]
+        noise_term = torch.stack(noise_terms).mean()
 
         # Ascent term over the logit lens: embeddings and selected layers' inputs, plus final logits.
-        hidden_states = outputs.hidden_states
         # hidden_states[i] is the input of layer i (0: the embeddings); the last entry is normed already
-        # and its logit lens is outputs.logits, reused below.
-        lens_ces = [masked_token_ce(unembed(structure, hidden_states[i]), labels) for i in layers]
+        # and its logit lens is outputs.logits, reused. Only the positions that predict a response token
+        # are unembedded, and each layer's (positions x vocab) logits are recomputed in the backward pass
+        # instead of being stored: with a 50k vocabulary and 30 layers, storing them all would take
+        # gigabytes.
+        predict = labels[:, 1:] != IGNORE_INDEX
+        targets = labels[:, 1:][predict]
+        lens_ces = [
+            torch.utils.checkpoint.checkpoint(
+                _lens_ce, structure, outputs.hidden_states[i][:, :-1][predict], targets, use_reentrant=False
+            )
+            for i in layers
+        ]
         lens_ces.append(harmful_ce)
-        terms["ascent"] = torch.log1p(torch.stack(lens_ces).mean())
+        ascent = torch.log1p(torch.stack(lens_ces).mean())
+        return {
+            "harmful": harmful_ce,
+            "noise": noise_term,
+            "ascent": ascent,
+            "loss": args.beta * noise_term - args.alpha * ascent,
+        }
 
-        terms["loss"] = (
-            self.weighted_retain(terms) + args.beta * terms["noise"] - args.alpha * terms["ascent"]
-        )
-        return terms
+
+def _noise_mmd(act: torch.Tensor, mask: torch.Tensor, std: float) -> torch.Tensor:
+    """MMD between the masked activations and masked Gaussian noise of the same shape."""
+    m = mask.to(act.dtype)
+    noise = torch.randn_like(act) * std
+    return gaussian_kernel_mmd(act * m, noise * m)
+
+
+def _lens_ce(structure, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of the logit lens on the selected positions (hidden: (n, d), targets: (n,))."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0
+    logits = unembed(structure, hidden).float()
+    return torch.nn.functional.cross_entropy(logits, targets)
