@@ -252,11 +252,17 @@ def _isolated_rng() -> Iterator[None]:
     py_state = random.getstate()
     np_state = np.random.get_state()
     grad_state = None
+    singletons = []
     try:
-        from accelerate.state import GradientState
+        from accelerate.state import AcceleratorState, GradientState, PartialState
 
         shared = GradientState._shared_state
         grad_state = (shared, dict(shared), list(shared.get("_dataloader_references_ref") or []))
+        # A nested Trainer's TrainingArguments resets and rebuilds accelerate's process state; under DDP
+        # the outer run would then stop sharding new dataloaders and gathering its metrics.
+        singletons = [
+            (cls._shared_state, dict(cls._shared_state)) for cls in (PartialState, AcceleratorState)
+        ]
     except Exception:  # pragma: no cover - accelerate is a dependency; be defensive anyway
         pass
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -266,6 +272,9 @@ def _isolated_rng() -> Iterator[None]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        for state, saved_state in singletons:
+            state.clear()
+            state.update(saved_state)
         if grad_state is not None:
             shared, saved, refs = grad_state
             shared.clear()
