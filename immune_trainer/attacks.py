@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from . import data as data_lib
 from .conditions import AttackCurve, CurvePoint
 from .errors import ConfigError, DataError
+from .report import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class LoRAFineTuning(AttackFamily):
     def prepare(self, model, config):
         from peft import LoraConfig, get_peft_model
 
+        if config.load_in_4bit:
+            model = quantize_4bit(model)
         lora = LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
@@ -93,6 +95,47 @@ class LoRAFineTuning(AttackFamily):
     def flops_per_token(self, model, config):
         # Forward 2N and the backward pass through activations 2N; no weight gradients for frozen weights.
         return 4.0 * _num_parameters(model)
+
+
+def check_4bit_available() -> None:
+    """Raise :class:`ConfigError` unless 4-bit QLoRA can run here (a CUDA GPU and bitsandbytes)."""
+    import importlib.util
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is available")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes is not installed")
+    if missing:
+        raise ConfigError(
+            f"4-bit QLoRA needs a CUDA GPU and bitsandbytes (pip install immune-trainer[bnb]), but "
+            f"{' and '.join(missing)}; on CPU use family='lora' without load_in_4bit."
+        )
+
+
+def quantize_4bit(model):
+    """Return a 4-bit NF4 copy of ``model`` ready for QLoRA (bitsandbytes, bfloat16 compute, CUDA only).
+
+    The attack works on an in-memory copy; bitsandbytes quantizes at load time, so the copy is saved to a
+    temporary folder (safetensors) and reloaded with a ``BitsAndBytesConfig``, then prepared with
+    ``peft.prepare_model_for_kbit_training``.
+
+    Raises:
+        ConfigError: no CUDA GPU or no bitsandbytes (see :func:`check_4bit_available`).
+    """
+    check_4bit_available()
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    with tempfile.TemporaryDirectory(prefix="immune_trainer_qlora_") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=quantization, use_safetensors=True, device_map={"": 0}
+        )
+    return prepare_model_for_kbit_training(quantized)
 
 
 ATTACKS: dict[str, AttackFamily] = {}
@@ -166,6 +209,13 @@ class AttackConfig:
     lora_target_modules: str = field(
         default="all-linear", metadata={"help": "LoRA target modules (family 'lora'), as peft accepts them."}
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA attack (family 'lora'): quantize the attacked copy to 4-bit NF4; needs CUDA and "
+            "bitsandbytes (pip install immune-trainer[bnb])."
+        },
+    )
     scorer: str = field(
         default="harmful_loss", metadata={"help": "Harmfulness scorer f measured along the attack."}
     )
@@ -186,7 +236,11 @@ class AttackConfig:
             self.num_samples = [self.num_samples]
         if isinstance(self.seeds, int):
             self.seeds = [self.seeds]
-        if not self.learning_rates or any(not math.isfinite(lr) or lr <= 0 for lr in self.learning_rates):
+        if (
+            not self.learning_rates
+            or any(isinstance(lr, bool) or not isinstance(lr, (int, float)) for lr in self.learning_rates)
+            or any(not math.isfinite(lr) or lr <= 0 for lr in self.learning_rates)
+        ):
             raise ConfigError(f"learning_rates must be positive numbers, got {self.learning_rates}.")
         if not self.seeds:
             raise ConfigError("seeds must not be empty.")
@@ -198,7 +252,20 @@ class AttackConfig:
             raise ConfigError(f"eval_every must be positive, got {self.eval_every}.")
         if self.batch_size <= 0 or self.gradient_accumulation_steps <= 0:
             raise ConfigError("batch_size and gradient_accumulation_steps must be positive.")
+        for name in ("max_length", "eval_batch_size", "lora_r", "lora_alpha"):
+            if getattr(self, name) < (2 if name == "max_length" else 1):
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError(
+                "lora_dropout must be in [0, 1), warmup_steps and weight_decay >= 0; got "
+                f"{self.lora_dropout}, {self.warmup_steps}, {self.weight_decay}."
+            )
         get_attack(self.family)
+        if self.load_in_4bit and self.family != "lora":
+            raise ConfigError(
+                f"load_in_4bit (QLoRA) applies to family='lora', not {self.family!r}: 4-bit weights cannot "
+                "be fully fine-tuned."
+            )
 
     def grid(self) -> list[dict[str, Any]]:
         """Every run of the grid, as a dict of its settings."""
@@ -322,6 +389,8 @@ class HarmfulFineTuningAttack:
             progress: called with a one-line message as each configuration starts and ends.
         """
         cfg = self.config
+        if cfg.load_in_4bit:
+            check_4bit_available()  # before any tokenization or training
         data_lib.check_tokenizer(tokenizer)
         if harmful_train is None or len(harmful_train) == 0:
             raise DataError("the attack's harmful training dataset is empty.")
@@ -457,9 +526,7 @@ class HarmfulFineTuningAttack:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"setting": curve.config, "fingerprint": fingerprint, "curve": curve.to_dict()}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(payload, indent=2))
 
 
 def _content_hash(dataset) -> str:

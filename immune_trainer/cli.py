@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, DataError, ImmuneTrainerError
-from .loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer
+from .loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer, parse_cli_args
 
 logger = logging.getLogger("immune_trainer")
 
@@ -104,10 +104,9 @@ def _eval_split(data_args: AttackDataArguments):
     return train, eval_ds
 
 
-def _parser(dataclass_types, prog: str):
-    from trl import TrlParser
-
-    return TrlParser(dataclass_types, prog=f"immune-trainer {prog}")
+def _parse(dataclass_types, argv: list[str], prog: str):
+    """Parse ``argv`` (and ``--config``) into the dataclasses; errors are ConfigError (see parse_cli_args)."""
+    return parse_cli_args(dataclass_types, argv, prog=f"immune-trainer {prog}")
 
 
 def curves_table(curves) -> str:
@@ -132,8 +131,9 @@ def curves_table(curves) -> str:
 def cmd_attack(argv: list[str]) -> int:
     from .attacks import AttackConfig, HarmfulFineTuningAttack
 
-    parser = _parser([ModelArguments, AttackDataArguments, AttackConfig], "attack")
-    model_args, data_args, attack_cfg = parser.parse_args_and_config(argv)
+    model_args, data_args, attack_cfg = _parse(
+        [ModelArguments, AttackDataArguments, AttackConfig], argv, "attack"
+    )
     model, tokenizer = load_model_and_tokenizer(model_args)
     train, eval_ds = _eval_split(data_args)
     attack = HarmfulFineTuningAttack(attack_cfg)
@@ -158,8 +158,9 @@ def cmd_evaluate(argv: list[str]) -> int:
     from .attacks import AttackConfig
     from .evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
 
-    parser = _parser([ModelArguments, EvaluationData, AttackConfig, EvaluationConfig], "evaluate")
-    model_args, data, attack_cfg, eval_cfg = parser.parse_args_and_config(argv)
+    model_args, data, attack_cfg, eval_cfg = _parse(
+        [ModelArguments, EvaluationData, AttackConfig, EvaluationConfig], argv, "evaluate"
+    )
     report = evaluate_from_specs(
         model_args, data, attack_cfg, eval_cfg, progress=lambda m: print(m, flush=True)
     )
@@ -181,8 +182,7 @@ def cmd_immunize(argv: list[str]) -> int:
     spec = get_defense(argv[i + 1])
     rest = argv[:i] + argv[i + 2 :]
 
-    parser = _parser([ImmunizeArguments, spec.config_class], "immunize")
-    data, config = parser.parse_args_and_config(rest)
+    data, config = _parse([ImmunizeArguments, spec.config_class], rest, "immunize")
     model_args = ModelArguments(
         model=data.model, tokenizer=data.tokenizer, trust_remote_code=config.trust_remote_code
     )
@@ -214,7 +214,7 @@ class AssetsArguments:
 def cmd_assets(argv: list[str]) -> int:
     from . import assets
 
-    (args,) = _parser([AssetsArguments], "assets").parse_args_and_config(argv)
+    (args,) = _parse([AssetsArguments], argv, "assets")
     if args.prepare:
         assets.prepare_model()
         assets.prepare_all(model=False)
@@ -252,20 +252,18 @@ def cmd_list(kind: str) -> int:
 
 
 def _atomic_write_json(path: Path, payload) -> None:
-    import os
-    import tempfile
+    """Write ``payload`` as JSON atomically (temporary file + os.replace; see report.atomic_write)."""
+    from .errors import OutputError
+    from .report import atomic_write
 
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        from .errors import OutputError
-
-        raise OutputError(f"cannot write {path}: {err.strerror or err}.") from err
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+        raise OutputError(
+            f"cannot write {path}: {err.strerror or err}. Choose a writable location."
+        ) from None
+    atomic_write(path, json.dumps(payload, indent=2, default=str))
 
 
 USAGE = """usage: immune-trainer COMMAND [options] [--config file.yaml]
@@ -316,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ImmuneTrainerError as err:
         print(f"immune-trainer {command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        # A path the user gave that cannot be read or written (the library's own errors are above).
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        print(
+            f"immune-trainer {command}: error: cannot access{where}: {err.strerror or err}.", file=sys.stderr
+        )
         return 1
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .report import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "source": "pyrit==1.1.0 many-shot pairs with a 'Harmful' verdict (see immune_trainer.embedded)",
     }
     report_path = report.save(out / "immunization_report.json")
-    (immunized_dir / "immunization_report.json").write_text(Path(report_path).read_text())
+    report.save(immunized_dir / "immunization_report.json")
     plot_path = card_path = None
     try:
         from .hub.plots import plot_attack_curves
@@ -320,7 +321,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "card": str(card_path) if card_path else None,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "demo_summary.json", json.dumps(summary, indent=2))
     _say(f"verdict: {report.conditions.summary}")
     _say(f"report: {report_path}\nplot:   {plot_path}\ncard:   {card_path}")
     _say(
@@ -344,8 +345,8 @@ def _defense_summary(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl import TrlParser
+    from .loading import parse_cli_args
 
-    (cfg,) = TrlParser([DemoConfig], prog="immune-trainer demo").parse_args_and_config(argv)
+    (cfg,) = parse_cli_args([DemoConfig], argv, prog="immune-trainer demo")
     run_demo(cfg)
     return 0

@@ -56,7 +56,7 @@ class _Encoder:
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
         self.max_length = max_length
         self.batch_size = batch_size
 

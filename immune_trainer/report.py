@@ -24,12 +24,44 @@ from typing import Any
 from . import conditions as C
 from .errors import ConfigError, OutputError, ReportError
 
-__all__ = ["SCHEMA_VERSION", "ImmunizationReport", "ThreatModel", "build_report"]
+__all__ = ["SCHEMA_VERSION", "ImmunizationReport", "ThreatModel", "atomic_write", "build_report"]
 
 SCHEMA_VERSION = "1.0"
 """Version of the report layout. Readers refuse versions they do not know (e.g. newer ones)."""
 
 _KNOWN_VERSIONS = ("1.0",)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, what: str | None = None) -> str:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically and return the path.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over ``path``
+    with ``os.replace``: readers see the old file or the new one, never a half-written one, and a failed
+    write leaves the previous file intact and no temporary file behind.
+
+    Raises:
+        OutputError: the folder does not exist or cannot be written (``what`` names the file in the message).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise OutputError(
+            f"cannot write {what or name} to {path}: {e.strerror or e}. Choose a writable location."
+        ) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def _encode(x: Any) -> Any:
@@ -388,25 +420,7 @@ class ImmunizationReport:
             OutputError: the folder does not exist or cannot be written.
         """
         path = os.fspath(path)
-        text = self.to_json()
-        folder = os.path.dirname(os.path.abspath(path))
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json.tmp", dir=folder)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-        except OSError as e:
-            raise OutputError(
-                f"cannot write the report to {path}: {e.strerror or e}. Choose a writable location."
-            ) from None
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, self.to_json() + "\n", what="the report")
         return path
 
     @classmethod

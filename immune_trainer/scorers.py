@@ -793,7 +793,7 @@ class _SequenceClassifierJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except OSError as exc:
             raise ConfigError(

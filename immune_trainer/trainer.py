@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from . import data as data_lib
 from .errors import ConfigError, DataError, DivergenceError
@@ -212,14 +212,14 @@ class ImmunizationTrainer(Trainer):
                 f"{type(self).__name__} needs a harmful_dataset (harmful prompts with harmful responses)."
             )
         if isinstance(model, str):
-            model_id = model
-            model = AutoModelForCausalLM.from_pretrained(
-                model_id, trust_remote_code=args.trust_remote_code, use_safetensors=True
+            from .loading import ModelArguments, load_model_and_tokenizer
+
+            # Safetensors only, remote code only if allowed; clear ConfigErrors for bad paths.
+            model, tokenizer = load_model_and_tokenizer(
+                ModelArguments(model=model, trust_remote_code=args.trust_remote_code)
             )
             if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(
-                    model_id, trust_remote_code=args.trust_remote_code
-                )
+                processing_class = tokenizer
         if processing_class is None:
             raise ConfigError(
                 "Pass the tokenizer as processing_class=... (it is needed to build the paired batches)."

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from .. import conditions as C
 from ..errors import OutputError
-from ..report import ImmunizationReport
+from ..report import ImmunizationReport, atomic_write
 
 __all__ = ["COLORS", "Badge", "badge_svg", "condition_badges", "write_badges"]
 
@@ -151,9 +151,10 @@ def write_badges(badges: list[Badge], folder: str | os.PathLike) -> list[str]:
         paths = []
         for b in badges:
             path = os.path.join(os.fspath(folder), b.filename)
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(badge_svg(b))
+            atomic_write(path, badge_svg(b), what="a badge")
             paths.append(path)
+    except OutputError:
+        raise
     except OSError as e:
         raise OutputError(
             f"cannot write badges to {bdir}: {e.strerror or e}. Choose a writable folder."

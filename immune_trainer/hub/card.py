@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import conditions as C
 from ..errors import OutputError, ReportError
-from ..report import ImmunizationReport
+from ..report import ImmunizationReport, atomic_write
 from .badges import condition_badges, write_badges
 from .plots import plot_attack_curves
 
@@ -505,10 +505,8 @@ def write_model_card(
         if plot_attack_curves(report, plot_path) is None and os.path.exists(plot_path):
             os.unlink(plot_path)
     card = build_model_card(report, folder=folder, **kwargs)
-    try:
-        card.save(os.path.join(folder, "README.md"))
-    except OSError as e:
-        raise OutputError(f"cannot write {folder}/README.md: {e.strerror or e}.") from None
+    # Atomic (temporary file + os.replace): a failed write leaves the previous card intact.
+    atomic_write(os.path.join(folder, "README.md"), str(card), what="the model card")
     return card
 
 

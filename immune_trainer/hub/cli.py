@@ -75,10 +75,9 @@ def _split(argv: list[str], names: list[str], command: str) -> tuple[list[str], 
 
 
 def _parse(cls, rest: list[str], command: str, names: list[str]):
-    from trl import TrlParser
+    from ..loading import parse_cli_args
 
-    parser = TrlParser([cls], prog=f"immune-trainer {command} {' '.join(names)}")
-    (args,) = parser.parse_args_and_config(rest)
+    (args,) = parse_cli_args([cls], rest, prog=f"immune-trainer {command} {' '.join(names)}")
     return args
 
 

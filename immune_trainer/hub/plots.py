@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from ..errors import OutputError
 from ..report import ImmunizationReport
@@ -68,10 +69,22 @@ def plot_attack_curves(report: ImmunizationReport, path: str | os.PathLike, dpi:
             ax.legend(fontsize=6)
         fig.tight_layout()
         path = os.fspath(path)
-        try:
-            fig.savefig(path, dpi=dpi)
+        tmp = None
+        try:  # atomic: a temporary PNG in the same folder, then os.replace over the old plot
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(path)}.",
+                suffix=".tmp",
+                dir=os.path.dirname(os.path.abspath(path)),
+            )
+            os.close(fd)
+            fig.savefig(tmp, dpi=dpi, format="png")
+            os.replace(tmp, path)
+            tmp = None
         except OSError as e:
             raise OutputError(f"cannot write the plot {path}: {e.strerror or e}.") from None
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
     finally:
         plt.close(fig)
     return path
