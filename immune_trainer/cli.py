@@ -282,11 +282,24 @@ commands:
 Run `immune-trainer COMMAND --help` for a command's options."""
 
 
+def _quiet_progress_bars() -> None:
+    """No per-file progress bars from datasets/transformers: the commands print their own progress."""
+    try:
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "datasets", "httpx", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_progress_bars()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -1,0 +1,64 @@
+"""Check a demo report: it loads with the current schema and every condition carries a number.
+
+    python scripts/check_demo_report.py demo_output/immunization_report.json
+
+Used by CI after `immune-trainer demo --quick`. Exits non-zero naming what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from immune_trainer.report import SCHEMA_VERSION, ImmunizationReport
+
+
+def problems(report: ImmunizationReport) -> list[str]:
+    c = report.conditions
+    out = []
+
+    def number(value, what):
+        if value is None or not isinstance(value, (int, float)) or math.isnan(value):
+            out.append(f"{what} has no number ({value!r})")
+
+    if c.resistance is None:
+        out.append("resistance was not measured")
+    else:
+        number(c.resistance.worst_value, "resistance.worst_value")
+    if c.stability is None:
+        out.append("stability was not measured")
+    else:
+        for name, s in c.stability.sets.items():
+            number(s.base, f"stability.{name}.base")
+            number(s.immunized, f"stability.{name}.immunized")
+    if c.generalization is None or c.generalization.cross_domain is None:
+        out.append("cross-domain generalization was not measured")
+    else:
+        number(c.generalization.cross_domain.worst_value, "generalization.cross_domain.worst_value")
+    if c.trainability is None:
+        out.append("trainability was not measured")
+    else:
+        number(c.trainability.base_final, "trainability.base_final")
+        number(c.trainability.immunized_final, "trainability.immunized_final")
+    number(report.threat_model.threshold, "threat_model.threshold")
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv else "demo_output/immunization_report.json"
+    report = ImmunizationReport.load(path)
+    found = problems(report)
+    if report.schema_version != SCHEMA_VERSION:
+        found.append(f"schema version {report.schema_version} != {SCHEMA_VERSION}")
+    if found:
+        print(f"{path}: " + "; ".join(found), file=sys.stderr)
+        return 1
+    print(
+        f"{path}: schema {report.schema_version}, every condition measured; verdict: {report.conditions.summary}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
