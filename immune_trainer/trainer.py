@@ -320,6 +320,17 @@ class ImmunizationTrainer(Trainer):
 
     # ------------------------------------------------------------------ helpers for defenses
 
+    def decoder_structure(self, model):
+        """The model's decoder layers, attention and MLP blocks, final norm and unembedding (found once per
+        model by :func:`immune_trainer.modeling.find_decoder_structure`, through DDP and peft wrappers)."""
+        from .modeling import find_decoder_structure, unwrap_model
+
+        base = unwrap_model(model)
+        cached = getattr(self, "_structure_cache", None)
+        if cached is None or cached[0] is not base:
+            self._structure_cache = (base, find_decoder_structure(base))
+        return self._structure_cache[1]
+
     @staticmethod
     def side(inputs: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
         """The ``harmful`` or ``harmless`` half of a paired batch, as model keyword arguments."""

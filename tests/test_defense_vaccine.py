@@ -133,7 +133,7 @@ def _perturbed_loss(trainer, model, batch):
     eps, _ = trainer.compute_perturbation(model, batch)
     from immune_trainer.modeling import add_to_outputs
 
-    with torch.no_grad(), add_to_outputs(trainer._structure(model).attention, eps):
+    with torch.no_grad(), add_to_outputs(trainer.decoder_structure(model).attention, eps):
         return float(_harmless_loss(model, batch))
 
 

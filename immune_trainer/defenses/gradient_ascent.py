@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
+from .repnoise import REPNOISE_PAPER
 
 
 @dataclass
@@ -42,18 +43,7 @@ class GradientAscentTrainer(ImmunizationTrainer):
 
     _tag_names = ["immune-trainer", "gradient-ascent"]
     _name = "Bounded gradient ascent"
-    _paper = {
-        "title": "Representation noising: A defence mechanism against harmful finetuning",
-        "id": "2405.14577",
-        "citation": (
-            "@inproceedings{rosati2024representation,\n"
-            "  title={Representation noising: A defence mechanism against harmful finetuning},\n"
-            "  author={Rosati, Domenic and Wehner, Jan and Williams, Kai and Bartoszcze, {\\L}ukasz and "
-            "Gonzales, Robie and Maple, Carsten and Majumdar, Subhabrata and Sajjad, Hassan and Rudzicz, Frank},\n"
-            "  booktitle={Advances in Neural Information Processing Systems},\n"
-            "  year={2024}\n}"
-        ),
-    }
+    _paper = REPNOISE_PAPER  # the ascent term is RepNoise's
     config_class = GradientAscentConfig
 
     def defense_loss_parts(self, model, inputs):

@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 
 from ..errors import ConfigError
 from ..losses import IGNORE_INDEX, gaussian_kernel_mmd, masked_token_ce
-from ..modeling import HookManager, find_decoder_structure, unembed, unwrap_model
+from ..modeling import HookManager, unembed
 from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
 
 REPNOISE_PAPER = {
@@ -108,13 +108,6 @@ class RepNoiseTrainer(ImmunizationTrainer):
     _paper = REPNOISE_PAPER
     config_class = RepNoiseConfig
 
-    def _structure(self, model):
-        base = unwrap_model(model)
-        cached = getattr(self, "_structure_cache", None)
-        if cached is None or cached[0] is not base:
-            self._structure_cache = (base, find_decoder_structure(base))
-        return self._structure_cache[1]
-
     def defense_loss_parts(self, model, inputs):
         # Two parts, back-propagated one after the other: the retain side, then the harmful side.
         parts = [lambda: self.retain_part(model, inputs)] if self.has_retain_terms() else []
@@ -125,7 +118,7 @@ class RepNoiseTrainer(ImmunizationTrainer):
 
     def _harmful_terms(self, model, inputs):
         args = self.args
-        structure = self._structure(model)
+        structure = self.decoder_structure(model)
         layers = selected_layers(structure.num_layers, args.layer_stride)
         harmful = self.side(inputs, "harmful")
         labels = harmful["labels"]

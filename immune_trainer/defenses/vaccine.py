@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..losses import perturbation_from_grads
-from ..modeling import HookManager, add_to_outputs, find_decoder_structure, primary_tensor, unwrap_model
+from ..modeling import HookManager, add_to_outputs, primary_tensor
 from ..trainer import ImmunizationConfig, ImmunizationTrainer
 
 VACCINE_PAPER = {
@@ -103,13 +103,6 @@ class VaccineTrainer(ImmunizationTrainer):
     _paper = VACCINE_PAPER
     config_class = VaccineConfig
 
-    def _structure(self, model):
-        base = unwrap_model(model)
-        cached = getattr(self, "_structure_cache", None)
-        if cached is None or cached[0] is not base:
-            self._structure_cache = (base, find_decoder_structure(base))
-        return self._structure_cache[1]
-
     def _alignment_loss(self, model, inputs):
         loss, _ = self.lm_loss(model, self.side(inputs, "harmless"))
         return loss
@@ -119,7 +112,7 @@ class VaccineTrainer(ImmunizationTrainer):
 
         No parameter gradient is produced (``torch.autograd.grad`` w.r.t. the attention outputs only).
         """
-        attention = self._structure(model).attention
+        attention = self.decoder_structure(model).attention
         store: dict[int, torch.Tensor] = {}
         hooks = HookManager()
         for idx, module in enumerate(attention):
@@ -154,7 +147,7 @@ class VaccineTrainer(ImmunizationTrainer):
         retain = self._next_retain_batch() if self.args.retain_weight > 0 else None
         eps, clean = self.compute_perturbation(model, inputs)
 
-        attention = self._structure(model).attention
+        attention = self.decoder_structure(model).attention
         terms: dict[str, torch.Tensor] = {"harmless_clean": clean}
         with self.compute_loss_context_manager():
             with add_to_outputs(attention, eps):
