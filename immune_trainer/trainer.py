@@ -294,26 +294,38 @@ class ImmunizationTrainer(Trainer):
             return {name: one(ds) for name, ds in eval_dataset.items()}
         return one(eval_dataset)
 
+    def _retain_loader_for(self, epoch: int):
+        """The retain set's dataloader for ``epoch``: its order is a function of (seed, epoch) alone, so a
+        resumed run draws the same retain batches as an uninterrupted one."""
+        generator = torch.Generator()
+        generator.manual_seed(self.args.seed + 1_000_003 * epoch)
+        sampler = torch.utils.data.RandomSampler(self.retain_dataset, generator=generator)
+        return self._get_dataloader(
+            self.retain_dataset,
+            description="retain",
+            batch_size=self._train_batch_size,
+            sampler_fn=lambda _: sampler,
+            is_training=True,
+        )
+
     def _next_retain_batch(self) -> dict[str, torch.Tensor] | None:
-        """The next batch of the retain set, cycling forever (a new shuffled epoch each time)."""
+        """The next batch of the retain set (one per micro-batch), cycling forever with a new order each
+        epoch. After a checkpoint resume it continues where the interrupted run stopped."""
         if self.retain_dataset is None:
             return None
         if self._retain_iterator is None:
-            self._retain_loader = self._get_dataloader(
-                self.retain_dataset,
-                description="retain",
-                batch_size=self._train_batch_size,
-                sampler_fn=self._get_train_sampler,
-                is_training=True,
-            )
-            self._retain_epoch = 0
+            consumed = self.state.global_step * self.args.gradient_accumulation_steps
+            per_epoch = len(self._retain_loader_for(0))
+            self._retain_epoch, skip = divmod(consumed, max(per_epoch, 1))
+            self._retain_loader = self._retain_loader_for(self._retain_epoch)
             self._retain_iterator = iter(self._retain_loader)
+            for _ in range(skip):
+                next(self._retain_iterator)
         try:
             batch = next(self._retain_iterator)
         except StopIteration:
             self._retain_epoch += 1
-            if hasattr(self._retain_loader, "set_epoch"):
-                self._retain_loader.set_epoch(self._retain_epoch)
+            self._retain_loader = self._retain_loader_for(self._retain_epoch)
             self._retain_iterator = iter(self._retain_loader)
             batch = next(self._retain_iterator)
         return self._prepare_inputs(batch)
