@@ -44,7 +44,7 @@ PRESETS: dict[str, dict] = {
         batch_size=2,
     ),
     "default": dict(
-        defense_steps=24,
+        defense_steps=40,
         defense_lr=3e-5,
         attack_learning_rates=[3e-5, 8e-5],
         attack_steps=16,
@@ -81,11 +81,16 @@ class DemoConfig:
     output_dir: str = field(default="demo_output", metadata={"help": "Where the report, plot and card go."})
     quick: bool = field(default=False, metadata={"help": "CI smoke preset: a few minutes, tiny budgets."})
     full: bool = field(default=False, metadata={"help": "A real budget (hours on a CPU)."})
-    defense: str = field(default="repnoise", metadata={"help": "Defense from the registry."})
+    defense: str = field(
+        default="gradient_ascent",
+        metadata={
+            "help": "Defense from the registry (repnoise, vaccine, ... work too: see the README's demo notes)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the data splits, the defense and the attacks."})
-    alpha: float = field(default=1.0, metadata={"help": "Weight of the defense's bounded ascent term."})
+    alpha: float = field(default=1.5, metadata={"help": "Weight of the defense's bounded ascent term."})
     beta: float = field(default=0.001, metadata={"help": "RepNoise's noise (MMD) weight."})
-    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the benign retain loss."})
+    retain_weight: float = field(default=3.0, metadata={"help": "Weight of the benign retain loss."})
     layer_stride: int = field(
         default=5,
         metadata={

@@ -445,7 +445,10 @@ def build_model_card(
             ctx["judge"] = f"`{j.get('name', 'judge')}`" + (f" ({acc})" if acc else "")
         else:
             ctx["judge"] = "none (harm measured by the scorer above, not by a judge of generations)"
-        ctx["phi"] = _num(tm.threshold)
+        ctx["phi"] = _num(tm.threshold) + "".join(
+            f"; {name.replace('_', '-')} set: {_num(value)}"
+            for name, value in sorted(tm.set_thresholds.items())
+        )
         ctx["stability_tolerance"] = f"{tm.stability_tolerance:.0%}"
         ds = report.extra.get("datasets") if isinstance(report.extra, dict) else None
         ctx["data_specs"] = dict(ds) if isinstance(ds, dict) else {}

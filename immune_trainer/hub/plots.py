@@ -58,9 +58,8 @@ def plot_attack_curves(report: ImmunizationReport, path: str | os.PathLike, dpi:
                         markersize=3,
                         label=f"{who} {key}",
                     )
-            ax.axhline(
-                tm.threshold, color="black", linewidth=1, linestyle=":", label=f"phi = {tm.threshold:.4g}"
-            )
+            phi = tm.set_thresholds.get(s, tm.threshold)  # a curve set may have its own phi
+            ax.axhline(phi, color="black", linewidth=1, linestyle=":", label=f"phi = {phi:.4g}")
             side = "above" if tm.higher_is_better else "below"
             ax.set_title(f"{_TITLES[s]} ({tm.attack_family}); safe {side} phi")
             ax.set_xlabel("attack step")
