@@ -37,6 +37,47 @@ def make_benign(n: int = 24) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
+def train_on_identical_batches(
+    trainer_class, out_dir, *, gradient_accumulation_steps, arch="qwen2", max_steps=2, peft_config=None
+):
+    """Train a defense with SGD on a dataset of one repeated row: every micro-batch is the same batch, so
+    correct gradient accumulation gives the same weights for any number of accumulation steps.
+
+    Returns ``(model, parameters before training)``."""
+    row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
+    args = trainer_class.config_class(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        refusal_column="refusal",
+        max_length=64,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = trainer_class(
+        model=tiny_causal_lm(arch, seed=1),
+        args=args,
+        harmful_dataset=datasets.Dataset.from_list([row] * 16),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    return trainer.model, before
+
+
+def flat_parameters(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()

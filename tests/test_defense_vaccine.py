@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import datasets
 import pytest
 import torch
-from conftest import make_pairs
+from conftest import flat_parameters, make_pairs, train_on_identical_batches
 from peft import LoraConfig
 
 from immune_trainer.defenses import VaccineConfig, VaccineTrainer, get_defense
@@ -158,32 +157,17 @@ def test_training_makes_alignment_robust_to_perturbation(tmp_path):
 
 
 def test_lora_and_gradient_accumulation(tmp_path):
-    row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
-    same = datasets.Dataset.from_list([row] * 8)
-
-    def train(ga, peft=None):
-        model = tiny_causal_lm("qwen2", seed=1)
-        args = _config(
-            tmp_path / f"ga{ga}{peft is not None}",
-            max_steps=2,
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=ga,
-            optim="sgd",
-            learning_rate=0.1,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            refusal_column="refusal",
-        )
-        t = VaccineTrainer(
-            model=model, args=args, harmful_dataset=same, processing_class=tiny_tokenizer(), peft_config=peft
-        )
-        t.train()
-        return t.model
-
-    one, two = train(1), train(2)
-    flat = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (one, two)]
-    torch.testing.assert_close(flat[0], flat[1], atol=1e-6, rtol=1e-5)
-    lora = train(1, LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"]))
+    (one, _), (two, _) = (
+        train_on_identical_batches(VaccineTrainer, tmp_path / f"ga{ga}", gradient_accumulation_steps=ga)
+        for ga in (1, 2)
+    )
+    torch.testing.assert_close(flat_parameters(one), flat_parameters(two), atol=1e-6, rtol=1e-5)
+    lora, _ = train_on_identical_batches(
+        VaccineTrainer,
+        tmp_path / "lora",
+        gradient_accumulation_steps=1,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"]),
+    )
     assert any("lora_" in n and p.requires_grad for n, p in lora.named_parameters())
     attn = [m for n, m in lora.named_modules() if n.endswith("self_attn")]
     assert attn and all(len(m._forward_hooks) == 0 for m in attn)

@@ -7,7 +7,7 @@ import os
 import datasets
 import pytest
 import torch
-from conftest import make_pairs
+from conftest import flat_parameters, make_pairs, train_on_identical_batches
 from transformers import TrainerCallback
 
 from immune_trainer.data import build_pairs
@@ -91,31 +91,19 @@ def test_retain_set_is_trained_and_logged(tmp_path, harmful, benign, tokenizer):
     assert benign_loss.score(model, tokenizer, benign).value < before
 
 
-def test_gradient_accumulation_scales_the_loss(tmp_path, tokenizer):
+def test_gradient_accumulation_scales_the_loss(tmp_path):
     """With identical rows every micro-batch is the same batch, so GA=2 x 2 must equal GA=1 x 2 (SGD)."""
-    row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
-    same = datasets.Dataset.from_list([row] * 16)
-
-    def train(ga):
-        model = tiny_causal_lm("llama", seed=1)
-        args = _config(
+    (one, _), (two, _) = (
+        train_on_identical_batches(
+            GradientAscentTrainer,
             tmp_path / f"ga{ga}",
-            max_steps=3,
-            per_device_train_batch_size=2,
             gradient_accumulation_steps=ga,
-            optim="sgd",
-            learning_rate=0.1,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            refusal_column="refusal",
+            arch="llama",
+            max_steps=3,
         )
-        GradientAscentTrainer(
-            model=model, args=args, harmful_dataset=same, processing_class=tokenizer
-        ).train()
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    one, two = train(1), train(2)
-    assert torch.allclose(one, two, atol=1e-6)
+        for ga in (1, 2)
+    )
+    assert torch.allclose(flat_parameters(one), flat_parameters(two), atol=1e-6)
 
 
 @pytest.mark.parametrize("defense", ["gradient_ascent", "repnoise"])
