@@ -396,11 +396,7 @@ class HarmfulFineTuningAttack:
             raise DataError("the attack's harmful training dataset is empty.")
         if harmful_eval is None or len(harmful_eval) == 0:
             raise DataError("the held-out harmful evaluation dataset is empty.")
-        train = (
-            harmful_train
-            if {"input_ids", "labels"} <= set(harmful_train.column_names)
-            else data_lib.tokenize_supervised(harmful_train, tokenizer, max_length=cfg.max_length)
-        )
+        train = data_lib.ensure_tokenized(harmful_train, tokenizer, max_length=cfg.max_length)
         for n in cfg.num_samples:
             if n > len(train):
                 raise DataError(

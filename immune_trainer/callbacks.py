@@ -431,8 +431,7 @@ class ConditionsCallback(TrainerCallback, ExportableState):
     def _pair(self, train, ev, name):
         train = self._nonempty(train, f"{name} train")
         ev = self._limit(self._nonempty(ev, f"{name} eval"))
-        if not {"input_ids", "labels"} <= set(train.column_names):
-            train = data_lib.tokenize_supervised(train, self.tokenizer, max_length=self.config.max_length)
+        train = data_lib.ensure_tokenized(train, self.tokenizer, max_length=self.config.max_length)
         return train, self.harm_scorer.prepare(self.tokenizer, ev)
 
     # -------------------------------------------------------------- checkpoint state

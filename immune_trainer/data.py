@@ -494,6 +494,26 @@ def tokenize_supervised(
 # --------------------------------------------------------------------------------------------------
 
 
+def ensure_tokenized(
+    dataset: datasets.Dataset, tokenizer: Any, max_length: int = 512, column_map=None
+) -> datasets.Dataset:
+    """``dataset`` as tokenized rows with response-only labels: returned as it is when it already has
+    ``input_ids`` and ``labels``, else tokenized with :func:`tokenize_supervised`.
+
+    Raises:
+        DataError: the dataset has ``input_ids`` but no ``labels`` (which tokens carry the loss is unknown).
+    """
+    columns = set(dataset.column_names)
+    if "input_ids" in columns:
+        if "labels" not in columns:
+            raise DataError(
+                "The tokenized dataset has input_ids but no labels; add labels (-100 on the prompt) "
+                "or pass the raw prompt/completion or messages dataset."
+            )
+        return dataset
+    return tokenize_supervised(dataset, tokenizer, max_length=max_length, column_map=column_map)
+
+
 def _response_text(value: Any, what: str) -> str:
     if isinstance(value, str):
         return value

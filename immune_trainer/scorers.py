@@ -404,17 +404,10 @@ def _is_tokenized(ds) -> bool:
 
 def _tokenized_supervised(ds, tokenizer, max_length: int, column_map: dict | None):
     """Tokenized rows with response-only labels, from a raw or an already tokenized dataset."""
-    if _is_tokenized(ds):
-        if "labels" not in ds.column_names:
-            raise DataError(
-                "The tokenized dataset has input_ids but no labels; add labels (-100 on the prompt) "
-                "or pass the raw prompt/completion or messages dataset."
-            )
-        return ds
-    from .data import tokenize_supervised
+    from .data import ensure_tokenized
 
     with _tokenizer_settings(tokenizer, tokenizer.padding_side):
-        return tokenize_supervised(ds, tokenizer, max_length=max_length, column_map=column_map)
+        return ensure_tokenized(ds, tokenizer, max_length=max_length, column_map=column_map)
 
 
 def _batches(ds, batch_size: int, tokenizer) -> Iterator[dict]:

@@ -157,10 +157,6 @@ def _is_paired(dataset) -> bool:
     return all(key in dataset.column_names for key in PAIRED_KEYS)
 
 
-def _is_tokenized(dataset) -> bool:
-    return {"input_ids", "labels"} <= set(dataset.column_names)
-
-
 class ImmunizationTrainer(Trainer):
     """Base of every defense: a ``transformers.Trainer`` fed with paired harmful/harmless batches.
 
@@ -232,14 +228,9 @@ class ImmunizationTrainer(Trainer):
 
         tokenizer = processing_class
         train_dataset = self._prepare_pairs(harmful_dataset, harmless_dataset, tokenizer, args)
-        self._raw_retain = retain_dataset
         retain = None
         if retain_dataset is not None:
-            retain = (
-                retain_dataset
-                if _is_tokenized(retain_dataset)
-                else data_lib.tokenize_supervised(retain_dataset, tokenizer, max_length=args.max_length)
-            )
+            retain = data_lib.ensure_tokenized(retain_dataset, tokenizer, max_length=args.max_length)
             if len(retain) == 0:
                 raise DataError("retain_dataset is empty.")
         self.retain_dataset = retain
@@ -284,11 +275,7 @@ class ImmunizationTrainer(Trainer):
     @staticmethod
     def _prepare_eval(eval_dataset, tokenizer, max_length):
         def one(ds):
-            return (
-                ds
-                if _is_tokenized(ds)
-                else data_lib.tokenize_supervised(ds, tokenizer, max_length=max_length)
-            )
+            return data_lib.ensure_tokenized(ds, tokenizer, max_length=max_length)
 
         if isinstance(eval_dataset, dict):
             return {name: one(ds) for name, ds in eval_dataset.items()}
