@@ -21,7 +21,6 @@ from .errors import ConfigError, DataError
 
 __all__ = [
     "IGNORE_INDEX",
-    "booster_perturbed_direction",
     "gaussian_kernel_mmd",
     "global_grad_norm",
     "masked_token_ce",
@@ -295,19 +294,6 @@ def perturbation_from_grads(
     # All-zero gradients give zero perturbations: 0 * rho / eps. No host sync.
     scale = rho / norm.clamp(min=eps)
     return [None if g is None else (g.detach().float() * scale).to(g.dtype) for g in grads]
-
-
-def booster_perturbed_direction(
-    grads: Sequence[torch.Tensor | None], alpha: float, eps: float = 1e-12
-) -> list[torch.Tensor | None]:
-    """Booster's weight step ``-alpha * g / ||g||_2`` (Huang et al. 2024, "Booster: tackling harmful
-    fine-tuning for large language models via attenuating harmful perturbation").
-
-    Booster evaluates the harmful loss at ``w - alpha * g / ||g||`` with ``g = grad L_harm(w)``
-    (the norm over all parameters together); add the returned tensors to the parameters (under
-    ``torch.no_grad()``) to reach that point, and subtract them to come back.
-    """
-    return [None if d is None else -d for d in perturbation_from_grads(grads, alpha, eps)]
 
 
 # --------------------------------------------------------------------------- checks

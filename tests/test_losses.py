@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from immune_trainer.errors import ConfigError, DataError
 from immune_trainer.losses import (
-    booster_perturbed_direction,
     gaussian_kernel_mmd,
     masked_token_ce,
     masked_token_ce_per_example,
@@ -244,10 +243,3 @@ def test_perturbation_zero_gradients_and_errors():
         perturbation_from_grads([None], rho=1.0)
     with pytest.raises(ConfigError):
         perturbation_from_grads([torch.ones(2)], rho=-1.0)
-
-
-def test_booster_direction_is_negative_normalised_gradient():
-    grads = [torch.tensor([3.0, 0.0]), torch.tensor([4.0])]
-    step = booster_perturbed_direction(grads, alpha=0.1)
-    torch.testing.assert_close(step[0], torch.tensor([-0.06, 0.0]))
-    torch.testing.assert_close(step[1], torch.tensor([-0.08]))
