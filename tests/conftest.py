@@ -37,6 +37,25 @@ def make_benign(n: int = 24) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
+def defense_config(config_class, tmp_path, **overrides):
+    """A defense config for tiny-model tests: 4 steps of batch 4 at lr 2e-3, nothing saved or reported."""
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        max_length=64,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return config_class(**values)
+
+
 def train_on_identical_batches(
     trainer_class, out_dir, *, gradient_accumulation_steps, arch="qwen2", max_steps=2, peft_config=None
 ):

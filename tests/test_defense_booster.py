@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import flat_parameters, make_pairs, train_on_identical_batches
+from conftest import defense_config, flat_parameters, make_pairs, train_on_identical_batches
 from peft import LoraConfig
 
 from immune_trainer.defenses import BoosterConfig, BoosterTrainer, get_defense
@@ -13,21 +13,7 @@ from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        max_length=64,
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    base.update(kw)
-    return BoosterConfig(**base)
+    return defense_config(BoosterConfig, tmp_path, **kw)
 
 
 def _loss(model, batch, side):

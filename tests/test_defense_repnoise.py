@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_pairs
+from conftest import defense_config, make_pairs
 from peft import LoraConfig
 
 from immune_trainer.defenses import RepNoiseConfig, RepNoiseTrainer, get_defense
@@ -19,21 +19,7 @@ REFUSAL = "I can't help with that."
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        max_length=64,
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    base.update(kw)
-    return RepNoiseConfig(**base)
+    return defense_config(RepNoiseConfig, tmp_path, **kw)
 
 
 def _with_refusal(ds):

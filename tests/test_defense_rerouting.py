@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_pairs
+from conftest import defense_config, make_pairs
 from peft import LoraConfig
 
 from immune_trainer.defenses import ReroutingConfig, ReroutingTrainer, get_defense
@@ -15,20 +15,7 @@ from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        max_length=64,
-        disable_tqdm=True,
-        seed=0,
-    )
-    base.update(kw)
-    return ReroutingConfig(**base)
+    return defense_config(ReroutingConfig, tmp_path, **{"learning_rate": 1e-2, **kw})
 
 
 def _batch(trainer):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pairs
+from conftest import defense_config, make_pairs
 
 from immune_trainer.defenses import (
     SecurityVectorConfig,
@@ -22,20 +22,17 @@ from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=30,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        max_length=64,
-        disable_tqdm=True,
-        seed=0,
+    return defense_config(
+        SecurityVectorConfig,
+        tmp_path,
+        **{
+            "max_steps": 30,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2,
+            "logging_steps": 10,
+            **kw,
+        },
     )
-    base.update(kw)
-    return SecurityVectorConfig(**base)
 
 
 def _harm_batch(tok, n=8, offset=0):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_pairs
+from conftest import defense_config, make_pairs
 
 from immune_trainer.defenses import TARConfig, TARTrainer, get_defense
 from immune_trainer.errors import ConfigError
@@ -16,23 +16,19 @@ from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        max_length=64,
-        disable_tqdm=True,
-        seed=0,
-        inner_steps=2,
-        tr_every=1,
-        adversary_learning_rates=[1e-2],
+    return defense_config(
+        TARConfig,
+        tmp_path,
+        **{
+            "max_steps": 2,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "inner_steps": 2,
+            "tr_every": 1,
+            "adversary_learning_rates": [1e-2],
+            **kw,
+        },
     )
-    base.update(kw)
-    return TARConfig(**base)
 
 
 def _trainer(tmp_path, model, **kw):

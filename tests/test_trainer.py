@@ -7,7 +7,7 @@ import os
 import datasets
 import pytest
 import torch
-from conftest import flat_parameters, make_pairs, train_on_identical_batches
+from conftest import defense_config, flat_parameters, make_pairs, train_on_identical_batches
 from transformers import TrainerCallback
 
 from immune_trainer.data import build_pairs
@@ -18,20 +18,7 @@ from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=20,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        max_length=64,
-        disable_tqdm=True,
-        seed=0,
-    )
-    base.update(kw)
-    return GradientAscentConfig(**base)
+    return defense_config(GradientAscentConfig, tmp_path, **{"max_steps": 20, "logging_steps": 5, **kw})
 
 
 def _harmless_side(dataset):
