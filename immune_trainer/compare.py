@@ -92,7 +92,8 @@ class ComparisonRow:
     def cell(self) -> str:
         """The cell text: cost multiple, stability change, cross-domain multiple and verdict."""
         parts = [f"cost {_multiple(self.cost_multiple, self.cost_multiple_is_lower_bound, self.strong)}"]
-        parts.append(f"stability {C._pct(self.stability_change)}")
+        stab = f"stability {C._pct(self.stability_change)}"
+        parts.append(stab + (f" ({self.stability_set})" if self.stability_set else ""))
         parts.append(f"cross-domain {_multiple(self.cross_domain_multiple, False, False)}")
         parts.append(self.verdict)
         text = ", ".join(parts)
@@ -204,13 +205,13 @@ class Comparison:
         for i, d in enumerate(defs):
             for j, f in enumerate(fams):
                 r = self.get(d, f)
-                if r is not None and r.cost_multiple is not None and r.cost_multiple > 0:
+                # A collapsed model's multiple is not credited: its cell stays grey (and hatched below).
+                if r is not None and not r.collapsed and r.cost_multiple is not None and r.cost_multiple > 0:
                     values[i, j] = math.log2(min(r.cost_multiple, 1e6))
         fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(fams), 1.2 + 0.7 * len(defs)))
         finite = values[np.isfinite(values)]
         lim = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
-        cmap = plt.get_cmap("RdYlGn").copy()
-        cmap.set_bad("#dddddd")
+        cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")
         im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
         for i, d in enumerate(defs):
             for j, f in enumerate(fams):
@@ -224,12 +225,13 @@ class Comparison:
                         text += "\ncollapsed"
                         ax.add_patch(
                             plt.Rectangle(
-                                (j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="k", lw=0
+                                (j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="#888888", lw=0
                             )
                         )
                     if r.notes:
                         text += " *"
-                ax.text(j, i, text, ha="center", va="center", fontsize=9)
+                box = {"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8, "lw": 0}
+                ax.text(j, i, text, ha="center", va="center", fontsize=9, bbox=None if r is None else box)
         ax.set_xticks(range(len(fams)), fams)
         ax.set_yticks(range(len(defs)), defs)
         ax.set_xlabel("attack family")
