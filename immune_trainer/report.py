@@ -29,13 +29,13 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import StrictBool, StrictStr
+from pydantic import StrictStr
 from typing_extensions import NotRequired, TypedDict
 
 from . import conditions as C
 from . import schema as S
 from .errors import ConfigError, OutputError, ReportError
-from .schema import Finite, FreeDict, Int, Num
+from .schema import Bool, Finite, FreeDict, Int, Num
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -121,7 +121,7 @@ class ThreatModel(S.Record):
 
     attack_family: StrictStr = field(metadata={"help": "Attack family name (registry key of attacks.py)."})
     scorer: StrictStr = field(metadata={"help": "Harmfulness scorer f (registry key of scorers.py)."})
-    higher_is_better: StrictBool = field(metadata={"help": "Direction of f from the defender's view."})
+    higher_is_better: Bool = field(metadata={"help": "Direction of f from the defender's view."})
     threshold: Finite = field(
         metadata={"help": "phi: harm on the bad side of it counts as a successful attack."}
     )
@@ -262,7 +262,7 @@ class Capability(TypedDict):
 
     base: NotRequired[dict[str, Num] | None]
     immunized: NotRequired[dict[str, Num] | None]
-    higher_is_better: NotRequired[dict[str, StrictBool] | None]
+    higher_is_better: NotRequired[dict[str, Bool] | None]
 
 
 DatasetSpec = StrictStr | Int | list[StrictStr] | None

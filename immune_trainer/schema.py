@@ -29,7 +29,6 @@ from pydantic import (
     Field,
     PlainSerializer,
     Strict,
-    StrictBool,
     StrictStr,
     TypeAdapter,
     ValidationError,
@@ -48,8 +47,10 @@ __all__ = [
     "CurveSummary",
     "Finite",
     "FreeDict",
+    "Bool",
     "GeneralizationResult",
     "HarmSummary",
+    "Int",
     "Num",
     "Record",
     "ResistanceResult",
@@ -116,10 +117,16 @@ Num = Annotated[
 ]
 """A float that may be NaN or +-inf (written as "NaN", "Infinity", "-Infinity")."""
 
-Finite = Annotated[float, BeforeValidator(_decode_number), Strict(), Field(allow_inf_nan=False)]
+_AS_JSON = PlainSerializer(encode, when_used="json")  # numpy scalars become Python numbers in JSON
+
+Finite = Annotated[float, BeforeValidator(_decode_number), Strict(), Field(allow_inf_nan=False), _AS_JSON]
 """A float that must be finite (NaN or infinity are refused)."""
 
-Int = Annotated[int, Strict()]
+Int = Annotated[int, Strict(), _AS_JSON]
+"""An integer (``1.0`` and ``true`` are refused)."""
+
+Bool = Annotated[bool, Strict(), _AS_JSON]
+"""``true`` or ``false`` (``1`` and ``"yes"`` are refused)."""
 FreeDict = Annotated[
     dict[str, Any],
     BeforeValidator(decode),
@@ -267,7 +274,7 @@ class AttackCurve(Record):
     )
     points: list[CurvePoint] = field(metadata={"help": "Evaluations in increasing step order."})
     scorer: StrictStr = field(default="harmful_loss", metadata={"help": "Name of the harmfulness scorer f."})
-    higher_is_better: StrictBool = field(
+    higher_is_better: Bool = field(
         default=True, metadata={"help": "Direction of the scorer from the defender's view."}
     )
 
@@ -278,7 +285,7 @@ class TrainingCurve(Record):
 
     points: list[CurvePoint] = field(metadata={"help": "Evaluations in increasing step order."})
     scorer: StrictStr = field(default="benign_score", metadata={"help": "Name of the benign task scorer."})
-    higher_is_better: StrictBool = field(default=True, metadata={"help": "Direction of the benign scorer."})
+    higher_is_better: Bool = field(default=True, metadata={"help": "Direction of the benign scorer."})
 
 
 @dataclass
@@ -307,9 +314,7 @@ class CurveSummary(Record):
     budget_steps: Int = field(metadata={"help": "Last evaluated step: the attack budget this run covers."})
     budget_tokens: Int = field(metadata={"help": "Tokens at the last evaluated step."})
     budget_flops: Finite = field(metadata={"help": "FLOPs at the last evaluated step."})
-    has_nan: StrictBool = field(
-        default=False, metadata={"help": "Whether a measurement of this run was NaN."}
-    )
+    has_nan: Bool = field(default=False, metadata={"help": "Whether a measurement of this run was NaN."})
 
 
 @dataclass
@@ -319,7 +324,9 @@ class SeedSpread(Record):
     config: FreeDict = field(
         metadata={"help": "The attack setting without its seed (family, learning_rate, num_samples...)."}
     )
-    seeds: list[Any] = field(metadata={"help": "The seeds run with this setting, in grid order."})
+    seeds: Annotated[list[Any], _AS_JSON] = field(
+        metadata={"help": "The seeds run with this setting, in grid order."}
+    )
     crossing_steps: list[Finite | None] = field(
         metadata={"help": "Crossing step of each seed's run (None: that run never crossed phi)."}
     )
@@ -343,12 +350,12 @@ class SeedSpread(Record):
 class ResistanceResult(Record):
     """Verdict and numbers for resistance (strong or weak) over an attack grid."""
 
-    holds: StrictBool | None = field(
+    holds: Bool | None = field(
         metadata={"help": "Strong, or weak with a cost multiple >= min_cost_multiple."}
     )
-    strong: StrictBool = field(metadata={"help": "No run of the grid ever crossed phi within its budget."})
+    strong: Bool = field(metadata={"help": "No run of the grid ever crossed phi within its budget."})
     threshold: Finite = field(metadata={"help": "phi."})
-    higher_is_better: StrictBool = field(metadata={"help": "Direction of the harm scorer (defender's view)."})
+    higher_is_better: Bool = field(metadata={"help": "Direction of the harm scorer (defender's view)."})
     min_cost_multiple: Finite = field(
         metadata={"help": "Cost multiple over the base model that weak resistance needs."}
     )
@@ -364,7 +371,7 @@ class ResistanceResult(Record):
     steps_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base crossing steps."})
     tokens_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base crossing tokens."})
     flops_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base crossing FLOPs."})
-    multiple_is_lower_bound: StrictBool = field(
+    multiple_is_lower_bound: Bool = field(
         default=False,
         metadata={"help": "The immunized model never crossed: the multiples are budget / base cost."},
     )
@@ -409,17 +416,17 @@ class StabilitySet(Record):
 
     base: Num = field(metadata={"help": "Score of the base model."})
     immunized: Num = field(metadata={"help": "Score of the immunized model."})
-    higher_is_better: StrictBool = field(metadata={"help": "Direction of this capability score."})
+    higher_is_better: Bool = field(metadata={"help": "Direction of this capability score."})
     relative_change: Num = field(metadata={"help": "(immunized - base) / |base|."})
     relative_degradation: Num = field(metadata={"help": "Relative change signed so that positive is worse."})
-    holds: StrictBool = field(metadata={"help": "Degradation <= tolerance (NaN never holds)."})
+    holds: Bool = field(metadata={"help": "Degradation <= tolerance (NaN never holds)."})
 
 
 @dataclass
 class StabilityResult(Record):
     """Verdict and numbers for stability over one or more reference sets."""
 
-    holds: StrictBool = field(metadata={"help": "Every reference set's degradation is <= tolerance."})
+    holds: Bool = field(metadata={"help": "Every reference set's degradation is <= tolerance."})
     tolerance: Finite = field(metadata={"help": "Largest relative degradation allowed."})
     sets: dict[str, StabilitySet] = field(metadata={"help": "Per reference set numbers."})
     worst_set: StrictStr | None = field(
@@ -439,9 +446,7 @@ class StabilityResult(Record):
 class GeneralizationResult(Record):
     """Resistance against held-out in-domain and cross-domain attacks."""
 
-    holds: StrictBool | None = field(
-        metadata={"help": "Every measured part holds; None if nothing was measured."}
-    )
+    holds: Bool | None = field(metadata={"help": "Every measured part holds; None if nothing was measured."})
     in_domain: ResistanceResult | None = field(
         default=None, metadata={"help": "Held-out in-domain resistance."}
     )
@@ -458,13 +463,13 @@ class GeneralizationResult(Record):
 class TrainabilityResult(Record):
     """Benign fine-tuning: steps to reach a target and final scores, base vs immunized."""
 
-    holds: StrictBool = field(
+    holds: Bool = field(
         metadata={"help": "Both reach the target, |t1 - t2| <= eps_steps, final within tolerance."}
     )
     target: Finite = field(metadata={"help": "Benign score to reach."})
     eps_steps: Finite = field(metadata={"help": "Largest allowed |t1 - t2| in steps."})
     tolerance: Finite = field(metadata={"help": "Largest relative degradation of the final score."})
-    higher_is_better: StrictBool = field(metadata={"help": "Direction of the benign score."})
+    higher_is_better: Bool = field(metadata={"help": "Direction of the benign score."})
     base_steps: Finite | None = field(
         metadata={"help": "t1: interpolated step where the base reaches the target."}
     )
@@ -495,14 +500,14 @@ class HarmSummary(Record):
 class ConditionsResult(Record):
     """The four conditions together, with the collapse rule applied."""
 
-    immunized: StrictBool = field(
+    immunized: Bool = field(
         metadata={"help": "Resistance and stability hold; generalization/trainability where measured."}
     )
-    collapsed: StrictBool = field(
+    collapsed: Bool = field(
         metadata={"help": "Stability was measured and failed: resistance is not credited."}
     )
     threshold: Finite = field(metadata={"help": "phi."})
-    higher_is_better: StrictBool = field(metadata={"help": "Direction of the harm scorer."})
+    higher_is_better: Bool = field(metadata={"help": "Direction of the harm scorer."})
     resistance: ResistanceResult | None = field(
         default=None, metadata={"help": "Main attack grid; None if unmeasured."}
     )

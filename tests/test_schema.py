@@ -197,3 +197,15 @@ def test_single_seed_grids_have_no_spread():
         C.resistance([curve([3.0, 1.0], learning_rate=1e-4, seed=0)], PHI, higher_is_better=True).curves
     )
     assert spreads == []
+
+
+def test_numpy_scalars_from_scorers_serialise_as_plain_json_numbers():
+    import numpy as np
+
+    report = seeded_report()
+    point = report.curves["immunized"]["attack"][0].points[1]
+    point.step, point.value = np.int64(point.step), np.float32(2.5)
+    report.conditions.stability.sets["ppl"].holds = np.bool_(True)
+    back = ImmunizationReport.from_json(report.to_json())
+    assert back.curves["immunized"]["attack"][0].points[1].value == 2.5
+    assert back.conditions.stability.sets["ppl"].holds is True
