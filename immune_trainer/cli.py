@@ -36,6 +36,8 @@ COMMANDS = (
     "card",
     "push",
     "verify",
+    "compare",
+    "schema",
     "defenses",
     "scorers",
     "attacks",
@@ -277,6 +279,8 @@ commands:
   card       write the model card of an immunized model folder
   push       push an immunized model folder and its card to the Hub
   verify     re-run the recorded attack of a card/report and check each claim
+  compare    put reports side by side (defenses x attack families): table, CSV, heatmap
+  schema     print the JSON Schema of the immunization report
   defenses | scorers | attacks   list what is registered
 
 Run `immune-trainer COMMAND --help` for a command's options."""
@@ -319,6 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(rest)
         if command == "assets":
             return cmd_assets(rest)
+        if command == "compare":
+            from .compare import cmd_compare
+
+            return cmd_compare(rest)
+        if command == "schema":
+            from .report import report_json_schema
+
+            print(json.dumps(report_json_schema(), indent=2, allow_nan=False))
+            return 0
         if command in ("card", "push", "verify"):
             from .hub import cli as hub_cli
 

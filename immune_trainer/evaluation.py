@@ -505,11 +505,13 @@ def evaluate_from_specs(
         base_name=data.base_model,
         immunized_name=model_args.model,
     )
-    # What data was used, so that `immune-trainer verify` can re-run the attack.
-    report.extra["datasets"] = {
+    # What data was used, so that `immune-trainer verify` can re-run the attack. Embedded harmful
+    # splits are drawn with load_dataset_spec's default seed (0); eval sets keep their first eval_limit rows.
+    report.datasets = {
         "attack_train": data.dataset,
         "attack_eval": data.eval_dataset,
         "eval_limit": data.eval_limit,
+        "split_seed": 0,
         "cross_domain": data.cross_domain_dataset,
         "reference": list(data.reference),
         "benign": data.benign_dataset,

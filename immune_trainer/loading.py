@@ -41,8 +41,9 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def load_dataset_spec(spec: str, split: str | None = None):
-    """Load a dataset from a SPEC (see the module docstring).
+def load_dataset_spec(spec: str, split: str | None = None, *, seed: int = 0):
+    """Load a dataset from a SPEC (see the module docstring). ``seed`` draws the embedded harmful splits
+    (``embedded:harmful_qa/SPLIT``); a report records it as ``datasets["split_seed"]``.
 
     Raises:
         DataError: the file or folder does not exist, is empty, cannot be parsed, has an unsupported
@@ -57,7 +58,7 @@ def load_dataset_spec(spec: str, split: str | None = None):
 
         name = spec[len("embedded:") :]
         name, _, sub = name.partition("/")
-        return embedded.load_embedded(name, split=sub or None)
+        return embedded.load_embedded(name, split=sub or None, seed=seed)
     path = Path(spec).expanduser()
     if path.is_dir():
         try:

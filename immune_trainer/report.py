@@ -2,8 +2,16 @@
 
 An :class:`ImmunizationReport` holds everything needed to audit a verdict: which models, which
 defense, the threat model (attack family, grid, budget, scorer, phi and how phi was chosen), every
-curve and capability score that was measured, and the :class:`~immune_trainer.conditions.ConditionsResult`.
-The evaluation layer builds it with :func:`build_report`; model cards and ``verify`` read it back.
+curve and capability score that was measured, the data it was measured on, and the
+:class:`~immune_trainer.conditions.ConditionsResult`. The evaluation layer builds it with
+:func:`build_report`; model cards, ``verify`` and ``compare`` read it back.
+
+Schema: the report and its parts are typed records (:mod:`immune_trainer.schema`); loading validates
+them with pydantic, so an unknown field, a wrong type or a NaN where a finite number is required is a
+:class:`ReportError` naming the field's path. :func:`report_json_schema` is the JSON Schema of the
+current version (shipped as ``immune_trainer/data/report_schema.json``; ``immune-trainer schema``
+prints it). Versions follow semantic rules: a new optional field bumps the minor version, anything
+that changes the meaning or removes a field bumps the major one. This version reads 1.0 and 1.1.
 
 JSON encoding: the file is strict JSON (``allow_nan=False``). Non-finite floats are written as the
 strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` and decoded back to floats when the report is
@@ -19,17 +27,32 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import StrictStr
+from typing_extensions import NotRequired, TypedDict
 
 from . import conditions as C
+from . import schema as S
 from .errors import ConfigError, OutputError, ReportError
+from .schema import Bool, Finite, FreeDict, Int, Num
 
-__all__ = ["SCHEMA_VERSION", "ImmunizationReport", "ThreatModel", "atomic_write", "build_report"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ImmunizationReport",
+    "ThreatModel",
+    "atomic_write",
+    "build_report",
+    "report_json_schema",
+]
 
-SCHEMA_VERSION = "1.0"
-"""Version of the report layout. Readers refuse versions they do not know (e.g. newer ones)."""
+SCHEMA_VERSION = "1.1"
+"""Version of the report layout. Readers refuse versions they do not know (e.g. newer ones).
 
-_KNOWN_VERSIONS = ("1.0",)
+1.1 (minor: new optional fields): ``datasets``, ``side_effects``, ``search``; per-seed crossing spread
+(``seed_spread`` / ``base_seed_spread``) in resistance results."""
+
+_KNOWN_VERSIONS = ("1.0", "1.1")
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, what: str | None = None) -> str:
@@ -64,32 +87,8 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, what: str | None = 
     return path
 
 
-def _encode(x: Any) -> Any:
-    """Make ``x`` strict-JSON safe: non-finite floats become strings, tuples become lists."""
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "Infinity" if x > 0 else "-Infinity"
-        return x
-    if isinstance(x, dict):
-        return {str(k): _encode(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_encode(v) for v in x]
-    if hasattr(x, "item") and callable(x.item):  # numpy scalars
-        return _encode(x.item())
-    return x
-
-
-def _decode(x: Any) -> Any:
-    """Inverse of :func:`_encode` for free-form values."""
-    if isinstance(x, str) and x in C._NON_FINITE:
-        return C._NON_FINITE[x]
-    if isinstance(x, dict):
-        return {k: _decode(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decode(v) for v in x]
-    return x
+_encode = S.encode  # kept for callers of the old private names
+_decode = S.decode
 
 
 def _utc_now() -> str:
@@ -111,7 +110,7 @@ def _library_version() -> str:
 
 
 @dataclass
-class ThreatModel:
+class ThreatModel(S.Record):
     """What the attacker was allowed to do, and how harm was measured and thresholded.
 
     Parameters:
@@ -120,49 +119,49 @@ class ThreatModel:
         threshold: phi, inside ``scorer_range``.
     """
 
-    attack_family: str = field(metadata={"help": "Attack family name (registry key of attacks.py)."})
-    scorer: str = field(metadata={"help": "Harmfulness scorer f (registry key of scorers.py)."})
-    higher_is_better: bool = field(metadata={"help": "Direction of f from the defender's view."})
-    threshold: float = field(
+    attack_family: StrictStr = field(metadata={"help": "Attack family name (registry key of attacks.py)."})
+    scorer: StrictStr = field(metadata={"help": "Harmfulness scorer f (registry key of scorers.py)."})
+    higher_is_better: Bool = field(metadata={"help": "Direction of f from the defender's view."})
+    threshold: Finite = field(
         metadata={"help": "phi: harm on the bad side of it counts as a successful attack."}
     )
-    scorer_range: tuple[float, float] = field(
+    scorer_range: tuple[Num, Num] = field(
         default=(-math.inf, math.inf),
         metadata={"help": "[lo, hi] the scorer's values lie in; phi must be inside."},
     )
-    threshold_source: str = field(
+    threshold_source: StrictStr = field(
         default="",
         metadata={"help": "How phi was chosen (e.g. 'base model after 10 attack steps at lr 3e-5')."},
     )
-    grid: dict[str, Any] = field(
+    grid: FreeDict = field(
         default_factory=dict, metadata={"help": "Attack grid: learning_rates, num_samples, seeds, ..."}
     )
-    max_steps: int = field(default=0, metadata={"help": "Attack budget in optimizer steps per run."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate f every this many attack steps."})
-    batch_size: int = field(default=0, metadata={"help": "Attack batch size."})
-    max_length: int = field(default=0, metadata={"help": "Maximum tokens per attack example."})
-    judge: dict[str, Any] | None = field(
+    max_steps: Int = field(default=0, metadata={"help": "Attack budget in optimizer steps per run."})
+    eval_every: Int = field(default=0, metadata={"help": "Evaluate f every this many attack steps."})
+    batch_size: Int = field(default=0, metadata={"help": "Attack batch size."})
+    max_length: Int = field(default=0, metadata={"help": "Maximum tokens per attack example."})
+    judge: FreeDict | None = field(
         default=None,
         metadata={"help": "Judge info (name, accuracy, roc_auc...) when f is a judge, else None."},
     )
-    min_cost_multiple: float = field(default=2.0, metadata={"help": "Cost multiple weak resistance needs."})
-    stability_tolerance: float = field(
+    min_cost_multiple: Finite = field(default=2.0, metadata={"help": "Cost multiple weak resistance needs."})
+    stability_tolerance: Finite = field(
         default=0.10, metadata={"help": "Largest relative capability degradation."}
     )
-    trainability_tolerance: float = field(
+    trainability_tolerance: Finite = field(
         default=0.10, metadata={"help": "Largest relative final benign degradation."}
     )
-    trainability_target: float | None = field(default=None, metadata={"help": "Benign score to reach."})
-    trainability_eps_steps: float | None = field(
+    trainability_target: Finite | None = field(default=None, metadata={"help": "Benign score to reach."})
+    trainability_eps_steps: Finite | None = field(
         default=None, metadata={"help": "Largest allowed |t1 - t2|."}
     )
-    set_thresholds: dict[str, float] = field(
+    set_thresholds: dict[str, Finite] = field(
         default_factory=dict,
         metadata={
             "help": "phi per curve set where it differs from `threshold` (e.g. {'cross_domain': 2.4})."
         },
     )
-    set_budgets: dict[str, int] = field(
+    set_budgets: dict[str, Int] = field(
         default_factory=dict,
         metadata={"help": "Attack budget in steps per curve set where it differs from `max_steps`."},
     )
@@ -211,34 +210,15 @@ class ThreatModel:
                 raise ConfigError(f"ThreatModel.{name} must be a finite number >= 0, got {v!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d = S.dump(self)
         d["scorer_range"] = list(self.scorer_range)
-        d["grid"] = dict(self.grid)
-        d["set_thresholds"] = dict(self.set_thresholds)
-        d["set_budgets"] = dict(self.set_budgets)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "threat_model") -> ThreatModel:
-        if not isinstance(d, dict):
-            raise ReportError(f"{where}: expected a JSON object, got {type(d).__name__}.")
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ReportError(f"{where}: unknown field(s) {unknown}.")
-        for k in ("attack_family", "scorer", "higher_is_better", "threshold"):
-            C._get(d, k, where)
-        rng = C._get(d, "scorer_range", where, list, default=None)
-        kwargs = {k: _decode(v) for k, v in d.items()}
-        if rng is not None:
-            if len(rng) != 2:
-                raise ReportError(f"{where}.scorer_range: expected [lo, hi], got {rng!r}.")
-            kwargs["scorer_range"] = tuple(C._float(v, f"{where}.scorer_range") for v in rng)
-        C._bool(d["higher_is_better"], f"{where}.higher_is_better")
-        C._float(d["threshold"], f"{where}.threshold")
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            raise ReportError(f"{where}: {e}") from None
+    def from_dict(cls, d: Any, where: str = "threat_model") -> ThreatModel:
+        """Validate ``d`` (a decoded JSON object) and build the threat model; :class:`ReportError` names
+        the offending field."""
+        return S.validate(cls, d, where)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,110 +226,153 @@ class ThreatModel:
 # --------------------------------------------------------------------------------------------------
 
 
-def _curves_to_dict(curves: dict[str, dict[str, list[C.AttackCurve]]]) -> dict[str, Any]:
-    return {who: {s: [c.to_dict() for c in cs] for s, cs in sets.items()} for who, sets in curves.items()}
+class Models(TypedDict):
+    """The models a report compares."""
+
+    __pydantic_config__ = S.SCHEMA_CONFIG  # type: ignore[misc]
+
+    base: StrictStr
+    immunized: StrictStr
+    weights_sha256: NotRequired[dict[str, StrictStr]]
 
 
-def _curves_from_dict(d: Any, where: str) -> dict[str, dict[str, list[C.AttackCurve]]]:
-    if not isinstance(d, dict):
-        raise ReportError(f"{where}: expected a JSON object, got {type(d).__name__}.")
-    out = {}
-    for who, sets in d.items():
-        if not isinstance(sets, dict):
-            raise ReportError(f"{where}.{who}: expected an object of curve sets, got {type(sets).__name__}.")
-        out[who] = {}
-        for s, cs in sets.items():
-            if not isinstance(cs, list):
-                raise ReportError(f"{where}.{who}.{s}: expected a list of curves, got {type(cs).__name__}.")
-            out[who][s] = [
-                C.AttackCurve.from_dict(_decode_config(c), f"{where}.{who}.{s}[{i}]")
-                for i, c in enumerate(cs)
-            ]
-    return out
+class Library(TypedDict):
+    """The library that wrote the report, and the versions of what it depends on."""
+
+    __pydantic_config__ = S.SCHEMA_CONFIG  # type: ignore[misc]
+
+    name: StrictStr
+    version: StrictStr
+    dependencies: NotRequired[dict[str, StrictStr]]
 
 
-def _decode_config(c: Any) -> Any:
-    if isinstance(c, dict) and isinstance(c.get("config"), dict):
-        return {**c, "config": _decode(c["config"])}
-    return c
+class Defense(TypedDict):
+    """The defense that produced the immunized model."""
+
+    __pydantic_config__ = S.SCHEMA_CONFIG  # type: ignore[misc]
+
+    name: StrictStr
+    config: NotRequired[FreeDict | None]
 
 
-_REQUIRED = {
-    "schema_version": str,
-    "created": str,
-    "library": dict,
-    "models": dict,
-    "threat_model": dict,
-    "curves": dict,
-    "capability": dict,
-    "conditions": dict,
-    "notes": list,
-    "extra": dict,
-}
+class Capability(TypedDict):
+    """Capability scores on the reference sets (stability)."""
+
+    __pydantic_config__ = S.SCHEMA_CONFIG  # type: ignore[misc]
+
+    base: NotRequired[dict[str, Num] | None]
+    immunized: NotRequired[dict[str, Num] | None]
+    higher_is_better: NotRequired[dict[str, Bool] | None]
+
+
+DatasetSpec = StrictStr | Int | list[StrictStr] | None
+"""One entry of ``report.datasets``: a dataset SPEC, a number (``eval_limit``, ``split_seed``), a list of
+``NAME=SPEC`` (reference sets) or null."""
+
+_ORDER = (
+    "schema_version",
+    "created",
+    "library",
+    "models",
+    "defense",
+    "threat_model",
+    "datasets",
+    "curves",
+    "capability",
+    "benign",
+    "conditions",
+    "search",
+    "side_effects",
+    "notes",
+    "extra",
+)
+_REQUIRED = (
+    "schema_version",
+    "created",
+    "library",
+    "models",
+    "threat_model",
+    "curves",
+    "capability",
+    "conditions",
+    "notes",
+    "extra",
+)
+
+
+def _report_schema_extra(schema: dict[str, Any], cls: type) -> None:
+    S.SCHEMA_CONFIG["json_schema_extra"](schema, cls)
+    schema["required"] = sorted(set(schema.get("required", [])) | set(_REQUIRED), key=_ORDER.index)
+    schema["title"] = "immune_trainer immunization report"
+    schema["$id"] = f"https://immune-trainer/report_schema/{SCHEMA_VERSION}"
 
 
 @dataclass
 class ImmunizationReport:
     """The versioned record of one immunization evaluation (see the module docstring for the JSON)."""
 
-    models: dict[str, Any] = field(
+    __pydantic_config__ = {**S.SCHEMA_CONFIG, "json_schema_extra": _report_schema_extra}
+
+    models: Models = field(
         metadata={
             "help": "{'base': id or path, 'immunized': id or path, optional 'weights_sha256': {file: sha}}."
         }
     )
     threat_model: ThreatModel = field(metadata={"help": "Attack budget, grid, scorer and phi."})
     conditions: C.ConditionsResult = field(metadata={"help": "Verdicts of the four conditions."})
-    curves: dict[str, dict[str, list[C.AttackCurve]]] = field(
+    curves: dict[Literal["base", "immunized"], dict[Literal[C.CURVE_SETS], list[C.AttackCurve]]] = field(
         default_factory=dict,
         metadata={"help": "{'base'|'immunized': {'attack'|'in_domain'|'cross_domain': curves}}."},
     )
-    capability: dict[str, Any] = field(
+    capability: Capability = field(
         default_factory=dict,
         metadata={
             "help": "{'base': {set: score}, 'immunized': {set: score}, 'higher_is_better': {set: bool}}."
         },
     )
-    benign: dict[str, C.TrainingCurve] | None = field(
+    benign: dict[Literal["base", "immunized"], C.TrainingCurve | None] | None = field(
         default=None, metadata={"help": "{'base': TrainingCurve, 'immunized': TrainingCurve} or None."}
     )
-    defense: dict[str, Any] | None = field(
+    defense: Defense | None = field(
         default=None, metadata={"help": "{'name': defense name, 'config': its config dict}, or None."}
     )
-    library: dict[str, Any] = field(
+    library: Library = field(
         default_factory=lambda: {"name": "immune_trainer", "version": _library_version(), "dependencies": {}},
         metadata={"help": "Library name, version and dependency versions."},
     )
-    notes: list[str] = field(default_factory=list, metadata={"help": "Free-text caveats for readers."})
-    extra: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Anything else (JSON-serialisable)."}
+    notes: list[StrictStr] = field(default_factory=list, metadata={"help": "Free-text caveats for readers."})
+    extra: FreeDict = field(default_factory=dict, metadata={"help": "Anything else (JSON-serialisable)."})
+    created: StrictStr = field(default_factory=_utc_now, metadata={"help": "Creation time, ISO 8601 UTC."})
+    schema_version: Literal[_KNOWN_VERSIONS] = field(
+        default=SCHEMA_VERSION, metadata={"help": "Report layout version (major.minor)."}
     )
-    created: str = field(default_factory=_utc_now, metadata={"help": "Creation time, ISO 8601 UTC."})
-    schema_version: str = field(default=SCHEMA_VERSION, metadata={"help": "Report layout version."})
+    datasets: dict[str, DatasetSpec] | None = field(
+        default=None,
+        metadata={
+            "help": "The data of the run, as dataset SPECs ('attack_train', 'attack_eval', 'cross_domain', "
+            "'reference', 'benign', ...) plus 'split_seed' and 'eval_limit': what `verify` re-loads. (1.1)"
+        },
+    )
+    side_effects: FreeDict | None = field(
+        default=None, metadata={"help": "Side effects of the defense beyond the four conditions. (1.1)"}
+    )
+    search: FreeDict | None = field(
+        default=None, metadata={"help": "Attack search summary: budget, trials, best configuration. (1.1)"}
+    )
 
     # ---- dict / JSON -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON-safe dict (non-finite floats as strings)."""
-        return _encode(
-            {
-                "schema_version": self.schema_version,
-                "created": self.created,
-                "library": dict(self.library),
-                "models": dict(self.models),
-                "defense": None if self.defense is None else dict(self.defense),
-                "threat_model": self.threat_model.to_dict(),
-                "curves": _curves_to_dict(self.curves),
-                "capability": dict(self.capability),
-                "benign": None if self.benign is None else {k: v.to_dict() for k, v in self.benign.items()},
-                "conditions": self.conditions.to_dict(),
-                "notes": list(self.notes),
-                "extra": dict(self.extra),
-            }
-        )
+        d = S.dump(self, json_safe=True)
+        return {k: d[k] for k in _ORDER}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ImmunizationReport:
-        """Validate and rebuild a report. Raises :class:`ReportError` naming the offending field."""
+        """Validate and rebuild a report. Raises :class:`ReportError` naming the offending field.
+
+        A 1.0 report is read as 1.1 (its new fields empty; its ``extra['datasets']`` becomes
+        ``datasets``)."""
         if not isinstance(d, dict):
             raise ReportError(f"report: expected a JSON object, got {type(d).__name__}.")
         version = d.get("schema_version")
@@ -360,41 +383,14 @@ class ImmunizationReport:
                 f"report.schema_version is {version!r}, but this immune_trainer reads {list(_KNOWN_VERSIONS)}: "
                 "the report was written by another (probably newer) version; upgrade immune_trainer."
             )
-        for key, typ in _REQUIRED.items():
-            C._get(d, key, "report", typ)
-            if d[key] is None:
-                raise ReportError(f"report.{key}: must not be null.")
-        models = d["models"]
-        for k in ("base", "immunized"):
-            C._get(models, k, "report.models", str)
-        defense = C._get(d, "defense", "report", dict, default=None)
-        if defense is not None:
-            C._get(defense, "name", "report.defense", str)
-        benign_d = C._get(d, "benign", "report", dict, default=None)
-        benign = None
-        if benign_d is not None:
-            benign = {k: C.TrainingCurve.from_dict(v, f"report.benign.{k}") for k, v in benign_d.items()}
-        capability = d["capability"]
-        for k in ("base", "immunized"):
-            v = capability.get(k)
-            if v is not None and not isinstance(v, dict):
-                raise ReportError(
-                    f"report.capability.{k}: expected an object of scores, got {type(v).__name__}."
-                )
-        return cls(
-            schema_version=version,
-            created=d["created"],
-            library=_decode(d["library"]),
-            models=dict(models),
-            defense=None if defense is None else _decode(defense),
-            threat_model=ThreatModel.from_dict(d["threat_model"], "report.threat_model"),
-            curves=_curves_from_dict(d["curves"], "report.curves"),
-            capability=_decode(capability),
-            benign=benign,
-            conditions=C.ConditionsResult.from_dict(d["conditions"], "report.conditions"),
-            notes=[str(n) for n in d["notes"]],
-            extra=_decode(d["extra"]),
-        )
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ReportError(
+                f"report: missing field(s) {missing}. The report is incomplete or was edited by hand."
+            )
+        if version == "1.0":
+            d = _upgrade_1_0(d)
+        return S.validate(cls, d, "report")
 
     def to_json(self, indent: int | None = 2) -> str:
         """Strict JSON text (no NaN/Infinity literals)."""
@@ -459,9 +455,16 @@ class ImmunizationReport:
                 rows.append((name, "-", "-", "not measured"))
                 return
             base = "never" if r.base_crossing is None else f"step {fmt(r.base_crossing.step)}"
+            if r.base_crossing is not None:
+                base_cfg = next(
+                    (x.config for x in r.base_curves or [] if x.crossing == r.base_crossing), None
+                )
+                base += _spread_text(r.spread_of(base_cfg, base=True))
             if r.base_curves is None:
                 base = "-"
             imm = "never" if r.worst_crossing is None else f"step {fmt(r.worst_crossing.step)}"
+            if r.worst_crossing is not None:
+                imm += _spread_text(r.spread_of(r.worst_config))
             if r.steps_multiple is not None:
                 imm += f" ({'>=' if r.multiple_is_lower_bound else ''}{fmt(r.steps_multiple, 3)}x)"
             kind = " strong" if r.strong else ""
@@ -529,6 +532,35 @@ class ImmunizationReport:
         return self.table()
 
 
+def _spread_text(spread: C.SeedSpread | None) -> str:
+    """`` (2.9-3.5, mean 3.2 over 2 seeds)`` for a setting run with several seeds, else ``""``."""
+    if spread is None or spread.min_step is None:
+        return ""
+    fmt = C._fmt
+    n, k = len(spread.seeds), spread.num_crossed
+    over = f"{n} seeds" if k == n else f"{k} of {n} seeds"
+    return (
+        f" ({fmt(spread.min_step, 3)}-{fmt(spread.max_step, 3)}, mean {fmt(spread.mean_step, 3)} over {over})"
+    )
+
+
+def _upgrade_1_0(d: dict[str, Any]) -> dict[str, Any]:
+    """A 1.0 report as 1.1: same fields plus the new optional ones; ``extra['datasets']`` (where 1.0
+    recorded the data SPECs) becomes the typed ``datasets`` field."""
+    d = {**d, "schema_version": SCHEMA_VERSION}
+    extra = d.get("extra")
+    if isinstance(extra, dict) and isinstance(extra.get("datasets"), dict) and d.get("datasets") is None:
+        extra = dict(extra)
+        d["datasets"] = extra.pop("datasets")
+        d["extra"] = extra
+    return d
+
+
+def report_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the current report version, generated from the typed records."""
+    return S.json_schema_of(ImmunizationReport)
+
+
 def build_report(
     *,
     threat_model: ThreatModel,
@@ -546,10 +578,14 @@ def build_report(
     dependencies: dict[str, str] | None = None,
     notes: list[str] | None = None,
     extra: dict[str, Any] | None = None,
+    datasets: dict[str, Any] | None = None,
+    side_effects: dict[str, Any] | None = None,
+    search: dict[str, Any] | None = None,
 ) -> ImmunizationReport:
     """Judge the conditions with :func:`immune_trainer.conditions.assess` under ``threat_model`` and
     return the filled report. ``dependencies`` is the caller's {package: version} (torch,
-    transformers...): this module does not import them."""
+    transformers...): this module does not import them. ``datasets`` records the data SPECs of the run
+    (see :attr:`ImmunizationReport.datasets`); ``side_effects`` and ``search`` are optional blocks."""
     if not isinstance(threat_model, ThreatModel):
         raise ConfigError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__}.")
     conditions = C.assess(
@@ -594,4 +630,7 @@ def build_report(
         },
         notes=list(notes or []) + list(conditions.notes),
         extra=dict(extra or {}),
+        datasets=None if datasets is None else dict(datasets),
+        side_effects=None if side_effects is None else dict(side_effects),
+        search=None if search is None else dict(search),
     )

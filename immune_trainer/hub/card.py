@@ -181,7 +181,7 @@ def eval_results(report: ImmunizationReport, dataset_name: str | None = None) ->
     """``huggingface_hub.EvalResult`` s of :func:`claims` (for the card's ``model-index``)."""
     from huggingface_hub import EvalResult
 
-    data = (report.extra.get("datasets") or {}) if isinstance(report.extra, dict) else {}
+    data = report.datasets or ((report.extra.get("datasets") or {}) if isinstance(report.extra, dict) else {})
     ds = dataset_name or data.get("attack_train") or "harmful-fine-tuning-attack"
     return [
         EvalResult(
@@ -450,7 +450,7 @@ def build_model_card(
             for name, value in sorted(tm.set_thresholds.items())
         )
         ctx["stability_tolerance"] = f"{tm.stability_tolerance:.0%}"
-        ds = report.extra.get("datasets") if isinstance(report.extra, dict) else None
+        ds = report.datasets or (report.extra.get("datasets") if isinstance(report.extra, dict) else None)
         ctx["data_specs"] = dict(ds) if isinstance(ds, dict) else {}
         ctx["not_tested"] = not_tested(report)
         ctx["library"] = (

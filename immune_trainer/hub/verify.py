@@ -3,8 +3,9 @@
 Steps: read the card (``README.md``) and the report beside it; hash the weight files and compare them
 with the card's reproducibility block; reload the weights (safetensors only); re-run the recorded attack
 (every grid configuration, or ``sample`` of them) with the recorded seeds and settings on the recorded
-data (``report.extra["attack_config"]`` and ``report.extra["datasets"]``, dataset SPECs); print each
-claim beside its re-measured value.
+data (``report.extra["attack_config"]`` and ``report.datasets``, dataset SPECs with ``split_seed`` and
+``eval_limit``; reports that kept them in ``extra["datasets"]`` are read too); print each claim beside
+its re-measured value.
 
 Tolerance: a number passes when ``|claimed - measured| <= abs_tol`` (default 0.05, on f's scale)
 **or** ``<= rel_tol * |claimed|`` (default 5%). The same rule applies to step counts and cost
@@ -28,7 +29,7 @@ from ..errors import ConfigError, DataError, ReportError
 from ..report import ImmunizationReport
 from .card import REPORT_FILE, card_hashes, weights_sha256
 
-__all__ = ["ClaimCheck", "VerificationResult", "verify", "within_tolerance"]
+__all__ = ["ClaimCheck", "VerificationResult", "recorded_datasets", "verify", "within_tolerance"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,21 +114,33 @@ def _key(config: dict) -> tuple:
     return (float(config.get("learning_rate")), int(config.get("num_samples") or 0), int(config.get("seed")))
 
 
+def recorded_datasets(report: ImmunizationReport) -> dict[str, Any]:
+    """The data SPECs a report records: its ``datasets`` field, else ``extra["datasets"]`` (older reports)."""
+    if report.datasets:
+        return dict(report.datasets)
+    old = report.extra.get("datasets")
+    return dict(old) if isinstance(old, dict) else {}
+
+
 def _load_data(report: ImmunizationReport, dataset: str | None, eval_dataset: str | None):
     from ..loading import load_dataset_spec
 
-    specs = report.extra.get("datasets") if isinstance(report.extra.get("datasets"), dict) else {}
+    specs = recorded_datasets(report)
     train_spec = dataset or specs.get("attack_train")
     eval_spec = eval_dataset or specs.get("attack_eval")
     if not train_spec or not eval_spec:
         raise DataError(
-            "the report does not record which data the attack used (report.extra['datasets'] with "
+            "the report does not record which data the attack used (report.datasets with "
             "'attack_train' and 'attack_eval' SPECs), so the attack cannot be re-run on the recorded data: "
             "pass --dataset and --eval_dataset with the data the card was measured on."
         )
+    seed = specs.get("split_seed")
+    seed = 0 if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ReportError(f"report.datasets['split_seed'] must be an integer, got {seed!r}.")
     try:
-        train = load_dataset_spec(train_spec)
-        ev = load_dataset_spec(eval_spec)
+        train = load_dataset_spec(train_spec, seed=seed)
+        ev = load_dataset_spec(eval_spec, seed=seed)
     except Exception as e:  # noqa: BLE001
         raise DataError(
             f"cannot re-load the recorded attack data ({train_spec!r}, {eval_spec!r}): {type(e).__name__}: {e}. "
