@@ -489,6 +489,9 @@ class ImmunizationReport:
                 )
             if len(s.sets) > 1:
                 rows.append(("", "", "all sets", verdict(s.holds)))
+        se = _side_effects_result(self.side_effects)
+        if se is not None:
+            rows.extend(se.table_rows())
         g = c.generalization
         res_row("gen. in-domain", None if g is None else g.in_domain)
         res_row("gen. cross-domain", None if g is None else g.cross_domain)
@@ -561,6 +564,15 @@ def report_json_schema() -> dict[str, Any]:
     return S.json_schema_of(ImmunizationReport)
 
 
+def _side_effects_result(block: dict[str, Any] | None):
+    """The typed side-effects comparison of a report's ``side_effects`` block (None when absent)."""
+    if block is None:
+        return None
+    from .side_effects import SideEffectsResult
+
+    return SideEffectsResult.from_dict(block)
+
+
 def build_report(
     *,
     threat_model: ThreatModel,
@@ -588,6 +600,7 @@ def build_report(
     (see :attr:`ImmunizationReport.datasets`); ``side_effects`` and ``search`` are optional blocks."""
     if not isinstance(threat_model, ThreatModel):
         raise ConfigError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__}.")
+    se = _side_effects_result(side_effects)
     conditions = C.assess(
         threshold=threat_model.threshold,
         higher_is_better=threat_model.higher_is_better,
@@ -604,6 +617,8 @@ def build_report(
         stability_tolerance=threat_model.stability_tolerance,
         trainability_tolerance=threat_model.trainability_tolerance,
         min_cost_multiple=threat_model.min_cost_multiple,
+        side_effects_holds=None if se is None else se.holds,
+        side_effects_summary="" if se is None else se.summary,
     )
     models: dict[str, Any] = {"base": str(base_model), "immunized": str(immunized_model)}
     if weights_sha256:
