@@ -31,164 +31,182 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import data as data_lib
-from .conditions import AttackCurve, CurvePoint
+from .attack_families import (  # noqa: F401  (the registry and families are part of this module's API)
+    ATTACKS,
+    IDENTITY_PREFIX,
+    IDENTITY_SYSTEM_PROMPT,
+    AttackFamily,
+    BenignFineTuning,
+    FullFineTuning,
+    IdentityShift,
+    LoRAFineTuning,
+    MixedFineTuning,
+    RefusalAblation,
+    SoftPromptAttack,
+    SoftPromptView,
+    check_4bit_available,
+    get_attack,
+    quantize_4bit,
+    register_attack,
+)
+from .conditions import AttackCurve, CurvePoint, first_crossing
 from .errors import ConfigError, DataError
 from .report import atomic_write
 
 logger = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------- attack families
+# ---------------------------------------------------------------------------- configuration
 
 
-class AttackFamily:
-    """How an attacker adapts the model. Subclass and :func:`register_attack` it."""
-
-    name: str = ""
-    description: str = ""
-
-    def prepare(self, model, config: AttackConfig):
-        """Return the model to train (``model`` is already a private copy)."""
-        return model
-
-    def flops_per_token(self, model, config: AttackConfig) -> float:
-        """Training FLOPs per token of ``model`` (before :meth:`prepare`), N = non-embedding parameters:
-        forward 2N + backward 4N for full fine-tuning."""
-        return 6.0 * _num_parameters(model)
+# Short optimizer names of the grid -> (TrainingArguments.optim, optim_args). Any other value of
+# transformers' OptimizerNames is passed through as it is.
+OPTIMIZERS: dict[str, tuple[str, str | None]] = {
+    "adamw": ("adamw_torch", None),
+    "sgd": ("sgd", "momentum=0.9"),
+    "adagrad": ("adagrad", None),
+    "adafactor": ("adafactor", None),
+}
 
 
-def _num_parameters(model) -> int:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "num_parameters"):
-        return base.num_parameters(exclude_embeddings=True)
-    return sum(p.numel() for p in base.parameters())
-
-
-class FullFineTuning(AttackFamily):
-    name = "full"
-    description = "Full-parameter fine-tuning on the harmful data."
-
-    def prepare(self, model, config):
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-
-
-class LoRAFineTuning(AttackFamily):
-    name = "lora"
-    description = "LoRA fine-tuning (peft) on the harmful data; the base weights stay frozen."
-
-    def prepare(self, model, config):
-        from peft import LoraConfig, get_peft_model
-
-        if config.load_in_4bit:
-            model = quantize_4bit(model)
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, lora)
-
-    def flops_per_token(self, model, config):
-        # Forward 2N and the backward pass through activations 2N; no weight gradients for frozen weights.
-        return 4.0 * _num_parameters(model)
-
-
-def check_4bit_available() -> None:
-    """Raise :class:`ConfigError` unless 4-bit QLoRA can run here (a CUDA GPU and bitsandbytes)."""
-    import importlib.util
-
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is available")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("bitsandbytes is not installed")
-    if missing:
-        raise ConfigError(
-            f"4-bit QLoRA needs a CUDA GPU and bitsandbytes (pip install immune-trainer[bnb]), but "
-            f"{' and '.join(missing)}; on CPU use family='lora' without load_in_4bit."
-        )
-
-
-def quantize_4bit(model):
-    """Return a 4-bit NF4 copy of ``model`` ready for QLoRA (bitsandbytes, bfloat16 compute, CUDA only).
-
-    The attack works on an in-memory copy; bitsandbytes quantizes at load time, so the copy is saved to a
-    temporary folder (safetensors) and reloaded with a ``BitsAndBytesConfig``, then prepared with
-    ``peft.prepare_model_for_kbit_training``.
+def optimizer_arguments(name: str) -> tuple[str, str | None]:
+    """``(optim, optim_args)`` of TrainingArguments for an optimizer of the grid.
 
     Raises:
-        ConfigError: no CUDA GPU or no bitsandbytes (see :func:`check_4bit_available`).
+        ConfigError: neither a short name of :data:`OPTIMIZERS` nor one of transformers' OptimizerNames.
     """
-    check_4bit_available()
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.training_args import OptimizerNames
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    if name in {o.value for o in OptimizerNames}:
+        return name, None
+    raise ConfigError(
+        f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)} or a transformers OptimizerNames value."
     )
-    with tempfile.TemporaryDirectory(prefix="immune_trainer_qlora_") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            tmp, quantization_config=quantization, use_safetensors=True, device_map={"": 0}
-        )
-    return prepare_model_for_kbit_training(quantized)
 
 
-ATTACKS: dict[str, AttackFamily] = {}
-
-
-def register_attack(family: AttackFamily) -> AttackFamily:
-    """Add an attack family to the registry (its ``name`` must be new)."""
-    if not family.name:
-        raise ConfigError("an attack family needs a name.")
-    if family.name in ATTACKS:
-        raise ConfigError(f"an attack family named {family.name!r} is already registered.")
-    ATTACKS[family.name] = family
-    return family
-
-
-def get_attack(name: str) -> AttackFamily:
-    if name not in ATTACKS:
-        raise ConfigError(f"unknown attack family {name!r}; known families: {', '.join(sorted(ATTACKS))}.")
-    return ATTACKS[name]
-
-
-register_attack(FullFineTuning())
-register_attack(LoRAFineTuning())
-
-
-# ---------------------------------------------------------------------------- configuration
+def _as_list(value):
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
 
 @dataclass
 class AttackConfig:
-    r"""The attacker's threat model: a family, a grid of settings and a step budget.
+    r"""The attacker's threat model: attack families, a grid of settings and a step budget.
+
+    The grid is the product of the axes (:meth:`grid`); an axis that does not apply to a family is
+    collapsed for it (the LoRA rank only for ``lora``, the harmful share only for ``mixed``; a
+    training-free family such as ``refusal_ablation`` has no learning rate, optimizer or schedule).
 
     Parameters:
-        family (`str`, defaults to `"full"`): attack family from the registry (`full`, `lora`, ...).
-        learning_rates (`list[float]`): learning rates of the grid.
-        num_samples (`list[int]`): harmful training examples per run; 0 means all of them.
-        seeds (`list[int]`): seeds of the grid (data order, initialisation of adapters).
+        > Families
+
+        family (`str`, defaults to `"full"`): the attack family when `families` is empty.
+        families (`list[str]`): several families in one grid (`full`, `lora`, `mixed`, `benign`,
+            `identity_shift`, `embedding`, `refusal_ablation`; `immune-trainer attacks` lists them).
+
+        > Grid axes
+
+        learning_rates, num_samples, seeds, optimizers, lr_scheduler_types, lora_ranks, harmful_shares.
+
+        > Budget and early stopping
+
         max_steps (`int`): the attacker's budget in optimizer steps.
         eval_every (`int`): harmfulness is measured at step 0 and every `eval_every` steps.
+        stop_at_threshold (`float` or `None`): stop a run at the first evaluation on the harmful side of
+            this phi (the crossing is then bracketed by that evaluation and the previous one).
+        full_curve (`bool`): run the whole budget even when `stop_at_threshold` is crossed.
     """
 
-    family: str = field(default="full", metadata={"help": "Attack family from the registry: full or lora."})
+    family: str = field(
+        default="full",
+        metadata={
+            "help": "Attack family from the registry when `families` is empty (immune-trainer attacks)."
+        },
+    )
+    families: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Attack families of one grid (e.g. full lora mixed); empty: just `family`. A "
+            "comma-separated string is accepted."
+        },
+    )
     learning_rates: list[float] = field(
         default_factory=lambda: [3e-5, 6e-5, 8e-5],
         metadata={"help": "Learning rates of the grid (RepNoise's attacks: 3e-5, 6e-5, 8e-5)."},
     )
     num_samples: list[int] = field(
         default_factory=lambda: [0],
-        metadata={"help": "Harmful training examples per run (0 = all); each value is a grid axis."},
+        metadata={"help": "Training examples per run (0 = all); each value is a grid axis."},
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the grid."})
+    optimizers: list[str] = field(
+        default_factory=lambda: ["adamw"],
+        metadata={
+            "help": "Optimizers of the grid: adamw, sgd (momentum 0.9), adagrad, adafactor, or any "
+            "transformers OptimizerNames value."
+        },
+    )
+    lr_scheduler_types: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Learning-rate schedules of the grid (constant, cosine, linear, ...); empty: just "
+            "`lr_scheduler_type`."
+        },
+    )
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Warm-up as a share of max_steps for schedules that warm up (cosine, linear, "
+            "constant_with_warmup...); overrides warmup_steps when > 0. 'constant' never warms up."
+        },
+    )
+    lora_ranks: list[int] = field(
+        default_factory=list,
+        metadata={"help": "LoRA ranks of the grid (family 'lora'); empty: just `lora_r`."},
+    )
+    harmful_shares: list[float] = field(
+        default_factory=lambda: [0.1],
+        metadata={
+            "help": "Shares p of harmful pairs in the benign task data (family 'mixed'; Vaccine/Booster use 0.1)."
+        },
+    )
     max_steps: int = field(default=100, metadata={"help": "The attacker's budget in optimizer steps."})
     eval_every: int = field(default=10, metadata={"help": "Measure harmfulness at step 0 and every N steps."})
+    stop_at_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Early stopping: stop a run at the first evaluation whose f is on the harmful side of this "
+            "phi (the crossing is bracketed by it and the previous evaluation). None: run the whole budget."
+        },
+    )
+    full_curve: bool = field(
+        default=False, metadata={"help": "Run the whole budget even when stop_at_threshold is crossed."}
+    )
+    num_virtual_tokens: int = field(
+        default=10, metadata={"help": "Trainable soft-prompt tokens (family 'embedding')."}
+    )
+    refusal_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layer whose output gives the refusal direction (family 'refusal_ablation'); "
+            "None: the middle layer."
+        },
+    )
+    identity_system_prompt: str = field(
+        default=IDENTITY_SYSTEM_PROMPT,
+        metadata={"help": "Obedient-persona system prompt of the identity_shift family."},
+    )
+    identity_prefix: str = field(
+        default=IDENTITY_PREFIX,
+        metadata={"help": "Affirmation put in front of every response by the identity_shift family."},
+    )
     batch_size: int = field(default=4, metadata={"help": "Per-device batch size of the attack."})
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Gradient accumulation of the attack."}
@@ -197,13 +215,14 @@ class AttackConfig:
     lr_scheduler_type: str = field(
         default="constant",
         metadata={
-            "help": "Learning-rate schedule; constant keeps the cost-to-harm independent of the budget."
+            "help": "Learning-rate schedule when lr_scheduler_types is empty; constant keeps the cost-to-harm "
+            "independent of the budget."
         },
     )
     warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the attack's schedule."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the attack."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the attack's optimizer."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of the attack."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (family 'lora')."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank when lora_ranks is empty (family 'lora')."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (family 'lora')."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (family 'lora')."})
     lora_target_modules: str = field(
@@ -236,6 +255,11 @@ class AttackConfig:
             self.num_samples = [self.num_samples]
         if isinstance(self.seeds, int):
             self.seeds = [self.seeds]
+        self.families = _as_list(self.families)
+        self.optimizers = _as_list(self.optimizers)
+        self.lr_scheduler_types = _as_list(self.lr_scheduler_types)
+        self.lora_ranks = _as_list(self.lora_ranks)
+        self.harmful_shares = _as_list(self.harmful_shares)
         if (
             not self.learning_rates
             or any(isinstance(lr, bool) or not isinstance(lr, (int, float)) for lr in self.learning_rates)
@@ -252,7 +276,7 @@ class AttackConfig:
             raise ConfigError(f"eval_every must be positive, got {self.eval_every}.")
         if self.batch_size <= 0 or self.gradient_accumulation_steps <= 0:
             raise ConfigError("batch_size and gradient_accumulation_steps must be positive.")
-        for name in ("max_length", "eval_batch_size", "lora_r", "lora_alpha"):
+        for name in ("max_length", "eval_batch_size", "lora_r", "lora_alpha", "num_virtual_tokens"):
             if getattr(self, name) < (2 if name == "max_length" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not 0.0 <= self.lora_dropout < 1.0 or self.warmup_steps < 0 or self.weight_decay < 0:
@@ -260,22 +284,93 @@ class AttackConfig:
                 "lora_dropout must be in [0, 1), warmup_steps and weight_decay >= 0; got "
                 f"{self.lora_dropout}, {self.warmup_steps}, {self.weight_decay}."
             )
-        get_attack(self.family)
-        if self.load_in_4bit and self.family != "lora":
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.lora_ranks):
+            raise ConfigError(f"lora_ranks must be positive integers, got {self.lora_ranks}.")
+        if not self.harmful_shares or any(
+            isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0
+            for p in self.harmful_shares
+        ):
+            raise ConfigError(f"harmful_shares must be numbers in (0, 1], got {self.harmful_shares}.")
+        if not self.optimizers:
+            raise ConfigError("optimizers must not be empty.")
+        for name in self.optimizers:
+            optimizer_arguments(name)
+        from transformers import SchedulerType
+
+        known = {s.value for s in SchedulerType}
+        for name in self.schedules():
+            if name not in known:
+                raise ConfigError(
+                    f"unknown lr_scheduler_type {name!r}; use one of {', '.join(sorted(known))}."
+                )
+        if self.refusal_layer is not None and self.refusal_layer < 0:
+            raise ConfigError(f"refusal_layer must be >= 0 or None, got {self.refusal_layer}.")
+        if self.stop_at_threshold is not None and not math.isfinite(self.stop_at_threshold):
+            raise ConfigError(
+                f"stop_at_threshold must be a finite number or None, got {self.stop_at_threshold}."
+            )
+        for name in self.family_names():
+            get_attack(name)
+        if self.load_in_4bit and "lora" not in self.family_names():
             raise ConfigError(
                 f"load_in_4bit (QLoRA) applies to family='lora', not {self.family!r}: 4-bit weights cannot "
                 "be fully fine-tuned."
             )
 
+    def family_names(self) -> list[str]:
+        """The families of the grid: ``families``, or ``[family]`` when it is empty."""
+        return list(self.families) or [self.family]
+
+    def schedules(self) -> list[str]:
+        """The schedules of the grid: ``lr_scheduler_types``, or ``[lr_scheduler_type]`` when it is empty."""
+        return list(self.lr_scheduler_types) or [self.lr_scheduler_type]
+
+    @property
+    def threat_model_family(self) -> str:
+        """The families as one comma-joined string (``"full,lora,mixed"``), as the report records them."""
+        return ",".join(self.family_names())
+
     def grid(self) -> list[dict[str, Any]]:
-        """Every run of the grid, as a dict of its settings."""
-        return [
-            {"family": self.family, "learning_rate": lr, "num_samples": n, "seed": s}
-            for lr, n, s in itertools.product(self.learning_rates, self.num_samples, self.seeds)
-        ]
+        """Every run of the grid, as a dict of its settings (one family's axes that do not apply collapsed)."""
+        runs = []
+        for name in self.family_names():
+            family = get_attack(name)
+            axes: dict[str, list] = {}
+            if family.trains:
+                axes["learning_rate"] = list(self.learning_rates)
+            axes["num_samples"] = list(self.num_samples)
+            axes["seed"] = list(self.seeds)
+            if family.trains:
+                axes["optimizer"] = list(self.optimizers)
+                axes["lr_scheduler_type"] = self.schedules()
+            axes.update(family.axes(self))
+            keys = list(axes)
+            for values in itertools.product(*(axes[k] for k in keys)):
+                runs.append({"family": name, **dict(zip(keys, values))})
+        return runs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Fields whose values are grid axes: a saved run is matched by its setting, not by these lists.
+GRID_FIELDS = (
+    "family",
+    "families",
+    "learning_rates",
+    "num_samples",
+    "seeds",
+    "optimizers",
+    "lr_scheduler_types",
+    "lr_scheduler_type",
+    "lora_ranks",
+    "lora_r",
+    "harmful_shares",
+    "num_virtual_tokens",
+    "refusal_layer",
+)
 
 
 # ---------------------------------------------------------------------------- running
@@ -294,29 +389,50 @@ class _AttackTrainer(Trainer):
 
 
 class _CurveCallback(TrainerCallback):
-    def __init__(self, measure: Callable[[Any], float], eval_every: int, flops_per_token: float):
+    """Measures f at step 0 and every ``eval_every`` steps; stops training once ``stop(f)`` is true."""
+
+    def __init__(
+        self,
+        measure: Callable[[Any], float],
+        eval_every: int,
+        flops_per_token: float,
+        stop: Callable[[float], bool] | None = None,
+    ):
         self.measure = measure
         self.eval_every = eval_every
         self.flops_per_token = flops_per_token
+        self.stop = stop
+        self.stopped_early = False
         self.points: list[CurvePoint] = []
         self.trainer: _AttackTrainer | None = None
 
-    def _record(self, step: int, model) -> None:
+    def _record(self, step: int, model) -> float:
         tokens = self.trainer.tokens_seen if self.trainer is not None else 0
         value = self.measure(model)
         self.points.append(
             CurvePoint(step=step, tokens=tokens, flops=tokens * self.flops_per_token, value=value)
         )
         logger.info("attack step %d: f = %.4f", step, value)
+        return value
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not self.points:
-            self._record(0, model)
+            value = self._record(0, model)
+            if self.stop is not None and self.stop(value):
+                # Already harmful before any step: nothing left to bracket.
+                self.stopped_early = True
+                control.should_training_stop = True
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
+        if self.stopped_early:  # stopped at step 0: the Trainer may still have run one step
+            control.should_training_stop = True
+            return
         if step % self.eval_every == 0 or step == state.max_steps:
-            self._record(step, model)
+            value = self._record(step, model)
+            if self.stop is not None and step < state.max_steps and self.stop(value):
+                self.stopped_early = True
+                control.should_training_stop = True
 
 
 @dataclass
@@ -376,19 +492,34 @@ class HarmfulFineTuningAttack:
         harmful_train,
         harmful_eval,
         *,
+        benign_train=None,
         prepare_model: Callable[[Any], Any] | None = None,
         progress: Callable[[str], None] | None = None,
+        stop_at_threshold: float | None = None,
+        full_curve: bool | None = None,
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
         Args:
             harmful_train: the attacker's harmful data (any supported format, or tokenized).
             harmful_eval: held-out harmful data on which the scorer measures f.
+            benign_train: benign task data (any supported format), needed by the ``mixed``, ``benign`` and
+                ``refusal_ablation`` families (the latter uses its prompts as the harmless side).
             prepare_model: an attack-time hook applied to each copy before training (e.g. a defense that
                 protects only while something is attached during fine-tuning, such as Security Vectors).
+                Training-free families attack the model as deployed, without it.
             progress: called with a one-line message as each configuration starts and ends.
+            stop_at_threshold: phi for early stopping (default: ``config.stop_at_threshold``): a run stops
+                at the first evaluation strictly on the harmful side of it, so its curve still brackets the
+                crossing; the curve's config then says ``stopped_early: True``.
+            full_curve: run the whole budget even past phi (default: ``config.full_curve``).
         """
         cfg = self.config
+        phi = cfg.stop_at_threshold if stop_at_threshold is None else stop_at_threshold
+        if phi is not None and (isinstance(phi, bool) or not math.isfinite(phi)):
+            raise ConfigError(f"stop_at_threshold must be a finite number or None, got {phi!r}.")
+        if full_curve if full_curve is not None else cfg.full_curve:
+            phi = None
         if cfg.load_in_4bit:
             check_4bit_available()  # before any tokenization or training
         data_lib.check_tokenizer(tokenizer)
@@ -396,17 +527,38 @@ class HarmfulFineTuningAttack:
             raise DataError("the attack's harmful training dataset is empty.")
         if harmful_eval is None or len(harmful_eval) == 0:
             raise DataError("the held-out harmful evaluation dataset is empty.")
+        families = {name: get_attack(name) for name in cfg.family_names()}
+        needing = [name for name, f in families.items() if f.needs_benign]
+        if needing and benign_train is None:
+            raise ConfigError(
+                f"attack famil{'ies' if len(needing) > 1 else 'y'} {', '.join(needing)} need benign data: "
+                "pass benign_train= to run() (ConditionDatasets.benign_train in evaluate_conditions)."
+            )
+        if needing and len(benign_train) == 0:
+            raise DataError("the attack's benign training dataset is empty.")
         train = data_lib.ensure_tokenized(harmful_train, tokenizer, max_length=cfg.max_length)
-        for n in cfg.num_samples:
-            if n > len(train):
-                raise DataError(
-                    f"num_samples={n} exceeds the {len(train)} rows of the attack's training data; "
-                    "lower it or pass more data."
+        tokenized_cache: dict[int, Any] = {id(harmful_train): train}
+
+        def tokenized(raw):
+            if id(raw) not in tokenized_cache:
+                tokenized_cache[id(raw)] = data_lib.ensure_tokenized(
+                    raw, tokenizer, max_length=cfg.max_length
                 )
+            return tokenized_cache[id(raw)]
+
+        sources = {name: f.sources(harmful_train, benign_train, cfg) for name, f in families.items()}
+        grid = cfg.grid()
+        data = {}
+        for name, family in families.items():
+            if family.trains:
+                data[name] = {role: tokenized(raw) for role, raw in sources[name].items()}
+                for setting in (s for s in grid if s["family"] == name):
+                    family.training_set(data[name], setting)  # bad sizes fail before any training
+            else:
+                data[name] = sources[name]
         eval_data = (
             self.scorer.prepare(tokenizer, harmful_eval) if hasattr(self.scorer, "prepare") else harmful_eval
         )
-        family = get_attack(cfg.family)
         fingerprint = {
             "model": model_fingerprint(model),
             "train": _content_hash(train),
@@ -414,45 +566,83 @@ class HarmfulFineTuningAttack:
             "attack": {
                 k: v
                 for k, v in cfg.to_dict().items()
-                if k not in ("learning_rates", "num_samples", "seeds", "output_dir")
+                if k not in (*GRID_FIELDS, "output_dir", "stop_at_threshold", "full_curve")
             },
         }
+        if needing:
+            fingerprint["benign"] = _content_hash(tokenized(benign_train))
         curves = []
-        for setting in cfg.grid():
-            saved = self._load_saved(setting, fingerprint)
+        for setting in grid:
+            family = families[setting["family"]]
+            saved = self._load_saved(setting, fingerprint, phi)
             if saved is not None:
                 if progress:
-                    progress(f"reusing finished attack run {_setting_label(setting)}")
+                    progress(f"reusing finished attack run {setting_label(setting)}")
                 curves.append(saved)
                 continue
             if progress:
-                progress(f"attack {_setting_label(setting)}: {cfg.max_steps} steps")
-            curve = self._run_one(model, tokenizer, train, eval_data, setting, family, prepare_model)
-            self._save(curve, fingerprint)
+                budget = f"{cfg.max_steps} steps" if family.trains else "training-free"
+                progress(f"attack {setting_label(setting)}: {budget}")
+            if family.trains:
+                curve = self._run_one(
+                    model, tokenizer, data[setting["family"]], eval_data, setting, family, prepare_model, phi
+                )
+            else:
+                curve = self._run_training_free(
+                    model, tokenizer, data[setting["family"]], eval_data, setting, family
+                )
+            self._save(setting, curve, fingerprint, phi)
             curves.append(curve)
         return AttackResult(curves=curves, config=cfg)
 
     # -------------------------------------------------------------- one configuration
 
-    def _run_one(self, model, tokenizer, train, eval_data, setting, family, prepare_model) -> AttackCurve:
+    def _measure(self, model, tokenizer, eval_data) -> float:
+        return float(self.scorer.score(model, tokenizer, eval_data).value)
+
+    def _run_training_free(self, model, tokenizer, sources, eval_data, setting, family) -> AttackCurve:
+        """A training-free attack: one point at step 0 (no steps, tokens or FLOPs), after the edit; the
+        value before it is kept in the config as ``value_before``."""
+        attacked = copy.deepcopy(model)
+        before = self._measure(attacked, tokenizer, eval_data)
+        attacked = family.apply(attacked, tokenizer, sources, setting, self.config)
+        after = self._measure(attacked, tokenizer, eval_data)
+        logger.info("%s: f = %.4f before, %.4f after", setting["family"], before, after)
+        del attacked
+        return AttackCurve(
+            config={**setting, "value_before": before},
+            points=[CurvePoint(step=0, tokens=0, flops=0.0, value=after)],
+            scorer=self.scorer.name,
+            higher_is_better=self.scorer.higher_is_better,
+        )
+
+    def _run_one(
+        self, model, tokenizer, data, eval_data, setting, family, prepare_model, phi=None
+    ) -> AttackCurve:
         cfg = self.config
-        n = setting["num_samples"]
-        subset = train.shuffle(seed=setting["seed"]).select(range(n)) if n else train
+        subset = family.training_set(data, setting)
         attacked = copy.deepcopy(model)
         attacked.train()
         flops_per_token = family.flops_per_token(attacked, cfg)  # on the model before adapters are added
-        attacked = family.prepare(attacked, cfg)
+        attacked = family.prepare(attacked, cfg, setting)
         if prepare_model is not None:
             attacked = prepare_model(attacked)
 
         measure_context = getattr(prepare_model, "measure", None) or contextlib.nullcontext
 
         def measure(m) -> float:
-            # An attack-time hook may say how the model runs at inference (e.g. without a security vector).
+            # An attack-time hook may say how the model runs at inference (e.g. without a security vector);
+            # the family says what the attacker deploys (e.g. the model with its soft prompt).
             with measure_context(m):
-                return float(self.scorer.score(m, tokenizer, eval_data).value)
+                return self._measure(family.deployed(m, setting), tokenizer, eval_data)
 
-        callback = _CurveCallback(measure, cfg.eval_every, flops_per_token)
+        stop = None
+        if phi is not None:
+            hib = self.scorer.higher_is_better
+            stop = lambda value: first_crossing([CurvePoint(0, 0, 0.0, value)], phi, hib) is not None  # noqa: E731
+        callback = _CurveCallback(measure, cfg.eval_every, flops_per_token, stop=stop)
+        optim, optim_args = optimizer_arguments(setting["optimizer"])
+        warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
         with tempfile.TemporaryDirectory(prefix="immune_trainer_attack_") as tmp:
             args = TrainingArguments(
                 output_dir=tmp,
@@ -460,8 +650,10 @@ class HarmfulFineTuningAttack:
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                 learning_rate=setting["learning_rate"],
                 max_steps=cfg.max_steps,
-                lr_scheduler_type=cfg.lr_scheduler_type,
-                warmup_steps=cfg.warmup_steps,
+                lr_scheduler_type=setting["lr_scheduler_type"],
+                warmup_steps=warmup,
+                optim=optim,
+                optim_args=optim_args,
                 weight_decay=cfg.weight_decay,
                 max_grad_norm=cfg.max_grad_norm,
                 seed=setting["seed"],
@@ -486,8 +678,11 @@ class HarmfulFineTuningAttack:
             callback.trainer = trainer
             trainer.train()
         del trainer, attacked
+        config = dict(setting)
+        if phi is not None:
+            config["stopped_early"] = callback.stopped_early
         return AttackCurve(
-            config=dict(setting),
+            config=config,
             points=callback.points,
             scorer=self.scorer.name,
             higher_is_better=self.scorer.higher_is_better,
@@ -498,12 +693,17 @@ class HarmfulFineTuningAttack:
     def _path(self, setting, fingerprint) -> Path | None:
         if not self.config.output_dir:
             return None
-        label = _setting_label(setting).replace(" ", "_")
+        label = setting_label(setting).replace(" ", "_")
         # One file per (model, data, setting): attacks on the base and the immunized model do not collide.
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return Path(self.config.output_dir) / "attack_runs" / f"{label}_{key}.json"
 
-    def _load_saved(self, setting, fingerprint) -> AttackCurve | None:
+    def _load_saved(self, setting, fingerprint, phi=None) -> AttackCurve | None:
+        """A finished run of ``setting`` saved by an earlier call, if one fits.
+
+        A full curve fits every request (cut after its first crossing of ``phi`` when this call stops
+        early); an early-stopped curve fits only a call that stops at the same ``phi``.
+        """
         path = self._path(setting, fingerprint)
         if path is None or not path.exists():
             return None
@@ -514,14 +714,32 @@ class HarmfulFineTuningAttack:
             return None
         if saved.get("fingerprint") != fingerprint or saved.get("setting") != setting:
             return None
-        return AttackCurve.from_dict(saved["curve"])
+        curve = AttackCurve.from_dict(saved["curve"])
+        if curve.config.get("stopped_early"):
+            return curve if saved.get("stop_at_threshold") == phi else None
+        if phi is None:
+            curve.config.pop("stopped_early", None)
+            return curve
+        stopped = False
+        for i, point in enumerate(curve.points):
+            crossed = first_crossing([point], phi, curve.higher_is_better) is not None
+            if crossed and point.step < self.config.max_steps:
+                curve.points, stopped = curve.points[: i + 1], True
+                break
+        curve.config["stopped_early"] = stopped
+        return curve
 
-    def _save(self, curve: AttackCurve, fingerprint) -> None:
-        path = self._path(curve.config, fingerprint)
+    def _save(self, setting, curve: AttackCurve, fingerprint, phi=None) -> None:
+        path = self._path(setting, fingerprint)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"setting": curve.config, "fingerprint": fingerprint, "curve": curve.to_dict()}
+        payload = {
+            "setting": setting,
+            "fingerprint": fingerprint,
+            "stop_at_threshold": phi,
+            "curve": curve.to_dict(),
+        }
         atomic_write(path, json.dumps(payload, indent=2))
 
 
@@ -533,6 +751,29 @@ def _content_hash(dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def _setting_label(setting: dict[str, Any]) -> str:
-    n = setting["num_samples"] or "all"
-    return f"{setting['family']} lr={setting['learning_rate']:g} n={n} seed={setting['seed']}"
+_LABELS = {
+    "learning_rate": "lr",
+    "num_samples": "n",
+    "seed": "seed",
+    "optimizer": "opt",
+    "lr_scheduler_type": "sched",
+    "lora_rank": "r",
+    "harmful_share": "p",
+    "num_virtual_tokens": "k",
+    "refusal_layer": "layer",
+}
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """A short label of a grid setting (or a curve's config) naming every axis it has, e.g.
+    ``"lora lr=0.001 n=all seed=0 opt=adamw sched=constant r=8"`` (also the stem of its saved run's file)."""
+    parts = [str(setting.get("family"))]
+    for key, value in setting.items():
+        if key not in _LABELS:
+            continue
+        if key == "num_samples":
+            value = value or "all"
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        parts.append(f"{_LABELS.get(key, key)}={value}")
+    return " ".join(parts)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .attacks import AttackConfig, HarmfulFineTuningAttack
+from .attacks import ATTACKS, AttackConfig, HarmfulFineTuningAttack
 from .conditions import AttackCurve, TrainingCurve
 from .errors import ConfigError, DataError
 from .report import ImmunizationReport, ThreatModel, build_report
@@ -192,6 +192,9 @@ def threshold_from_base(curves: list[AttackCurve], step: int) -> float:
     """The base model's median f over the grid at ``step`` (phi when the user gives none)."""
     values = []
     for curve in curves:
+        family = ATTACKS.get(curve.config.get("family", "full"))
+        if family is not None and not family.trains:
+            continue  # a training-free attack has no steps to read phi at
         match = [p.value for p in curve.points if p.step == step]
         if not match:
             raise ConfigError(
@@ -199,7 +202,29 @@ def threshold_from_base(curves: list[AttackCurve], step: int) -> float:
                 f"{[p.step for p in curve.points]}; set threshold_step to one of them or give threshold."
             )
         values.append(match[0])
+    if not values:
+        raise ConfigError("phi cannot be read off training-free attacks alone; give threshold.")
     return float(statistics.median(values))
+
+
+def _grid_axes(config: AttackConfig) -> dict[str, Any]:
+    """The threat model's record of the grid axes beyond learning rates, samples and seeds."""
+    families = config.family_names()
+    axes: dict[str, Any] = {
+        "families": families,
+        "optimizers": list(config.optimizers),
+        "lr_scheduler_types": config.schedules(),
+        "warmup_ratio": config.warmup_ratio,
+    }
+    if "lora" in families:
+        axes["lora_ranks"] = list(config.lora_ranks or [config.lora_r])
+    if "mixed" in families:
+        axes["harmful_shares"] = list(config.harmful_shares)
+    if "embedding" in families:
+        axes["num_virtual_tokens"] = config.num_virtual_tokens
+    if "refusal_ablation" in families:
+        axes["refusal_layer"] = config.refusal_layer
+    return axes
 
 
 def _generalization_attack(attack: HarmfulFineTuningAttack, cfg: EvaluationConfig) -> HarmfulFineTuningAttack:
@@ -222,7 +247,9 @@ def benign_curves(
     """Fine-tune a copy of ``model`` on a benign task and return its :class:`TrainingCurve`."""
     benign_attack = HarmfulFineTuningAttack(
         AttackConfig(
-            family=attack_cfg.family,
+            # Trainability is plain fine-tuning: the grid's first fine-tuning family (full or lora).
+            family=next((f for f in attack_cfg.family_names() if f in ("full", "lora")), "full"),
+            lora_r=(attack_cfg.lora_ranks or [attack_cfg.lora_r])[0],
             learning_rates=[cfg.benign_learning_rate],
             num_samples=[0],
             seeds=[attack_cfg.seeds[0]],
@@ -309,7 +336,11 @@ def evaluate_conditions(
     for key, (train, ev) in sets.items():
         for who, model in (("base", base_model), ("immunized", immunized_model)):
             say(f"[{key}] attacking the {who} model")
-            curves[who][key] = attacks[key].run(model, tokenizer, train, ev, progress=say).curves
+            curves[who][key] = (
+                attacks[key]
+                .run(model, tokenizer, train, ev, benign_train=datasets.benign_train, progress=say)
+                .curves
+            )
 
     threshold_source = "given by the user"
     set_thresholds: dict[str, float] = {}
@@ -368,7 +399,7 @@ def evaluate_conditions(
 
     judge = scorer.judge_info() if hasattr(scorer, "judge_info") else None
     threat = ThreatModel(
-        attack_family=attack.config.family,
+        attack_family=attack.config.threat_model_family,
         scorer=scorer.name,
         higher_is_better=scorer.higher_is_better,
         threshold=float(cfg.threshold),
@@ -378,6 +409,7 @@ def evaluate_conditions(
             "learning_rates": list(attack.config.learning_rates),
             "num_samples": list(attack.config.num_samples),
             "seeds": list(attack.config.seeds),
+            **_grid_axes(attack.config),
         },
         max_steps=attack.config.max_steps,
         eval_every=attack.config.eval_every,
