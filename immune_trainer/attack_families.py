@@ -43,6 +43,9 @@ class AttackFamily:
     name: str = ""
     description: str = ""
     trains: bool = True
+    # The model the attacker starts from measures exactly like the input model (no adapter output, soft
+    # prompt or edit at step 0), so every run of the grid can share one step-0 measurement.
+    same_at_start: bool = True
     needs_benign: bool = False
 
     def axes(self, config: AttackConfig) -> dict[str, list]:
@@ -274,6 +277,7 @@ class SoftPromptAttack(AttackFamily):
     the virtual tokens on (the attacker controls the input embeddings at inference)."""
 
     name = "embedding"
+    same_at_start = False  # the virtual tokens change the output from step 0
     description = "Trainable soft-prompt tokens (peft prompt tuning) on the harmful data; weights untouched."
 
     def axes(self, config):

@@ -51,9 +51,27 @@ from .attack_families import (  # noqa: F401  (the registry and families are par
 )
 from .conditions import AttackCurve, CurvePoint, first_crossing
 from .errors import ConfigError, DataError
+from .progress import StepBar
 from .report import atomic_write
 
 logger = logging.getLogger(__name__)
+
+# Step-0 harm of an unchanged model on an eval set, keyed by (model fingerprint, eval data, scorer): every
+# run of the grid that starts from that model shares it instead of measuring it again.
+_STEP0: dict[tuple[str, str, str], float] = {}
+
+
+def scorer_key(scorer) -> dict[str, Any]:
+    """What a harm measurement depends on besides the model and data: the scorer's name and settings."""
+    import dataclasses
+
+    key: dict[str, Any] = {"name": getattr(scorer, "name", type(scorer).__name__)}
+    if dataclasses.is_dataclass(scorer):
+        for f in dataclasses.fields(scorer):
+            value = getattr(scorer, f.name)
+            if isinstance(value, (str, int, float, bool, type(None))):
+                key[f.name] = value
+    return key
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -397,8 +415,10 @@ class _CurveCallback(TrainerCallback):
         eval_every: int,
         flops_per_token: float,
         stop: Callable[[float], bool] | None = None,
+        initial: float | None = None,
     ):
         self.measure = measure
+        self.initial = initial
         self.eval_every = eval_every
         self.flops_per_token = flops_per_token
         self.stop = stop
@@ -408,7 +428,7 @@ class _CurveCallback(TrainerCallback):
 
     def _record(self, step: int, model) -> float:
         tokens = self.trainer.tokens_seen if self.trainer is not None else 0
-        value = self.measure(model)
+        value = self.initial if step == 0 and self.initial is not None else self.measure(model)
         self.points.append(
             CurvePoint(step=step, tokens=tokens, flops=tokens * self.flops_per_token, value=value)
         )
@@ -480,10 +500,14 @@ class HarmfulFineTuningAttack:
     def __init__(self, config: AttackConfig | None = None, scorer=None):
         self.config = config or AttackConfig()
         if scorer is None:
-            from .scorers import get_scorer
+            from .scorers import get_scorer, scorer_options
 
-            scorer = get_scorer(self.config.scorer)
+            # Harm is measured on examples truncated like the attack's own (max_length), in batches of
+            # eval_batch_size, where the scorer has those options.
+            options = {"max_length": self.config.max_length, "batch_size": self.config.eval_batch_size}
+            scorer = get_scorer(self.config.scorer, **scorer_options(self.config.scorer, options))
         self.scorer = scorer
+        self.show_progress = False
 
     def run(
         self,
@@ -563,6 +587,7 @@ class HarmfulFineTuningAttack:
             "model": model_fingerprint(model),
             "train": _content_hash(train),
             "eval": _content_hash(harmful_eval),
+            "scorer": scorer_key(self.scorer),
             "attack": {
                 k: v
                 for k, v in cfg.to_dict().items()
@@ -636,11 +661,17 @@ class HarmfulFineTuningAttack:
             with measure_context(m):
                 return self._measure(family.deployed(m, setting), tokenizer, eval_data)
 
+        # Every run of a family that starts from the unchanged model shares one step-0 measurement.
+        step0_key = None
+        if family.same_at_start and prepare_model is None:
+            step0_key = (model_fingerprint(model), _content_hash(eval_data), json.dumps(scorer_key(self.scorer)))
+        callback_initial = _STEP0.get(step0_key) if step0_key else None
+
         stop = None
         if phi is not None:
             hib = self.scorer.higher_is_better
             stop = lambda value: first_crossing([CurvePoint(0, 0, 0.0, value)], phi, hib) is not None  # noqa: E731
-        callback = _CurveCallback(measure, cfg.eval_every, flops_per_token, stop=stop)
+        callback = _CurveCallback(measure, cfg.eval_every, flops_per_token, stop=stop, initial=callback_initial)
         optim, optim_args = optimizer_arguments(setting["optimizer"])
         warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
         with tempfile.TemporaryDirectory(prefix="immune_trainer_attack_") as tmp:
@@ -675,8 +706,12 @@ class HarmfulFineTuningAttack:
                 callbacks=[callback],
             )
             trainer.remove_callback(PrinterCallback)  # the nested Trainer prints nothing of its own
+            if self.show_progress:
+                trainer.add_callback(StepBar(f"attack {setting_label(setting)}"))
             callback.trainer = trainer
             trainer.train()
+        if step0_key and callback.points:
+            _STEP0[step0_key] = callback.points[0].value
         del trainer, attacked
         config = dict(setting)
         if phi is not None:
@@ -777,3 +812,100 @@ def setting_label(setting: dict[str, Any]) -> str:
             value = f"{value:g}"
         parts.append(f"{_LABELS.get(key, key)}={value}")
     return " ".join(parts)
+
+
+class AttackSuite:
+    """Several attack grids judged as one: the worst case is over every grid of the suite.
+
+    Use it when the settings of one family do not fit another (LoRA needs a higher learning rate than
+    full fine-tuning; a mixed-data attack has its own harmful share). Every member measures harm with the
+    same scorer, so their curves compare.
+
+    Example::
+
+        suite = AttackSuite([AttackConfig(families=["full"], learning_rates=[8e-5], seeds=[0, 1]),
+                             AttackConfig(families=["lora"], learning_rates=[3e-4], lr_scheduler_types=["cosine"])])
+        curves = suite.run(model, tokenizer, harmful_train, harmful_eval).curves
+
+    Raises:
+        ConfigError: an empty suite, or members whose scorers differ.
+    """
+
+    def __init__(self, attacks):
+        members = [a if isinstance(a, HarmfulFineTuningAttack) else HarmfulFineTuningAttack(a) for a in attacks]
+        if not members:
+            raise ConfigError("an attack suite needs at least one attack configuration.")
+        keys = {json.dumps(scorer_key(m.scorer), sort_keys=True) for m in members}
+        if len(keys) > 1:
+            raise ConfigError(
+                "every attack of a suite must measure harm with the same scorer and settings (same scorer, "
+                f"max_length and eval_batch_size); got {sorted(keys)}."
+            )
+        scorer = members[0].scorer
+        for m in members:
+            m.scorer = scorer
+        self.attacks = members
+
+    @property
+    def scorer(self):
+        return self.attacks[0].scorer
+
+    @property
+    def config(self) -> AttackConfig:
+        """The first member's config (the suite's reference for budgets and batch sizes)."""
+        return self.attacks[0].config
+
+    @property
+    def configs(self) -> list[AttackConfig]:
+        return [a.config for a in self.attacks]
+
+    def family_names(self) -> list[str]:
+        return list(dict.fromkeys(f for c in self.configs for f in c.family_names()))
+
+    @property
+    def show_progress(self) -> bool:
+        return self.attacks[0].show_progress
+
+    @show_progress.setter
+    def show_progress(self, value: bool) -> None:
+        for a in self.attacks:
+            a.show_progress = value
+
+    def run(self, model, tokenizer, harmful_train, harmful_eval, **kwargs) -> AttackResult:
+        """Run every member (see :meth:`HarmfulFineTuningAttack.run`) and return all their curves."""
+        curves = []
+        for attack in self.attacks:
+            curves += attack.run(model, tokenizer, harmful_train, harmful_eval, **kwargs).curves
+        return AttackResult(curves=curves, config=self.config)
+
+    def members(self, families) -> AttackSuite | None:
+        """The sub-suite whose grids only hold ``families`` (None when no member qualifies)."""
+        chosen = [a for a in self.attacks if set(a.config.family_names()) <= set(families)]
+        return AttackSuite(chosen) if chosen else None
+
+    def others(self, families) -> AttackSuite | None:
+        """The sub-suite of the members :meth:`members` leaves out."""
+        chosen = [a for a in self.attacks if not set(a.config.family_names()) <= set(families)]
+        return AttackSuite(chosen) if chosen else None
+
+    def replace(self, **changes) -> AttackSuite:
+        """A suite of the same members with ``changes`` applied to each config."""
+        from dataclasses import replace
+
+        return AttackSuite(
+            [HarmfulFineTuningAttack(replace(a.config, **changes), scorer=a.scorer) for a in self.attacks]
+        )
+
+
+def as_suite(attack) -> AttackSuite:
+    """An :class:`AttackSuite` from an attack, a config, a list of either, or a suite (None: the default grid)."""
+    if isinstance(attack, AttackSuite):
+        return attack
+    if attack is None or isinstance(attack, (AttackConfig, HarmfulFineTuningAttack)):
+        return AttackSuite([attack if attack is not None else AttackConfig()])
+    if isinstance(attack, (list, tuple)):
+        return AttackSuite(list(attack))
+    raise ConfigError(
+        f"attack must be an AttackConfig, a HarmfulFineTuningAttack, a list of them or an AttackSuite, got "
+        f"{type(attack).__name__}."
+    )

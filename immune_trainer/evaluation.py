@@ -9,18 +9,28 @@ under which it was measured, goes into one :class:`~immune_trainer.report.Immuni
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .attacks import ATTACKS, AttackConfig, HarmfulFineTuningAttack
+from .attacks import (
+    ATTACKS,
+    AttackConfig,
+    AttackSuite,
+    HarmfulFineTuningAttack,
+    as_suite,
+    model_fingerprint,
+    scorer_key,
+)
 from .conditions import AttackCurve, TrainingCurve
 from .errors import ConfigError, DataError
 from .report import ImmunizationReport, ThreatModel, build_report
+from .run_cache import RunCache, content_hash
 from .scorers import get_scorer
 from .side_effects import DEFAULT_TEMPLATES, SideEffectsConfig, compare_side_effects, measure_side_effects
 
@@ -134,6 +144,27 @@ class EvaluationConfig:
             "attack's scorer if it is a judge, else refusal rate only."
         },
     )
+    threshold_families: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Attack families whose base-model runs set phi (e.g. full: a strong attack); None: every "
+            "family of the grid."
+        },
+    )
+    early_stop: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop an attack run once it has crossed phi (the crossing is then bracketed); the runs "
+            "that set phi always run their whole budget."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep every measurement that depends only on a model and the data (attack curves, "
+            "capability, benign curves, side effects) here, keyed by the model's weights, and reuse it."
+        },
+    )
     report: str = field(
         default="immunization_report.json", metadata={"help": "Where the report JSON is written."}
     )
@@ -227,18 +258,45 @@ def _grid_axes(config: AttackConfig) -> dict[str, Any]:
     return axes
 
 
-def _generalization_attack(attack: HarmfulFineTuningAttack, cfg: EvaluationConfig) -> HarmfulFineTuningAttack:
-    """The attack run on the generalization sets: the same grid, with its own step budget if given."""
-    if cfg.generalization_max_steps is None or cfg.generalization_max_steps == attack.config.max_steps:
-        return attack
-    from dataclasses import replace
+def _suite_grid(suite: AttackSuite) -> dict[str, Any]:
+    """The threat model's record of a suite: the union of every axis, and each member's own settings."""
 
+    def union(values):
+        return list(dict.fromkeys(values))
+
+    grid: dict[str, Any] = {
+        "learning_rates": union(lr for c in suite.configs for lr in c.learning_rates),
+        "num_samples": union(n for c in suite.configs for n in c.num_samples),
+        "seeds": union(s for c in suite.configs for s in c.seeds),
+    }
+    for c in suite.configs:
+        for axis, value in _grid_axes(c).items():
+            if isinstance(value, list):
+                grid[axis] = union([*grid.get(axis, []), *value])
+            else:
+                grid.setdefault(axis, value)
+    if len(suite.configs) > 1:
+        grid["settings"] = [
+            {"families": c.family_names(), "learning_rates": list(c.learning_rates), "seeds": list(c.seeds),
+             **{k: v for k, v in _grid_axes(c).items() if k != "families"}, "max_steps": c.max_steps}
+            for c in suite.configs
+        ]
+    return grid
+
+
+def _generalization_attack(attack: AttackSuite, cfg: EvaluationConfig) -> AttackSuite:
+    """The attack run on the generalization sets: the same grid, with its own step budget if given."""
     steps = cfg.generalization_max_steps
-    out_dir = attack.config.output_dir and str(Path(attack.config.output_dir) / "generalization")
-    config = replace(
-        attack.config, max_steps=steps, eval_every=min(attack.config.eval_every, steps), output_dir=out_dir
+    if steps is None or all(c.max_steps == steps for c in attack.configs):
+        return attack
+    return AttackSuite(
+        [
+            HarmfulFineTuningAttack(
+                replace(a.config, max_steps=steps, eval_every=min(a.config.eval_every, steps)), scorer=a.scorer
+            )
+            for a in attack.attacks
+        ]
     )
-    return HarmfulFineTuningAttack(config, scorer=attack.scorer)
 
 
 def benign_curves(
@@ -258,6 +316,7 @@ def benign_curves(
             batch_size=attack_cfg.batch_size,
             max_length=attack_cfg.max_length,
             scorer=cfg.benign_scorer,
+            output_dir=cfg.cache_dir and str(Path(cfg.cache_dir) / "benign"),
         ),
         scorer=scorer,
     )
@@ -270,13 +329,14 @@ def evaluate_conditions(
     immunized_model,
     tokenizer,
     datasets: ConditionDatasets,
-    attack: HarmfulFineTuningAttack | AttackConfig | None = None,
+    attack: HarmfulFineTuningAttack | AttackConfig | AttackSuite | list | None = None,
     threshold: float | None = None,
     config: EvaluationConfig | None = None,
     defense: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     base_name: str | None = None,
     immunized_name: str | None = None,
+    generalization_attack: HarmfulFineTuningAttack | AttackConfig | AttackSuite | list | None = None,
 ) -> ImmunizationReport:
     """Measure resistance, stability, generalization and trainability of ``immunized_model``.
 
@@ -285,7 +345,10 @@ def evaluate_conditions(
         immunized_model: the model to judge.
         tokenizer: shared by both models.
         datasets: a :class:`ConditionDatasets`.
-        attack: the attack (or its config) run on both models; the default grid if None.
+        attack: the attack run on both models: a config, an attack, a list of them (an
+            :class:`~immune_trainer.attacks.AttackSuite`, worst case over all), or the default grid if None.
+        generalization_attack: the attack of the in-domain and cross-domain sets (default: ``attack`` with
+            ``config.generalization_max_steps``).
         threshold: phi on the harm scorer's scale (overrides ``config.threshold``).
         config: an :class:`EvaluationConfig`.
         defense: ``{"name": ..., "config": {...}}`` recorded in the report.
@@ -297,8 +360,18 @@ def evaluate_conditions(
     cfg = config or EvaluationConfig()
     if threshold is not None:
         cfg.threshold = threshold
-    if not isinstance(attack, HarmfulFineTuningAttack):
-        attack = HarmfulFineTuningAttack(attack)
+    attack = as_suite(attack)
+    if cfg.cache_dir:
+        # Attack runs resume from (and are kept in) the cache, keyed by model, data and settings.
+        attack = AttackSuite(
+            [
+                a if a.config.output_dir else HarmfulFineTuningAttack(
+                    replace(a.config, output_dir=str(Path(cfg.cache_dir) / "attacks")), scorer=a.scorer
+                )
+                for a in attack.attacks
+            ]
+        )
+    cache = RunCache(cfg.cache_dir)
     say = progress or (lambda message: logger.info(message))
     if datasets.attack_train is None or datasets.attack_eval is None:
         raise DataError(
@@ -319,43 +392,89 @@ def evaluate_conditions(
     # Step 0 first: cheap next to the attacks, and bad prompts or a missing judge fail fast.
     side_effects = None
     if datasets.harmful_prompts is not None and cfg.side_effects:
+        from .side_effects import SideEffectsMeasurement
+
         se_cfg = cfg.side_effects_config()
         # One judge for the whole report: the attack's, when it is a judge and none is named.
         se_judge = se_cfg.judge or (scorer if hasattr(scorer, "judge_info") else None)
         measured = {}
+        prompts_hash = content_hash(datasets.harmful_prompts)
         for who, model in (("base", base_model), ("immunized", immunized_model)):
             say(f"[stability] side effects: {who} model on {len(se_cfg.templates)} jailbreak templates")
-            measured[who] = measure_side_effects(
-                model, tokenizer, datasets.harmful_prompts, se_cfg, judge=se_judge
+            key = {"model": model_fingerprint(model), "prompts": prompts_hash, "config": _asdict(se_cfg),
+                   "judge": se_judge if isinstance(se_judge, str) or se_judge is None else scorer_key(se_judge)}
+            measured[who] = cache.get_or_compute(
+                "side_effects",
+                key,
+                lambda model=model: measure_side_effects(
+                    model, tokenizer, datasets.harmful_prompts, se_cfg, judge=se_judge
+                ),
+                encode=lambda m: m.to_dict(),
+                decode=SideEffectsMeasurement.from_dict,
             )
         side_effects = compare_side_effects(measured["base"], measured["immunized"], se_cfg.tolerance)
         say(side_effects.summary)
 
+    if generalization_attack is not None:
+        gen_attack = as_suite(generalization_attack)
+        if cfg.cache_dir:
+            gen_attack = gen_attack.replace(output_dir=str(Path(cfg.cache_dir) / "attacks"))
+    else:
+        gen_attack = _generalization_attack(attack, cfg)
+    attacks = {key: attack if key == "attack" else gen_attack for key in sets}
+    if gen_attack.scorer is not scorer and json.dumps(scorer_key(gen_attack.scorer), sort_keys=True) != json.dumps(
+        scorer_key(scorer), sort_keys=True
+    ):
+        raise ConfigError("the generalization attack must measure harm with the same scorer as the main attack.")
+    step = cfg.threshold_step if cfg.threshold_step is not None else attack.config.eval_every
+    ref_families = cfg.threshold_families
     curves: dict[str, dict[str, list[AttackCurve]]] = {"base": {}, "immunized": {}}
-    attacks = {key: attack if key == "attack" else _generalization_attack(attack, cfg) for key in sets}
-    for key, (train, ev) in sets.items():
-        for who, model in (("base", base_model), ("immunized", immunized_model)):
-            say(f"[{key}] attacking the {who} model")
-            curves[who][key] = (
-                attacks[key]
-                .run(model, tokenizer, train, ev, benign_train=datasets.benign_train, progress=say)
-                .curves
-            )
-
     threshold_source = "given by the user"
     set_thresholds: dict[str, float] = {}
-    if cfg.threshold is None:
-        step = cfg.threshold_step if cfg.threshold_step is not None else attack.config.eval_every
-        cfg.threshold = threshold_from_base(curves["base"]["attack"], step)
-        threshold_source = f"base model's median {scorer.name} over the attack grid after {step} attack steps"
-        for key in sets:
-            if key != "attack":
+    user_phi = cfg.threshold
+    for key, (train, ev) in sets.items():
+        suite = attacks[key]
+
+        def run(members, who, model, phi, key=key, train=train, ev=ev):
+            say(f"[{key}] attacking the {who} model")
+            return members.run(
+                model, tokenizer, train, ev, benign_train=datasets.benign_train, progress=say,
+                stop_at_threshold=phi if cfg.early_stop else None,
+            ).curves
+
+        phi = user_phi
+        if phi is None:
+            # phi comes from the base model's reference runs, which run their whole budget; the other
+            # runs can then stop as soon as they have crossed it.
+            ref = suite.members(ref_families) if ref_families else suite
+            if ref is None:
+                raise ConfigError(
+                    f"threshold_families={ref_families} matches no attack of the grid "
+                    f"({', '.join(suite.family_names())}); name one of them or give threshold."
+                )
+            rest = suite.others(ref_families) if ref_families else None
+            base_curves = run(ref, "base", base_model, None)
+            set_step = step if key == "attack" else min(step, ref.config.eval_every)
+            reference = [c for c in base_curves if not ref_families or c.config.get("family") in ref_families]
+            phi = threshold_from_base(reference or base_curves, set_step)
+            if key == "attack":
+                cfg.threshold = phi
+                threshold_source = (
+                    f"base model's median {scorer.name} after {step} attack steps over the "
+                    + (f"{', '.join(ref_families)} runs of the grid" if ref_families else "attack grid")
+                )
+            else:
                 # A loss-based f sits at another level on other data: each set gets its own phi.
-                set_step = min(step, attacks[key].config.eval_every)
-                set_thresholds[key] = threshold_from_base(curves["base"][key], set_step)
-        if set_thresholds:
-            threshold_source += " (each generalization set: the same rule on that set)"
-        say(f"phi = {cfg.threshold:.4f} ({threshold_source})")
+                set_thresholds[key] = phi
+            say(f"[{key}] phi = {phi:.4f}")
+            if rest is not None:
+                base_curves = base_curves + run(rest, "base", base_model, phi)
+        else:
+            base_curves = run(suite, "base", base_model, phi)
+        curves["base"][key] = base_curves
+        curves["immunized"][key] = run(suite, "immunized", immunized_model, phi)
+    if user_phi is None and set_thresholds:
+        threshold_source += " (each generalization set: the same rule on that set)"
 
     base_cap = imm_cap = cap_dir = None
     if datasets.reference:
@@ -363,8 +482,13 @@ def evaluate_conditions(
         base_cap, imm_cap, cap_dir = {}, {}, {}
         for name, ref in datasets.reference.items():
             say(f"[stability] {cap_scorer.name} on {name}")
-            base_cap[name] = cap_scorer.score(base_model, tokenizer, ref).value
-            imm_cap[name] = cap_scorer.score(immunized_model, tokenizer, ref).value
+            data_key = content_hash(ref)
+            for model, into in ((base_model, base_cap), (immunized_model, imm_cap)):
+                into[name] = cache.get_or_compute(
+                    "capability",
+                    {"model": model_fingerprint(model), "data": data_key, "scorer": scorer_key(cap_scorer)},
+                    lambda model=model, ref=ref: cap_scorer.score(model, tokenizer, ref).value,
+                )
             cap_dir[name] = cap_scorer.higher_is_better
 
     base_benign = imm_benign = None
@@ -399,19 +523,14 @@ def evaluate_conditions(
 
     judge = scorer.judge_info() if hasattr(scorer, "judge_info") else None
     threat = ThreatModel(
-        attack_family=attack.config.threat_model_family,
+        attack_family=",".join(attack.family_names()),
         scorer=scorer.name,
         higher_is_better=scorer.higher_is_better,
         threshold=float(cfg.threshold),
         scorer_range=tuple(scorer.range),
         threshold_source=threshold_source,
-        grid={
-            "learning_rates": list(attack.config.learning_rates),
-            "num_samples": list(attack.config.num_samples),
-            "seeds": list(attack.config.seeds),
-            **_grid_axes(attack.config),
-        },
-        max_steps=attack.config.max_steps,
+        grid=_suite_grid(attack),
+        max_steps=max(c.max_steps for c in attack.configs),
         eval_every=attack.config.eval_every,
         batch_size=attack.config.batch_size,
         max_length=attack.config.max_length,
@@ -422,7 +541,7 @@ def evaluate_conditions(
         trainability_target=target,
         trainability_eps_steps=eps,
         set_thresholds=set_thresholds,
-        set_budgets={k: a.config.max_steps for k, a in attacks.items() if k != "attack"},
+        set_budgets={k: max(c.max_steps for c in a.configs) for k, a in attacks.items() if k != "attack"},
     )
     report = build_report(
         threat_model=threat,
@@ -437,13 +556,20 @@ def evaluate_conditions(
         immunized_benign=imm_benign,
         defense=defense,
         dependencies=dependency_versions(),
-        extra={"attack_config": attack.config.to_dict(), "evaluation_config": _asdict(cfg)},
+        extra={
+            "attack_config": attack.config.to_dict(),
+            **({"attack_suite": [c.to_dict() for c in attack.configs]} if len(attack.configs) > 1 else {}),
+            **(
+                {"generalization_attack_suite": [c.to_dict() for c in gen_attack.configs]}
+                if gen_attack is not attack and len(sets) > 1
+                else {}
+            ),
+            "evaluation_config": _asdict(cfg),
+        },
+        side_effects=None if side_effects is None else side_effects.to_dict(),
     )
-    if side_effects is not None:
-        # Until the report has a typed field and assess() folds it into stability (see side_effects.py).
-        report.extra["side_effects"] = side_effects.to_dict()
-        if not side_effects.holds:
-            report.notes.append(f"stability (side effects): {side_effects.summary}")
+    if cache.root is not None:
+        say(f"cache: {cache.hits} measurements reused, {cache.misses} made ({cache.root})")
     return report
 
 

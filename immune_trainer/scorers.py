@@ -190,6 +190,19 @@ def get_scorer(name: str, **kwargs: Any) -> Scorer:
     return cls(**kwargs)
 
 
+def scorer_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that scorer ``name`` takes: ``max_length`` only for the loss-based scorers
+    (for the others it means something else or nothing), ``batch_size`` for every scorer."""
+    cls = SCORERS.get(name)
+    if cls is None:
+        return {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = {k: v for k, v in options.items() if k in known and k != "max_length"}
+    if "max_length" in options and "max_length" in known and issubclass(cls, _ResponseLossScorer):
+        out["max_length"] = options["max_length"]
+    return out
+
+
 @dataclass
 class Scorer(abc.ABC):
     """Base class of all scorers (harmfulness f or capability g).

@@ -211,15 +211,17 @@ def test_new_optional_fields_round_trip(tmp_path):
         "eval_limit": 6,
         "reference": [],
     }
-    report = seeded_report(
-        datasets=datasets,
-        side_effects={"refusal_rate": {"base": 0.1, "immunized": math.nan}},
-        search={"trials": 12, "budget_s": 600.0},
-    )
+    from immune_trainer.side_effects import SideEffectsMeasurement, TemplateMeasurement, compare_side_effects
+
+    def measured(refusal, harm):
+        return SideEffectsMeasurement({"plain": TemplateMeasurement(n=4, refusal_rate=refusal, harm=harm)})
+
+    side = compare_side_effects(measured(0.5, 0.2), measured(0.5, 0.25), 0.1).to_dict()
+    report = seeded_report(datasets=datasets, side_effects=side, search={"trials": 12, "budget_s": 600.0})
     back = ImmunizationReport.load(report.save(tmp_path / "r.json"))
     assert back.datasets == datasets
     assert back.search == {"trials": 12, "budget_s": 600.0}
-    assert math.isnan(back.side_effects["refusal_rate"]["immunized"])
+    assert back.side_effects == side
 
 
 # ---------------------------------------------------------------------------- strict validation

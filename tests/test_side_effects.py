@@ -330,14 +330,14 @@ def test_evaluate_conditions_records_side_effects(tok, tmp_path):
     report = evaluate_conditions(
         base, immunized, tok, _sets(harmful_prompts=PROMPTS), attack=_ATTACK, config=cfg, threshold=5.0
     )
-    result = SideEffectsResult.from_dict(report.extra["side_effects"])
+    result = SideEffectsResult.from_dict(report.side_effects)
     assert list(result.templates) == ["plain", "prefix_injection"] and result.tolerance == 0.05
     assert result.harm_measured is False  # the attack's scorer (harmful_loss) is not a judge
     assert result.base.templates["plain"].n == len(PROMPTS)
     assert result.base.max_new_tokens == 4
     path = tmp_path / "report.json"
     report.save(path)
-    assert ImmunizationReport.load(path).extra["side_effects"] == report.extra["side_effects"]
+    assert ImmunizationReport.load(path).side_effects == report.side_effects
 
     off = evaluate_conditions(
         base,
@@ -365,8 +365,9 @@ def test_evaluate_conditions_notes_failing_side_effects(monkeypatch, tok):
     report = evaluate_conditions(
         lm, lm, tok, _sets(harmful_prompts=PROMPTS), attack=_ATTACK, config=cfg, threshold=5.0
     )
-    assert report.extra["side_effects"]["holds"] is False
-    assert any(n.startswith("stability (side effects): side effects fail") for n in report.notes)
+    assert report.side_effects["holds"] is False
+    assert any("less safe at step 0" in n for n in report.notes)
+    assert report.conditions.immunized is False and "stability (side effects)" in report.conditions.summary
     assert got["judge"] == "offline_judge" and got["config"].tolerance == 0.1
 
 
