@@ -123,6 +123,20 @@ class RepNoiseConfig(ImmunizationConfig):
         number of samples is always needed: this is a starting point, not a tuned setting."""
         return cls(**{**cls.AUTHORS_DEMO, **overrides})
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the paper (lr 2e-5, alpha 1, beta 0.001) and the authors' demo (lr 1e-4, 250 steps); their
+        README calls for a grid over lr, alpha, beta and sample count. ``lens_skip_embedding`` (a departure
+        from the reference) is left out: add it to a sweep deliberately."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-4, "log": True},
+            "alpha": {"type": "float", "low": 0.5, "high": 4.0, "log": True},
+            "beta": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+            "layer_stride": {"type": "int", "low": 1, "high": 4, "log": False},
+            "retain_weight": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
+        }
+
     def __post_init__(self):
         for name in ("alpha", "beta", "noise_std"):
             value = getattr(self, name)

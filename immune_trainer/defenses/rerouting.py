@@ -81,6 +81,18 @@ class ReroutingConfig(ImmunizationConfig):
         default=1e-4, metadata={"help": "Learning rate of the adapter (reference: 1e-4)."}
     )
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the circuit-breakers reference: LoRA r 16, lr 1e-4, 150 steps, lorra_alpha 10."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+            "max_steps": {"type": "int", "low": 50, "high": 300, "log": True},
+            "alpha": {"type": "float", "low": 1.0, "high": 20.0, "log": True},
+            "lora_r": {"type": "int", "low": 4, "high": 32, "log": True},
+            "retain_weight": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
+        }
+
     def __post_init__(self):
         if not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a finite positive number, got {self.alpha}.")

@@ -64,6 +64,16 @@ class SecurityVectorConfig(ImmunizationConfig):
         },
     )
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the paper: LoRA r 8, alpha 32, lr 1e-3, one epoch."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "lora_r": {"type": "int", "low": 4, "high": 64, "log": True},
+            "lora_alpha": {"type": "int", "low": 8, "high": 64, "log": True},
+        }
+
     def __post_init__(self):
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise ConfigError(

@@ -87,6 +87,19 @@ class TARConfig(ImmunizationConfig):
         metadata={"help": "Add mean_l ||h_l(theta) - h_l(theta_0)||_2 on retain data to the retain loss."},
     )
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the reference: lr 2e-5, 750 outer steps, lambda_TR 4, lambda_retain 1, K = 64 inner steps
+        (the range starts lower: every inner step costs a forward and backward)."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 4e-6, "high": 1e-4, "log": True},
+            "max_steps": {"type": "int", "low": 50, "high": 750, "log": True},
+            "inner_steps": {"type": "int", "low": 4, "high": 64, "log": True},
+            "lambda_tr": {"type": "float", "low": 0.5, "high": 10.0, "log": True},
+            "lambda_retain": {"type": "float", "low": 0.25, "high": 4.0, "log": True},
+        }
+
     def __post_init__(self):
         tar_step_weights(self.inner_steps, self.tr_every, self.step_weight_scale)  # ConfigError if invalid
         if isinstance(self.adversary_learning_rates, (int, float)):

@@ -75,6 +75,17 @@ class VaccineConfig(ImmunizationConfig):
         default=8, metadata={"help": "Number of layers T-Vaccine perturbs each step (capped at the depth)."}
     )
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the papers: LoRA lr 1e-3; rho 2 (Vaccine) and 3 (T-Vaccine), whose ablations span 0.1..10
+        (a larger rho hurts the alignment loss); T-Vaccine samples 8 layers."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "rho": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
+            "num_sampled_layers": {"type": "int", "low": 2, "high": 16, "log": False},
+        }
+
     def __post_init__(self):
         if self.rho is None:
             self.rho = 3.0 if self.layer_sampling else 2.0
