@@ -298,3 +298,18 @@ def test_training_raises_post_attack_entropy(tmp_path):
     )
     tar.train()
     assert _post_attack_entropy(model, harm) > _post_attack_entropy(control, harm) + 0.1
+
+
+def test_too_few_pairs_or_attacker_rows_are_data_errors(tmp_path):
+    from immune_trainer.errors import DataError
+
+    with pytest.raises(DataError, match="at least 2 harmful pairs"):
+        TARTrainer(
+            model=tiny_causal_lm("llama"),
+            args=_config(tmp_path),
+            harmful_dataset=make_pairs(1),
+            processing_class=tiny_tokenizer(),
+        )
+    trainer = _trainer(tmp_path, tiny_causal_lm("llama"), inner_batch_size=8, dataloader_drop_last=True)
+    with pytest.raises(DataError, match="inner_batch_size"):
+        trainer.next_adversary_batch()

@@ -302,7 +302,12 @@ class TARTrainer(ImmunizationTrainer):
         """A fresh batch of the attacker's rows (their harmful side), cycling over the adversary rows with a
         new order each epoch; every inner step draws one. A resumed run continues where it stopped."""
         if self._adversary_iterator is None:
-            per_epoch = max(len(self._adversary_loader_for(0)), 1)
+            per_epoch = len(self._adversary_loader_for(0))
+            if per_epoch == 0:
+                raise DataError(
+                    f"the simulated attacker's {len(self.adversary_dataset)} rows make no batch (dataloader_drop_last "
+                    "with a larger batch): lower inner_batch_size or give more harmful pairs."
+                )
             consumed = self.state.global_step * self.args.gradient_accumulation_steps * self.args.inner_steps
             self._adversary_epoch, skip = divmod(consumed, per_epoch)
             self._adversary_iterator = iter(self._adversary_loader_for(self._adversary_epoch))
