@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import defense_config, make_pairs
+from conftest import defense_config, make_benign, make_pairs
 
 from immune_trainer.defenses import TARConfig, TARTrainer, get_defense
 from immune_trainer.errors import ConfigError
@@ -194,8 +194,9 @@ def test_inner_steps_draw_fresh_adversary_rows_disjoint_from_the_held_out_rows(t
     seen = []
     draw = trainer.next_adversary_batch
 
-    def recording():
-        batch = draw()
+    def recording(source="harmful"):
+        assert source == "harmful"  # no benign attackers by default
+        batch = draw(source)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         seen.append([tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask)])
         return batch
@@ -313,3 +314,54 @@ def test_too_few_pairs_or_attacker_rows_are_data_errors(tmp_path):
     trainer = _trainer(tmp_path, tiny_causal_lm("llama"), inner_batch_size=8, dataloader_drop_last=True)
     with pytest.raises(DataError, match="inner_batch_size"):
         trainer.next_adversary_batch()
+
+
+def test_benign_adversaries_fine_tune_on_the_retain_set(tmp_path):
+    with pytest.raises(ConfigError, match="retain_dataset"):
+        _trainer(tmp_path, tiny_causal_lm("llama"), benign_adversary_probability=0.35)
+    trainer = TARTrainer(
+        model=tiny_causal_lm("llama"),
+        args=_config(tmp_path, max_steps=6, inner_steps=2, tr_every=2, benign_adversary_probability=0.5),
+        harmful_dataset=make_pairs(8),
+        retain_dataset=make_benign(8),
+        processing_class=tiny_tokenizer(),
+    )
+    # The draw is seeded by the step and follows the probability.
+    draws = [trainer.is_benign_adversary_step(s) for s in range(2000)]
+    assert 0.45 < sum(draws) / len(draws) < 0.55
+    assert draws[:6] == [trainer.is_benign_adversary_step(s) for s in range(6)]
+    benign_rows = {tuple(r) for r in trainer.retain_dataset["input_ids"]}
+    adv_rows = {tuple(r) for r in trainer.adversary_dataset["harmful_input_ids"]}
+    seen = []
+    draw = trainer.next_adversary_batch
+
+    def recording(source="harmful"):
+        batch = draw(source)
+        rows = {tuple(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"])}
+        seen.append((trainer.state.global_step, source, rows))
+        return batch
+
+    trainer.next_adversary_batch = recording
+    trainer.train()
+    expected = ["benign" if draws[s] else "harmful" for s in range(6)]
+    assert [source for _, source, _ in seen] == [e for e in expected for _ in range(2)]  # K = 2 per step
+    assert {"benign", "harmful"} <= set(expected)
+    for _, source, rows in seen:
+        assert rows <= (benign_rows if source == "benign" else adv_rows)
+    logged = [h for h in trainer.state.log_history if "loss/benign_adversary" in h]
+    assert logged
+    # A resumed run (a fresh trainer at step 6) draws the same next batches as the run that went on.
+    resumed = TARTrainer(
+        model=tiny_causal_lm("llama"),
+        args=_config(
+            tmp_path / "resumed", max_steps=6, inner_steps=2, tr_every=2, benign_adversary_probability=0.5
+        ),
+        harmful_dataset=make_pairs(8),
+        retain_dataset=make_benign(8),
+        processing_class=tiny_tokenizer(),
+    )
+    resumed.state.global_step = 6
+    for source in ("harmful", "benign"):
+        for _ in range(3):
+            a, b = draw(source), resumed.next_adversary_batch(source)
+            assert torch.equal(a["input_ids"], b["input_ids"]), source

@@ -6,7 +6,8 @@ Per outer step (one held-out paired batch):
 
 1. A simulated attacker copies the trainable weights and fine-tunes the copy for ``K`` steps with its own
    AdamW, drawing a FRESH adversary batch at every inner step (as the reference's inner loop does), with a
-   learning rate drawn from ``adversary_learning_rates``. After every ``tr_every``-th step it evaluates the
+   learning rate drawn from ``adversary_learning_rates``. With ``benign_adversary_probability`` (the
+   reference mixes 35% benign adversaries) the attacker of a step fine-tunes on the retain set instead. After every ``tr_every``-th step it evaluates the
    tamper-resistance loss ``L_TR`` at the adapted weights on the held-out batch and accumulates
    ``lambda_tr * w_k * grad L_TR`` with ``w_k = exp(0.0625 (k - (K - 1)))`` (first-order: the gradient at
    the adapted weights is applied to the outer weights).
@@ -86,6 +87,10 @@ class TARConfig(ImmunizationConfig):
         adversary_fraction (`float`, defaults to `0.5`):
             Share of the harmful pairs reserved for the simulated attacker; the rest are the held-out outer
             batches on which `L_TR` is measured (the two parts share no row).
+        benign_adversary_probability (`float`, defaults to `0.0`):
+            Probability that an outer step's attacker fine-tunes on benign data (the retain set) instead of
+            harmful rows. The reference mixes adversaries 65% harmful / 35% benign (0.35); 0 by default because
+            a retain set is optional here.
         tamper_loss (`str`, defaults to `"max_entropy"`):
             `"max_entropy"` (the reference's loss for knowledge restriction) or `"dpo"` (its loss for refusal of
             harmful requests: prefer the refusal over the harmful response after the attack).
@@ -129,6 +134,13 @@ class TARConfig(ImmunizationConfig):
         metadata={
             "help": "Share of the harmful pairs reserved for the simulated attacker; the rest are the held-out "
             "batches on which the tamper-resistance loss is measured."
+        },
+    )
+    benign_adversary_probability: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability that an outer step's simulated attacker fine-tunes on benign (retain) data "
+            "instead of harmful rows (reference: 0.35); needs a retain_dataset."
         },
     )
     tamper_loss: str = field(
@@ -184,6 +196,10 @@ class TARConfig(ImmunizationConfig):
             raise ConfigError(f"inner_batch_size must be positive or None, got {self.inner_batch_size}.")
         if self.tamper_loss not in TAMPER_LOSSES:
             raise ConfigError(f"tamper_loss must be one of {TAMPER_LOSSES}, got {self.tamper_loss!r}.")
+        if not 0 <= self.benign_adversary_probability <= 1:
+            raise ConfigError(
+                f"benign_adversary_probability must be in [0, 1], got {self.benign_adversary_probability}."
+            )
         if not 0 < self.adversary_fraction < 1:
             raise ConfigError(f"adversary_fraction must be in (0, 1), got {self.adversary_fraction}.")
         if not math.isfinite(self.dpo_beta) or self.dpo_beta <= 0:
@@ -233,7 +249,12 @@ class TARTrainer(ImmunizationTrainer):
         if not isinstance(self.args, TARConfig):
             raise ConfigError(f"TARTrainer needs a TARConfig, got {type(self.args).__name__}.")
         self.train_dataset, self.adversary_dataset = self._split_pairs(self.train_dataset)
-        self._adversary_iterator = None
+        self._inner_iterators: dict[str, list] = {}
+        if self.args.benign_adversary_probability > 0 and self.retain_dataset is None:
+            raise ConfigError(
+                "benign_adversary_probability > 0 makes some simulated attackers fine-tune on benign data: pass "
+                "a retain_dataset (or set it to 0)."
+            )
         self.step_weights = tar_step_weights(
             self.args.inner_steps, self.args.tr_every, self.args.step_weight_scale
         )
@@ -286,40 +307,58 @@ class TARTrainer(ImmunizationTrainer):
         rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step)
         return rng.choice(list(self.args.adversary_learning_rates))
 
-    def _adversary_loader_for(self, epoch: int):
+    def is_benign_adversary_step(self, step: int) -> bool:
+        """Whether the simulated attacker of outer step ``step`` fine-tunes on benign (retain) data instead of
+        harmful rows: drawn with ``benign_adversary_probability``, seeded by the step (the same on every
+        process, and replayable after a resume)."""
+        p = self.args.benign_adversary_probability
+        return p > 0 and random.Random(self.args.seed * 7_000_003 + step).random() < p
+
+    def _inner_loader_for(self, source: str, epoch: int):
+        dataset = self.adversary_dataset if source == "harmful" else self.retain_dataset
         generator = torch.Generator()
-        generator.manual_seed(self.args.seed + 2_000_003 * (epoch + 1))
-        sampler = torch.utils.data.RandomSampler(self.adversary_dataset, generator=generator)
+        generator.manual_seed(self.args.seed + 2_000_003 * (epoch + 1) + (0 if source == "harmful" else 17))
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
         return self._get_dataloader(
-            self.adversary_dataset,
-            description="adversary",
+            dataset,
+            description=f"{source} adversary",
             batch_size=self.args.inner_batch_size or self._train_batch_size,
             sampler_fn=lambda _: sampler,
             is_training=True,
         )
 
-    def next_adversary_batch(self) -> dict[str, torch.Tensor]:
-        """A fresh batch of the attacker's rows (their harmful side), cycling over the adversary rows with a
-        new order each epoch; every inner step draws one. A resumed run continues where it stopped."""
-        if self._adversary_iterator is None:
-            per_epoch = len(self._adversary_loader_for(0))
+    def next_adversary_batch(self, source: str = "harmful") -> dict[str, torch.Tensor]:
+        """A fresh batch for one inner step of the attacker: the harmful side of the attacker's rows
+        (``source="harmful"``) or a retain-set batch (``"benign"``), cycling with a new order each epoch.
+        A resumed run continues where it stopped."""
+        state = self._inner_iterators.get(source)
+        if state is None:
+            per_epoch = len(self._inner_loader_for(source, 0))
             if per_epoch == 0:
+                rows = len(self.adversary_dataset if source == "harmful" else self.retain_dataset)
                 raise DataError(
-                    f"the simulated attacker's {len(self.adversary_dataset)} rows make no batch (dataloader_drop_last "
-                    "with a larger batch): lower inner_batch_size or give more harmful pairs."
+                    f"the simulated attacker's {rows} {source} rows make no batch (dataloader_drop_last with a "
+                    "larger batch): lower inner_batch_size or give more data."
                 )
-            consumed = self.state.global_step * self.args.gradient_accumulation_steps * self.args.inner_steps
-            self._adversary_epoch, skip = divmod(consumed, per_epoch)
-            self._adversary_iterator = iter(self._adversary_loader_for(self._adversary_epoch))
+            steps_done = sum(
+                1
+                for step in range(self.state.global_step)
+                if self.is_benign_adversary_step(step) == (source == "benign")
+            )
+            consumed = steps_done * self.args.gradient_accumulation_steps * self.args.inner_steps
+            epoch, skip = divmod(consumed, per_epoch)
+            iterator = iter(self._inner_loader_for(source, epoch))
             for _ in range(skip):
-                next(self._adversary_iterator)
+                next(iterator)
+            state = self._inner_iterators[source] = [epoch, iterator]
         try:
-            batch = next(self._adversary_iterator)
+            batch = next(state[1])
         except StopIteration:
-            self._adversary_epoch += 1
-            self._adversary_iterator = iter(self._adversary_loader_for(self._adversary_epoch))
-            batch = next(self._adversary_iterator)
-        return self.side(self._prepare_inputs(batch), "harmful")
+            state[0] += 1
+            state[1] = iter(self._inner_loader_for(source, state[0]))
+            batch = next(state[1])
+        batch = self._prepare_inputs(batch)
+        return self.side(batch, "harmful") if source == "harmful" else batch
 
     def _reference_logps(self, held_out) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs of the refusal and the harmful response under the starting model."""
@@ -460,7 +499,11 @@ class TARTrainer(ImmunizationTrainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        tr_grads, terms = self.tamper_resistance_grads(model, self.next_adversary_batch, inputs)
+        source = "benign" if self.is_benign_adversary_step(self.state.global_step) else "harmful"
+        tr_grads, terms = self.tamper_resistance_grads(
+            model, lambda: self.next_adversary_batch(source), inputs
+        )
+        terms["benign_adversary"] = torch.tensor(float(source == "benign"))
 
         with self.compute_loss_context_manager():
             batches = []
