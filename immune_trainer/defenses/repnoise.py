@@ -11,6 +11,7 @@
 - ``h_l^harm``: hidden states (``h_0`` = embeddings) read through the final norm and the unembedding
   ("logit lens"). transformers returns the last hidden state already normed, so its logit-lens CE *is*
   the final-logits CE: it is counted once, giving ``N + 1`` cross-entropies in the mean.
+  ``lens_skip_embedding=True`` (a departure from the reference) leaves ``h_0`` out: ``N`` terms.
 
 Everything on the harmful side comes from ONE forward (``output_hidden_states=True`` plus MLP hooks that
 exist only during that forward); the harmless side is a second forward, the retain set a third.
