@@ -125,7 +125,7 @@ register_defense(
     TARConfig,
     TARTrainer,
     "Tamper-resistant training: first-order meta-learning against a simulated fine-tuning attacker (max-entropy "
-    "tamper-resistance loss) with LM and representation retain losses.",
+    "or DPO refusal-preference tamper-resistance loss) with LM and representation retain losses.",
 )
 register_defense(
     "security_vectors",
@@ -139,7 +139,8 @@ register_defense(
     "rerouting",
     ReroutingConfig,
     ReroutingTrainer,
-    "Circuit breakers: LoRA rerouting of harmful representations (ReLU cosine) with an L2 retain loss.",
+    "Circuit breakers: LoRA rerouting of harmful representations (ReLU cosine, request and response) with an L2 "
+    "retain loss on every layer up to the last target layer.",
 )
 
 __all__ = [
