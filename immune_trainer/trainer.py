@@ -115,6 +115,20 @@ class ImmunizationConfig(TrainingArguments):
         metadata={"help": "Allow model code from the repository when the model is given by id."},
     )
 
+    @classmethod
+    def search_space(cls) -> dict[str, dict[str, Any]]:
+        """The hyperparameters a defense sweep should search, as plain data: ``name -> spec`` where a spec is
+        ``{"type": "float" | "int", "low": ..., "high": ..., "log": bool}`` or
+        ``{"type": "categorical", "choices": [...]}`` (the arguments of optuna's ``suggest_*``).
+
+        The base searches the learning rate and the number of steps; each defense's config extends it
+        (``{**super().search_space(), ...}``) with its own loss weights, narrowing ranges around its paper's
+        values. :func:`check_search_space` validates a space against its config class."""
+        return {
+            "learning_rate": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+            "max_steps": {"type": "int", "low": 50, "high": 1000, "log": True},
+        }
+
     def __post_init__(self):
         if self.max_length <= 0:
             raise ConfigError(f"max_length must be positive, got {self.max_length}.")
@@ -125,6 +139,52 @@ class ImmunizationConfig(TrainingArguments):
         # Paired batches carry columns the model's forward does not accept.
         self.remove_unused_columns = False
         super().__post_init__()
+
+
+_SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "log"}}
+
+
+def check_search_space(config_class: type) -> dict[str, dict[str, Any]]:
+    """Validate ``config_class.search_space()`` and return it: every name is a field of the config, every
+    range is well formed (``low < high``, positive bounds on a log scale, ints for ``"int"``), choices are a
+    non-empty list. Raises ConfigError naming the config, the hyperparameter and the problem."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    space = config_class.search_space()
+    where = config_class.__name__
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"{where}.search_space() must return a non-empty dict, got {space!r}.")
+    for name, spec in space.items():
+        if name not in fields:
+            raise ConfigError(f"{where}.search_space() names {name!r}, which is not a field of {where}.")
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind == "categorical":
+            if (
+                set(spec) != {"type", "choices"}
+                or not isinstance(spec["choices"], list)
+                or not spec["choices"]
+            ):
+                raise ConfigError(
+                    f"{where}.search_space()[{name!r}] needs a non-empty list of choices: {spec}."
+                )
+            continue
+        if kind not in _SPEC_KEYS or not {"type", "low", "high"} <= set(spec) <= _SPEC_KEYS[kind]:
+            raise ConfigError(
+                f"{where}.search_space()[{name!r}] must be {{'type': 'float'|'int', 'low', 'high'[, 'log']}} "
+                f"or {{'type': 'categorical', 'choices'}}, got {spec}."
+            )
+        low, high = spec["low"], spec["high"]
+        number = int if kind == "int" else (int, float)
+        if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
+            raise ConfigError(
+                f"{where}.search_space()[{name!r}]: bounds must be {kind}s, got {low!r}, {high!r}."
+            )
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ConfigError(f"{where}.search_space()[{name!r}]: need finite low < high, got {low}, {high}.")
+        if spec.get("log", False) and low <= 0:
+            raise ConfigError(f"{where}.search_space()[{name!r}]: a log scale needs low > 0, got {low}.")
+    return space
 
 
 def merge_parts(parts) -> dict[str, torch.Tensor]:

@@ -44,8 +44,11 @@ def _ref_mmd(x, y):
     return k[:nx, :nx].mean() + k[nx:, nx:].mean() - 2 * k[:nx, nx:].mean()
 
 
-def _ref_repnoise(model, batch, alpha, beta, arch):
-    """RepNoise written from the formula with the model's own module names (not modeling.py)."""
+def _ref_repnoise(model, batch, alpha, beta, arch, skip_embedding=False):
+    """RepNoise written from the formula with the model's own module names (not modeling.py).
+
+    ``skip_embedding``: the ascent averages the lens CE of the layer inputs 1..N-1 and the final logits only
+    (N terms instead of N + 1)."""
     if arch == "gpt2":
         blocks, norm = model.transformer.h, model.transformer.ln_f
     else:
@@ -64,9 +67,8 @@ def _ref_repnoise(model, batch, alpha, beta, arch):
     labels = batch["harmful_labels"]
     m = (labels != -100).unsqueeze(-1).float()
     noise = torch.stack([_ref_mmd(a * m, torch.randn_like(a) * m) for a in acts]).mean()
-    ces = [_ref_ce(model.lm_head(norm(h)), labels) for h in out.hidden_states[:-1]] + [
-        _ref_ce(out.logits, labels)
-    ]
+    lens_states = out.hidden_states[1:-1] if skip_embedding else out.hidden_states[:-1]
+    ces = [_ref_ce(model.lm_head(norm(h)), labels) for h in lens_states] + [_ref_ce(out.logits, labels)]
     ascent = torch.log(sum(ces) / len(ces) + 1)
     harmless = model(
         input_ids=batch["harmless_input_ids"],
@@ -158,3 +160,44 @@ def test_layer_stride_and_config_errors(tmp_path):
         _config(tmp_path, beta=-1.0)
     with pytest.raises(ConfigError, match="layer_stride"):
         _config(tmp_path, layer_stride=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lens_skip_embedding_matches_independent_reference(tmp_path, arch):
+    """lens_skip_embedding=True leaves hidden_states[0] out of the ascent mean (N terms, not N + 1); the
+    noise term and the harmless loss are unchanged."""
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(arch, num_layers=3, seed=1)
+    model.eval()
+    results = {}
+    for skip in (False, True):
+        trainer = RepNoiseTrainer(
+            model=model,
+            args=_config(tmp_path, alpha=0.7, beta=0.5, lens_skip_embedding=skip),
+            harmful_dataset=make_pairs(8),
+            processing_class=tok,
+        )
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        torch.manual_seed(5)
+        ours = trainer.compute_defense_loss(model, batch)
+        torch.manual_seed(5)
+        ref = _ref_repnoise(model, batch, alpha=0.7, beta=0.5, arch=arch, skip_embedding=skip)
+        for name in ("noise", "ascent", "harmless", "loss"):
+            torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"{name} skip={skip}")
+        results[skip] = ours
+    assert not torch.allclose(results[True]["ascent"], results[False]["ascent"])
+    torch.testing.assert_close(results[True]["noise"], results[False]["noise"])
+
+
+def test_authors_demo_preset(tmp_path):
+    cfg = RepNoiseConfig.authors_demo(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    assert (cfg.learning_rate, cfg.lr_scheduler_type, cfg.per_device_train_batch_size) == (1e-4, "cosine", 4)
+    assert (cfg.alpha, cfg.beta, cfg.max_steps) == (1.0, 0.001, 250)
+    assert cfg.get_warmup_steps(cfg.max_steps) == 25  # 10% warm-up
+    assert cfg.lens_skip_embedding is False  # the preset is the reference, departures are opt-in
+    overridden = RepNoiseConfig.authors_demo(
+        output_dir=str(tmp_path), report_to="none", alpha=2.0, max_steps=-1
+    )
+    assert (overridden.alpha, overridden.max_steps, overridden.learning_rate) == (2.0, -1, 1e-4)
+    with pytest.raises(ConfigError, match="alpha"):
+        RepNoiseConfig.authors_demo(output_dir=str(tmp_path), report_to="none", alpha=-1.0)

@@ -63,17 +63,27 @@ def test_loss_matches_an_independent_computation(tmp_path):
             return peft_model(**kwargs).hidden_states
 
     h, h0 = states("harmful", False), states("harmful", True)
-    resp = (inputs["harmful_labels"] != -100).float()
-    cos_terms = []
-    for layer in layers:
-        a, b = h[layer + 1], h0[layer + 1]
-        cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-        cos_terms.append((cos.clamp(min=0) * resp).sum() / resp.sum())
-    expected_rr = sum(cos_terms) / len(cos_terms)
 
+    def rerouting(mask):
+        # The reference: normalise, multiply by the mask repeated over layers, ReLU of the per-token sum,
+        # divided by the mask's total over layers.
+        a, b = torch.stack([h[l_ + 1] for l_ in layers]), torch.stack([h0[l_ + 1] for l_ in layers])
+        m = mask.float().repeat(len(layers), 1, 1).unsqueeze(-1)
+        inner = (a / a.norm(dim=-1, keepdim=True)) * (b / b.norm(dim=-1, keepdim=True)) * m
+        return torch.relu(inner.sum(-1)).sum() / m.sum()
+
+    # The rerouting mask is the whole harmful example (request and response), not the response alone.
+    expected_rr = rerouting(inputs["harmful_attention_mask"])
+    response_only = rerouting(inputs["harmful_labels"] != -100)
+    assert abs(float(expected_rr) - float(response_only)) > 1e-4
+
+    # Retain: every hidden state from the embeddings to the output of the last target layer (1 + 2 = 3).
     g, g0 = states("harmless", False), states("harmless", True)
     att = inputs["harmless_attention_mask"].float()
-    l2_terms = [(((g[l_ + 1] - g0[l_ + 1]) ** 2).sum(-1).sqrt() * att).sum() / att.sum() for l_ in layers]
+    l2_terms = [
+        (((g[i] - g0[i]) ** 2).sum(-1).sqrt() * att).sum() / att.sum() for i in range(max(layers) + 2)
+    ]
+    assert len(l2_terms) == 3 and float(l2_terms[0]) == 0.0  # the embeddings do not move under LoRA
     expected_retain = sum(l2_terms) / len(l2_terms)
 
     assert torch.allclose(terms["rerouting"], expected_rr, atol=1e-5)
@@ -122,10 +132,12 @@ def test_training_reroutes_harmful_more_than_harmless(tmp_path):
     trainer.train()
     harm_cos, harm_drift = _cos_and_drift(trainer.model, inputs, "harmful")
     safe_cos, safe_drift = _cos_and_drift(trainer.model, inputs, "harmless")
-    # Held-out harmful responses are rerouted (cosine 1 before training; measured 0.41) ...
+    # Held-out harmful responses are rerouted (cosine 1 before training; measured 0.32) ...
     assert harm_cos < 0.6
-    # ... and the harmless (refusal) responses much less (measured 0.72 and 60% of the harmful drift).
-    assert safe_cos > harm_cos + 0.2
+    # ... and the harmless (refusal) responses less (measured 0.50 and 75% of the harmful drift). The
+    # reference's mask reroutes the request too, and here the refusals share the harmful prompts, so they
+    # move more than under a response-only mask (0.72 and 60% with that mask).
+    assert safe_cos > harm_cos + 0.15
     assert safe_drift < 0.8 * harm_drift
     logged = [h for h in trainer.state.log_history if "loss/rerouting" in h]
     assert logged and "loss/retain_l2" in logged[-1]

@@ -160,3 +160,62 @@ def test_errors(tmp_path, vector):
         drop_security_vector(copy.deepcopy(vector["base"]))
     with pytest.raises(ConfigError, match="adapter_config.json"):
         security_vector_hook(tmp_path)
+
+
+def _one_step(model, batch, lr=1e-2):
+    """One plain SGD step of the attacker on every trainable parameter; returns {param: value before}."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    opt = torch.optim.SGD(params, lr=lr)
+    opt.zero_grad()
+    model(**batch).loss.backward()
+    opt.step()
+    return before
+
+
+@pytest.mark.parametrize("family", ["full", "lora"])
+def test_hook_leaves_the_attacker_every_weight_a_plain_attack_trains(vector, family):
+    """Under the hook the attacker trains exactly what a plain attack of the same family trains (a full attack:
+    every base weight, including the projections peft wraps and renames to ``base_layer``); only the
+    security vector's own parameters are added, and they stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    batch, hook = vector["batch"], security_vector_hook(vector["path"])
+
+    def prepared():
+        torch.manual_seed(0)
+        m = copy.deepcopy(vector["base"]).requires_grad_(True)  # as FullFineTuning.prepare does
+        if family == "lora":
+            m = get_peft_model(
+                m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
+            )
+        return m
+
+    # The plain attack: which weights (by their name before any wrapping) does one step change?
+    plain = prepared()
+    named = list(plain.named_parameters())
+    before = _one_step(plain, batch)
+    trained_plain = {n for n, p in named if not torch.equal(p, before[id(p)])}
+    assert trained_plain
+
+    # The same attack under the hook. The parameters are the objects of the model handed to the hook.
+    model = prepared()
+    named = list(model.named_parameters())  # names before peft wraps (and renames) the projections
+    hooked = hook(model)
+    vector_params = [p for n, p in hooked.named_parameters() if ".security_vector." in n]
+    assert vector_params and not any(p.requires_grad for p in vector_params)
+    known = {id(p) for _, p in named}
+    # Nothing but the security vector was added, and nothing else is frozen that the plain attack trains.
+    assert {id(p) for p in hooked.parameters()} - known == {id(p) for p in vector_params}
+    wrapped_names = [n for n, _ in hooked.named_parameters() if ".base_layer." in n]
+    assert wrapped_names  # peft did wrap (and rename) projections: the case that used to be frozen
+    before = _one_step(hooked, batch)
+    trained_hooked = {n for n, p in named if not torch.equal(p, before[id(p)])}
+    requires_grad = {n for n, p in named if p.requires_grad}
+    assert requires_grad == {n for n, p in prepared().named_parameters() if p.requires_grad}
+    assert trained_hooked == trained_plain
+    assert all(torch.equal(p, before[id(p)]) for p in vector_params)
+    if family == "full":
+        projections = {n for n, _ in named if n.endswith("proj.weight")}
+        assert projections and projections <= trained_hooked

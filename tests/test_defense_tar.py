@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import defense_config, make_pairs
+from conftest import defense_config, make_benign, make_pairs
 
 from immune_trainer.defenses import TARConfig, TARTrainer, get_defense
 from immune_trainer.errors import ConfigError
@@ -45,36 +45,106 @@ def test_step_weights_and_cost():
     assert spec.trainer_class is TARTrainer and spec.paper["id"] == "2408.00761"
     cfg = TARConfig(output_dir="/tmp/unused", report_to="none")
     assert (cfg.inner_steps, cfg.tr_every, cfg.lambda_tr, cfg.lambda_retain) == (8, 4, 4.0, 1.0)
-    assert cfg.adversary_learning_rates == [2e-6, 2e-5, 4e-5]
+    assert cfg.adversary_learning_rates == [3e-5, 6e-5, 8e-5]  # the attack grid
+    assert cfg.tamper_loss == "max_entropy" and cfg.dpo_beta == 0.1
+    assert "64" in TARConfig.__dataclass_fields__["inner_steps"].metadata["help"]  # the reference's K
     with pytest.raises(ConfigError, match="inner_steps|K="):
         TARConfig(output_dir="/tmp/unused", report_to="none", inner_steps=2, tr_every=4)
+    with pytest.raises(ConfigError, match="tamper_loss"):
+        TARConfig(output_dir="/tmp/unused", report_to="none", tamper_loss="kl")
+    with pytest.raises(ConfigError, match="dpo_beta"):
+        TARConfig(output_dir="/tmp/unused", report_to="none", dpo_beta=0.0)
+    with pytest.raises(ConfigError, match="adversary_fraction"):
+        TARConfig(output_dir="/tmp/unused", report_to="none", adversary_fraction=1.0)
 
 
-def test_first_order_gradient_matches_a_manual_computation(tmp_path):
+def test_adversary_learning_rate_draws_cover_the_configured_list(tmp_path):
+    trainer = _trainer(tmp_path, tiny_causal_lm("llama"), adversary_learning_rates=[3e-5, 6e-5, 8e-5])
+    draws = []
+    for step in range(60):
+        trainer.state.global_step = step
+        draws.append(trainer._adversary_lr())
+    assert set(draws) == {3e-5, 6e-5, 8e-5}
+
+
+def _ref_sequence_logp(logits, labels):
+    """Sum over response tokens of log p(token), written with a plain loop over rows (independent)."""
+    out = []
+    for row_logits, row_labels in zip(logits, labels):
+        total = torch.zeros(())
+        for t in range(1, row_labels.shape[0]):
+            if row_labels[t] != -100:
+                total = total + torch.log_softmax(row_logits[t - 1], -1)[row_labels[t]]
+        out.append(total)
+    return torch.stack(out)
+
+
+def _ref_tr_loss(model, held, kind, ref_logps=None, beta=0.1):
+    harm_ids, harm_mask, harm_labels = (
+        held["harmful_input_ids"],
+        held["harmful_attention_mask"],
+        held["harmful_labels"],
+    )
+    logits = model(input_ids=harm_ids, attention_mask=harm_mask).logits
+    if kind == "max_entropy":
+        shift = logits[:, :-1]
+        resp = (harm_labels[:, 1:] != -100).float()
+        p = shift.softmax(-1)
+        ent = -(p * p.log()).sum(-1)
+        return -(ent * resp).sum() / resp.sum()
+    rejected = _ref_sequence_logp(logits, harm_labels)
+    chosen_logits = model(
+        input_ids=held["harmless_input_ids"], attention_mask=held["harmless_attention_mask"]
+    ).logits
+    chosen = _ref_sequence_logp(chosen_logits, held["harmless_labels"])
+    ref_chosen, ref_rejected = ref_logps
+    # DPO: -log sigmoid(beta * [(log pi(chosen) - log pi_0(chosen)) - (log pi(rejected) - log pi_0(rejected))])
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return torch.mean(torch.log1p(torch.exp(-beta * margin)))
+
+
+@pytest.mark.parametrize("kind", ["max_entropy", "dpo"])
+def test_first_order_gradient_matches_a_manual_computation(tmp_path, kind):
     model = tiny_causal_lm("llama", seed=0)
-    trainer = _trainer(tmp_path, model, lambda_tr=4.0)
+    trainer = _trainer(tmp_path, model, lambda_tr=4.0, tamper_loss=kind, inner_batch_size=2)
     trainer.model.eval()  # no dropout in either computation
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    adversary, held = trainer.split_harmful(inputs)
+    held = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    K = 2
+    adversary = [trainer.next_adversary_batch() for _ in range(K)]
+    assert not torch.equal(adversary[0]["input_ids"], adversary[1]["input_ids"])  # a fresh batch per step
     before = [p.detach().clone() for p in model.parameters()]
     grads, terms = trainer.tamper_resistance_grads(trainer.model, adversary, held, lr=1e-2)
 
     # Manual: a deep copy attacked by torch AdamW through ordinary forward/backward calls.
+    ref_logps = None
+    if kind == "dpo":  # the reference policy is the starting model
+        with torch.no_grad():
+            ref_logps = (
+                _ref_sequence_logp(
+                    model(
+                        input_ids=held["harmless_input_ids"], attention_mask=held["harmless_attention_mask"]
+                    ).logits,
+                    held["harmless_labels"],
+                ),
+                _ref_sequence_logp(
+                    model(
+                        input_ids=held["harmful_input_ids"], attention_mask=held["harmful_attention_mask"]
+                    ).logits,
+                    held["harmful_labels"],
+                ),
+            )
     attacked = copy.deepcopy(model)
     opt = torch.optim.AdamW(attacked.parameters(), lr=1e-2, weight_decay=0.0)
     expected = [torch.zeros_like(p) for p in attacked.parameters()]
-    K = 2
+    values = []
     for k in range(K):
         opt.zero_grad()
-        attacked(**adversary).loss.backward()
+        attacked(**adversary[k]).loss.backward()
         opt.step()
         opt.zero_grad()
-        logits = attacked(input_ids=held["input_ids"], attention_mask=held["attention_mask"]).logits
-        shift = logits[:, :-1]
-        resp = (held["labels"][:, 1:] != -100).float()
-        p = shift.softmax(-1)
-        ent = -(p * p.log()).sum(-1)
-        (-(ent * resp).sum() / resp.sum()).backward()
+        tr = _ref_tr_loss(attacked, held, kind, ref_logps)
+        tr.backward()
+        values.append(float(tr.detach()))
         w = math.exp(0.0625 * (k - (K - 1)))
         for e, q in zip(expected, attacked.parameters()):
             if q.grad is not None:
@@ -83,9 +153,83 @@ def test_first_order_gradient_matches_a_manual_computation(tmp_path):
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, atol=1e-5, rtol=1e-4)
     assert any(float(e.abs().sum()) > 0 for e in expected)
+    assert float(terms["tamper_resistance"]) == pytest.approx(sum(values) / K, rel=1e-4)
     # The simulated attacker did not touch the real weights.
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert -math.log(512) <= float(terms["tamper_resistance"]) <= 0.0
+    if kind == "max_entropy":
+        assert -math.log(512) <= float(terms["tamper_resistance"]) <= 0.0
+    else:
+        assert float(terms["tamper_resistance"]) > 0.0
+
+
+def test_dpo_loss_against_an_independent_computation():
+    from immune_trainer.defenses.tar import dpo_preference_loss, sequence_logps
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.tensor(
+        [[-100, -100, 4, 5, 1, -100], [-100, 2, 3, -100, -100, -100], [-100, -100, -100, -100, 7, 9]]
+    )
+    torch.testing.assert_close(sequence_logps(logits, labels), _ref_sequence_logp(logits, labels))
+    pc, pr, rc, rr = (torch.randn(3) for _ in range(4))
+    beta = 0.3
+    expected = (
+        sum(
+            -math.log(1 / (1 + math.exp(-beta * ((a - c) - (b - d)))))
+            for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())
+        )
+        / 3
+    )
+    assert float(dpo_preference_loss(pc, pr, rc, rr, beta)) == pytest.approx(expected, rel=1e-6)
+    # Preferring the chosen response more than the reference does lowers the loss.
+    assert dpo_preference_loss(pc + 1, pr, rc, rr, beta) < dpo_preference_loss(pc, pr, rc, rr, beta)
+
+
+def test_inner_steps_draw_fresh_adversary_rows_disjoint_from_the_held_out_rows(tmp_path):
+    model = tiny_causal_lm("llama", seed=0)
+    trainer = _trainer(tmp_path, model, max_steps=1, inner_steps=4, tr_every=2, inner_batch_size=2)
+    adv_rows = {tuple(r) for r in trainer.adversary_dataset["harmful_input_ids"]}
+    held_rows = {tuple(r) for r in trainer.train_dataset["harmful_input_ids"]}
+    assert len(adv_rows) == 4 and len(held_rows) == 4 and not adv_rows & held_rows
+    seen = []
+    draw = trainer.next_adversary_batch
+
+    def recording(source="harmful"):
+        assert source == "harmful"  # no benign attackers by default
+        batch = draw(source)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        seen.append([tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask)])
+        return batch
+
+    trainer.next_adversary_batch = recording
+    trainer.train()
+    assert len(seen) == 4  # one batch per inner step
+    assert all(set(rows) <= adv_rows for rows in seen)  # never a held-out row
+    assert len({tuple(rows) for rows in seen}) > 1  # not the same rows every step
+    assert set(seen[0]) | set(seen[1]) == adv_rows  # the first two steps go through all four adversary rows
+
+
+def test_dpo_tamper_loss_trains_full_and_lora(tmp_path):
+    from peft import LoraConfig
+
+    for lora in (False, True):
+        # Full fine-tuning without the representation term: the frozen starting model serves the DPO loss.
+        trainer = TARTrainer(
+            model=tiny_causal_lm("qwen2", seed=0),
+            args=_config(tmp_path / str(lora), tamper_loss="dpo", representation_retain=lora),
+            harmful_dataset=make_pairs(8),
+            processing_class=tiny_tokenizer(),
+            peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules="all-linear")
+            if lora
+            else None,
+        )
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+        assert changed and (not lora or all("lora_" in n for n in changed))
+        logged = [h for h in trainer.state.log_history if "loss/tamper_resistance" in h]
+        assert logged and logged[-1]["loss/tamper_resistance"] > 0  # a DPO loss, not a negated entropy
+        assert trainer.plain_steps_per_step == pytest.approx(2 + 2 * 2 + 1 + (1 / 3 if lora else 0) + 2 / 3)
 
 
 @pytest.mark.parametrize("arch,lora", [("gpt2", False), ("qwen2", True), ("llama", True)])
@@ -155,3 +299,69 @@ def test_training_raises_post_attack_entropy(tmp_path):
     )
     tar.train()
     assert _post_attack_entropy(model, harm) > _post_attack_entropy(control, harm) + 0.1
+
+
+def test_too_few_pairs_or_attacker_rows_are_data_errors(tmp_path):
+    from immune_trainer.errors import DataError
+
+    with pytest.raises(DataError, match="at least 2 harmful pairs"):
+        TARTrainer(
+            model=tiny_causal_lm("llama"),
+            args=_config(tmp_path),
+            harmful_dataset=make_pairs(1),
+            processing_class=tiny_tokenizer(),
+        )
+    trainer = _trainer(tmp_path, tiny_causal_lm("llama"), inner_batch_size=8, dataloader_drop_last=True)
+    with pytest.raises(DataError, match="inner_batch_size"):
+        trainer.next_adversary_batch()
+
+
+def test_benign_adversaries_fine_tune_on_the_retain_set(tmp_path):
+    with pytest.raises(ConfigError, match="retain_dataset"):
+        _trainer(tmp_path, tiny_causal_lm("llama"), benign_adversary_probability=0.35)
+    trainer = TARTrainer(
+        model=tiny_causal_lm("llama"),
+        args=_config(tmp_path, max_steps=6, inner_steps=2, tr_every=2, benign_adversary_probability=0.5),
+        harmful_dataset=make_pairs(8),
+        retain_dataset=make_benign(8),
+        processing_class=tiny_tokenizer(),
+    )
+    # The draw is seeded by the step and follows the probability.
+    draws = [trainer.is_benign_adversary_step(s) for s in range(2000)]
+    assert 0.45 < sum(draws) / len(draws) < 0.55
+    assert draws[:6] == [trainer.is_benign_adversary_step(s) for s in range(6)]
+    benign_rows = {tuple(r) for r in trainer.retain_dataset["input_ids"]}
+    adv_rows = {tuple(r) for r in trainer.adversary_dataset["harmful_input_ids"]}
+    seen = []
+    draw = trainer.next_adversary_batch
+
+    def recording(source="harmful"):
+        batch = draw(source)
+        rows = {tuple(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"])}
+        seen.append((trainer.state.global_step, source, rows))
+        return batch
+
+    trainer.next_adversary_batch = recording
+    trainer.train()
+    expected = ["benign" if draws[s] else "harmful" for s in range(6)]
+    assert [source for _, source, _ in seen] == [e for e in expected for _ in range(2)]  # K = 2 per step
+    assert {"benign", "harmful"} <= set(expected)
+    for _, source, rows in seen:
+        assert rows <= (benign_rows if source == "benign" else adv_rows)
+    logged = [h for h in trainer.state.log_history if "loss/benign_adversary" in h]
+    assert logged
+    # A resumed run (a fresh trainer at step 6) draws the same next batches as the run that went on.
+    resumed = TARTrainer(
+        model=tiny_causal_lm("llama"),
+        args=_config(
+            tmp_path / "resumed", max_steps=6, inner_steps=2, tr_every=2, benign_adversary_probability=0.5
+        ),
+        harmful_dataset=make_pairs(8),
+        retain_dataset=make_benign(8),
+        processing_class=tiny_tokenizer(),
+    )
+    resumed.state.global_step = 6
+    for source in ("harmful", "benign"):
+        for _ in range(3):
+            a, b = draw(source), resumed.next_adversary_batch(source)
+            assert torch.equal(a["input_ids"], b["input_ids"]), source

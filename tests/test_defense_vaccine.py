@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import defense_config, flat_parameters, make_pairs, train_on_identical_batches
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from immune_trainer.defenses import VaccineConfig, VaccineTrainer, get_defense
 from immune_trainer.errors import ConfigError
@@ -99,18 +100,88 @@ def test_perturbation_and_second_pass_gradient_match_manual(tmp_path, arch):
     assert any(not torch.allclose(p.grad, grads_ref[n], atol=1e-6) for n, p in model.named_parameters())
 
 
-def test_t_vaccine_samples_layers_and_keeps_norm(tmp_path):
+def _ref_layer_probabilities(model, arch, batch):
+    """||dL_harm/dh_l|| / sum_j ||dL_harm/dh_j|| from zero probes added to each attention output."""
+    n = len(_attn_blocks(model, arch))
+    shape = (*batch["harmful_input_ids"].shape, model.config.hidden_size)
+    probes = [torch.zeros(shape, requires_grad=True) for _ in range(n)]
+
+    def harmful_loss():
+        return model(
+            input_ids=batch["harmful_input_ids"],
+            attention_mask=batch["harmful_attention_mask"],
+            labels=batch["harmful_labels"],
+        ).loss
+
+    grads = torch.autograd.grad(_with_deltas(model, arch, probes, harmful_loss), probes)
+    norms = torch.tensor([float(g.norm()) for g in grads])
+    return norms / norms.sum()
+
+
+def test_t_vaccine_probabilities_follow_harmful_gradient_norms(tmp_path):
     model, trainer, batch = _trainer(tmp_path, num_layers=4, layer_sampling=True, num_sampled_layers=2)
     assert trainer.args.rho == 3.0
-    torch.manual_seed(0)
-    seen = set()
-    for _ in range(6):
-        eps, _ = trainer.compute_perturbation(model, batch)
-        assert len(eps) == 2
-        seen.update(eps)
-        torch.testing.assert_close(torch.sqrt(sum((e**2).sum() for e in eps.values())), torch.tensor(3.0))
-    assert seen <= set(range(4))
-    assert VaccineConfig(output_dir=str(tmp_path), report_to="none").rho == 2.0
+    assert (trainer.args.probability_refresh_steps, trainer.args.resample_steps) == (200, 20)  # reference
+    expected = _ref_layer_probabilities(model, "llama", batch)
+    torch.testing.assert_close(
+        trainer.compute_layer_probabilities(model, trainer.side(batch, "harmful")), expected
+    )
+    # The harmless side gives other probabilities: they are measured on the harmful batch.
+    harmless = trainer.compute_layer_probabilities(model, trainer.side(batch, "harmless"))
+    assert not torch.allclose(harmless, expected)
+
+    # In training, the first step measures them on the harmful side of its batch and draws 2 layers.
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.training_step(model, batch)
+    torch.testing.assert_close(trainer.layer_probabilities, expected)
+    assert trainer.probability_refreshes == [0] and len(trainer.active_layers) == 2
+    # Only the drawn layers are perturbed, with the joint norm rho over them.
+    eps, _ = trainer.compute_perturbation(model, batch)
+    assert sorted(eps) == trainer.active_layers
+    torch.testing.assert_close(torch.sqrt(sum((e**2).sum() for e in eps.values())), torch.tensor(3.0))
+    # Draws follow the probabilities (2 of 4 without replacement, seeded by the step).
+    counts = torch.zeros(4)
+    for step in range(400):
+        trainer.state.global_step = step
+        counts[trainer._draw_layers(torch.tensor([0.7, 0.2, 0.05, 0.05]))] += 1
+    assert counts[0] > counts[1] > counts[2] and counts[0] > 350 and counts.sum() == 800
+
+
+def test_t_vaccine_redraws_on_schedule_and_freezes_undrawn_layers(tmp_path):
+    model, trainer, _ = _trainer(
+        tmp_path,
+        num_layers=4,
+        layer_sampling=True,
+        num_sampled_layers=2,
+        resample_steps=3,
+        probability_refresh_steps=6,
+        max_steps=7,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+    )
+    snapshots = {}
+    layers = model.model.layers
+
+    class Snapshot(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            snapshots[state.global_step] = [
+                [p.detach().clone() for p in layer.parameters()] for layer in layers
+            ]
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    # Probabilities refreshed at steps 0 and 6, layers drawn at steps 0, 3 and 6 (once per optimizer step,
+    # although each step runs two micro-batches).
+    assert trainer.probability_refreshes == [0, 6]
+    assert [step for step, _ in trainer.layer_draws] == [0, 3, 6]
+    assert all(len(drawn) == 2 for _, drawn in trainer.layer_draws)
+    # Over the interval [0, 3) only the drawn layers change; the others are exactly as they were.
+    drawn = trainer.layer_draws[0][1]
+    for idx in range(4):
+        same = all(torch.equal(a, b) for a, b in zip(snapshots[0][idx], snapshots[3][idx]))
+        assert same == (idx not in drawn), (idx, drawn)
+    # After training every parameter is trainable again.
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def _perturbed_loss(trainer, model, batch):
@@ -165,3 +236,22 @@ def test_config_errors(tmp_path):
         _config(tmp_path, rho=-1.0)
     with pytest.raises(ConfigError, match="num_sampled_layers"):
         _config(tmp_path, num_sampled_layers=0)
+    with pytest.raises(ConfigError, match="resample_steps"):
+        _config(tmp_path, resample_steps=0)
+
+
+def test_t_vaccine_with_lora_trains_only_the_drawn_layers_adapters(tmp_path):
+    model = tiny_causal_lm("qwen2", num_layers=4, seed=2)
+    trainer = VaccineTrainer(
+        model=model,
+        args=_config(tmp_path, layer_sampling=True, num_sampled_layers=1, resample_steps=5, max_steps=3),
+        harmful_dataset=make_pairs(8),
+        processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    (drawn,) = trainer.layer_draws[0][1]
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n and f"layers.{drawn}." in n for n in changed)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in trainer.model.named_parameters())

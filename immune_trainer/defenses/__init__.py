@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..trainer import check_search_space
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class DefenseSpec:
     def paper(self) -> dict:
         return getattr(self.trainer_class, "_paper", {})
 
+    @property
+    def search_space(self) -> dict:
+        """The config's hyperparameter search space (``config_class.search_space()``)."""
+        return self.config_class.search_space()
+
 
 DEFENSES: dict[str, DefenseSpec] = {}
 
@@ -43,11 +49,13 @@ def register_defense(
     description: str = "",
     attack_time_hook: Callable[[Any], Any] | None = None,
 ) -> DefenseSpec:
-    """Register a defense under ``name`` (lower-case, unique)."""
+    """Register a defense under ``name`` (lower-case, unique). Its config's ``search_space()`` is validated
+    here (see :func:`immune_trainer.trainer.check_search_space`)."""
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ConfigError(f"defense names are lower-case identifiers, got {name!r}.")
     if name in DEFENSES:
         raise ConfigError(f"a defense named {name!r} is already registered.")
+    check_search_space(config_class)
     spec = DefenseSpec(name, config_class, trainer_class, description, attack_time_hook)
     DEFENSES[name] = spec
     return spec
@@ -117,7 +125,7 @@ register_defense(
     TARConfig,
     TARTrainer,
     "Tamper-resistant training: first-order meta-learning against a simulated fine-tuning attacker (max-entropy "
-    "tamper-resistance loss) with LM and representation retain losses.",
+    "or DPO refusal-preference tamper-resistance loss) with LM and representation retain losses.",
 )
 register_defense(
     "security_vectors",
@@ -131,7 +139,8 @@ register_defense(
     "rerouting",
     ReroutingConfig,
     ReroutingTrainer,
-    "Circuit breakers: LoRA rerouting of harmful representations (ReLU cosine) with an L2 retain loss.",
+    "Circuit breakers: LoRA rerouting of harmful representations (ReLU cosine, request and response) with an L2 "
+    "retain loss on every layer up to the last target layer.",
 )
 
 __all__ = [
@@ -151,6 +160,7 @@ __all__ = [
     "TARTrainer",
     "VaccineConfig",
     "VaccineTrainer",
+    "check_search_space",
     "drop_security_vector",
     "get_defense",
     "list_defenses",

@@ -61,6 +61,17 @@ class BoosterConfig(ImmunizationConfig):
         metadata={"help": "Step length of the simulated normalised harmful update w - alpha * g/||g||."},
     )
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the paper: LoRA lr 1e-3-scale, lambda 5 and step size alpha 0.1 (its ablations vary both
+        over about two orders of magnitude)."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "lamb": {"type": "float", "low": 0.5, "high": 50.0, "log": True},
+            "alpha": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
+        }
+
     def __post_init__(self):
         for name in ("lamb", "alpha"):
             value = getattr(self, name)

@@ -32,6 +32,16 @@ class GradientAscentConfig(ImmunizationConfig):
         default=1.0, metadata={"help": "Weight of the bounded ascent term log(1 + CE(harmful))."}
     )
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Learning rate and steps around RepNoise's (2e-5, one epoch), the ascent weight and the retain weight."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 1e-6, "high": 1e-4, "log": True},
+            "alpha": {"type": "float", "low": 0.1, "high": 4.0, "log": True},
+            "retain_weight": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
+        }
+
     def __post_init__(self):
         if not math.isfinite(self.alpha) or self.alpha < 0:
             raise ConfigError(f"alpha must be a finite non-negative number, got {self.alpha}.")

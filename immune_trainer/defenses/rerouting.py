@@ -1,11 +1,25 @@
 """Representation rerouting ("circuit breakers", Zou et al. 2024, arXiv 2406.04313).
 
-A LoRA adapter is trained so that, at a few decoder layers, the representations of harmful responses
+A LoRA adapter is trained so that, at a few decoder layers, the representations of harmful examples
 point away from the original model's (rerouting), while the representations of harmless inputs stay
 where they were (retain)::
 
-    L = c_rr(t) * mean_{l, response tokens of harmful} ReLU(cos(h_l(theta), h_l(theta_orig)))
-      + c_retain(t) * mean_{l, tokens of harmless / retain} ||h_l(theta) - h_l(theta_orig)||_2
+    L = c_rr(t) * mean_{l in T} mean_{tokens of harmful} ReLU(cos(h_l(theta), h_l(theta_orig)))
+      + c_retain(t) * mean_{l = 0..max(T)+1} mean_{tokens of harmless / retain} ||h_l(theta) - h_l(theta_orig)||_2
+
+As in the reference (GraySwanAI/circuit-breakers, ``lorra_circuit_breaker.py``):
+
+- the rerouting mask is the attention mask of the whole harmful example, request AND response (the
+  reference concatenates the two and masks only padding);
+- the rerouting term reads the target layers ``T`` only; the retain term reads EVERY hidden state up to the
+  last target layer: ``hidden_states[0]`` (the embeddings) to ``hidden_states[max(T) + 1]`` (the output of
+  decoder layer ``max(T)``; the reference drops later layers from the model).
+
+Departures, both about normalisation: the reference's retain loss is a ``nanmean`` over every position,
+padding included (padding contributes 0 but counts in the denominator, so the value depends on how much a
+batch is padded); here it is a mean over real tokens, per layer, averaged over layers. In the reference's
+truncated model the last hidden state passes the final norm; here ``hidden_states[max(T) + 1]`` is the
+decoder layer's own output unless ``max(T)`` is the last layer (then transformers applies the norm too).
 
 ``h_l(theta_orig)`` is the same model with its adapters disabled (peft's ``disable_adapter``), computed
 under ``no_grad``: no second copy of the model is kept. The coefficients follow the reference training
@@ -80,6 +94,18 @@ class ReroutingConfig(ImmunizationConfig):
     learning_rate: float = field(
         default=1e-4, metadata={"help": "Learning rate of the adapter (reference: 1e-4)."}
     )
+
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the circuit-breakers reference: LoRA r 16, lr 1e-4, 150 steps, lorra_alpha 10."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+            "max_steps": {"type": "int", "low": 50, "high": 300, "log": True},
+            "alpha": {"type": "float", "low": 1.0, "high": 20.0, "log": True},
+            "lora_r": {"type": "int", "low": 4, "high": 32, "log": True},
+            "retain_weight": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
+        }
 
     def __post_init__(self):
         if not math.isfinite(self.alpha) or self.alpha <= 0:
@@ -217,16 +243,31 @@ class ReroutingTrainer(ImmunizationTrainer):
             return [self._states[i] for i in range(len(self.target_layers))]
 
     def rerouting_term(self, model, batch) -> torch.Tensor:
-        """Mean over target layers of ReLU(cos) between adapted and original states on response tokens."""
+        """Mean over target layers of ReLU(cos) between adapted and original states, over every real token of
+        the harmful example (request and response, as the reference's attention mask)."""
         orig = self._original_states(batch)
         adapted = self._adapted_states(model, batch)
-        mask = batch["labels"] != -100
+        mask = batch["attention_mask"].bool()
         return torch.stack([rerouting_loss(h, h0, mask) for h, h0 in zip(adapted, orig)]).mean()
 
+    def _retain_hidden_states(self, model, batch) -> tuple[torch.Tensor, ...]:
+        """``hidden_states[0 .. max(target_layers) + 1]``: the embeddings and every decoder layer's output up
+        to the last target layer."""
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.hidden_states[: max(self.target_layers) + 2]
+
     def retain_term(self, model, batch) -> torch.Tensor:
-        """Mean over target layers of the per-token L2 distance to the original states (all real tokens)."""
-        orig = self._original_states(batch)
-        adapted = self._adapted_states(model, batch)
+        """Mean over every hidden state up to the last target layer (embeddings included) of the per-token L2
+        distance to the original model's, over all real tokens."""
+        peft_model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad(), peft_model.disable_adapter():
+            orig = [h.detach() for h in self._retain_hidden_states(peft_model, batch)]
+        adapted = self._retain_hidden_states(model, batch)
         mask = batch["attention_mask"].bool()
         return torch.stack([retain_l2(h, h0, mask) for h, h0 in zip(adapted, orig)]).mean()
 

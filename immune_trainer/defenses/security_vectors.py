@@ -64,6 +64,16 @@ class SecurityVectorConfig(ImmunizationConfig):
         },
     )
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the paper: LoRA r 8, alpha 32, lr 1e-3, one epoch."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "lora_r": {"type": "int", "low": 4, "high": 64, "log": True},
+            "lora_alpha": {"type": "int", "low": 8, "high": 64, "log": True},
+        }
+
     def __post_init__(self):
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise ConfigError(
@@ -165,25 +175,35 @@ def apply_security_vector(model, vector_path):
     from peft import PeftModel
 
     path = _check_vector_path(vector_path)
+    # Trainability is remembered by parameter identity, not by name: peft renames every projection it wraps
+    # (``q_proj.weight`` becomes ``q_proj.base_layer.weight``) but keeps the same Parameter object, so a
+    # name-based lookup would leave the wrapped projections frozen and weaken a full fine-tuning attacker.
+    trainable = _trainable_ids(model)
     if _is_peft(model):
         if SECURITY_VECTOR_ADAPTER in model.peft_config:
             raise ConfigError("the security vector is already applied to this model.")
         attacker = (
             list(model.active_adapters) if hasattr(model, "active_adapters") else [model.active_adapter]
         )
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         model.load_adapter(path, adapter_name=SECURITY_VECTOR_ADAPTER, is_trainable=False)
         model.base_model.set_adapter([*attacker, SECURITY_VECTOR_ADAPTER])
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in trainable)
+        _restore_trainable(model, trainable)
         return model
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     wrapped = PeftModel.from_pretrained(model, path, adapter_name=SECURITY_VECTOR_ADAPTER, is_trainable=False)
-    marker = f".{SECURITY_VECTOR_ADAPTER}."
-    for name, param in wrapped.named_parameters():
-        base_name = name.removeprefix("base_model.model.")
-        param.requires_grad_(marker not in name and base_name in trainable)
+    _restore_trainable(wrapped, trainable)
     return wrapped
+
+
+def _trainable_ids(model) -> set[int]:
+    return {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def _restore_trainable(model, trainable: set[int]) -> None:
+    """Give every parameter that existed before back its trainability; the security vector's own
+    parameters (new objects) stay frozen."""
+    marker = f".{SECURITY_VECTOR_ADAPTER}."
+    for name, param in model.named_parameters():
+        param.requires_grad_(marker not in name and id(param) in trainable)
 
 
 def security_vector_hook(vector_path) -> Callable[[Any], Any]:
@@ -219,14 +239,13 @@ def without_security_vector(model):
             yield model
         return
     active = list(model.active_adapters) if hasattr(model, "active_adapters") else [model.active_adapter]
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    trainable = _trainable_ids(model)
     model.base_model.set_adapter(others)
     try:
         yield model
     finally:
         model.base_model.set_adapter(active)
-        for name, param in model.named_parameters():
-            param.requires_grad_(flags[name])
+        _restore_trainable(model, trainable)
 
 
 def drop_security_vector(model):
@@ -241,9 +260,8 @@ def drop_security_vector(model):
     others = [name for name in model.peft_config if name != SECURITY_VECTOR_ADAPTER]
     if not others:
         return model.unload()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = _trainable_ids(model)
     model.delete_adapter(SECURITY_VECTOR_ADAPTER)
     model.base_model.set_adapter(others)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
+    _restore_trainable(model, trainable)
     return model

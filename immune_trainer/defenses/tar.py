@@ -1,13 +1,23 @@
 """TAR: tamper-resistant training by first-order meta-learning (Tamirisa et al. 2024, arXiv 2408.00761).
 
-Per outer step (one paired batch), the harmful side is split into adversary rows and held-out rows:
+The harmful pairs are split once into two disjoint parts: the *adversary* rows, which the simulated attacker
+trains on, and the *held-out* rows (the outer batches), on which the tamper-resistance loss is measured.
+Per outer step (one held-out paired batch):
 
 1. A simulated attacker copies the trainable weights and fine-tunes the copy for ``K`` steps with its own
-   AdamW on the adversary rows (learning rate drawn from ``adversary_learning_rates``). After every
-   ``tr_every``-th step it evaluates the tamper-resistance loss ``L_TR`` (the negated entropy of the
-   next-token distribution on the held-out rows' response tokens) at the adapted weights and accumulates
+   AdamW, drawing a FRESH adversary batch at every inner step (as the reference's inner loop does), with a
+   learning rate drawn from ``adversary_learning_rates``. With ``benign_adversary_probability`` (the
+   reference mixes 35% benign adversaries) the attacker of a step fine-tunes on the retain set instead. After every ``tr_every``-th step it evaluates the
+   tamper-resistance loss ``L_TR`` at the adapted weights on the held-out batch and accumulates
    ``lambda_tr * w_k * grad L_TR`` with ``w_k = exp(0.0625 (k - (K - 1)))`` (first-order: the gradient at
    the adapted weights is applied to the outer weights).
+   ``L_TR`` (``tamper_loss``) is either
+   - ``"max_entropy"``: the negated entropy of the next-token distribution on the held-out responses (the
+     reference's loss for knowledge restriction), or
+   - ``"dpo"``: a DPO preference loss preferring the refusal (chosen) over the harmful response (rejected)
+     of each held-out prompt, ``-log sigmoid(beta [(log pi(y_r|x) - log pi_0(y_r|x)) - (log pi(y_h|x) -
+     log pi_0(y_h|x))])`` with summed response log-probabilities and ``pi_0`` the starting model (the
+     reference's loss for harmful-request refusal, beta 0.1).
 2. The outer loss ``lambda_retain * [LM loss on harmless/retain data + mean_l ||h_l(theta) - h_l(theta_0)||_2]``
    (``theta_0``: the starting model, a frozen copy for full fine-tuning, the adapters disabled for LoRA) is
    back-propagated together with the accumulated tamper-resistance gradient, through the Trainer's own
@@ -21,17 +31,39 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call
 
-from ..errors import ConfigError
-from ..losses import negative_entropy, response_prediction_mask, retain_l2, tar_step_weights
+from ..errors import ConfigError, DataError
+from ..losses import IGNORE_INDEX, negative_entropy, response_prediction_mask, retain_l2, tar_step_weights
 from ..modeling import capture_outputs, find_decoder_structure
 from ..trainer import ImmunizationConfig, ImmunizationTrainer
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+TAMPER_LOSSES = ("max_entropy", "dpo")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's labelled (response) tokens: ``(batch,)``."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def dpo_preference_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Mean DPO (sigmoid) loss ``-log sigmoid(beta [(chosen - ref_chosen) - (rejected - ref_rejected)])``
+    over the batch, from summed sequence log-probabilities (Rafailov et al. 2023)."""
+    return -torch.nn.functional.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
 
 
 @dataclass
@@ -40,15 +72,29 @@ class TARConfig(ImmunizationConfig):
 
     Parameters:
         inner_steps (`int`, defaults to `8`):
-            Steps `K` of the simulated attacker per outer step. The reference uses 64 (on 8 A100s); 8 keeps a
-            step about 11x a plain one. The cost grows linearly with `K`.
+            Steps `K` of the simulated attacker per outer step. The reference uses K = 64 (on 8 A100s); the
+            default 8 is a CPU-sized choice that keeps a step about 11x a plain one, not the paper's setting.
+            The cost grows linearly with `K`.
         tr_every (`int`, defaults to `4`):
             The tamper-resistance gradient is accumulated after every `tr_every`-th inner step.
-        adversary_learning_rates (`list[float]`, defaults to `[2e-6, 2e-5, 4e-5]`):
-            The attacker's learning rate is drawn from this set at each outer step.
+        adversary_learning_rates (`list[float]`, defaults to `[3e-5, 6e-5, 8e-5]`):
+            The attacker's learning rate is drawn from this list at each outer step. The default covers the
+            attack grid the defense is evaluated against (RepNoise's 3e-5, 6e-5, 8e-5); the reference code
+            samples from 2e-5, 4e-5, 1e-4. Match it to the attacks you will measure.
         adversary_weight_decay (`float`, defaults to `0.0`): AdamW weight decay of the simulated attacker.
         inner_batch_size (`int` or `None`, defaults to `None`):
-            Rows of the adversary half drawn (without replacement) for each inner step; `None` uses them all.
+            Rows of each fresh adversary batch (one per inner step); `None` uses `per_device_train_batch_size`.
+        adversary_fraction (`float`, defaults to `0.5`):
+            Share of the harmful pairs reserved for the simulated attacker; the rest are the held-out outer
+            batches on which `L_TR` is measured (the two parts share no row).
+        benign_adversary_probability (`float`, defaults to `0.0`):
+            Probability that an outer step's attacker fine-tunes on benign data (the retain set) instead of
+            harmful rows. The reference mixes adversaries 65% harmful / 35% benign (0.35); 0 by default because
+            a retain set is optional here.
+        tamper_loss (`str`, defaults to `"max_entropy"`):
+            `"max_entropy"` (the reference's loss for knowledge restriction) or `"dpo"` (its loss for refusal of
+            harmful requests: prefer the refusal over the harmful response after the attack).
+        dpo_beta (`float`, defaults to `0.1`): beta of the DPO tamper-resistance loss (reference: 0.1).
         lambda_tr (`float`, defaults to `4.0`): weight of the tamper-resistance gradient.
         lambda_retain (`float`, defaults to `1.0`): weight of the retain loss (LM + representation).
         step_weight_scale (`float`, defaults to `0.0625`): `w_k = exp(scale (k - (K - 1)))`.
@@ -59,21 +105,53 @@ class TARConfig(ImmunizationConfig):
 
     inner_steps: int = field(
         default=8,
-        metadata={"help": "Simulated attacker steps K per outer step (reference: 64; cost grows linearly)."},
+        metadata={
+            "help": "Simulated attacker steps K per outer step. The reference uses 64; the default 8 is sized "
+            "for CPU runs. The cost grows linearly with K."
+        },
     )
     tr_every: int = field(
         default=4, metadata={"help": "Accumulate the tamper-resistance gradient every N inner steps."}
     )
     adversary_learning_rates: list[float] = field(
-        default_factory=lambda: [2e-6, 2e-5, 4e-5],
-        metadata={"help": "Learning rates the simulated attacker draws from at each outer step."},
+        default_factory=lambda: [3e-5, 6e-5, 8e-5],
+        metadata={
+            "help": "Learning rates the simulated attacker draws from at each outer step; the default covers "
+            "the attack grid (3e-5, 6e-5, 8e-5). The reference samples 2e-5, 4e-5, 1e-4."
+        },
     )
     adversary_weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW weight decay of the simulated attacker."}
     )
     inner_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Adversary rows drawn for each inner step; None uses the whole adversary half."},
+        metadata={
+            "help": "Rows of the fresh adversary batch of each inner step; None: per_device_train_batch_size."
+        },
+    )
+    adversary_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of the harmful pairs reserved for the simulated attacker; the rest are the held-out "
+            "batches on which the tamper-resistance loss is measured."
+        },
+    )
+    benign_adversary_probability: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability that an outer step's simulated attacker fine-tunes on benign (retain) data "
+            "instead of harmful rows (reference: 0.35); needs a retain_dataset."
+        },
+    )
+    tamper_loss: str = field(
+        default="max_entropy",
+        metadata={
+            "help": "Tamper-resistance loss: 'max_entropy' (reference, knowledge restriction) or 'dpo' "
+            "(reference, harmful-request refusal: prefer the refusal over the harmful response)."
+        },
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "Beta of the DPO tamper-resistance loss (reference: 0.1)."}
     )
     lambda_tr: float = field(default=4.0, metadata={"help": "Weight of the tamper-resistance gradient."})
     lambda_retain: float = field(
@@ -86,6 +164,19 @@ class TARConfig(ImmunizationConfig):
         default=True,
         metadata={"help": "Add mean_l ||h_l(theta) - h_l(theta_0)||_2 on retain data to the retain loss."},
     )
+
+    @classmethod
+    def search_space(cls) -> dict:
+        """Around the reference: lr 2e-5, 750 outer steps, lambda_TR 4, lambda_retain 1, K = 64 inner steps
+        (the range starts lower: every inner step costs a forward and backward)."""
+        return {
+            **super().search_space(),
+            "learning_rate": {"type": "float", "low": 4e-6, "high": 1e-4, "log": True},
+            "max_steps": {"type": "int", "low": 50, "high": 750, "log": True},
+            "inner_steps": {"type": "int", "low": 4, "high": 64, "log": True},
+            "lambda_tr": {"type": "float", "low": 0.5, "high": 10.0, "log": True},
+            "lambda_retain": {"type": "float", "low": 0.25, "high": 4.0, "log": True},
+        }
 
     def __post_init__(self):
         tar_step_weights(self.inner_steps, self.tr_every, self.step_weight_scale)  # ConfigError if invalid
@@ -103,15 +194,21 @@ class TARConfig(ImmunizationConfig):
                 raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
         if self.inner_batch_size is not None and self.inner_batch_size <= 0:
             raise ConfigError(f"inner_batch_size must be positive or None, got {self.inner_batch_size}.")
+        if self.tamper_loss not in TAMPER_LOSSES:
+            raise ConfigError(f"tamper_loss must be one of {TAMPER_LOSSES}, got {self.tamper_loss!r}.")
+        if not 0 <= self.benign_adversary_probability <= 1:
+            raise ConfigError(
+                f"benign_adversary_probability must be in [0, 1], got {self.benign_adversary_probability}."
+            )
+        if not 0 < self.adversary_fraction < 1:
+            raise ConfigError(f"adversary_fraction must be in (0, 1), got {self.adversary_fraction}.")
+        if not math.isfinite(self.dpo_beta) or self.dpo_beta <= 0:
+            raise ConfigError(f"dpo_beta must be a positive number, got {self.dpo_beta}.")
         super().__post_init__()
 
 
 def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and callable(getattr(model, "disable_adapter", None))
-
-
-def _rows(batch: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {k: v.index_select(0, index) for k, v in batch.items()}
 
 
 class TARTrainer(ImmunizationTrainer):
@@ -121,10 +218,13 @@ class TARTrainer(ImmunizationTrainer):
     passes of the tamper-resistance loss and the retain passes (one forward+backward per retain batch, plus a
     forward of the starting model when ``representation_retain``): about ``K + 1`` plain steps or more, see
     :attr:`plain_steps_per_step`. Memory: the attacker's copy of the trainable weights and its AdamW state
-    (3x the trainable weights), plus a frozen copy of the model for the representation term under full
-    fine-tuning. FSDP / DeepSpeed ZeRO-3 (sharded parameters) are not supported; DDP is.
+    (3x the trainable weights), plus a frozen copy of the model (the starting model of the representation
+    term and of the DPO loss) under full fine-tuning. FSDP / DeepSpeed ZeRO-3 (sharded parameters) are not
+    supported; DDP is.
 
-    Each harmful batch needs at least two rows (half for the attacker, half held out for ``L_TR``).
+    The harmful pairs are split once (``adversary_fraction``, seeded): the attacker's rows, drawn as a fresh
+    batch at every inner step, and the held-out rows that form the outer batches; so an epoch has about
+    ``(1 - adversary_fraction)`` as many outer steps as the pairs alone would give.
     """
 
     _tag_names = ["immune-trainer", "tar"]
@@ -148,10 +248,12 @@ class TARTrainer(ImmunizationTrainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, TARConfig):
             raise ConfigError(f"TARTrainer needs a TARConfig, got {type(self.args).__name__}.")
-        if self.args.per_device_train_batch_size < 2:
+        self.train_dataset, self.adversary_dataset = self._split_pairs(self.train_dataset)
+        self._inner_iterators: dict[str, list] = {}
+        if self.args.benign_adversary_probability > 0 and self.retain_dataset is None:
             raise ConfigError(
-                "TAR splits each harmful batch into attacker rows and held-out rows: set "
-                "per_device_train_batch_size to at least 2."
+                "benign_adversary_probability > 0 makes some simulated attackers fine-tune on benign data: pass "
+                "a retain_dataset (or set it to 0)."
             )
         self.step_weights = tar_step_weights(
             self.args.inner_steps, self.args.tr_every, self.args.step_weight_scale
@@ -159,28 +261,44 @@ class TARTrainer(ImmunizationTrainer):
         self._structure = find_decoder_structure(self.model)
         self._hooks, self._states = capture_outputs(self._structure.layers)
         self._frozen = None
-        if self.args.representation_retain and self.args.lambda_retain > 0:
-            if _is_peft(self.model):
-                ref_structure = self._structure
-            else:
-                self._frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
-                ref_structure = find_decoder_structure(self._frozen)
+        self._uses_representation = self.args.representation_retain and self.args.lambda_retain > 0
+        if (self._uses_representation or self.args.tamper_loss == "dpo") and not _is_peft(self.model):
+            # The starting model theta_0 (the representation term's and the DPO loss's reference).
+            self._frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self._uses_representation:
+            ref_structure = self._structure if self._frozen is None else find_decoder_structure(self._frozen)
             self._ref_hooks, self._ref_states = capture_outputs(ref_structure.layers, detach=True)
+
+    def _split_pairs(self, pairs):
+        """Split the harmful pairs (seeded by ``args.seed``) into held-out rows (the outer batches) and
+        adversary rows (the attacker's batches); the two share no row."""
+        n = len(pairs)
+        if n < 2:
+            raise DataError(
+                "TAR needs at least 2 harmful pairs: some for the simulated attacker, the others held out for "
+                "the tamper-resistance loss."
+            )
+        n_adv = min(max(1, round(n * self.args.adversary_fraction)), n - 1)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + 7)).tolist()
+        return pairs.select(sorted(order[n_adv:])), pairs.select(sorted(order[:n_adv]))
 
     # ------------------------------------------------------------------ cost
 
     @property
     def plain_steps_per_step(self) -> float:
         """Forward+backward passes of one outer step, in units of a plain training step on one batch side:
-        ``K`` attacker passes + ``K / tr_every`` tamper-resistance passes + the retain passes (a forward of
-        the starting model counted as 1/3). A benchmark compares one TAR step against this many plain steps."""
+        ``K`` attacker passes + ``K / tr_every`` tamper-resistance passes (two sides for ``"dpo"``) + the
+        retain passes (a forward of the starting model counted as 1/3). A benchmark compares one TAR step
+        against this many plain steps."""
         a = self.args
         retain_batches = int(a.harmless_weight > 0) + int(
             self.retain_dataset is not None and a.retain_weight > 0
         )
-        ref = retain_batches / 3 if a.representation_retain and a.lambda_retain > 0 else 0.0
-        tr = sum(1 for w in self.step_weights if w)
-        return float(a.inner_steps + tr + retain_batches + ref)
+        ref = retain_batches / 3 if self._uses_representation else 0.0
+        sides = 2 if a.tamper_loss == "dpo" else 1
+        tr = sides * sum(1 for w in self.step_weights if w)
+        dpo_ref = 2 / 3 if a.tamper_loss == "dpo" else 0.0
+        return float(a.inner_steps + tr + retain_batches + ref + dpo_ref)
 
     # ------------------------------------------------------------------ inner loop
 
@@ -189,54 +307,140 @@ class TARTrainer(ImmunizationTrainer):
         rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step)
         return rng.choice(list(self.args.adversary_learning_rates))
 
-    def _inner_rows(self, n: int, k: int, device) -> torch.Tensor | None:
-        size = self.args.inner_batch_size
-        if size is None or size >= n:
-            return None
-        gen = torch.Generator().manual_seed(self.args.seed * 7919 + self.state.global_step * 131 + k)
-        return torch.randperm(n, generator=gen)[:size].to(device)
+    def is_benign_adversary_step(self, step: int) -> bool:
+        """Whether the simulated attacker of outer step ``step`` fine-tunes on benign (retain) data instead of
+        harmful rows: drawn with ``benign_adversary_probability``, seeded by the step (the same on every
+        process, and replayable after a resume)."""
+        p = self.args.benign_adversary_probability
+        return p > 0 and random.Random(self.args.seed * 7_000_003 + step).random() < p
 
-    def split_harmful(self, inputs) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Split the batch's harmful side: even rows for the attacker, odd rows held out for ``L_TR``."""
-        harmful = self.side(inputs, "harmful")
-        n = harmful["input_ids"].shape[0]
-        device = harmful["input_ids"].device
-        if n < 2:  # a last, incomplete batch of one row: use it for both.
-            return harmful, harmful
-        return (
-            _rows(harmful, torch.arange(0, n, 2, device=device)),
-            _rows(harmful, torch.arange(1, n, 2, device=device)),
+    def _inner_loader_for(self, source: str, epoch: int):
+        dataset = self.adversary_dataset if source == "harmful" else self.retain_dataset
+        generator = torch.Generator()
+        generator.manual_seed(self.args.seed + 2_000_003 * (epoch + 1) + (0 if source == "harmful" else 17))
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        return self._get_dataloader(
+            dataset,
+            description=f"{source} adversary",
+            batch_size=self.args.inner_batch_size or self._train_batch_size,
+            sampler_fn=lambda _: sampler,
+            is_training=True,
         )
+
+    def next_adversary_batch(self, source: str = "harmful") -> dict[str, torch.Tensor]:
+        """A fresh batch for one inner step of the attacker: the harmful side of the attacker's rows
+        (``source="harmful"``) or a retain-set batch (``"benign"``), cycling with a new order each epoch.
+        A resumed run continues where it stopped."""
+        state = self._inner_iterators.get(source)
+        if state is None:
+            per_epoch = len(self._inner_loader_for(source, 0))
+            if per_epoch == 0:
+                rows = len(self.adversary_dataset if source == "harmful" else self.retain_dataset)
+                raise DataError(
+                    f"the simulated attacker's {rows} {source} rows make no batch (dataloader_drop_last with a "
+                    "larger batch): lower inner_batch_size or give more data."
+                )
+            steps_done = sum(
+                1
+                for step in range(self.state.global_step)
+                if self.is_benign_adversary_step(step) == (source == "benign")
+            )
+            consumed = steps_done * self.args.gradient_accumulation_steps * self.args.inner_steps
+            epoch, skip = divmod(consumed, per_epoch)
+            iterator = iter(self._inner_loader_for(source, epoch))
+            for _ in range(skip):
+                next(iterator)
+            state = self._inner_iterators[source] = [epoch, iterator]
+        try:
+            batch = next(state[1])
+        except StopIteration:
+            state[0] += 1
+            state[1] = iter(self._inner_loader_for(source, state[0]))
+            batch = next(state[1])
+        batch = self._prepare_inputs(batch)
+        return self.side(batch, "harmful") if source == "harmful" else batch
+
+    def _reference_logps(self, held_out) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs of the refusal and the harmful response under the starting model."""
+        out = []
+        with torch.no_grad():
+            for name in ("harmless", "harmful"):
+                side = self.side(held_out, name)
+                kwargs = {
+                    "input_ids": side["input_ids"],
+                    "attention_mask": side["attention_mask"],
+                    "use_cache": False,
+                }
+                if self._frozen is not None:
+                    logits = self._frozen(**kwargs).logits
+                else:
+                    peft_model = self.accelerator.unwrap_model(self.model)
+                    with peft_model.disable_adapter():
+                        logits = peft_model(**kwargs).logits
+                out.append(sequence_logps(logits, side["labels"]))
+        return out[0], out[1]
+
+    def tamper_resistance_loss(self, base, fast, held_out, reference=None) -> torch.Tensor:
+        """``L_TR`` of the adapted weights ``fast`` on the held-out paired batch (see ``tamper_loss``)."""
+
+        def logits_of(side):
+            return functional_call(
+                base,
+                fast,
+                args=(),
+                kwargs={
+                    "input_ids": side["input_ids"],
+                    "attention_mask": side["attention_mask"],
+                    "use_cache": False,
+                },
+            ).logits
+
+        harmful = self.side(held_out, "harmful")
+        if self.args.tamper_loss == "max_entropy":
+            return negative_entropy(logits_of(harmful), response_prediction_mask(harmful["labels"]))
+        harmless = self.side(held_out, "harmless")
+        chosen = sequence_logps(logits_of(harmless), harmless["labels"])
+        rejected = sequence_logps(logits_of(harmful), harmful["labels"])
+        return dpo_preference_loss(chosen, rejected, reference[0], reference[1], self.args.dpo_beta)
 
     def tamper_resistance_grads(
         self,
         model,
-        adversary: dict[str, torch.Tensor],
+        adversary: Sequence[dict[str, torch.Tensor]] | Callable[[], dict[str, torch.Tensor]],
         held_out: dict[str, torch.Tensor],
         lr: float | None = None,
     ) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]:
         """Run the simulated attacker and return the accumulated first-order tamper-resistance gradient.
+
+        ``adversary`` gives the attacker's batch of each inner step: a list of ``K`` batches, or a function
+        returning the next batch (``next_adversary_batch`` in training). ``held_out`` is a paired batch
+        (``harmful_*`` and ``harmless_*`` keys).
 
         Returns ``(grads, terms)``: ``grads[i]`` is ``sum_k lambda_tr * w_k * grad L_TR(theta_k)`` for the
         i-th trainable parameter of ``model`` (in ``named_parameters()`` order; ``None`` where ``L_TR`` does
         not depend on it); ``terms`` holds the mean ``L_TR`` and the attacker's last loss. The parameters of
         ``model`` are not modified.
         """
+        if not callable(adversary):
+            if len(adversary) != len(self.step_weights):
+                raise ConfigError(f"pass one adversary batch per inner step ({len(self.step_weights)}).")
+            batches = iter(adversary)
+            adversary = batches.__next__
         base = self.accelerator.unwrap_model(model)
         named = [(n, p) for n, p in base.named_parameters() if p.requires_grad]
         fast = {n: p.detach().clone().requires_grad_(True) for n, p in named}
         tensors = list(fast.values())
         lr = self._adversary_lr() if lr is None else lr
         inner_opt = torch.optim.AdamW(tensors, lr=lr, weight_decay=self.args.adversary_weight_decay)
-        held_mask = response_prediction_mask(held_out["labels"])
+        reference = self._reference_logps(held_out) if self.args.tamper_loss == "dpo" else None
         acc: list[torch.Tensor | None] = [None] * len(tensors)
         tr_values, adv_loss = [], None
-        n_adv = adversary["input_ids"].shape[0]
-        for k, weight in enumerate(self.step_weights):
-            rows = self._inner_rows(n_adv, k, adversary["input_ids"].device)
-            batch = adversary if rows is None else _rows(adversary, rows)
+        for weight in self.step_weights:
+            batch = adversary()
             with self.compute_loss_context_manager():
-                out = functional_call(base, fast, args=(), kwargs={**batch, "use_cache": False})
+                out = functional_call(
+                    base, fast, args=(), kwargs={**{k: batch[k] for k in _MODEL_KEYS}, "use_cache": False}
+                )
             grads = torch.autograd.grad(out.loss, tensors, allow_unused=True)
             for t, g in zip(tensors, grads):
                 t.grad = g
@@ -246,17 +450,7 @@ class TARTrainer(ImmunizationTrainer):
             if not weight:
                 continue
             with self.compute_loss_context_manager():
-                logits = functional_call(
-                    base,
-                    fast,
-                    args=(),
-                    kwargs={
-                        "input_ids": held_out["input_ids"],
-                        "attention_mask": held_out["attention_mask"],
-                        "use_cache": False,
-                    },
-                ).logits
-                tr = negative_entropy(logits, held_mask)
+                tr = self.tamper_resistance_loss(base, fast, held_out, reference)
             tr_grads = torch.autograd.grad(tr, tensors, allow_unused=True)
             scale = self.args.lambda_tr * weight
             for i, g in enumerate(tr_grads):
@@ -288,7 +482,7 @@ class TARTrainer(ImmunizationTrainer):
     def retain_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(LM loss, mean_l ||h_l - h_l(theta_0)||_2)`` on one retain batch (the second is None when the
         representation term is off)."""
-        if not (self.args.representation_retain and self.args.lambda_retain > 0):
+        if not self._uses_representation:
             return self.lm_loss(model, batch)[0], None
         with self._hooks:
             ce, _ = self.lm_loss(model, batch)
@@ -305,8 +499,11 @@ class TARTrainer(ImmunizationTrainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        adversary, held_out = self.split_harmful(inputs)
-        tr_grads, terms = self.tamper_resistance_grads(model, adversary, held_out)
+        source = "benign" if self.is_benign_adversary_step(self.state.global_step) else "harmful"
+        tr_grads, terms = self.tamper_resistance_grads(
+            model, lambda: self.next_adversary_batch(source), inputs
+        )
+        terms["benign_adversary"] = torch.tensor(float(source == "benign"))
 
         with self.compute_loss_context_manager():
             batches = []
