@@ -31,6 +31,24 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import data as data_lib
+from .attack_families import (  # noqa: F401  (the registry and families are part of this module's API)
+    ATTACKS,
+    IDENTITY_PREFIX,
+    IDENTITY_SYSTEM_PROMPT,
+    AttackFamily,
+    BenignFineTuning,
+    FullFineTuning,
+    IdentityShift,
+    LoRAFineTuning,
+    MixedFineTuning,
+    RefusalAblation,
+    SoftPromptAttack,
+    SoftPromptView,
+    check_4bit_available,
+    get_attack,
+    quantize_4bit,
+    register_attack,
+)
 from .conditions import AttackCurve, CurvePoint
 from .errors import ConfigError, DataError
 from .report import atomic_write
@@ -38,157 +56,157 @@ from .report import atomic_write
 logger = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------- attack families
+# ---------------------------------------------------------------------------- configuration
 
 
-class AttackFamily:
-    """How an attacker adapts the model. Subclass and :func:`register_attack` it."""
-
-    name: str = ""
-    description: str = ""
-
-    def prepare(self, model, config: AttackConfig):
-        """Return the model to train (``model`` is already a private copy)."""
-        return model
-
-    def flops_per_token(self, model, config: AttackConfig) -> float:
-        """Training FLOPs per token of ``model`` (before :meth:`prepare`), N = non-embedding parameters:
-        forward 2N + backward 4N for full fine-tuning."""
-        return 6.0 * _num_parameters(model)
+# Short optimizer names of the grid -> (TrainingArguments.optim, optim_args). Any other value of
+# transformers' OptimizerNames is passed through as it is.
+OPTIMIZERS: dict[str, tuple[str, str | None]] = {
+    "adamw": ("adamw_torch", None),
+    "sgd": ("sgd", "momentum=0.9"),
+    "adagrad": ("adagrad", None),
+    "adafactor": ("adafactor", None),
+}
 
 
-def _num_parameters(model) -> int:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "num_parameters"):
-        return base.num_parameters(exclude_embeddings=True)
-    return sum(p.numel() for p in base.parameters())
-
-
-class FullFineTuning(AttackFamily):
-    name = "full"
-    description = "Full-parameter fine-tuning on the harmful data."
-
-    def prepare(self, model, config):
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-
-
-class LoRAFineTuning(AttackFamily):
-    name = "lora"
-    description = "LoRA fine-tuning (peft) on the harmful data; the base weights stay frozen."
-
-    def prepare(self, model, config):
-        from peft import LoraConfig, get_peft_model
-
-        if config.load_in_4bit:
-            model = quantize_4bit(model)
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, lora)
-
-    def flops_per_token(self, model, config):
-        # Forward 2N and the backward pass through activations 2N; no weight gradients for frozen weights.
-        return 4.0 * _num_parameters(model)
-
-
-def check_4bit_available() -> None:
-    """Raise :class:`ConfigError` unless 4-bit QLoRA can run here (a CUDA GPU and bitsandbytes)."""
-    import importlib.util
-
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is available")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("bitsandbytes is not installed")
-    if missing:
-        raise ConfigError(
-            f"4-bit QLoRA needs a CUDA GPU and bitsandbytes (pip install immune-trainer[bnb]), but "
-            f"{' and '.join(missing)}; on CPU use family='lora' without load_in_4bit."
-        )
-
-
-def quantize_4bit(model):
-    """Return a 4-bit NF4 copy of ``model`` ready for QLoRA (bitsandbytes, bfloat16 compute, CUDA only).
-
-    The attack works on an in-memory copy; bitsandbytes quantizes at load time, so the copy is saved to a
-    temporary folder (safetensors) and reloaded with a ``BitsAndBytesConfig``, then prepared with
-    ``peft.prepare_model_for_kbit_training``.
+def optimizer_arguments(name: str) -> tuple[str, str | None]:
+    """``(optim, optim_args)`` of TrainingArguments for an optimizer of the grid.
 
     Raises:
-        ConfigError: no CUDA GPU or no bitsandbytes (see :func:`check_4bit_available`).
+        ConfigError: neither a short name of :data:`OPTIMIZERS` nor one of transformers' OptimizerNames.
     """
-    check_4bit_available()
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.training_args import OptimizerNames
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    if name in {o.value for o in OptimizerNames}:
+        return name, None
+    raise ConfigError(
+        f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)} or a transformers OptimizerNames value."
     )
-    with tempfile.TemporaryDirectory(prefix="immune_trainer_qlora_") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            tmp, quantization_config=quantization, use_safetensors=True, device_map={"": 0}
-        )
-    return prepare_model_for_kbit_training(quantized)
 
 
-ATTACKS: dict[str, AttackFamily] = {}
-
-
-def register_attack(family: AttackFamily) -> AttackFamily:
-    """Add an attack family to the registry (its ``name`` must be new)."""
-    if not family.name:
-        raise ConfigError("an attack family needs a name.")
-    if family.name in ATTACKS:
-        raise ConfigError(f"an attack family named {family.name!r} is already registered.")
-    ATTACKS[family.name] = family
-    return family
-
-
-def get_attack(name: str) -> AttackFamily:
-    if name not in ATTACKS:
-        raise ConfigError(f"unknown attack family {name!r}; known families: {', '.join(sorted(ATTACKS))}.")
-    return ATTACKS[name]
-
-
-register_attack(FullFineTuning())
-register_attack(LoRAFineTuning())
-
-
-# ---------------------------------------------------------------------------- configuration
+def _as_list(value):
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
 
 @dataclass
 class AttackConfig:
-    r"""The attacker's threat model: a family, a grid of settings and a step budget.
+    r"""The attacker's threat model: attack families, a grid of settings and a step budget.
+
+    The grid is the product of the axes (:meth:`grid`); an axis that does not apply to a family is
+    collapsed for it (the LoRA rank only for ``lora``, the harmful share only for ``mixed``; a
+    training-free family such as ``refusal_ablation`` has no learning rate, optimizer or schedule).
 
     Parameters:
-        family (`str`, defaults to `"full"`): attack family from the registry (`full`, `lora`, ...).
-        learning_rates (`list[float]`): learning rates of the grid.
-        num_samples (`list[int]`): harmful training examples per run; 0 means all of them.
-        seeds (`list[int]`): seeds of the grid (data order, initialisation of adapters).
+        > Families
+
+        family (`str`, defaults to `"full"`): the attack family when `families` is empty.
+        families (`list[str]`): several families in one grid (`full`, `lora`, `mixed`, `benign`,
+            `identity_shift`, `embedding`, `refusal_ablation`; `immune-trainer attacks` lists them).
+
+        > Grid axes
+
+        learning_rates, num_samples, seeds, optimizers, lr_scheduler_types, lora_ranks, harmful_shares.
+
+        > Budget and early stopping
+
         max_steps (`int`): the attacker's budget in optimizer steps.
         eval_every (`int`): harmfulness is measured at step 0 and every `eval_every` steps.
+        stop_at_threshold (`float` or `None`): stop a run at the first evaluation on the harmful side of
+            this phi (the crossing is then bracketed by that evaluation and the previous one).
+        full_curve (`bool`): run the whole budget even when `stop_at_threshold` is crossed.
     """
 
-    family: str = field(default="full", metadata={"help": "Attack family from the registry: full or lora."})
+    family: str = field(
+        default="full",
+        metadata={
+            "help": "Attack family from the registry when `families` is empty (immune-trainer attacks)."
+        },
+    )
+    families: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Attack families of one grid (e.g. full lora mixed); empty: just `family`. A "
+            "comma-separated string is accepted."
+        },
+    )
     learning_rates: list[float] = field(
         default_factory=lambda: [3e-5, 6e-5, 8e-5],
         metadata={"help": "Learning rates of the grid (RepNoise's attacks: 3e-5, 6e-5, 8e-5)."},
     )
     num_samples: list[int] = field(
         default_factory=lambda: [0],
-        metadata={"help": "Harmful training examples per run (0 = all); each value is a grid axis."},
+        metadata={"help": "Training examples per run (0 = all); each value is a grid axis."},
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the grid."})
+    optimizers: list[str] = field(
+        default_factory=lambda: ["adamw"],
+        metadata={
+            "help": "Optimizers of the grid: adamw, sgd (momentum 0.9), adagrad, adafactor, or any "
+            "transformers OptimizerNames value."
+        },
+    )
+    lr_scheduler_types: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Learning-rate schedules of the grid (constant, cosine, linear, ...); empty: just "
+            "`lr_scheduler_type`."
+        },
+    )
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Warm-up as a share of max_steps for schedules that warm up (cosine, linear, "
+            "constant_with_warmup...); overrides warmup_steps when > 0. 'constant' never warms up."
+        },
+    )
+    lora_ranks: list[int] = field(
+        default_factory=list,
+        metadata={"help": "LoRA ranks of the grid (family 'lora'); empty: just `lora_r`."},
+    )
+    harmful_shares: list[float] = field(
+        default_factory=lambda: [0.1],
+        metadata={
+            "help": "Shares p of harmful pairs in the benign task data (family 'mixed'; Vaccine/Booster use 0.1)."
+        },
+    )
     max_steps: int = field(default=100, metadata={"help": "The attacker's budget in optimizer steps."})
     eval_every: int = field(default=10, metadata={"help": "Measure harmfulness at step 0 and every N steps."})
+    stop_at_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Early stopping: stop a run at the first evaluation whose f is on the harmful side of this "
+            "phi (the crossing is bracketed by it and the previous evaluation). None: run the whole budget."
+        },
+    )
+    full_curve: bool = field(
+        default=False, metadata={"help": "Run the whole budget even when stop_at_threshold is crossed."}
+    )
+    num_virtual_tokens: int = field(
+        default=10, metadata={"help": "Trainable soft-prompt tokens (family 'embedding')."}
+    )
+    refusal_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layer whose output gives the refusal direction (family 'refusal_ablation'); "
+            "None: the middle layer."
+        },
+    )
+    identity_system_prompt: str = field(
+        default=IDENTITY_SYSTEM_PROMPT,
+        metadata={"help": "Obedient-persona system prompt of the identity_shift family."},
+    )
+    identity_prefix: str = field(
+        default=IDENTITY_PREFIX,
+        metadata={"help": "Affirmation put in front of every response by the identity_shift family."},
+    )
     batch_size: int = field(default=4, metadata={"help": "Per-device batch size of the attack."})
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Gradient accumulation of the attack."}
@@ -197,13 +215,14 @@ class AttackConfig:
     lr_scheduler_type: str = field(
         default="constant",
         metadata={
-            "help": "Learning-rate schedule; constant keeps the cost-to-harm independent of the budget."
+            "help": "Learning-rate schedule when lr_scheduler_types is empty; constant keeps the cost-to-harm "
+            "independent of the budget."
         },
     )
     warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the attack's schedule."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the attack."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the attack's optimizer."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of the attack."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (family 'lora')."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank when lora_ranks is empty (family 'lora')."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (family 'lora')."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (family 'lora')."})
     lora_target_modules: str = field(
@@ -236,6 +255,11 @@ class AttackConfig:
             self.num_samples = [self.num_samples]
         if isinstance(self.seeds, int):
             self.seeds = [self.seeds]
+        self.families = _as_list(self.families)
+        self.optimizers = _as_list(self.optimizers)
+        self.lr_scheduler_types = _as_list(self.lr_scheduler_types)
+        self.lora_ranks = _as_list(self.lora_ranks)
+        self.harmful_shares = _as_list(self.harmful_shares)
         if (
             not self.learning_rates
             or any(isinstance(lr, bool) or not isinstance(lr, (int, float)) for lr in self.learning_rates)
@@ -252,7 +276,7 @@ class AttackConfig:
             raise ConfigError(f"eval_every must be positive, got {self.eval_every}.")
         if self.batch_size <= 0 or self.gradient_accumulation_steps <= 0:
             raise ConfigError("batch_size and gradient_accumulation_steps must be positive.")
-        for name in ("max_length", "eval_batch_size", "lora_r", "lora_alpha"):
+        for name in ("max_length", "eval_batch_size", "lora_r", "lora_alpha", "num_virtual_tokens"):
             if getattr(self, name) < (2 if name == "max_length" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not 0.0 <= self.lora_dropout < 1.0 or self.warmup_steps < 0 or self.weight_decay < 0:
@@ -260,22 +284,93 @@ class AttackConfig:
                 "lora_dropout must be in [0, 1), warmup_steps and weight_decay >= 0; got "
                 f"{self.lora_dropout}, {self.warmup_steps}, {self.weight_decay}."
             )
-        get_attack(self.family)
-        if self.load_in_4bit and self.family != "lora":
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.lora_ranks):
+            raise ConfigError(f"lora_ranks must be positive integers, got {self.lora_ranks}.")
+        if not self.harmful_shares or any(
+            isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0
+            for p in self.harmful_shares
+        ):
+            raise ConfigError(f"harmful_shares must be numbers in (0, 1], got {self.harmful_shares}.")
+        if not self.optimizers:
+            raise ConfigError("optimizers must not be empty.")
+        for name in self.optimizers:
+            optimizer_arguments(name)
+        from transformers import SchedulerType
+
+        known = {s.value for s in SchedulerType}
+        for name in self.schedules():
+            if name not in known:
+                raise ConfigError(
+                    f"unknown lr_scheduler_type {name!r}; use one of {', '.join(sorted(known))}."
+                )
+        if self.refusal_layer is not None and self.refusal_layer < 0:
+            raise ConfigError(f"refusal_layer must be >= 0 or None, got {self.refusal_layer}.")
+        if self.stop_at_threshold is not None and not math.isfinite(self.stop_at_threshold):
+            raise ConfigError(
+                f"stop_at_threshold must be a finite number or None, got {self.stop_at_threshold}."
+            )
+        for name in self.family_names():
+            get_attack(name)
+        if self.load_in_4bit and "lora" not in self.family_names():
             raise ConfigError(
                 f"load_in_4bit (QLoRA) applies to family='lora', not {self.family!r}: 4-bit weights cannot "
                 "be fully fine-tuned."
             )
 
+    def family_names(self) -> list[str]:
+        """The families of the grid: ``families``, or ``[family]`` when it is empty."""
+        return list(self.families) or [self.family]
+
+    def schedules(self) -> list[str]:
+        """The schedules of the grid: ``lr_scheduler_types``, or ``[lr_scheduler_type]`` when it is empty."""
+        return list(self.lr_scheduler_types) or [self.lr_scheduler_type]
+
+    @property
+    def threat_model_family(self) -> str:
+        """The families as one comma-joined string (``"full,lora,mixed"``), as the report records them."""
+        return ",".join(self.family_names())
+
     def grid(self) -> list[dict[str, Any]]:
-        """Every run of the grid, as a dict of its settings."""
-        return [
-            {"family": self.family, "learning_rate": lr, "num_samples": n, "seed": s}
-            for lr, n, s in itertools.product(self.learning_rates, self.num_samples, self.seeds)
-        ]
+        """Every run of the grid, as a dict of its settings (one family's axes that do not apply collapsed)."""
+        runs = []
+        for name in self.family_names():
+            family = get_attack(name)
+            axes: dict[str, list] = {}
+            if family.trains:
+                axes["learning_rate"] = list(self.learning_rates)
+            axes["num_samples"] = list(self.num_samples)
+            axes["seed"] = list(self.seeds)
+            if family.trains:
+                axes["optimizer"] = list(self.optimizers)
+                axes["lr_scheduler_type"] = self.schedules()
+            axes.update(family.axes(self))
+            keys = list(axes)
+            for values in itertools.product(*(axes[k] for k in keys)):
+                runs.append({"family": name, **dict(zip(keys, values))})
+        return runs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Fields whose values are grid axes: a saved run is matched by its setting, not by these lists.
+GRID_FIELDS = (
+    "family",
+    "families",
+    "learning_rates",
+    "num_samples",
+    "seeds",
+    "optimizers",
+    "lr_scheduler_types",
+    "lr_scheduler_type",
+    "lora_ranks",
+    "lora_r",
+    "harmful_shares",
+    "num_virtual_tokens",
+    "refusal_layer",
+)
 
 
 # ---------------------------------------------------------------------------- running
@@ -414,7 +509,7 @@ class HarmfulFineTuningAttack:
             "attack": {
                 k: v
                 for k, v in cfg.to_dict().items()
-                if k not in ("learning_rates", "num_samples", "seeds", "output_dir")
+                if k not in (*GRID_FIELDS, "output_dir", "stop_at_threshold", "full_curve")
             },
         }
         curves = []
@@ -441,7 +536,7 @@ class HarmfulFineTuningAttack:
         attacked = copy.deepcopy(model)
         attacked.train()
         flops_per_token = family.flops_per_token(attacked, cfg)  # on the model before adapters are added
-        attacked = family.prepare(attacked, cfg)
+        attacked = family.prepare(attacked, cfg, setting)
         if prepare_model is not None:
             attacked = prepare_model(attacked)
 
@@ -453,6 +548,8 @@ class HarmfulFineTuningAttack:
                 return float(self.scorer.score(m, tokenizer, eval_data).value)
 
         callback = _CurveCallback(measure, cfg.eval_every, flops_per_token)
+        optim, optim_args = optimizer_arguments(setting["optimizer"])
+        warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
         with tempfile.TemporaryDirectory(prefix="immune_trainer_attack_") as tmp:
             args = TrainingArguments(
                 output_dir=tmp,
@@ -460,8 +557,10 @@ class HarmfulFineTuningAttack:
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                 learning_rate=setting["learning_rate"],
                 max_steps=cfg.max_steps,
-                lr_scheduler_type=cfg.lr_scheduler_type,
-                warmup_steps=cfg.warmup_steps,
+                lr_scheduler_type=setting["lr_scheduler_type"],
+                warmup_steps=warmup,
+                optim=optim,
+                optim_args=optim_args,
                 weight_decay=cfg.weight_decay,
                 max_grad_norm=cfg.max_grad_norm,
                 seed=setting["seed"],
@@ -533,6 +632,28 @@ def _content_hash(dataset) -> str:
     return h.hexdigest()[:16]
 
 
+_LABELS = {
+    "learning_rate": "lr",
+    "num_samples": "n",
+    "seed": "seed",
+    "optimizer": "opt",
+    "lr_scheduler_type": "sched",
+    "lora_rank": "r",
+    "harmful_share": "p",
+    "num_virtual_tokens": "k",
+    "refusal_layer": "layer",
+}
+
+
 def _setting_label(setting: dict[str, Any]) -> str:
-    n = setting["num_samples"] or "all"
-    return f"{setting['family']} lr={setting['learning_rate']:g} n={n} seed={setting['seed']}"
+    """A short label of a setting naming every axis it has (also the stem of its saved run's file)."""
+    parts = [setting["family"]]
+    for key, value in setting.items():
+        if key == "family":
+            continue
+        if key == "num_samples":
+            value = value or "all"
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        parts.append(f"{_LABELS.get(key, key)}={value}")
+    return " ".join(parts)

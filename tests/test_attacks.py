@@ -35,7 +35,14 @@ def test_attack_lowers_harmful_loss_on_undefended_model(model, tokenizer, harmfu
     assert curve.points[2].tokens > curve.points[1].tokens
     n = model.num_parameters(exclude_embeddings=True)
     assert curve.points[2].flops == pytest.approx(6 * n * curve.points[2].tokens)
-    assert curve.config == {"family": "full", "learning_rate": 2e-3, "num_samples": 0, "seed": 0}
+    assert curve.config == {
+        "family": "full",
+        "learning_rate": 2e-3,
+        "num_samples": 0,
+        "seed": 0,
+        "optimizer": "adamw",
+        "lr_scheduler_type": "constant",
+    }
     assert result.worst_value(higher_is_better=True) == min(values)
 
 
