@@ -45,9 +45,11 @@ from .attacks import (
     AttackConfig,
     AttackResult,
     HarmfulFineTuningAttack,
+    _as_list,
     _content_hash,
     get_attack,
     model_fingerprint,
+    optimizer_arguments,
 )
 from .conditions import AttackCurve, relative_degradation
 from .errors import ConfigError, DataError
@@ -60,35 +62,30 @@ logger = logging.getLogger(__name__)
 SEARCHABLE: dict[str, str] = {
     "learning_rate": "learning rate, log-uniform in [lr_min, lr_max] (AttackConfig.learning_rates)",
     "max_steps": "attack steps, an integer in [min_steps, the budget's max_steps] (AttackConfig.max_steps)",
-    "lr_scheduler_type": "learning-rate schedule, one of scheduler_choices (AttackConfig.lr_scheduler_type)",
+    "optimizer": "optimizer, one of optimizer_choices (AttackConfig.optimizers)",
+    "lr_scheduler_type": "learning-rate schedule, one of scheduler_choices (AttackConfig.lr_scheduler_types)",
     "warmup_ratio": "warm-up as a share of the trial's steps, one of warmup_ratio_choices "
-    "(AttackConfig.warmup_steps = round(ratio * steps))",
-    "family": "attack family, one of family_choices (AttackConfig.family)",
-    "lora_r": "LoRA rank for family 'lora', one of lora_rank_choices (AttackConfig.lora_r)",
+    "(AttackConfig.warmup_ratio)",
+    "family": "attack family, one of family_choices (AttackConfig.families)",
+    "lora_rank": "LoRA rank for family 'lora', one of lora_rank_choices (AttackConfig.lora_ranks)",
 }
 
 
 @dataclass
 class SearchSpace:
     r"""Which attack settings the search varies and over what (everything else comes from the budget's
-    :class:`~immune_trainer.attacks.AttackConfig`).
+    :class:`~immune_trainer.attacks.AttackConfig`; of its list axes, the first value is used).
 
     Parameters:
         search_space (`list[str]`): the searched settings, names from :data:`SEARCHABLE`.
         lr_min, lr_max (`float`): the log-uniform learning-rate range (TamperBench: 1e-6..1e-3).
         min_steps (`int` or `None`): fewest attack steps a trial may take; `None`: the budget's `eval_every`.
-        family_choices, scheduler_choices, warmup_ratio_choices, lora_rank_choices: categorical choices.
+        family_choices, optimizer_choices, scheduler_choices, warmup_ratio_choices, lora_rank_choices:
+            the categorical choices.
     """
 
     search_space: list[str] = field(
-        default_factory=lambda: [
-            "learning_rate",
-            "max_steps",
-            "lr_scheduler_type",
-            "warmup_ratio",
-            "family",
-            "lora_r",
-        ],
+        default_factory=lambda: list(SEARCHABLE),
         metadata={"help": f"Attack settings the search varies; any of: {', '.join(SEARCHABLE)}."},
     )
     lr_min: float = field(default=1e-6, metadata={"help": "Smallest learning rate searched (log-uniform)."})
@@ -103,6 +100,10 @@ class SearchSpace:
     family_choices: list[str] = field(
         default_factory=lambda: ["full", "lora"], metadata={"help": "Attack families searched."}
     )
+    optimizer_choices: list[str] = field(
+        default_factory=lambda: ["adamw", "sgd", "adagrad"],
+        metadata={"help": "Optimizers searched (TamperBench: adamw, adagrad, sgd)."},
+    )
     scheduler_choices: list[str] = field(
         default_factory=lambda: ["constant", "cosine"], metadata={"help": "Learning-rate schedules searched."}
     )
@@ -114,8 +115,10 @@ class SearchSpace:
     )
 
     def __post_init__(self):
-        if isinstance(self.search_space, str):
-            self.search_space = [self.search_space]
+        from transformers.trainer_utils import SchedulerType
+
+        for name in ("search_space", "family_choices", "optimizer_choices", "scheduler_choices"):
+            setattr(self, name, _as_list(getattr(self, name)))
         unknown = [p for p in self.search_space if p not in SEARCHABLE]
         if unknown:
             raise ConfigError(
@@ -127,20 +130,26 @@ class SearchSpace:
             raise ConfigError(f"need 0 < lr_min <= lr_max, got lr_min={self.lr_min}, lr_max={self.lr_max}.")
         if self.min_steps is not None and self.min_steps < 1:
             raise ConfigError(f"min_steps must be a positive integer, got {self.min_steps}.")
-        for name in ("family_choices", "scheduler_choices", "warmup_ratio_choices", "lora_rank_choices"):
+        for name in (
+            "family_choices",
+            "optimizer_choices",
+            "scheduler_choices",
+            "warmup_ratio_choices",
+            "lora_rank_choices",
+        ):
             if not getattr(self, name):
                 raise ConfigError(f"{name} must not be empty.")
         for family in self.family_choices:
             get_attack(family)
-        from transformers.trainer_utils import SchedulerType
-
+        for optimizer in self.optimizer_choices:
+            optimizer_arguments(optimizer)
         known = {s.value for s in SchedulerType}
         bad = [s for s in self.scheduler_choices if s not in known]
         if bad:
             raise ConfigError(f"unknown learning-rate schedule(s) {bad}; known: {', '.join(sorted(known))}.")
         if any(not 0.0 <= r < 1.0 for r in self.warmup_ratio_choices):
             raise ConfigError(f"warmup_ratio_choices must lie in [0, 1), got {self.warmup_ratio_choices}.")
-        if any(r < 1 for r in self.lora_rank_choices):
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.lora_rank_choices):
             raise ConfigError(f"lora_rank_choices must be positive integers, got {self.lora_rank_choices}.")
 
     def check_budget(self, budget: AttackConfig) -> None:
@@ -149,7 +158,7 @@ class SearchSpace:
             raise ConfigError(
                 f"min_steps={self.steps_range(budget)[0]} exceeds the budget's max_steps={budget.max_steps}."
             )
-        families = self.family_choices if "family" in self.search_space else [budget.family]
+        families = self.family_choices if "family" in self.search_space else budget.family_names()[:1]
         if budget.load_in_4bit and any(f != "lora" for f in families):
             raise ConfigError(
                 "load_in_4bit (QLoRA) needs family_choices=['lora'] (or 'family' not searched)."
@@ -160,8 +169,12 @@ class SearchSpace:
         return low, budget.max_steps
 
     def suggest(self, trial, budget: AttackConfig) -> tuple[AttackConfig, dict[str, Any]]:
-        """Draw one setting from ``trial`` and return the single-setting AttackConfig and its settings."""
+        """Draw one setting from ``trial``: the single-setting AttackConfig and the settings it runs."""
         searched = set(self.search_space)
+
+        def pick(name: str, choices: list, default):
+            return trial.suggest_categorical(name, choices) if name in searched else default
+
         lr = (
             trial.suggest_float("learning_rate", self.lr_min, self.lr_max, log=True)
             if "learning_rate" in searched
@@ -172,51 +185,28 @@ class SearchSpace:
             if "max_steps" in searched
             else budget.max_steps
         )
-        scheduler = (
-            trial.suggest_categorical("lr_scheduler_type", self.scheduler_choices)
-            if "lr_scheduler_type" in searched
-            else budget.lr_scheduler_type
-        )
-        if "warmup_ratio" in searched:
-            warmup_ratio = trial.suggest_categorical("warmup_ratio", self.warmup_ratio_choices)
-            warmup_steps = round(warmup_ratio * steps)
-        else:
-            warmup_ratio, warmup_steps = None, budget.warmup_steps
-        family = (
-            trial.suggest_categorical("family", self.family_choices)
-            if "family" in searched
-            else budget.family
-        )
-        lora_r = budget.lora_r
-        if family == "lora" and "lora_r" in searched:
-            lora_r = trial.suggest_categorical("lora_r", self.lora_rank_choices)
+        family = pick("family", self.family_choices, budget.family_names()[0])
+        lora_ranks = budget.lora_ranks[:1]
+        if family == "lora" and "lora_rank" in searched:
+            lora_ranks = [trial.suggest_categorical("lora_rank", self.lora_rank_choices)]
         config = replace(
             budget,
             family=family,
+            families=[family],
             learning_rates=[lr],
-            num_samples=[budget.num_samples[0]],
-            seeds=[budget.seeds[0]],
+            num_samples=budget.num_samples[:1],
+            seeds=budget.seeds[:1],
+            optimizers=[pick("optimizer", self.optimizer_choices, budget.optimizers[0])],
+            lr_scheduler_types=[pick("lr_scheduler_type", self.scheduler_choices, budget.schedules()[0])],
+            warmup_ratio=pick("warmup_ratio", self.warmup_ratio_choices, budget.warmup_ratio),
+            lora_ranks=lora_ranks,
+            harmful_shares=budget.harmful_shares[:1],
             max_steps=steps,
             eval_every=min(budget.eval_every, steps),
-            lr_scheduler_type=scheduler,
-            warmup_steps=warmup_steps,
-            lora_r=lora_r,
             output_dir=None,
         )
-        settings = {
-            "family": family,
-            "learning_rate": lr,
-            "max_steps": steps,
-            "lr_scheduler_type": scheduler,
-            "warmup_steps": warmup_steps,
-            "num_samples": budget.num_samples[0],
-            "seed": budget.seeds[0],
-        }
-        if warmup_ratio is not None:
-            settings["warmup_ratio"] = warmup_ratio
-        if family == "lora":
-            settings["lora_r"] = lora_r
-        return config, settings
+        (setting,) = config.grid()
+        return config, {**setting, "max_steps": steps, "warmup_ratio": config.warmup_ratio}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -377,11 +367,15 @@ def trials_table(result: SearchResult) -> str:
 
 
 def _label(s: dict[str, Any]) -> str:
-    parts = [s["family"], f"lr={s['learning_rate']:.3g}", f"steps={s['max_steps']}", s["lr_scheduler_type"]]
-    if s.get("warmup_steps"):
-        parts.append(f"warmup={s['warmup_steps']}")
-    if "lora_r" in s:
-        parts.append(f"r={s['lora_r']}")
+    parts = [str(s["family"])]
+    if "learning_rate" in s:
+        parts.append(f"lr={s['learning_rate']:.3g}")
+    parts.append(f"steps={s['max_steps']}")
+    parts += [str(s[k]) for k in ("optimizer", "lr_scheduler_type") if k in s]
+    if s.get("warmup_ratio"):
+        parts.append(f"warmup={s['warmup_ratio']:g}")
+    if "lora_rank" in s:
+        parts.append(f"r={s['lora_rank']}")
     return " ".join(parts)
 
 
