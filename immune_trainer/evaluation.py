@@ -15,13 +15,16 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .attacks import AttackConfig, HarmfulFineTuningAttack
 from .conditions import AttackCurve, TrainingCurve
 from .errors import ConfigError, DataError
 from .report import ImmunizationReport, ThreatModel, build_report
 from .scorers import get_scorer
+
+if TYPE_CHECKING:
+    from .attack_search import AttackSearch
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +165,9 @@ def threshold_from_base(curves: list[AttackCurve], step: int) -> float:
     return float(statistics.median(values))
 
 
-def _generalization_attack(attack: HarmfulFineTuningAttack, cfg: EvaluationConfig) -> HarmfulFineTuningAttack:
-    """The attack run on the generalization sets: the same grid, with its own step budget if given."""
+def _generalization_attack(attack, cfg: EvaluationConfig):
+    """The attack run on the generalization sets: the same grid or search, with their own step budget if
+    given."""
     if cfg.generalization_max_steps is None or cfg.generalization_max_steps == attack.config.max_steps:
         return attack
     from dataclasses import replace
@@ -173,6 +177,8 @@ def _generalization_attack(attack: HarmfulFineTuningAttack, cfg: EvaluationConfi
     config = replace(
         attack.config, max_steps=steps, eval_every=min(attack.config.eval_every, steps), output_dir=out_dir
     )
+    if not isinstance(attack, HarmfulFineTuningAttack):
+        return attack.with_config(config)  # an AttackSearch: the same search under that budget
     return HarmfulFineTuningAttack(config, scorer=attack.scorer)
 
 
@@ -203,7 +209,7 @@ def evaluate_conditions(
     immunized_model,
     tokenizer,
     datasets: ConditionDatasets,
-    attack: HarmfulFineTuningAttack | AttackConfig | None = None,
+    attack: HarmfulFineTuningAttack | AttackSearch | AttackConfig | None = None,
     threshold: float | None = None,
     config: EvaluationConfig | None = None,
     defense: dict[str, Any] | None = None,
@@ -218,7 +224,9 @@ def evaluate_conditions(
         immunized_model: the model to judge.
         tokenizer: shared by both models.
         datasets: a :class:`ConditionDatasets`.
-        attack: the attack (or its config) run on both models; the default grid if None.
+        attack: the attack (or its config) run on both models; the default grid if None. An
+            :class:`~immune_trainer.attack_search.AttackSearch` runs its search on each model and set and
+            uses the feasible trials' curves (its budget goes into ``report.extra["search"]``).
         threshold: phi on the harm scorer's scale (overrides ``config.threshold``).
         config: an :class:`EvaluationConfig`.
         defense: ``{"name": ..., "config": {...}}`` recorded in the report.
@@ -230,7 +238,7 @@ def evaluate_conditions(
     cfg = config or EvaluationConfig()
     if threshold is not None:
         cfg.threshold = threshold
-    if not isinstance(attack, HarmfulFineTuningAttack):
+    if attack is None or isinstance(attack, AttackConfig):
         attack = HarmfulFineTuningAttack(attack)
     say = progress or (lambda message: logger.info(message))
     if datasets.attack_train is None or datasets.attack_eval is None:
@@ -251,10 +259,19 @@ def evaluate_conditions(
 
     curves: dict[str, dict[str, list[AttackCurve]]] = {"base": {}, "immunized": {}}
     attacks = {key: attack if key == "attack" else _generalization_attack(attack, cfg) for key in sets}
+    searches: dict[str, dict[str, Any]] = {"base": {}, "immunized": {}}
     for key, (train, ev) in sets.items():
         for who, model in (("base", base_model), ("immunized", immunized_model)):
             say(f"[{key}] attacking the {who} model")
-            curves[who][key] = attacks[key].run(model, tokenizer, train, ev, progress=say).curves
+            result = attacks[key].run(model, tokenizer, train, ev, progress=say)
+            if hasattr(result, "search_record"):
+                searches[who][key] = result.search_record()
+            if not result.curves:
+                raise ConfigError(
+                    f"[{key}] the attack on the {who} model gave no curve to judge: "
+                    f"{result.summary() if hasattr(result, 'summary') else 'empty grid'}"
+                )
+            curves[who][key] = result.curves
 
     threshold_source = "given by the user"
     set_thresholds: dict[str, float] = {}
@@ -312,6 +329,13 @@ def evaluate_conditions(
             eps = max(cfg.benign_eval_every, cfg.benign_max_steps / 4)
 
     judge = scorer.judge_info() if hasattr(scorer, "judge_info") else None
+    grid = {
+        "learning_rates": list(attack.config.learning_rates),
+        "num_samples": list(attack.config.num_samples),
+        "seeds": list(attack.config.seeds),
+    }
+    if searches["base"]:
+        grid = _searched_grid(curves)  # the values the search's feasible trials ran, not the budget's grid
     threat = ThreatModel(
         attack_family=attack.config.family,
         scorer=scorer.name,
@@ -319,11 +343,7 @@ def evaluate_conditions(
         threshold=float(cfg.threshold),
         scorer_range=tuple(scorer.range),
         threshold_source=threshold_source,
-        grid={
-            "learning_rates": list(attack.config.learning_rates),
-            "num_samples": list(attack.config.num_samples),
-            "seeds": list(attack.config.seeds),
-        },
+        grid=grid,
         max_steps=attack.config.max_steps,
         eval_every=attack.config.eval_every,
         batch_size=attack.config.batch_size,
@@ -337,6 +357,9 @@ def evaluate_conditions(
         set_thresholds=set_thresholds,
         set_budgets={k: a.config.max_steps for k, a in attacks.items() if k != "attack"},
     )
+    extra = {"attack_config": attack.config.to_dict(), "evaluation_config": _asdict(cfg)}
+    if searches["base"]:
+        extra["search"] = {**attack.budget(), "runs": searches}
     return build_report(
         threat_model=threat,
         base_model=base_name or _model_id(base_model),
@@ -350,8 +373,21 @@ def evaluate_conditions(
         immunized_benign=imm_benign,
         defense=defense,
         dependencies=dependency_versions(),
-        extra={"attack_config": attack.config.to_dict(), "evaluation_config": _asdict(cfg)},
+        extra=extra,
     )
+
+
+def _searched_grid(curves: dict[str, dict[str, list[AttackCurve]]]) -> dict[str, list]:
+    """The grid a search actually ran: the values of the feasible trials on the main attack set."""
+    runs = [c.config for who in curves.values() for c in who.get("attack", [])]
+    return {
+        axis: sorted({run[key] for run in runs if key in run})
+        for axis, key in (
+            ("learning_rates", "learning_rate"),
+            ("num_samples", "num_samples"),
+            ("seeds", "seed"),
+        )
+    }
 
 
 def _asdict(obj) -> dict[str, Any]:
