@@ -18,7 +18,8 @@ space, so a killed search resumes with the trials it finished.
 
 :meth:`AttackSearch.run` returns a :class:`SearchResult`, an :class:`~immune_trainer.attacks.AttackResult`
 whose curves are the feasible trials' curves; :func:`~immune_trainer.evaluation.evaluate_conditions`
-accepts an :class:`AttackSearch` wherever it accepts a :class:`~immune_trainer.attacks.HarmfulFineTuningAttack`.
+accepts an :class:`AttackSearch` wherever it accepts a
+:class:`~immune_trainer.attacks.HarmfulFineTuningAttack`.
 
 References:
     TamperBench (criticalml-uw): Optuna sweeps of attack hyperparameters per model and attack; reports
@@ -230,7 +231,8 @@ class SearchConfig:
     search_storage: str | None = field(
         default=None,
         metadata={
-            "help": "Optuna storage URL of the search (e.g. sqlite:///search.db); None: SQLite in search_dir. "
+            "help": "Optuna storage URL of the search (e.g. sqlite:///search.db); None: SQLite in "
+            "search_dir. "
             "A rerun with the same model, data and space resumes the trials stored there."
         },
     )
@@ -319,7 +321,8 @@ class SearchResult(AttackResult):
     def summary(self) -> str:
         if self.best is None:
             return (
-                f"no feasible trial: all {len(self.trials)} trials degraded {self.record.get('capability_scorer')} "
+                f"no feasible trial: all {len(self.trials)} trials degraded "
+                f"{self.record.get('capability_scorer')} "
                 f"by more than the tolerance {self.record.get('capability_tolerance'):.0%}."
             )
         return (
@@ -520,7 +523,6 @@ class AttackSearch:
         storage = self.search.storage_url()
         study_name = self._study_name(model, train, harmful_eval)
         direction = "minimize" if self.scorer.higher_is_better else "maximize"
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(
             storage=storage,
             study_name=study_name,
@@ -528,7 +530,7 @@ class AttackSearch:
             sampler=self._sampler(0),
             load_if_exists=True,
         )
-        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             logger.warning("marking trial %d, left running by an earlier search, as failed", stale.number)
             study.tell(stale.number, state=TrialState.FAIL)
 
@@ -537,9 +539,7 @@ class AttackSearch:
 
         done = complete()
         if done:
-            say(
-                f"[search] resuming study {study_name}: {done} of {self.search.search} trials already finished"
-            )
+            say(f"[search] resuming study {study_name}: {done} of {self.search.search} trials finished")
         bar = None
         if progress_bar:
             from tqdm.auto import tqdm

@@ -168,7 +168,11 @@ def _attack_search(
     model_args, data_args, attack_cfg, search_cfg, space, model, tokenizer, train, eval_ds
 ) -> int:
     """``immune-trainer attack --search N``: the most harmful setting whose capability loss stays in tolerance."""
+    import optuna
+
     from .attack_search import AttackSearch, trials_table
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the table say it all
 
     if not data_args.reference:
         raise ConfigError(

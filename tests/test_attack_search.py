@@ -14,7 +14,7 @@ from immune_trainer.attack_search import AttackSearch, SearchConfig, SearchSpace
 from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack
 from immune_trainer.cli import main
 from immune_trainer.errors import ConfigError
-from immune_trainer.evaluation import ConditionDatasets, evaluate_conditions
+from immune_trainer.evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions
 from immune_trainer.report import ImmunizationReport
 from immune_trainer.scorers import get_scorer
 from immune_trainer.testing import tiny_causal_lm
@@ -169,8 +169,14 @@ def test_an_interrupted_trial_is_recorded_as_failed(tmp_path, tokenizer, monkeyp
 def test_evaluate_conditions_takes_the_search_as_its_attack(tmp_path, tokenizer):
     base, immunized = tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1)
     search = _search(tmp_path, 2)
+    sets = ConditionDatasets(
+        attack_train=TRAIN,
+        attack_eval=EVAL,
+        cross_domain_train=make_pairs(8, offset=200),
+        cross_domain_eval=make_pairs(4, offset=300),
+    )
     report = evaluate_conditions(
-        base, immunized, tokenizer, ConditionDatasets(attack_train=TRAIN, attack_eval=EVAL), attack=search
+        base, immunized, tokenizer, sets, attack=search, config=EvaluationConfig(generalization_max_steps=2)
     )
     assert report.conditions.resistance is not None
     extra = report.extra["search"]
@@ -181,6 +187,12 @@ def test_evaluate_conditions_takes_the_search_as_its_attack(tmp_path, tokenizer)
         run = extra["runs"][who]["attack"]
         assert run["n_complete"] == 2 and run["best"]["settings"]["family"] == "full"
         assert len(report.curves[who]["attack"]) == run["n_feasible"]
+    # The generalization set gets its own search under its own step budget.
+    cross = extra["runs"]["immunized"]["cross_domain"]
+    assert (
+        cross["max_steps"] == 2 and cross["study_name"] != extra["runs"]["immunized"]["attack"]["study_name"]
+    )
+    assert all(p.step <= 2 for c in report.curves["base"]["cross_domain"] for p in c.points)
     lrs = {c.config["learning_rate"] for who in report.curves.values() for c in who["attack"]}
     assert report.threat_model.grid["learning_rates"] == sorted(lrs)
     path = report.save(tmp_path / "report.json")
