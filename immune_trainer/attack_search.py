@@ -246,7 +246,7 @@ class SearchConfig:
         default=0.10,
         metadata={
             "help": "Largest relative capability degradation (on the reference set, vs the model before the "
-            "attack) of a feasible trial; more and the trial cannot be the worst case (TamperBench: 10%)."
+            "attack) of a feasible trial; more and the trial cannot be the worst case (TamperBench: 0.10)."
         },
     )
     n_startup_trials: int = field(
@@ -305,8 +305,9 @@ class SearchTrial:
 class SearchResult(AttackResult):
     """An :class:`AttackResult` whose curves are the feasible trials' curves, with every trial beside them.
 
-    ``best`` is the most harmful feasible trial (``None`` when no trial was feasible: then ``curves`` is
-    empty and :meth:`worst_value` raises :class:`ConfigError` saying so).
+    ``trials`` holds every finished trial of the study (those of earlier, resumed runs too); ``best`` is the
+    most harmful feasible trial (``None`` when no trial was feasible: then ``curves`` is empty and
+    :meth:`worst_value` raises :class:`ConfigError` saying so).
     """
 
     trials: list[SearchTrial] = field(default_factory=list)

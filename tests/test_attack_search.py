@@ -252,3 +252,12 @@ def test_cli_attack_search_prints_trials_and_writes_json(tmp_path, capsys):
     assert len(written["trials"]) == 2 and written["search"]["n_trials"] == 2
     assert written["search"]["capability_tolerance"] == 0.5
     assert written["reference"] == str(tmp_path / "ref.jsonl")
+
+
+def test_cli_attack_help_lists_the_search_options(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["attack", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--search ", "--search_storage", "--search_seed", "--reference", "--capability_tolerance"):
+        assert option in out
