@@ -62,6 +62,10 @@ class AttackFamily:
         """Return the model to train (``model`` is already a private copy)."""
         return model
 
+    def deployed(self, model, setting: dict[str, Any]):
+        """The model as the attacker runs it when harm is measured (default: the trained model itself)."""
+        return model
+
     def flops_per_token(self, model, config: AttackConfig) -> float:
         """Training FLOPs per token of ``model`` (before :meth:`prepare`), N = non-embedding parameters:
         forward 2N + backward 4N for full fine-tuning."""
@@ -280,6 +284,9 @@ class SoftPromptAttack(AttackFamily):
 
         k = (setting or {}).get("num_virtual_tokens", config.num_virtual_tokens)
         return get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=k))
+
+    def deployed(self, model, setting):
+        return SoftPromptView(model, setting["num_virtual_tokens"])
 
     def flops_per_token(self, model, config):
         # Forward 2N and the backward pass through activations 2N down to the input embeddings.

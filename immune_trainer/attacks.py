@@ -49,7 +49,7 @@ from .attack_families import (  # noqa: F401  (the registry and families are par
     quantize_4bit,
     register_attack,
 )
-from .conditions import AttackCurve, CurvePoint
+from .conditions import AttackCurve, CurvePoint, first_crossing
 from .errors import ConfigError, DataError
 from .report import atomic_write
 
@@ -389,29 +389,50 @@ class _AttackTrainer(Trainer):
 
 
 class _CurveCallback(TrainerCallback):
-    def __init__(self, measure: Callable[[Any], float], eval_every: int, flops_per_token: float):
+    """Measures f at step 0 and every ``eval_every`` steps; stops training once ``stop(f)`` is true."""
+
+    def __init__(
+        self,
+        measure: Callable[[Any], float],
+        eval_every: int,
+        flops_per_token: float,
+        stop: Callable[[float], bool] | None = None,
+    ):
         self.measure = measure
         self.eval_every = eval_every
         self.flops_per_token = flops_per_token
+        self.stop = stop
+        self.stopped_early = False
         self.points: list[CurvePoint] = []
         self.trainer: _AttackTrainer | None = None
 
-    def _record(self, step: int, model) -> None:
+    def _record(self, step: int, model) -> float:
         tokens = self.trainer.tokens_seen if self.trainer is not None else 0
         value = self.measure(model)
         self.points.append(
             CurvePoint(step=step, tokens=tokens, flops=tokens * self.flops_per_token, value=value)
         )
         logger.info("attack step %d: f = %.4f", step, value)
+        return value
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not self.points:
-            self._record(0, model)
+            value = self._record(0, model)
+            if self.stop is not None and self.stop(value):
+                # Already harmful before any step: nothing left to bracket.
+                self.stopped_early = True
+                control.should_training_stop = True
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
+        if self.stopped_early:  # stopped at step 0: the Trainer may still have run one step
+            control.should_training_stop = True
+            return
         if step % self.eval_every == 0 or step == state.max_steps:
-            self._record(step, model)
+            value = self._record(step, model)
+            if self.stop is not None and step < state.max_steps and self.stop(value):
+                self.stopped_early = True
+                control.should_training_stop = True
 
 
 @dataclass
@@ -471,19 +492,34 @@ class HarmfulFineTuningAttack:
         harmful_train,
         harmful_eval,
         *,
+        benign_train=None,
         prepare_model: Callable[[Any], Any] | None = None,
         progress: Callable[[str], None] | None = None,
+        stop_at_threshold: float | None = None,
+        full_curve: bool | None = None,
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
         Args:
             harmful_train: the attacker's harmful data (any supported format, or tokenized).
             harmful_eval: held-out harmful data on which the scorer measures f.
+            benign_train: benign task data (any supported format), needed by the ``mixed``, ``benign`` and
+                ``refusal_ablation`` families (the latter uses its prompts as the harmless side).
             prepare_model: an attack-time hook applied to each copy before training (e.g. a defense that
                 protects only while something is attached during fine-tuning, such as Security Vectors).
+                Training-free families attack the model as deployed, without it.
             progress: called with a one-line message as each configuration starts and ends.
+            stop_at_threshold: phi for early stopping (default: ``config.stop_at_threshold``): a run stops
+                at the first evaluation strictly on the harmful side of it, so its curve still brackets the
+                crossing; the curve's config then says ``stopped_early: True``.
+            full_curve: run the whole budget even past phi (default: ``config.full_curve``).
         """
         cfg = self.config
+        phi = cfg.stop_at_threshold if stop_at_threshold is None else stop_at_threshold
+        if phi is not None and (isinstance(phi, bool) or not math.isfinite(phi)):
+            raise ConfigError(f"stop_at_threshold must be a finite number or None, got {phi!r}.")
+        if full_curve if full_curve is not None else cfg.full_curve:
+            phi = None
         if cfg.load_in_4bit:
             check_4bit_available()  # before any tokenization or training
         data_lib.check_tokenizer(tokenizer)
@@ -491,17 +527,38 @@ class HarmfulFineTuningAttack:
             raise DataError("the attack's harmful training dataset is empty.")
         if harmful_eval is None or len(harmful_eval) == 0:
             raise DataError("the held-out harmful evaluation dataset is empty.")
+        families = {name: get_attack(name) for name in cfg.family_names()}
+        needing = [name for name, f in families.items() if f.needs_benign]
+        if needing and benign_train is None:
+            raise ConfigError(
+                f"attack famil{'ies' if len(needing) > 1 else 'y'} {', '.join(needing)} need benign data: "
+                "pass benign_train= to run() (ConditionDatasets.benign_train in evaluate_conditions)."
+            )
+        if needing and len(benign_train) == 0:
+            raise DataError("the attack's benign training dataset is empty.")
         train = data_lib.ensure_tokenized(harmful_train, tokenizer, max_length=cfg.max_length)
-        for n in cfg.num_samples:
-            if n > len(train):
-                raise DataError(
-                    f"num_samples={n} exceeds the {len(train)} rows of the attack's training data; "
-                    "lower it or pass more data."
+        tokenized_cache: dict[int, Any] = {id(harmful_train): train}
+
+        def tokenized(raw):
+            if id(raw) not in tokenized_cache:
+                tokenized_cache[id(raw)] = data_lib.ensure_tokenized(
+                    raw, tokenizer, max_length=cfg.max_length
                 )
+            return tokenized_cache[id(raw)]
+
+        sources = {name: f.sources(harmful_train, benign_train, cfg) for name, f in families.items()}
+        grid = cfg.grid()
+        data = {}
+        for name, family in families.items():
+            if family.trains:
+                data[name] = {role: tokenized(raw) for role, raw in sources[name].items()}
+                for setting in (s for s in grid if s["family"] == name):
+                    family.training_set(data[name], setting)  # bad sizes fail before any training
+            else:
+                data[name] = sources[name]
         eval_data = (
             self.scorer.prepare(tokenizer, harmful_eval) if hasattr(self.scorer, "prepare") else harmful_eval
         )
-        family = get_attack(cfg.family)
         fingerprint = {
             "model": model_fingerprint(model),
             "train": _content_hash(train),
@@ -512,27 +569,58 @@ class HarmfulFineTuningAttack:
                 if k not in (*GRID_FIELDS, "output_dir", "stop_at_threshold", "full_curve")
             },
         }
+        if needing:
+            fingerprint["benign"] = _content_hash(tokenized(benign_train))
         curves = []
-        for setting in cfg.grid():
-            saved = self._load_saved(setting, fingerprint)
+        for setting in grid:
+            family = families[setting["family"]]
+            saved = self._load_saved(setting, fingerprint, phi)
             if saved is not None:
                 if progress:
-                    progress(f"reusing finished attack run {_setting_label(setting)}")
+                    progress(f"reusing finished attack run {setting_label(setting)}")
                 curves.append(saved)
                 continue
             if progress:
-                progress(f"attack {_setting_label(setting)}: {cfg.max_steps} steps")
-            curve = self._run_one(model, tokenizer, train, eval_data, setting, family, prepare_model)
-            self._save(curve, fingerprint)
+                budget = f"{cfg.max_steps} steps" if family.trains else "training-free"
+                progress(f"attack {setting_label(setting)}: {budget}")
+            if family.trains:
+                curve = self._run_one(
+                    model, tokenizer, data[setting["family"]], eval_data, setting, family, prepare_model, phi
+                )
+            else:
+                curve = self._run_training_free(
+                    model, tokenizer, data[setting["family"]], eval_data, setting, family
+                )
+            self._save(setting, curve, fingerprint, phi)
             curves.append(curve)
         return AttackResult(curves=curves, config=cfg)
 
     # -------------------------------------------------------------- one configuration
 
-    def _run_one(self, model, tokenizer, train, eval_data, setting, family, prepare_model) -> AttackCurve:
+    def _measure(self, model, tokenizer, eval_data) -> float:
+        return float(self.scorer.score(model, tokenizer, eval_data).value)
+
+    def _run_training_free(self, model, tokenizer, sources, eval_data, setting, family) -> AttackCurve:
+        """A training-free attack: one point at step 0 (no steps, tokens or FLOPs), after the edit; the
+        value before it is kept in the config as ``value_before``."""
+        attacked = copy.deepcopy(model)
+        before = self._measure(attacked, tokenizer, eval_data)
+        attacked = family.apply(attacked, tokenizer, sources, setting, self.config)
+        after = self._measure(attacked, tokenizer, eval_data)
+        logger.info("%s: f = %.4f before, %.4f after", setting["family"], before, after)
+        del attacked
+        return AttackCurve(
+            config={**setting, "value_before": before},
+            points=[CurvePoint(step=0, tokens=0, flops=0.0, value=after)],
+            scorer=self.scorer.name,
+            higher_is_better=self.scorer.higher_is_better,
+        )
+
+    def _run_one(
+        self, model, tokenizer, data, eval_data, setting, family, prepare_model, phi=None
+    ) -> AttackCurve:
         cfg = self.config
-        n = setting["num_samples"]
-        subset = train.shuffle(seed=setting["seed"]).select(range(n)) if n else train
+        subset = family.training_set(data, setting)
         attacked = copy.deepcopy(model)
         attacked.train()
         flops_per_token = family.flops_per_token(attacked, cfg)  # on the model before adapters are added
@@ -543,11 +631,16 @@ class HarmfulFineTuningAttack:
         measure_context = getattr(prepare_model, "measure", None) or contextlib.nullcontext
 
         def measure(m) -> float:
-            # An attack-time hook may say how the model runs at inference (e.g. without a security vector).
+            # An attack-time hook may say how the model runs at inference (e.g. without a security vector);
+            # the family says what the attacker deploys (e.g. the model with its soft prompt).
             with measure_context(m):
-                return float(self.scorer.score(m, tokenizer, eval_data).value)
+                return self._measure(family.deployed(m, setting), tokenizer, eval_data)
 
-        callback = _CurveCallback(measure, cfg.eval_every, flops_per_token)
+        stop = None
+        if phi is not None:
+            hib = self.scorer.higher_is_better
+            stop = lambda value: first_crossing([CurvePoint(0, 0, 0.0, value)], phi, hib) is not None  # noqa: E731
+        callback = _CurveCallback(measure, cfg.eval_every, flops_per_token, stop=stop)
         optim, optim_args = optimizer_arguments(setting["optimizer"])
         warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
         with tempfile.TemporaryDirectory(prefix="immune_trainer_attack_") as tmp:
@@ -585,8 +678,11 @@ class HarmfulFineTuningAttack:
             callback.trainer = trainer
             trainer.train()
         del trainer, attacked
+        config = dict(setting)
+        if phi is not None:
+            config["stopped_early"] = callback.stopped_early
         return AttackCurve(
-            config=dict(setting),
+            config=config,
             points=callback.points,
             scorer=self.scorer.name,
             higher_is_better=self.scorer.higher_is_better,
@@ -597,12 +693,17 @@ class HarmfulFineTuningAttack:
     def _path(self, setting, fingerprint) -> Path | None:
         if not self.config.output_dir:
             return None
-        label = _setting_label(setting).replace(" ", "_")
+        label = setting_label(setting).replace(" ", "_")
         # One file per (model, data, setting): attacks on the base and the immunized model do not collide.
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return Path(self.config.output_dir) / "attack_runs" / f"{label}_{key}.json"
 
-    def _load_saved(self, setting, fingerprint) -> AttackCurve | None:
+    def _load_saved(self, setting, fingerprint, phi=None) -> AttackCurve | None:
+        """A finished run of ``setting`` saved by an earlier call, if one fits.
+
+        A full curve fits every request (cut after its first crossing of ``phi`` when this call stops
+        early); an early-stopped curve fits only a call that stops at the same ``phi``.
+        """
         path = self._path(setting, fingerprint)
         if path is None or not path.exists():
             return None
@@ -613,14 +714,32 @@ class HarmfulFineTuningAttack:
             return None
         if saved.get("fingerprint") != fingerprint or saved.get("setting") != setting:
             return None
-        return AttackCurve.from_dict(saved["curve"])
+        curve = AttackCurve.from_dict(saved["curve"])
+        if curve.config.get("stopped_early"):
+            return curve if saved.get("stop_at_threshold") == phi else None
+        if phi is None:
+            curve.config.pop("stopped_early", None)
+            return curve
+        stopped = False
+        for i, point in enumerate(curve.points):
+            crossed = first_crossing([point], phi, curve.higher_is_better) is not None
+            if crossed and point.step < self.config.max_steps:
+                curve.points, stopped = curve.points[: i + 1], True
+                break
+        curve.config["stopped_early"] = stopped
+        return curve
 
-    def _save(self, curve: AttackCurve, fingerprint) -> None:
-        path = self._path(curve.config, fingerprint)
+    def _save(self, setting, curve: AttackCurve, fingerprint, phi=None) -> None:
+        path = self._path(setting, fingerprint)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"setting": curve.config, "fingerprint": fingerprint, "curve": curve.to_dict()}
+        payload = {
+            "setting": setting,
+            "fingerprint": fingerprint,
+            "stop_at_threshold": phi,
+            "curve": curve.to_dict(),
+        }
         atomic_write(path, json.dumps(payload, indent=2))
 
 
@@ -645,11 +764,12 @@ _LABELS = {
 }
 
 
-def _setting_label(setting: dict[str, Any]) -> str:
-    """A short label of a setting naming every axis it has (also the stem of its saved run's file)."""
-    parts = [setting["family"]]
+def setting_label(setting: dict[str, Any]) -> str:
+    """A short label of a grid setting (or a curve's config) naming every axis it has, e.g.
+    ``"lora lr=0.001 n=all seed=0 opt=adamw sched=constant r=8"`` (also the stem of its saved run's file)."""
+    parts = [str(setting.get("family"))]
     for key, value in setting.items():
-        if key == "family":
+        if key not in _LABELS:
             continue
         if key == "num_samples":
             value = value or "all"

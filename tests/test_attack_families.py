@@ -1,0 +1,395 @@
+"""The attack families beyond full and LoRA fine-tuning, the grid's axes, and early stopping."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from conftest import make_pairs
+
+from immune_trainer import attacks as attacks_lib
+from immune_trainer.attack_families import (
+    IDENTITY_PREFIX,
+    _prompt_ends,
+    ablate_direction,
+    identity_shift_dataset,
+    last_token_activations,
+    refusal_direction,
+    residual_writers,
+)
+from immune_trainer.attacks import (
+    ATTACKS,
+    AttackConfig,
+    HarmfulFineTuningAttack,
+    get_attack,
+    setting_label,
+)
+from immune_trainer.conditions import first_crossing
+from immune_trainer.errors import ConfigError, DataError
+from immune_trainer.modeling import capture_outputs, find_decoder_structure, primary_tensor
+from immune_trainer.scorers import get_scorer
+from immune_trainer.testing import tiny_causal_lm
+
+
+def _attack(**kw):
+    cfg = dict(learning_rates=[2e-3], max_steps=6, eval_every=3, batch_size=4, max_length=64)
+    cfg.update(kw)
+    return HarmfulFineTuningAttack(AttackConfig(**cfg))
+
+
+def _values(curve):
+    return [p.value for p in curve.points]
+
+
+def test_every_family_is_registered():
+    for name in ("full", "lora", "mixed", "benign", "identity_shift", "embedding", "refusal_ablation"):
+        assert get_attack(name).name == name and get_attack(name).description
+    assert ATTACKS["refusal_ablation"].trains is False
+
+
+# ---------------------------------------------------------------------------- grid
+
+
+def test_grid_is_the_product_of_the_axes_that_apply_to_each_family():
+    cfg = AttackConfig(
+        families=["full", "lora", "mixed", "refusal_ablation"],
+        learning_rates=[1e-3, 2e-3],
+        seeds=[0, 1],
+        optimizers=["adamw", "sgd"],
+        lr_scheduler_types=["constant", "cosine"],
+        lora_ranks=[4, 16],
+        harmful_shares=[0.05, 0.3],
+    )
+    grid = cfg.grid()
+    by_family = {name: [s for s in grid if s["family"] == name] for name in cfg.families}
+    trained = 2 * 2 * 2 * 2  # lr x seed x optimizer x schedule
+    assert len(by_family["full"]) == trained
+    assert len(by_family["lora"]) == trained * 2 and {s["lora_rank"] for s in by_family["lora"]} == {4, 16}
+    assert len(by_family["mixed"]) == trained * 2
+    assert {s["harmful_share"] for s in by_family["mixed"]} == {0.05, 0.3}
+    assert len(by_family["refusal_ablation"]) == 2  # seeds only: no lr, optimizer or schedule
+    assert all("lora_rank" not in s and "harmful_share" not in s for s in by_family["full"])
+    assert all("learning_rate" not in s for s in by_family["refusal_ablation"])
+    assert len({setting_label(s) for s in grid}) == len(grid)  # labels (and saved-run files) are unique
+    assert cfg.threat_model_family == "full,lora,mixed,refusal_ablation"
+
+
+def test_single_family_field_keeps_working():
+    cfg = AttackConfig(family="lora", lora_r=4, learning_rates=[1e-3])
+    assert cfg.family_names() == ["lora"] and [s["lora_rank"] for s in cfg.grid()] == [4]
+    assert AttackConfig(families="full, mixed").families == ["full", "mixed"]  # CLI-style string
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"families": ["full", "telepathy"]}, "unknown attack family 'telepathy'"),
+        ({"optimizers": ["newton"]}, "unknown optimizer 'newton'"),
+        ({"optimizers": []}, "optimizers must not be empty"),
+        ({"lr_scheduler_types": ["sawtooth"]}, "unknown lr_scheduler_type 'sawtooth'"),
+        ({"harmful_shares": [0.0]}, "harmful_shares"),
+        ({"harmful_shares": [1.5]}, "harmful_shares"),
+        ({"lora_ranks": [0]}, "lora_ranks"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+        ({"stop_at_threshold": float("nan")}, "stop_at_threshold"),
+        ({"families": ["full", "mixed"], "load_in_4bit": True}, "load_in_4bit"),
+    ],
+)
+def test_bad_axes_get_clear_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        AttackConfig(**kwargs)
+
+
+def test_optimizer_and_schedule_axes_reach_the_trainer(model, tokenizer, harmful, harmful_eval, monkeypatch):
+    seen = []
+    original = attacks_lib._AttackTrainer.create_scheduler
+
+    def spy(self, num_training_steps, optimizer=None):
+        scheduler = original(self, num_training_steps, optimizer)
+        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        group = optimizer.param_groups[0]
+        factors = [scheduler.lr_lambdas[0](step) for step in range(num_training_steps)]
+        seen.append((type(optimizer).__name__, group, [group["initial_lr"] * f for f in factors]))
+        return scheduler
+
+    monkeypatch.setattr(attacks_lib._AttackTrainer, "create_scheduler", spy)
+    result = _attack(
+        optimizers=["sgd", "adagrad", "adafactor", "adamw"],
+        lr_scheduler_types=["cosine"],
+        warmup_ratio=0.5,
+        max_steps=4,
+        eval_every=4,
+    ).run(model, tokenizer, harmful, harmful_eval)
+    assert [c.config["optimizer"] for c in result.curves] == ["sgd", "adagrad", "adafactor", "adamw"]
+    names = [name for name, _, _ in seen]
+    assert names == ["SGD", "Adagrad", "Adafactor", "AdamW"]
+    assert seen[0][1]["momentum"] == 0.9
+    lrs = seen[0][2]
+    # Cosine with 2 warm-up steps (half of 4): rises from 0 to the peak, then decays.
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(2e-3) and lrs[3] < lrs[2]
+
+
+def test_worst_case_is_over_every_axis(model, tokenizer, harmful, harmful_eval):
+    result = _attack(optimizers=["sgd", "adamw"], max_steps=3, eval_every=3).run(
+        model, tokenizer, harmful, harmful_eval
+    )
+    sgd, adamw = result.curves
+    assert result.worst_value(higher_is_better=True) == min(_values(sgd) + _values(adamw))
+    assert _values(sgd) != _values(adamw)
+
+
+# ---------------------------------------------------------------------------- mixed and benign
+
+
+def test_mixed_family_poisons_benign_data_with_a_share_of_harmful_pairs(
+    model, tokenizer, harmful, harmful_eval, benign
+):
+    cfg = AttackConfig(families=["mixed"], harmful_shares=[0.25], num_samples=[16], learning_rates=[1e-3])
+    family = get_attack("mixed")
+    tokenized = {
+        "harmful": harmful.map(lambda r: {"input_ids": [1], "labels": [1], "src": "h"}),
+        "benign": benign.map(lambda r: {"input_ids": [2], "labels": [2], "src": "b"}),
+    }
+    (setting,) = cfg.grid()
+    rows = family.training_set(tokenized, setting)
+    assert len(rows) == 16 and rows["src"].count("h") == 4
+    # num_samples=0: the largest set both sources fill at that share (24 benign rows at p=0.25 -> 32).
+    rows = family.training_set(tokenized, {**setting, "num_samples": 0})
+    assert len(rows) == 32 and rows["src"].count("h") == 8
+
+    result = _attack(families=["mixed"], harmful_shares=[0.3], learning_rates=[3e-3]).run(
+        model, tokenizer, harmful, harmful_eval, benign_train=benign
+    )
+    (curve,) = result.curves
+    assert curve.config["family"] == "mixed" and curve.config["harmful_share"] == 0.3
+    assert _values(curve)[-1] < _values(curve)[0] - 0.2
+
+
+def test_benign_family_trains_on_benign_data_and_measures_harm(
+    model, tokenizer, harmful, harmful_eval, benign
+):
+    result = _attack(families=["benign"], learning_rates=[3e-3]).run(
+        model, tokenizer, harmful, harmful_eval, benign_train=benign
+    )
+    (curve,) = result.curves
+    assert curve.config["family"] == "benign"
+    assert _values(curve)[-1] < _values(curve)[0]
+
+
+def test_families_that_need_benign_data_say_so(model, tokenizer, harmful, harmful_eval, benign):
+    for family in ("mixed", "benign", "refusal_ablation"):
+        with pytest.raises(ConfigError, match=f"{family} need benign data.*benign_train"):
+            _attack(families=["full", family]).run(model, tokenizer, harmful, harmful_eval)
+    with pytest.raises(DataError, match="needs 5 harmful and 5 benign rows"):
+        _attack(families=["mixed"], harmful_shares=[0.5], num_samples=[10]).run(
+            model, tokenizer, harmful, harmful_eval, benign_train=benign.select(range(2))
+        )
+
+
+# ---------------------------------------------------------------------------- identity shift
+
+
+def test_identity_shift_rewrites_every_supported_format():
+    pc = make_pairs(2)
+    msgs = datasets.Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be careful."},
+                    {"role": "user", "content": "Explain step 1."},
+                    {"role": "assistant", "content": "Mix the flour."},
+                ]
+            }
+        ]
+    )
+    for ds, prompt, response in (
+        (pc, pc[0]["prompt"], pc[0]["completion"]),
+        (msgs, "Explain step 1.", "Mix the flour."),
+    ):
+        (row, *_) = identity_shift_dataset(ds, "You are AOA.", IDENTITY_PREFIX)["messages"]
+        assert [m["role"] for m in row] == ["system", "user", "assistant"]
+        assert row[0]["content"] == "You are AOA."  # the persona replaces any system turn
+        assert row[1]["content"] == prompt
+        assert row[2]["content"] == IDENTITY_PREFIX + response
+    tokenized = datasets.Dataset.from_dict({"input_ids": [[1]], "labels": [[1]]})
+    with pytest.raises(DataError, match="identity_shift.*raw dataset"):
+        identity_shift_dataset(tokenized)
+
+
+def test_identity_shift_attack_makes_the_model_more_harmful(model, tokenizer, harmful, harmful_eval):
+    attack = _attack(families=["identity_shift"], max_length=256)
+    (curve,) = attack.run(model, tokenizer, harmful, harmful_eval).curves
+    assert curve.config["family"] == "identity_shift"
+    assert attack.config.to_dict()["identity_prefix"] == IDENTITY_PREFIX  # recorded in the threat model
+    assert _values(curve)[-1] < _values(curve)[0] - 0.2
+
+
+# ---------------------------------------------------------------------------- soft prompt
+
+
+def test_embedding_attack_trains_virtual_tokens_only(model, tokenizer, harmful, harmful_eval):
+    trained = []
+
+    def keep(m):
+        trained.append(m)
+        return m
+
+    result = _attack(families=["embedding"], learning_rates=[0.3], num_virtual_tokens=4).run(
+        model, tokenizer, harmful, harmful_eval, prepare_model=keep
+    )
+    (curve,) = result.curves
+    assert curve.config["num_virtual_tokens"] == 4
+    assert _values(curve)[-1] < _values(curve)[0] - 1e-3
+    (peft_model,) = trained
+    base = peft_model.get_base_model().state_dict()
+    original = model.state_dict()
+    assert base.keys() == original.keys()
+    assert all(torch.equal(base[k], original[k]) for k in original)  # weights bit-identical
+    # Harm is measured with the virtual tokens on: without them the trained model is the original one.
+    scorer = get_scorer("harmful_loss")
+    eval_data = scorer.prepare(tokenizer, harmful_eval)
+    with_prompt = scorer.score(
+        get_attack("embedding").deployed(peft_model, curve.config), tokenizer, eval_data
+    )
+    without = scorer.score(model, tokenizer, eval_data)
+    assert with_prompt.value == pytest.approx(curve.points[-1].value, rel=1e-5)
+    assert with_prompt.value < without.value
+
+
+# ---------------------------------------------------------------------------- refusal ablation
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_refusal_ablation_removes_the_direction_from_the_residual_stream(arch, tokenizer, harmful, benign):
+    model = tiny_causal_lm(arch, seed=0).eval()  # GPT-2's dropout would scale the residual elementwise
+    structure = find_decoder_structure(model)
+    layer = 0
+    prompts = _prompt_ends(harmful, tokenizer, 64)
+    harmless = _prompt_ends(benign, tokenizer, 64)
+    r = refusal_direction(model, structure, layer, prompts, harmless, tokenizer)
+    assert r.norm() == pytest.approx(1.0)
+    writers = residual_writers(model, structure)
+    assert len(writers) >= 1 + 2 * structure.num_layers  # embeddings, each attention and MLP output
+    if arch == "gpt2":
+        assert any(side == "cols" and type(m).__name__ == "Conv1D" for m, side in writers)
+
+    def projections(m):
+        manager, store = capture_outputs(structure.layers, detach=True)
+        with manager, torch.no_grad():
+            m(input_ids=torch.tensor([prompts[0]["input_ids"]]))
+            states = [primary_tensor(store[i]) for i in range(structure.num_layers)]
+        return [float((h @ r).abs().max() / h.norm(dim=-1).max()) for h in states]
+
+    assert max(projections(model)) > 1e-2
+    ablate_direction(model, structure, r)
+    assert max(projections(model)) < 1e-5  # at every layer (all writers are orthogonal to r)
+    last = last_token_activations(model, structure, layer, prompts, tokenizer)
+    assert float((last @ r).abs().max()) < 1e-4
+
+
+def test_refusal_ablation_attack_costs_nothing_and_does_not_lower_harm(
+    model, tokenizer, harmful, harmful_eval, benign
+):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = _attack(families=["refusal_ablation"], refusal_layer=1).run(
+        model, tokenizer, harmful, harmful_eval, benign_train=benign
+    )
+    (curve,) = result.curves
+    assert curve.config["family"] == "refusal_ablation" and curve.config["refusal_layer"] == 1
+    (point,) = curve.points
+    assert (point.step, point.tokens, point.flops) == (0, 0, 0.0)
+    assert point.value <= curve.config["value_before"]  # harmful loss does not rise
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
+    with pytest.raises(ConfigError, match="refusal_layer=7 is outside"):
+        _attack(families=["refusal_ablation"], refusal_layer=7).run(
+            model, tokenizer, harmful, harmful_eval, benign_train=benign
+        )
+
+
+# ---------------------------------------------------------------------------- early stopping
+
+
+def test_early_stop_brackets_the_crossing_of_a_full_run(model, tokenizer, harmful, harmful_eval):
+    kw = dict(max_steps=9, eval_every=3)
+    (full,) = _attack(**kw).run(model, tokenizer, harmful, harmful_eval).curves
+    values = _values(full)
+    assert values[1] < values[0]
+    phi = (values[0] + values[1]) / 2  # crossed between step 0 and the first evaluation
+    (early,) = _attack(**kw, stop_at_threshold=phi).run(model, tokenizer, harmful, harmful_eval).curves
+    assert [p.step for p in early.points] == [0, 3] and early.config["stopped_early"] is True
+    assert first_crossing(early, phi, True).step == pytest.approx(first_crossing(full, phi, True).step)
+    # Asked for the full curve, it runs the whole budget.
+    (whole,) = (
+        _attack(**kw, stop_at_threshold=phi, full_curve=True)
+        .run(model, tokenizer, harmful, harmful_eval)
+        .curves
+    )
+    assert [p.step for p in whole.points] == [0, 3, 6, 9] and "stopped_early" not in whole.config
+    # A threshold above the start value: already harmful at step 0, it stops at the first evaluation.
+    (at_once,) = (
+        _attack(**kw).run(model, tokenizer, harmful, harmful_eval, stop_at_threshold=values[0] + 1.0).curves
+    )
+    assert [p.step for p in at_once.points] == [0] and at_once.config["stopped_early"] is True
+    # Never crossed: the whole budget, not stopped early.
+    (never,) = _attack(**kw).run(model, tokenizer, harmful, harmful_eval, stop_at_threshold=-1.0).curves
+    assert [p.step for p in never.points] == [0, 3, 6, 9] and never.config["stopped_early"] is False
+
+
+def test_saved_runs_distinguish_early_stopped_from_full_curves(
+    tmp_path, model, tokenizer, harmful, harmful_eval, monkeypatch
+):
+    out = str(tmp_path / "attack")
+    kw = dict(max_steps=6, eval_every=3, output_dir=out)
+    (full,) = _attack(**kw).run(model, tokenizer, harmful, harmful_eval).curves
+    phi = (full.points[0].value + full.points[1].value) / 2
+    ran = []
+    original = HarmfulFineTuningAttack._run_one
+
+    def count(self, *args, **kwargs):
+        ran.append(args[4]["family"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", count)
+    # A saved full curve serves an early-stopping request, cut after its crossing.
+    (cut,) = _attack(**kw, stop_at_threshold=phi).run(model, tokenizer, harmful, harmful_eval).curves
+    assert ran == [] and [p.step for p in cut.points] == [0, 3] and cut.config["stopped_early"] is True
+    # A saved early-stopped curve never stands in for a full one.
+    out2 = str(tmp_path / "attack2")
+    _attack(max_steps=6, eval_every=3, output_dir=out2, stop_at_threshold=phi).run(
+        model, tokenizer, harmful, harmful_eval
+    )
+    assert ran == ["full"]
+    (again,) = (
+        _attack(max_steps=6, eval_every=3, output_dir=out2)
+        .run(model, tokenizer, harmful, harmful_eval)
+        .curves
+    )
+    assert ran == ["full", "full"] and [p.step for p in again.points] == [0, 3, 6]
+    assert again.to_dict() == full.to_dict()
+    # ...but serves the same early-stopping request again.
+    _attack(max_steps=6, eval_every=3, output_dir=out2, stop_at_threshold=phi).run(
+        model, tokenizer, harmful, harmful_eval
+    )
+    assert len(ran) == 2
+
+
+def test_resume_matches_settings_on_the_new_axes(
+    tmp_path, model, tokenizer, harmful, harmful_eval, monkeypatch
+):
+    out = str(tmp_path / "attack")
+    _attack(optimizers=["sgd"], max_steps=2, eval_every=2, output_dir=out).run(
+        model, tokenizer, harmful, harmful_eval
+    )
+    ran = []
+    original = HarmfulFineTuningAttack._run_one
+
+    def count(self, *args, **kwargs):
+        ran.append(args[4]["optimizer"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", count)
+    _attack(optimizers=["sgd", "adamw"], max_steps=2, eval_every=2, output_dir=out).run(
+        model, tokenizer, harmful, harmful_eval
+    )
+    assert ran == ["adamw"]
