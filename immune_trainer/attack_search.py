@@ -141,7 +141,11 @@ class SearchSpace:
             if not getattr(self, name):
                 raise ConfigError(f"{name} must not be empty.")
         for family in self.family_choices:
-            get_attack(family)
+            if not get_attack(family).trains:
+                raise ConfigError(
+                    f"attack family {family!r} is training-free: it has no learning rate, steps or optimizer "
+                    "to search; evaluate it with the attack grid instead."
+                )
         for optimizer in self.optimizer_choices:
             optimizer_arguments(optimizer)
         known = {s.value for s in SchedulerType}
@@ -204,6 +208,7 @@ class SearchSpace:
             harmful_shares=budget.harmful_shares[:1],
             max_steps=steps,
             eval_every=min(budget.eval_every, steps),
+            stop_at_threshold=None,  # the objective is harm at the trial's budget: never stop early
             output_dir=None,
         )
         (setting,) = config.grid()
@@ -380,6 +385,19 @@ def _label(s: dict[str, Any]) -> str:
         parts.append(f"warmup={s['warmup_ratio']:g}")
     if "lora_rank" in s:
         parts.append(f"r={s['lora_rank']}")
+    shown = {
+        "family",
+        "learning_rate",
+        "max_steps",
+        "optimizer",
+        "lr_scheduler_type",
+        "warmup_ratio",
+        "lora_rank",
+    }
+    hidden = {"num_samples", "seed", "trial", "value_before", "stopped_early"}
+    parts += [
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items() if k not in shown | hidden
+    ]
     return " ".join(parts)
 
 
@@ -496,17 +514,23 @@ class AttackSearch:
         harmful_train,
         harmful_eval,
         *,
+        benign_train=None,
         prepare_model: Callable[[Any], Any] | None = None,
         progress: Callable[[str], None] | None = None,
         progress_bar: bool = False,
+        stop_at_threshold: float | None = None,
+        full_curve: bool | None = None,
     ) -> SearchResult:
         """Run (or resume) the search on copies of ``model``; ``model`` itself is never modified.
 
         Args:
-            harmful_train, harmful_eval: as for :meth:`HarmfulFineTuningAttack.run`.
+            harmful_train, harmful_eval, benign_train: as for :meth:`HarmfulFineTuningAttack.run`
+                (``benign_train`` for the families that need it, e.g. ``mixed``).
             prepare_model: an attack-time hook applied to each trial's copy (see HarmfulFineTuningAttack).
             progress: called with a one-line message as each trial starts and ends.
             progress_bar: show a tqdm bar over the trials.
+            stop_at_threshold, full_curve: accepted for the attack protocol and ignored: a trial's objective
+                is harm at its budget, so every trial runs its whole budget.
         """
         import optuna
         from optuna.trial import TrialState
@@ -520,9 +544,9 @@ class AttackSearch:
         say = progress or (lambda message: logger.info(message))
 
         say(f"[search] {self.capability_scorer.name} of the model before the attack")
-        before = self._capability(model, tokenizer, _no_context)
+        before = self._capability(model, tokenizer)
         storage = self.search.storage_url()
-        study_name = self._study_name(model, train, harmful_eval)
+        study_name = self._study_name(model, train, harmful_eval, benign_train)
         direction = "minimize" if self.scorer.higher_is_better else "maximize"
         study = optuna.create_study(
             storage=storage,
@@ -560,7 +584,7 @@ class AttackSearch:
                 trial = study.ask()
                 try:
                     value = self._objective(
-                        trial, model, tokenizer, train, harmful_eval, before, prepare_model, say
+                        trial, model, tokenizer, train, harmful_eval, benign_train, before, prepare_model, say
                     )
                 except BaseException:
                     study.tell(trial, state=TrialState.FAIL)
@@ -582,16 +606,23 @@ class AttackSearch:
         seed = int(np.random.SeedSequence([self.search.search_seed, n_finished]).generate_state(1)[0])
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.search.n_startup_trials)
 
-    def _objective(self, trial, model, tokenizer, train, harmful_eval, before, prepare_model, say) -> float:
+    def _objective(
+        self, trial, model, tokenizer, train, harmful_eval, benign_train, before, prepare_model, say
+    ) -> float:
         config, settings = self.space.suggest(trial, self.config)
         trial.set_user_attr("settings", settings)
         label = _label(settings)
         say(f"[search] trial {trial.number}: {label}")
         capture = _CaptureModel(prepare_model)
         attack = HarmfulFineTuningAttack(config, scorer=self.scorer)
-        curve = attack.run(model, tokenizer, train, harmful_eval, prepare_model=capture).curves[0]
+        curve = attack.run(
+            model, tokenizer, train, harmful_eval, benign_train=benign_train, prepare_model=capture
+        ).curves[0]
         curve.config = dict(settings, trial=trial.number)
-        after = self._capability(capture.model, tokenizer, capture.measure or _no_context)
+        # Capability of the model as the attacker deploys it (e.g. with its soft prompt), as harm was measured.
+        deployed = get_attack(settings["family"]).deployed(capture.model, curve.config)
+        with (capture.measure or contextlib.nullcontext)(capture.model):
+            after = self._capability(deployed, tokenizer)
         capture.model = None
         degradation = max(
             (
@@ -618,14 +649,13 @@ class AttackSearch:
         )
         return harm
 
-    def _capability(self, model, tokenizer, context) -> dict[str, float]:
-        with context(model):
-            return {
-                name: float(self.capability_scorer.score(model, tokenizer, ds).value)
-                for name, ds in self.reference.items()
-            }
+    def _capability(self, model, tokenizer) -> dict[str, float]:
+        return {
+            name: float(self.capability_scorer.score(model, tokenizer, ds).value)
+            for name, ds in self.reference.items()
+        }
 
-    def _study_name(self, model, train, harmful_eval) -> str:
+    def _study_name(self, model, train, harmful_eval, benign_train=None) -> str:
         """A name derived from everything that makes trials comparable: model, data, budget and space."""
         budget = {k: v for k, v in self.config.to_dict().items() if k != "output_dir"}
         search = {
@@ -637,6 +667,7 @@ class AttackSearch:
             "model": model_fingerprint(model),
             "train": _content_hash(train),
             "eval": _content_hash(harmful_eval),
+            "benign": None if benign_train is None else _content_hash(benign_train),
             "reference": {name: _content_hash(ds) for name, ds in sorted(self.reference.items())},
             "budget": budget,
             "space": self.space.to_dict(),
@@ -691,7 +722,3 @@ class AttackSearch:
             record=record,
             new_trials=new,
         )
-
-
-def _no_context(model):
-    return contextlib.nullcontext()

@@ -202,6 +202,31 @@ def test_evaluate_conditions_takes_the_search_as_its_attack(tmp_path, tokenizer)
     )
 
 
+def test_every_training_family_is_searchable_and_its_data_needs_are_checked(tmp_path, tokenizer):
+    model = tiny_causal_lm("llama", seed=0)
+
+    def search(family, n=1):
+        return AttackSearch(
+            _budget(family=family, max_steps=2, num_virtual_tokens=2),
+            SearchConfig(search=n, search_dir=str(tmp_path / family), capability_tolerance=1.0),
+            SearchSpace(search_space=["learning_rate", "lora_rank"], lr_min=1e-3, lr_max=1e-2),
+            reference=TEXT,
+        )
+
+    lora = search("lora").run(model, tokenizer, TRAIN, EVAL)
+    assert lora.trials[0].settings["lora_rank"] in (8, 16, 32)
+    # A soft-prompt attack is scored as deployed (with its virtual tokens), for harm and capability alike.
+    embedding = search("embedding").run(model, tokenizer, TRAIN, EVAL)
+    assert embedding.trials[0].settings["num_virtual_tokens"] == 2
+    mixed = search("mixed").run(model, tokenizer, TRAIN, EVAL, benign_train=make_benign(24))
+    assert mixed.trials[0].settings["harmful_share"] == 0.1
+    for result in (lora, embedding, mixed):
+        (trial,) = result.trials
+        assert trial.feasible and all(v > 1 for v in trial.capability_after.values())
+    with pytest.raises(ConfigError, match="need benign data"):
+        search("benign", n=1).run(model, tokenizer, TRAIN, EVAL)
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [
@@ -211,6 +236,7 @@ def test_evaluate_conditions_takes_the_search_as_its_attack(tmp_path, tokenizer)
         (dict(scheduler_choices=["sometimes"]), "unknown learning-rate schedule"),
         (dict(family_choices=["nope"]), "unknown attack family"),
         (dict(warmup_ratio_choices=[1.5]), "warmup_ratio_choices"),
+        (dict(family_choices=["full", "refusal_ablation"]), "training-free"),
     ],
 )
 def test_bad_search_space_is_a_config_error(space, message):
