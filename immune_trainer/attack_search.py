@@ -633,11 +633,10 @@ class AttackSearch:
         )
         slack = degradation - self.search.capability_tolerance
         harm = curve.points[-1].value
-        worst_possible = math.inf if self.scorer.higher_is_better else -math.inf
-        if not math.isfinite(slack) or math.isnan(harm):
+        if math.isnan(slack) or math.isnan(harm):
             slack = math.inf  # a diverged model (NaN capability or harm) is never the worst case
         if math.isnan(harm):
-            harm = worst_possible
+            harm = math.inf if self.scorer.higher_is_better else -math.inf  # the least harmful value
         trial.set_constraint(_CONSTRAINT, slack)
         trial.set_user_attr("capability_before", before)
         trial.set_user_attr("capability_after", after)
