@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import datasets
 import optuna
@@ -123,6 +124,20 @@ def test_no_feasible_trial_is_a_clear_result_not_a_crash(tmp_path, tokenizer):
             ConditionDatasets(attack_train=TRAIN, attack_eval=EVAL),
             attack=_search(tmp_path, 2, tolerance=-1.0),
         )
+
+
+def test_a_diverged_trial_is_infeasible(tmp_path, tokenizer):
+    search = AttackSearch(
+        _budget(max_steps=2, max_grad_norm=0.0),
+        SearchConfig(search=1, search_dir=str(tmp_path), capability_tolerance=1.0),
+        SearchSpace(search_space=["learning_rate"], lr_min=1e6, lr_max=1e6),  # NaN weights after a step
+        reference=TEXT,
+    )
+    result = search.run(tiny_causal_lm("llama", seed=0), tokenizer, TRAIN, EVAL)
+    (trial,) = result.trials
+    assert math.isnan(trial.curve.points[-1].value) and trial.harm == math.inf  # the least harmful value
+    assert not trial.feasible and result.best is None
+    assert "diverged" in trials_table(result)
 
 
 def test_resume_runs_only_the_missing_trials_with_the_same_settings(tmp_path, tokenizer, count_runs):
