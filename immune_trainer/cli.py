@@ -116,15 +116,14 @@ def _parse(dataclass_types, argv: list[str], prog: str):
 
 def curves_table(curves) -> str:
     """A plain-text table of attack curves: one row per grid setting, one column per evaluated step."""
+    from .attacks import setting_label
+
     steps = sorted({p.step for c in curves for p in c.points})
     head = ["setting"] + [f"step {s}" for s in steps]
     rows = []
     for c in curves:
         by_step = {p.step: p.value for p in c.points}
-        n = c.config.get("num_samples") or "all"
-        label = (
-            f"{c.config.get('family')} lr={c.config.get('learning_rate'):g} n={n} seed={c.config.get('seed')}"
-        )
+        label = setting_label(c.config)  # every axis the run has (no learning rate if training-free)
         rows.append([label] + [f"{by_step[s]:.4f}" if s in by_step else "" for s in steps])
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [head] + rows)

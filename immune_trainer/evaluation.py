@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .attacks import AttackConfig, HarmfulFineTuningAttack
+from .attacks import ATTACKS, AttackConfig, HarmfulFineTuningAttack
 from .conditions import AttackCurve, TrainingCurve
 from .errors import ConfigError, DataError
 from .report import ImmunizationReport, ThreatModel, build_report
@@ -155,6 +155,9 @@ def threshold_from_base(curves: list[AttackCurve], step: int) -> float:
     """The base model's median f over the grid at ``step`` (phi when the user gives none)."""
     values = []
     for curve in curves:
+        family = ATTACKS.get(curve.config.get("family", "full"))
+        if family is not None and not family.trains:
+            continue  # a training-free attack has no steps to read phi at
         match = [p.value for p in curve.points if p.step == step]
         if not match:
             raise ConfigError(
@@ -162,7 +165,29 @@ def threshold_from_base(curves: list[AttackCurve], step: int) -> float:
                 f"{[p.step for p in curve.points]}; set threshold_step to one of them or give threshold."
             )
         values.append(match[0])
+    if not values:
+        raise ConfigError("phi cannot be read off training-free attacks alone; give threshold.")
     return float(statistics.median(values))
+
+
+def _grid_axes(config: AttackConfig) -> dict[str, Any]:
+    """The threat model's record of the grid axes beyond learning rates, samples and seeds."""
+    families = config.family_names()
+    axes: dict[str, Any] = {
+        "families": families,
+        "optimizers": list(config.optimizers),
+        "lr_scheduler_types": config.schedules(),
+        "warmup_ratio": config.warmup_ratio,
+    }
+    if "lora" in families:
+        axes["lora_ranks"] = list(config.lora_ranks or [config.lora_r])
+    if "mixed" in families:
+        axes["harmful_shares"] = list(config.harmful_shares)
+    if "embedding" in families:
+        axes["num_virtual_tokens"] = config.num_virtual_tokens
+    if "refusal_ablation" in families:
+        axes["refusal_layer"] = config.refusal_layer
+    return axes
 
 
 def _generalization_attack(attack, cfg: EvaluationConfig):
@@ -188,7 +213,9 @@ def benign_curves(
     """Fine-tune a copy of ``model`` on a benign task and return its :class:`TrainingCurve`."""
     benign_attack = HarmfulFineTuningAttack(
         AttackConfig(
-            family=attack_cfg.family,
+            # Trainability is plain fine-tuning: the grid's first fine-tuning family (full or lora).
+            family=next((f for f in attack_cfg.family_names() if f in ("full", "lora")), "full"),
+            lora_r=(attack_cfg.lora_ranks or [attack_cfg.lora_r])[0],
             learning_rates=[cfg.benign_learning_rate],
             num_samples=[0],
             seeds=[attack_cfg.seeds[0]],
@@ -263,7 +290,9 @@ def evaluate_conditions(
     for key, (train, ev) in sets.items():
         for who, model in (("base", base_model), ("immunized", immunized_model)):
             say(f"[{key}] attacking the {who} model")
-            result = attacks[key].run(model, tokenizer, train, ev, progress=say)
+            result = attacks[key].run(
+                model, tokenizer, train, ev, benign_train=datasets.benign_train, progress=say
+            )
             if hasattr(result, "search_record"):
                 searches[who][key] = result.search_record()
             if not result.curves:
@@ -333,11 +362,14 @@ def evaluate_conditions(
         "learning_rates": list(attack.config.learning_rates),
         "num_samples": list(attack.config.num_samples),
         "seeds": list(attack.config.seeds),
+        **_grid_axes(attack.config),
     }
+    family = attack.config.threat_model_family
     if searches["base"]:
         grid = _searched_grid(curves)  # the values the search's feasible trials ran, not the budget's grid
+        family = ",".join(grid.get("families", [])) or family
     threat = ThreatModel(
-        attack_family=attack.config.family,
+        attack_family=family,
         scorer=scorer.name,
         higher_is_better=scorer.higher_is_better,
         threshold=float(cfg.threshold),
@@ -380,14 +412,20 @@ def evaluate_conditions(
 def _searched_grid(curves: dict[str, dict[str, list[AttackCurve]]]) -> dict[str, list]:
     """The grid a search actually ran: the values of the feasible trials on the main attack set."""
     runs = [c.config for who in curves.values() for c in who.get("attack", [])]
-    return {
-        axis: sorted({run[key] for run in runs if key in run})
-        for axis, key in (
-            ("learning_rates", "learning_rate"),
-            ("num_samples", "num_samples"),
-            ("seeds", "seed"),
-        )
-    }
+    axes = (
+        ("learning_rates", "learning_rate"),
+        ("num_samples", "num_samples"),
+        ("seeds", "seed"),
+        ("families", "family"),
+        ("optimizers", "optimizer"),
+        ("lr_scheduler_types", "lr_scheduler_type"),
+        ("warmup_ratios", "warmup_ratio"),
+        ("lora_ranks", "lora_rank"),
+        ("harmful_shares", "harmful_share"),
+        ("max_steps", "max_steps"),
+    )
+    grid = {axis: sorted({run[key] for run in runs if key in run}) for axis, key in axes}
+    return {axis: values for axis, values in grid.items() if values}
 
 
 def _asdict(obj) -> dict[str, Any]:

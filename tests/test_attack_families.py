@@ -393,3 +393,38 @@ def test_resume_matches_settings_on_the_new_axes(
         model, tokenizer, harmful, harmful_eval
     )
     assert ran == ["adamw"]
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_records_every_family_and_passes_benign_data(tmp_path, model, tokenizer, harmful, benign):
+    import copy
+
+    from immune_trainer import ConditionDatasets, EvaluationConfig, evaluate_conditions
+    from immune_trainer.report import ImmunizationReport
+
+    sets = ConditionDatasets(attack_train=harmful, attack_eval=make_pairs(6, offset=100), benign_train=benign)
+    attack = AttackConfig(
+        families=["full", "mixed", "refusal_ablation"],
+        learning_rates=[2e-3],
+        harmful_shares=[0.3],
+        max_steps=2,
+        eval_every=1,
+        max_length=64,
+    )
+    report = evaluate_conditions(
+        model, copy.deepcopy(model), tokenizer, sets, attack=attack, config=EvaluationConfig()
+    )
+    tm = report.threat_model
+    assert tm.attack_family == "full,mixed,refusal_ablation"
+    assert tm.grid["families"] == ["full", "mixed", "refusal_ablation"]
+    assert tm.grid["harmful_shares"] == [0.3] and tm.grid["optimizers"] == ["adamw"]
+    families = [c.config["family"] for c in report.curves["base"]["attack"]]
+    assert families == ["full", "mixed", "refusal_ablation"]
+    # phi comes from the fine-tuning runs' median at step 1 (the training-free run has no step 1).
+    at_1 = sorted(c.points[1].value for c in report.curves["base"]["attack"][:2])
+    assert tm.threshold == pytest.approx(sum(at_1) / 2)
+    report.save(tmp_path / "report.json")
+    again = ImmunizationReport.load(tmp_path / "report.json")
+    assert again.threat_model.attack_family == tm.attack_family

@@ -210,6 +210,7 @@ def test_evaluate_conditions_takes_the_search_as_its_attack(tmp_path, tokenizer)
     assert all(p.step <= 2 for c in report.curves["base"]["cross_domain"] for p in c.points)
     lrs = {c.config["learning_rate"] for who in report.curves.values() for c in who["attack"]}
     assert report.threat_model.grid["learning_rates"] == sorted(lrs)
+    assert report.threat_model.grid["families"] == ["full"] and report.threat_model.attack_family == "full"
     path = report.save(tmp_path / "report.json")
     assert (
         ImmunizationReport.load(path).extra["search"]["runs"]["base"]["attack"]["best"]
