@@ -2,14 +2,18 @@
 
     min_theta  E_(x,y)~D_harmful  L(M_theta[t](x), y)   for t <= T (the attacker's budget)
 
-:class:`HarmfulFineTuningAttack` runs a grid of attack settings (learning rates x sample counts x seeds)
-of one attack *family* (full fine-tuning, LoRA, ...), each on a fresh copy of the model, and evaluates
-harmfulness f every ``eval_every`` steps. It returns :class:`~immune_trainer.conditions.AttackCurve` s
+:class:`HarmfulFineTuningAttack` runs a grid of attack settings, each on a fresh copy of the model, and
+evaluates harmfulness f every ``eval_every`` steps. It returns :class:`~immune_trainer.conditions.AttackCurve` s
 (step, tokens seen, FLOPs estimate, f) for :mod:`immune_trainer.conditions`. The model it is given is
 never modified.
 
-Attack families are a registry (:func:`register_attack`): a family says how to turn a copy of the model
-into the model the attacker trains, and how many FLOPs a token costs.
+The grid (:meth:`AttackConfig.grid`) is the product of the axes: attack families (full, LoRA, poisoned
+benign data, benign data, identity shift, soft prompt, refusal ablation; see
+:mod:`immune_trainer.attack_families`), learning rates, sample counts, seeds, optimizers, schedules,
+LoRA ranks and harmful shares, each family keeping only the axes that apply to it. Results report the
+worst case over all of them (the lesson of Qi et al. 2025 and TamperBench: one attack setting is not a
+measurement). With a threshold phi, runs can stop at the first evaluation past it (early stopping): the
+crossing stays bracketed, so the cost-to-harm read off the curve is the same as a full run's.
 """
 
 from __future__ import annotations

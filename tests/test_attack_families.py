@@ -41,9 +41,14 @@ def _values(curve):
     return [p.value for p in curve.points]
 
 
-def test_every_family_is_registered():
+def test_every_family_is_registered_and_listed_by_the_cli(capsys):
+    from immune_trainer.cli import main
+
+    assert main(["attacks"]) == 0
+    listed = capsys.readouterr().out
     for name in ("full", "lora", "mixed", "benign", "identity_shift", "embedding", "refusal_ablation"):
         assert get_attack(name).name == name and get_attack(name).description
+        assert f"{name} " in listed
     assert ATTACKS["refusal_ablation"].trains is False
 
 
