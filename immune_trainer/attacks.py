@@ -355,8 +355,45 @@ class AttackConfig:
                 runs.append({"family": name, **dict(zip(keys, values))})
         return runs
 
+    def for_setting(self, setting: dict[str, Any]) -> AttackConfig:
+        """This config narrowed to one run: its grid is exactly ``[setting]`` (a setting of :meth:`grid` or
+        a curve's config), e.g. to re-run one curve of a report or one trial of a search.
+
+        Raises:
+            ConfigError: the setting names an unknown family or lacks an axis its family has.
+        """
+        from dataclasses import replace
+
+        family = get_attack(setting.get("family", self.family))
+        wanted = {"family": family.name, **{k: v for k, v in setting.items() if k in _AXIS_FIELDS}}
+        values: dict[str, Any] = {"family": family.name, "families": [family.name]}
+        for key, (name, is_list) in _AXIS_FIELDS.items():
+            if key in wanted:
+                values[name] = [wanted[key]] if is_list else wanted[key]
+        narrowed = replace(self, **values)
+        if narrowed.grid() != [wanted]:
+            raise ConfigError(
+                f"the setting {setting_label(setting)} is not one run of a {family.name!r} grid: its axes are "
+                f"{sorted(k for k in narrowed.grid()[0] if k != 'family')}."
+            )
+        return narrowed
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Setting key -> (config field, whether the field is a list of the axis' values).
+_AXIS_FIELDS: dict[str, tuple[str, bool]] = {
+    "learning_rate": ("learning_rates", True),
+    "num_samples": ("num_samples", True),
+    "seed": ("seeds", True),
+    "optimizer": ("optimizers", True),
+    "lr_scheduler_type": ("lr_scheduler_types", True),
+    "lora_rank": ("lora_ranks", True),
+    "harmful_share": ("harmful_shares", True),
+    "num_virtual_tokens": ("num_virtual_tokens", False),
+    "refusal_layer": ("refusal_layer", False),
+}
 
 
 # Fields whose values are grid axes: a saved run is matched by its setting, not by these lists.

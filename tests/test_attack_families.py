@@ -433,3 +433,20 @@ def test_evaluation_records_every_family_and_passes_benign_data(tmp_path, model,
     report.save(tmp_path / "report.json")
     again = ImmunizationReport.load(tmp_path / "report.json")
     assert again.threat_model.attack_family == tm.attack_family
+
+
+def test_for_setting_narrows_a_config_to_one_run():
+    cfg = AttackConfig(
+        families=["full", "lora", "mixed", "embedding", "refusal_ablation"],
+        learning_rates=[1e-3, 2e-3],
+        optimizers=["adamw", "sgd"],
+        lora_ranks=[4, 8],
+        harmful_shares=[0.1, 0.3],
+        refusal_layer=1,
+    )
+    for setting in cfg.grid():
+        assert cfg.for_setting(setting).grid() == [setting]
+    # A curve's config carries extra keys (stopped_early, value_before); they are not axes.
+    assert cfg.for_setting({**cfg.grid()[0], "stopped_early": True}).grid() == [cfg.grid()[0]]
+    with pytest.raises(ConfigError, match="not one run of a 'lora' grid"):
+        cfg.for_setting({"family": "lora", "learning_rate": 1e-3, "num_samples": 0, "seed": 0})
