@@ -191,28 +191,25 @@ class SearchSpace:
             else budget.max_steps
         )
         family = pick("family", self.family_choices, budget.family_names()[0])
-        lora_ranks = budget.lora_ranks[:1]
+        # The budget's first run of that family: every axis the search leaves alone keeps its first value.
+        setting = replace(budget, family=family, families=[family]).grid()[0]
+        setting["learning_rate"] = lr
         if family == "lora" and "lora_rank" in searched:
-            lora_ranks = [trial.suggest_categorical("lora_rank", self.lora_rank_choices)]
+            setting["lora_rank"] = trial.suggest_categorical("lora_rank", self.lora_rank_choices)
+        setting["optimizer"] = pick("optimizer", self.optimizer_choices, setting["optimizer"])
+        setting["lr_scheduler_type"] = pick(
+            "lr_scheduler_type", self.scheduler_choices, setting["lr_scheduler_type"]
+        )
+        warmup_ratio = pick("warmup_ratio", self.warmup_ratio_choices, budget.warmup_ratio)
         config = replace(
-            budget,
-            family=family,
-            families=[family],
-            learning_rates=[lr],
-            num_samples=budget.num_samples[:1],
-            seeds=budget.seeds[:1],
-            optimizers=[pick("optimizer", self.optimizer_choices, budget.optimizers[0])],
-            lr_scheduler_types=[pick("lr_scheduler_type", self.scheduler_choices, budget.schedules()[0])],
-            warmup_ratio=pick("warmup_ratio", self.warmup_ratio_choices, budget.warmup_ratio),
-            lora_ranks=lora_ranks,
-            harmful_shares=budget.harmful_shares[:1],
+            budget.for_setting(setting),
             max_steps=steps,
             eval_every=min(budget.eval_every, steps),
+            warmup_ratio=warmup_ratio,
             stop_at_threshold=None,  # the objective is harm at the trial's budget: never stop early
             output_dir=None,
         )
-        (setting,) = config.grid()
-        return config, {**setting, "max_steps": steps, "warmup_ratio": config.warmup_ratio}
+        return config, {**setting, "max_steps": steps, "warmup_ratio": warmup_ratio}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
