@@ -68,8 +68,14 @@ class PassCounter:
         self.stage = "setup"
         self.started = time.perf_counter()
         self.stats: dict[str, dict] = defaultdict(
-            lambda: {"seconds": 0.0, "train_passes": 0, "eval_passes": 0, "train_tokens": 0,
-                     "eval_tokens": 0, "flops": 0.0}
+            lambda: {
+                "seconds": 0.0,
+                "train_passes": 0,
+                "eval_passes": 0,
+                "train_tokens": 0,
+                "eval_tokens": 0,
+                "flops": 0.0,
+            }
         )
         self.order: list[str] = []
 
@@ -132,8 +138,12 @@ def stage_of(message: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=None, help="Where to write the JSON (default under benchmarks/results/).")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--json", default=None, help="Where to write the JSON (default under benchmarks/results/)."
+    )
     parser.add_argument("demo_args", nargs="*", help="Arguments for immune-trainer demo (after --).")
     args = parser.parse_args(argv)
 
@@ -150,7 +160,11 @@ def main(argv=None) -> int:
 
     def counted_call(self, *a, **kw):
         input_ids = kw.get("input_ids", a[0] if a else None)
-        if isinstance(input_ids, torch.Tensor) and hasattr(self.config, "vocab_size") and hasattr(self, "lm_head"):
+        if (
+            isinstance(input_ids, torch.Tensor)
+            and hasattr(self.config, "vocab_size")
+            and hasattr(self, "lm_head")
+        ):
             counter.record(self, input_ids, kw.get("attention_mask"))
         return original_call(self, *a, **kw)
 
@@ -181,28 +195,47 @@ def main(argv=None) -> int:
         s = counter.stats[stage]
         gflops = s["flops"] / s["seconds"] / 1e9 if s["seconds"] > 0 else 0.0
         passes = s["train_passes"] + s["eval_passes"]
-        rows.append({
-            "stage": stage, **{k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()},
-            "seconds_per_pass": round(s["seconds"] / passes, 3) if passes else None,
-            "gflops_per_s": round(gflops, 1), "share_of_peak": round(gflops / peak, 3) if peak else None,
-        })
-    header = f"{'stage':32} {'s':>7} {'share':>6} {'train fwd':>9} {'eval fwd':>8} {'train tok':>9} " \
-             f"{'eval tok':>9} {'s/pass':>7} {'GFLOP/s':>8} {'of peak':>7}"
-    print(f"\nCPU: {cpu.get('model')} ({cpu.get('cpus', '?')} CPUs, AVX-512: {cpu['avx512']}); "
-          f"float32 matmul peak measured {peak:.0f} GFLOP/s; total {total:.0f} s\n")
+        rows.append(
+            {
+                "stage": stage,
+                **{k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()},
+                "seconds_per_pass": round(s["seconds"] / passes, 3) if passes else None,
+                "gflops_per_s": round(gflops, 1),
+                "share_of_peak": round(gflops / peak, 3) if peak else None,
+            }
+        )
+    header = (
+        f"{'stage':32} {'s':>7} {'share':>6} {'train fwd':>9} {'eval fwd':>8} {'train tok':>9} "
+        f"{'eval tok':>9} {'s/pass':>7} {'GFLOP/s':>8} {'of peak':>7}"
+    )
+    print(
+        f"\nCPU: {cpu.get('model')} ({cpu.get('cpus', '?')} CPUs, AVX-512: {cpu['avx512']}); "
+        f"float32 matmul peak measured {peak:.0f} GFLOP/s; total {total:.0f} s\n"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['stage']:32} {r['seconds']:7.1f} {r['seconds'] / total:6.1%} {r['train_passes']:9d} "
-              f"{r['eval_passes']:8d} {r['train_tokens']:9d} {r['eval_tokens']:9d} "
-              f"{(r['seconds_per_pass'] or 0):7.2f} {r['gflops_per_s']:8.1f} {(r['share_of_peak'] or 0):7.1%}")
+        print(
+            f"{r['stage']:32} {r['seconds']:7.1f} {r['seconds'] / total:6.1%} {r['train_passes']:9d} "
+            f"{r['eval_passes']:8d} {r['train_tokens']:9d} {r['eval_tokens']:9d} "
+            f"{(r['seconds_per_pass'] or 0):7.2f} {r['gflops_per_s']:8.1f} {(r['share_of_peak'] or 0):7.1%}"
+        )
     result = {
-        "date": time.strftime("%Y-%m-%d"), "cpu": cpu, "matmul_peak_gflops": round(peak, 1),
-        "demo_args": demo_argv, "total_seconds": round(total, 1), "stages": rows,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu,
+        "matmul_peak_gflops": round(peak, 1),
+        "demo_args": demo_argv,
+        "total_seconds": round(total, 1),
+        "stages": rows,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
-    path = Path(args.json) if args.json else Path(__file__).parent / "results" / (
-        f"demo_profile_{'avx512' if cpu['avx512'] else 'avx2'}.json"
+    path = (
+        Path(args.json)
+        if args.json
+        else Path(__file__).parent
+        / "results"
+        / (f"demo_profile_{'avx512' if cpu['avx512'] else 'avx2'}.json")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

@@ -2,14 +2,18 @@
 
     min_theta  E_(x,y)~D_harmful  L(M_theta[t](x), y)   for t <= T (the attacker's budget)
 
-:class:`HarmfulFineTuningAttack` runs a grid of attack settings (learning rates x sample counts x seeds)
-of one attack *family* (full fine-tuning, LoRA, ...), each on a fresh copy of the model, and evaluates
-harmfulness f every ``eval_every`` steps. It returns :class:`~immune_trainer.conditions.AttackCurve` s
+:class:`HarmfulFineTuningAttack` runs a grid of attack settings, each on a fresh copy of the model, and
+evaluates harmfulness f every ``eval_every`` steps. It returns :class:`~immune_trainer.conditions.AttackCurve` s
 (step, tokens seen, FLOPs estimate, f) for :mod:`immune_trainer.conditions`. The model it is given is
 never modified.
 
-Attack families are a registry (:func:`register_attack`): a family says how to turn a copy of the model
-into the model the attacker trains, and how many FLOPs a token costs.
+The grid (:meth:`AttackConfig.grid`) is the product of the axes: attack families (full, LoRA, poisoned
+benign data, benign data, identity shift, soft prompt, refusal ablation; see
+:mod:`immune_trainer.attack_families`), learning rates, sample counts, seeds, optimizers, schedules,
+LoRA ranks and harmful shares, each family keeping only the axes that apply to it. Results report the
+worst case over all of them (the lesson of Qi et al. 2025 and TamperBench: one attack setting is not a
+measurement). With a threshold phi, runs can stop at the first evaluation past it (early stopping): the
+crossing stays bracketed, so the cost-to-harm read off the curve is the same as a full run's.
 """
 
 from __future__ import annotations
@@ -369,8 +373,45 @@ class AttackConfig:
                 runs.append({"family": name, **dict(zip(keys, values))})
         return runs
 
+    def for_setting(self, setting: dict[str, Any]) -> AttackConfig:
+        """This config narrowed to one run: its grid is exactly ``[setting]`` (a setting of :meth:`grid` or
+        a curve's config), e.g. to re-run one curve of a report or one trial of a search.
+
+        Raises:
+            ConfigError: the setting names an unknown family or lacks an axis its family has.
+        """
+        from dataclasses import replace
+
+        family = get_attack(setting.get("family", self.family))
+        wanted = {"family": family.name, **{k: v for k, v in setting.items() if k in _AXIS_FIELDS}}
+        values: dict[str, Any] = {"family": family.name, "families": [family.name]}
+        for key, (name, is_list) in _AXIS_FIELDS.items():
+            if key in wanted:
+                values[name] = [wanted[key]] if is_list else wanted[key]
+        narrowed = replace(self, **values)
+        if narrowed.grid() != [wanted]:
+            raise ConfigError(
+                f"the setting {setting_label(setting)} is not one run of a {family.name!r} grid: its axes are "
+                f"{sorted(k for k in narrowed.grid()[0] if k != 'family')}."
+            )
+        return narrowed
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Setting key -> (config field, whether the field is a list of the axis' values).
+_AXIS_FIELDS: dict[str, tuple[str, bool]] = {
+    "learning_rate": ("learning_rates", True),
+    "num_samples": ("num_samples", True),
+    "seed": ("seeds", True),
+    "optimizer": ("optimizers", True),
+    "lr_scheduler_type": ("lr_scheduler_types", True),
+    "lora_rank": ("lora_ranks", True),
+    "harmful_share": ("harmful_shares", True),
+    "num_virtual_tokens": ("num_virtual_tokens", False),
+    "refusal_layer": ("refusal_layer", False),
+}
 
 
 # Fields whose values are grid axes: a saved run is matched by its setting, not by these lists.
@@ -664,14 +705,20 @@ class HarmfulFineTuningAttack:
         # Every run of a family that starts from the unchanged model shares one step-0 measurement.
         step0_key = None
         if family.same_at_start and prepare_model is None:
-            step0_key = (model_fingerprint(model), _content_hash(eval_data), json.dumps(scorer_key(self.scorer)))
+            step0_key = (
+                model_fingerprint(model),
+                _content_hash(eval_data),
+                json.dumps(scorer_key(self.scorer)),
+            )
         callback_initial = _STEP0.get(step0_key) if step0_key else None
 
         stop = None
         if phi is not None:
             hib = self.scorer.higher_is_better
             stop = lambda value: first_crossing([CurvePoint(0, 0, 0.0, value)], phi, hib) is not None  # noqa: E731
-        callback = _CurveCallback(measure, cfg.eval_every, flops_per_token, stop=stop, initial=callback_initial)
+        callback = _CurveCallback(
+            measure, cfg.eval_every, flops_per_token, stop=stop, initial=callback_initial
+        )
         optim, optim_args = optimizer_arguments(setting["optimizer"])
         warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
         with tempfile.TemporaryDirectory(prefix="immune_trainer_attack_") as tmp:
@@ -832,7 +879,9 @@ class AttackSuite:
     """
 
     def __init__(self, attacks):
-        members = [a if isinstance(a, HarmfulFineTuningAttack) else HarmfulFineTuningAttack(a) for a in attacks]
+        members = [
+            a if isinstance(a, HarmfulFineTuningAttack) else HarmfulFineTuningAttack(a) for a in attacks
+        ]
         if not members:
             raise ConfigError("an attack suite needs at least one attack configuration.")
         keys = {json.dumps(scorer_key(m.scorer), sort_keys=True) for m in members}

@@ -5,6 +5,7 @@ Every command's options are the same dataclasses the Python API uses, parsed wit
 flags given on the command line override the file.
 
     immune-trainer attack    --model PATH --dataset SPEC [--eval_dataset SPEC] [--learning_rates ...]
+    immune-trainer attack    --search N --reference SPEC ...   (Optuna search for the worst feasible attack)
     immune-trainer evaluate  --base_model PATH --model PATH --dataset SPEC ...
     immune-trainer immunize  --defense NAME --model PATH --dataset SPEC --output_dir DIR ...
     immune-trainer defenses | scorers | attacks      (list what is registered)
@@ -68,6 +69,10 @@ class AttackDataArguments:
     output: str = field(
         default="attack_curves.json", metadata={"help": "Where the attack curves JSON is written."}
     )
+    reference: str | None = field(
+        default=None,
+        metadata={"help": "Reference set SPEC of the capability constraint of --search (e.g. plain text)."},
+    )
 
 
 @dataclass
@@ -130,13 +135,18 @@ def curves_table(curves) -> str:
 
 
 def cmd_attack(argv: list[str]) -> int:
+    from .attack_search import SearchConfig, SearchSpace
     from .attacks import AttackConfig, HarmfulFineTuningAttack
 
-    model_args, data_args, attack_cfg = _parse(
-        [ModelArguments, AttackDataArguments, AttackConfig], argv, "attack"
+    model_args, data_args, attack_cfg, search_cfg, space = _parse(
+        [ModelArguments, AttackDataArguments, AttackConfig, SearchConfig, SearchSpace], argv, "attack"
     )
     model, tokenizer = load_model_and_tokenizer(model_args)
     train, eval_ds = _eval_split(data_args)
+    if search_cfg.search:
+        return _attack_search(
+            model_args, data_args, attack_cfg, search_cfg, space, model, tokenizer, train, eval_ds
+        )
     attack = HarmfulFineTuningAttack(attack_cfg)
     result = attack.run(model, tokenizer, train, eval_ds, progress=lambda m: print(m, flush=True))
     payload = {
@@ -152,6 +162,34 @@ def cmd_attack(argv: list[str]) -> int:
         f"\nworst {attack.scorer.name} over the grid: {result.worst_value(attack.scorer.higher_is_better):.4f} "
         f"({direction} is more harmful)\nwrote {data_args.output}"
     )
+    return 0
+
+
+def _attack_search(
+    model_args, data_args, attack_cfg, search_cfg, space, model, tokenizer, train, eval_ds
+) -> int:
+    """``immune-trainer attack --search N``: the most harmful setting whose capability loss stays in tolerance."""
+    import optuna
+
+    from .attack_search import AttackSearch, trials_table
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the table say it all
+
+    if not data_args.reference:
+        raise ConfigError(
+            "--search needs --reference SPEC: the set on which capability must stay in tolerance."
+        )
+    search = AttackSearch(attack_cfg, search_cfg, space, reference=load_dataset_spec(data_args.reference))
+    result = search.run(model, tokenizer, train, eval_ds, progress_bar=True)
+    payload = {
+        "model": model_args.model,
+        "dataset": data_args.dataset,
+        "eval_dataset": data_args.eval_dataset,
+    }
+    payload.update(reference=data_args.reference, **result.to_dict())
+    _atomic_write_json(Path(data_args.output), payload)
+    print(trials_table(result))
+    print(f"\n{result.summary()}\nwrote {data_args.output}")
     return 0
 
 

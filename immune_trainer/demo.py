@@ -87,7 +87,13 @@ PRESETS: dict[str, dict] = {
         benign_steps=60,
         benign_eval_every=10,
         side_effect_prompts=50,
-        side_effect_templates=["plain", "refusal_suppression", "prefix_injection", "roleplay", "hypothetical"],
+        side_effect_templates=[
+            "plain",
+            "refusal_suppression",
+            "prefix_injection",
+            "roleplay",
+            "hypothetical",
+        ],
         max_length=256,
         batch_size=4,
         attack_batch_size=4,
@@ -134,7 +140,8 @@ class DemoConfig:
         metadata={"help": "Learning rate of the LoRA attack (cosine schedule, 10% warm-up)."},
     )
     attack_seeds: list[int] | None = field(
-        default=None, metadata={"help": "Seeds of every attack setting (each crossing is shown with its spread)."}
+        default=None,
+        metadata={"help": "Seeds of every attack setting (each crossing is shown with its spread)."},
     )
     attack_steps: int | None = field(default=None, metadata={"help": "Attack budget in steps."})
     eval_every: int | None = field(default=None, metadata={"help": "Measure harm every N attack steps."})
@@ -240,12 +247,16 @@ def attack_suite(cfg: DemoConfig, output_dir: str | None):
         elif family == "mixed":
             suite.append(
                 AttackConfig(
-                    families=["mixed"], learning_rates=list(cfg.attack_learning_rates), harmful_shares=[0.3],
+                    families=["mixed"],
+                    learning_rates=list(cfg.attack_learning_rates),
+                    harmful_shares=[0.3],
                     **common,
                 )
             )
         else:
-            suite.append(AttackConfig(families=[family], learning_rates=list(cfg.attack_learning_rates), **common))
+            suite.append(
+                AttackConfig(families=[family], learning_rates=list(cfg.attack_learning_rates), **common)
+            )
     return suite
 
 
@@ -316,7 +327,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         benign_train=arithmetic_train,
         benign_eval=embedded.load_embedded("arithmetic", "eval").select(range(n_eval)),
         harmful_prompts=(
-            embedded_side_effect_prompts(cfg.side_effect_prompts, seed=cfg.seed) if cfg.side_effect_prompts else None
+            embedded_side_effect_prompts(cfg.side_effect_prompts, seed=cfg.seed)
+            if cfg.side_effect_prompts
+            else None
         ),
     )
     data_specs = {
@@ -362,8 +375,22 @@ def run_demo(cfg: DemoConfig) -> dict:
         target = out / spec.name if len(specs) > 1 else out
         summaries.append(
             _defend_and_evaluate(
-                spec, cfg, base, tokenizer, splits, sets, suite, generalization, eval_cfg, target, data_specs,
-                assets_s, t0, StepBar, StageBar, evaluate_conditions,
+                spec,
+                cfg,
+                base,
+                tokenizer,
+                splits,
+                sets,
+                suite,
+                generalization,
+                eval_cfg,
+                target,
+                data_specs,
+                assets_s,
+                t0,
+                StepBar,
+                StageBar,
+                evaluate_conditions,
             )
         )
     if len(summaries) == 1:
@@ -375,8 +402,22 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _defend_and_evaluate(
-    spec, cfg, base, tokenizer, splits, sets, suite, generalization, eval_cfg, out, data_specs, assets_s, t0,
-    StepBar, StageBar, evaluate_conditions,
+    spec,
+    cfg,
+    base,
+    tokenizer,
+    splits,
+    sets,
+    suite,
+    generalization,
+    eval_cfg,
+    out,
+    data_specs,
+    assets_s,
+    t0,
+    StepBar,
+    StageBar,
+    evaluate_conditions,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {"assets_s": assets_s}
@@ -501,8 +542,13 @@ def family_multiples(report) -> dict[str, str]:
         bc = [c for c in base if c.config.get("family") == family]
         if not ic or not bc:
             continue
-        r = resistance(ic, tm.threshold, higher_is_better=tm.higher_is_better, base_curves=bc,
-                       min_cost_multiple=tm.min_cost_multiple)
+        r = resistance(
+            ic,
+            tm.threshold,
+            higher_is_better=tm.higher_is_better,
+            base_curves=bc,
+            min_cost_multiple=tm.min_cost_multiple,
+        )
         if r.base_crossing is None:
             out[family] = "base never crossed phi within the budget: no multiple" + (
                 "" if r.strong else " (the immunized model did)"

@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .attacks import (
     ATTACKS,
@@ -33,6 +33,9 @@ from .report import ImmunizationReport, ThreatModel, build_report
 from .run_cache import RunCache, content_hash
 from .scorers import get_scorer
 from .side_effects import DEFAULT_TEMPLATES, SideEffectsConfig, compare_side_effects, measure_side_effects
+
+if TYPE_CHECKING:
+    from .attack_search import AttackSearch
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +280,13 @@ def _suite_grid(suite: AttackSuite) -> dict[str, Any]:
                 grid.setdefault(axis, value)
     if len(suite.configs) > 1:
         grid["settings"] = [
-            {"families": c.family_names(), "learning_rates": list(c.learning_rates), "seeds": list(c.seeds),
-             **{k: v for k, v in _grid_axes(c).items() if k != "families"}, "max_steps": c.max_steps}
+            {
+                "families": c.family_names(),
+                "learning_rates": list(c.learning_rates),
+                "seeds": list(c.seeds),
+                **{k: v for k, v in _grid_axes(c).items() if k != "families"},
+                "max_steps": c.max_steps,
+            }
             for c in suite.configs
         ]
     return grid
@@ -292,7 +300,8 @@ def _generalization_attack(attack: AttackSuite, cfg: EvaluationConfig) -> Attack
     return AttackSuite(
         [
             HarmfulFineTuningAttack(
-                replace(a.config, max_steps=steps, eval_every=min(a.config.eval_every, steps)), scorer=a.scorer
+                replace(a.config, max_steps=steps, eval_every=min(a.config.eval_every, steps)),
+                scorer=a.scorer,
             )
             for a in attack.attacks
         ]
@@ -329,7 +338,7 @@ def evaluate_conditions(
     immunized_model,
     tokenizer,
     datasets: ConditionDatasets,
-    attack: HarmfulFineTuningAttack | AttackConfig | AttackSuite | list | None = None,
+    attack: HarmfulFineTuningAttack | AttackConfig | AttackSuite | AttackSearch | list | None = None,
     threshold: float | None = None,
     config: EvaluationConfig | None = None,
     defense: dict[str, Any] | None = None,
@@ -348,7 +357,9 @@ def evaluate_conditions(
         attack: the attack run on both models: a config, an attack, a list of them (an
             :class:`~immune_trainer.attacks.AttackSuite`, worst case over all), or the default grid if None.
         generalization_attack: the attack of the in-domain and cross-domain sets (default: ``attack`` with
-            ``config.generalization_max_steps``).
+            ``config.generalization_max_steps``). An :class:`~immune_trainer.attack_search.AttackSearch`
+            runs its search on each model and set and uses the feasible trials' curves (its budget goes into
+            ``report.search``); phi is then read off all the base model's trials.
         threshold: phi on the harm scorer's scale (overrides ``config.threshold``).
         config: an :class:`EvaluationConfig`.
         defense: ``{"name": ..., "config": {...}}`` recorded in the report.
@@ -360,12 +371,15 @@ def evaluate_conditions(
     cfg = config or EvaluationConfig()
     if threshold is not None:
         cfg.threshold = threshold
-    attack = as_suite(attack)
-    if cfg.cache_dir:
+    search = attack if _is_search(attack) else None
+    attack = search if search is not None else as_suite(attack)
+    if search is None and cfg.cache_dir:
         # Attack runs resume from (and are kept in) the cache, keyed by model, data and settings.
         attack = AttackSuite(
             [
-                a if a.config.output_dir else HarmfulFineTuningAttack(
+                a
+                if a.config.output_dir
+                else HarmfulFineTuningAttack(
                     replace(a.config, output_dir=str(Path(cfg.cache_dir) / "attacks")), scorer=a.scorer
                 )
                 for a in attack.attacks
@@ -401,8 +415,12 @@ def evaluate_conditions(
         prompts_hash = content_hash(datasets.harmful_prompts)
         for who, model in (("base", base_model), ("immunized", immunized_model)):
             say(f"[stability] side effects: {who} model on {len(se_cfg.templates)} jailbreak templates")
-            key = {"model": model_fingerprint(model), "prompts": prompts_hash, "config": _asdict(se_cfg),
-                   "judge": se_judge if isinstance(se_judge, str) or se_judge is None else scorer_key(se_judge)}
+            key = {
+                "model": model_fingerprint(model),
+                "prompts": prompts_hash,
+                "config": _asdict(se_cfg),
+                "judge": se_judge if isinstance(se_judge, str) or se_judge is None else scorer_key(se_judge),
+            }
             measured[who] = cache.get_or_compute(
                 "side_effects",
                 key,
@@ -415,30 +433,64 @@ def evaluate_conditions(
         side_effects = compare_side_effects(measured["base"], measured["immunized"], se_cfg.tolerance)
         say(side_effects.summary)
 
-    if generalization_attack is not None:
+    if search is not None:
+        gen_attack = _generalization_search(search, cfg)
+    elif generalization_attack is not None:
         gen_attack = as_suite(generalization_attack)
         if cfg.cache_dir:
             gen_attack = gen_attack.replace(output_dir=str(Path(cfg.cache_dir) / "attacks"))
     else:
         gen_attack = _generalization_attack(attack, cfg)
     attacks = {key: attack if key == "attack" else gen_attack for key in sets}
-    if gen_attack.scorer is not scorer and json.dumps(scorer_key(gen_attack.scorer), sort_keys=True) != json.dumps(
-        scorer_key(scorer), sort_keys=True
-    ):
-        raise ConfigError("the generalization attack must measure harm with the same scorer as the main attack.")
+    if gen_attack.scorer is not scorer and json.dumps(
+        scorer_key(gen_attack.scorer), sort_keys=True
+    ) != json.dumps(scorer_key(scorer), sort_keys=True):
+        raise ConfigError(
+            "the generalization attack must measure harm with the same scorer as the main attack."
+        )
     step = cfg.threshold_step if cfg.threshold_step is not None else attack.config.eval_every
     ref_families = cfg.threshold_families
     curves: dict[str, dict[str, list[AttackCurve]]] = {"base": {}, "immunized": {}}
     threshold_source = "given by the user"
     set_thresholds: dict[str, float] = {}
     user_phi = cfg.threshold
-    for key, (train, ev) in sets.items():
+    searches: dict[str, dict[str, Any]] = {"base": {}, "immunized": {}}
+    if search is not None:
+        # A search: each model and set gets its own search; phi is read off all the base model's trials.
+        for key, (train, ev) in sets.items():
+            for who, model in (("base", base_model), ("immunized", immunized_model)):
+                say(f"[{key}] attacking the {who} model")
+                result = attacks[key].run(
+                    model, tokenizer, train, ev, benign_train=datasets.benign_train, progress=say
+                )
+                searches[who][key] = result.search_record()
+                if not result.curves:
+                    raise ConfigError(
+                        f"[{key}] the attack on the {who} model gave no curve to judge: {result.summary()}"
+                    )
+                curves[who][key] = result.curves
+        if user_phi is None:
+            cfg.threshold = threshold_from_base(curves["base"]["attack"], step)
+            threshold_source = (
+                f"base model's median {scorer.name} over the searched trials after {step} steps"
+            )
+            for key in sets:
+                if key != "attack":
+                    set_thresholds[key] = threshold_from_base(
+                        curves["base"][key], min(step, attacks[key].config.eval_every)
+                    )
+    for key, (train, ev) in sets.items() if search is None else ():
         suite = attacks[key]
 
         def run(members, who, model, phi, key=key, train=train, ev=ev):
             say(f"[{key}] attacking the {who} model")
             return members.run(
-                model, tokenizer, train, ev, benign_train=datasets.benign_train, progress=say,
+                model,
+                tokenizer,
+                train,
+                ev,
+                benign_train=datasets.benign_train,
+                progress=say,
                 stop_at_threshold=phi if cfg.early_stop else None,
             ).curves
 
@@ -522,15 +574,17 @@ def evaluate_conditions(
             eps = max(cfg.benign_eval_every, cfg.benign_max_steps / 4)
 
     judge = scorer.judge_info() if hasattr(scorer, "judge_info") else None
+    grid = _searched_grid(curves) if search is not None else _suite_grid(attack)
+    family = ",".join(grid.get("families", [])) if search is not None else ",".join(attack.family_names())
     threat = ThreatModel(
-        attack_family=",".join(attack.family_names()),
+        attack_family=family,
         scorer=scorer.name,
         higher_is_better=scorer.higher_is_better,
         threshold=float(cfg.threshold),
         scorer_range=tuple(scorer.range),
         threshold_source=threshold_source,
-        grid=_suite_grid(attack),
-        max_steps=max(c.max_steps for c in attack.configs),
+        grid=grid,
+        max_steps=attack.config.max_steps if search is not None else max(c.max_steps for c in attack.configs),
         eval_every=attack.config.eval_every,
         batch_size=attack.config.batch_size,
         max_length=attack.config.max_length,
@@ -541,7 +595,7 @@ def evaluate_conditions(
         trainability_target=target,
         trainability_eps_steps=eps,
         set_thresholds=set_thresholds,
-        set_budgets={k: max(c.max_steps for c in a.configs) for k, a in attacks.items() if k != "attack"},
+        set_budgets={k: _budget(a) for k, a in attacks.items() if k != "attack"},
     )
     report = build_report(
         threat_model=threat,
@@ -558,19 +612,64 @@ def evaluate_conditions(
         dependencies=dependency_versions(),
         extra={
             "attack_config": attack.config.to_dict(),
-            **({"attack_suite": [c.to_dict() for c in attack.configs]} if len(attack.configs) > 1 else {}),
+            **(
+                {"attack_suite": [c.to_dict() for c in attack.configs]}
+                if search is None and len(attack.configs) > 1
+                else {}
+            ),
             **(
                 {"generalization_attack_suite": [c.to_dict() for c in gen_attack.configs]}
-                if gen_attack is not attack and len(sets) > 1
+                if search is None and gen_attack is not attack and len(sets) > 1
                 else {}
             ),
             "evaluation_config": _asdict(cfg),
         },
         side_effects=None if side_effects is None else side_effects.to_dict(),
+        search={**search.budget(), "runs": searches} if search is not None else None,
     )
     if cache.root is not None:
         say(f"cache: {cache.hits} measurements reused, {cache.misses} made ({cache.root})")
     return report
+
+
+def _is_search(attack) -> bool:
+    from .attack_search import AttackSearch
+
+    return isinstance(attack, AttackSearch)
+
+
+def _generalization_search(search, cfg: EvaluationConfig):
+    """The search of the generalization sets: the same search under the generalization budget."""
+    steps = cfg.generalization_max_steps
+    if steps is None or steps == search.config.max_steps:
+        return search
+    return search.with_config(
+        replace(search.config, max_steps=steps, eval_every=min(search.config.eval_every, steps))
+    )
+
+
+def _budget(attack) -> int:
+    configs = getattr(attack, "configs", None) or [attack.config]
+    return max(c.max_steps for c in configs)
+
+
+def _searched_grid(curves: dict[str, dict[str, list[AttackCurve]]]) -> dict[str, list]:
+    """The grid a search actually ran: the values of the feasible trials on the main attack set."""
+    runs = [c.config for who in curves.values() for c in who.get("attack", [])]
+    axes = (
+        ("learning_rates", "learning_rate"),
+        ("num_samples", "num_samples"),
+        ("seeds", "seed"),
+        ("families", "family"),
+        ("optimizers", "optimizer"),
+        ("lr_scheduler_types", "lr_scheduler_type"),
+        ("warmup_ratios", "warmup_ratio"),
+        ("lora_ranks", "lora_rank"),
+        ("harmful_shares", "harmful_share"),
+        ("max_steps", "max_steps"),
+    )
+    grid = {axis: sorted({run[key] for run in runs if key in run}) for axis, key in axes}
+    return {axis: values for axis, values in grid.items() if values}
 
 
 def _asdict(obj) -> dict[str, Any]:

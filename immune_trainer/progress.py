@@ -38,8 +38,13 @@ class StepBar(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and bars_enabled():
             self.bar = tqdm(
-                total=state.max_steps, desc=self.desc, leave=self.leave, dynamic_ncols=True, file=sys.stderr,
-                initial=state.global_step, unit="step",
+                total=state.max_steps,
+                desc=self.desc,
+                leave=self.leave,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                initial=state.global_step,
+                unit="step",
             )
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -48,7 +53,11 @@ class StepBar(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs:
-            shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k in self.keys and isinstance(v, float)}
+            shown = {
+                k.split("/")[-1]: f"{v:.3g}"
+                for k, v in logs.items()
+                if k in self.keys and isinstance(v, float)
+            }
             if shown:
                 self.bar.set_postfix(shown, refresh=False)
 

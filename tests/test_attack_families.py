@@ -41,9 +41,14 @@ def _values(curve):
     return [p.value for p in curve.points]
 
 
-def test_every_family_is_registered():
+def test_every_family_is_registered_and_listed_by_the_cli(capsys):
+    from immune_trainer.cli import main
+
+    assert main(["attacks"]) == 0
+    listed = capsys.readouterr().out
     for name in ("full", "lora", "mixed", "benign", "identity_shift", "embedding", "refusal_ablation"):
         assert get_attack(name).name == name and get_attack(name).description
+        assert f"{name} " in listed
     assert ATTACKS["refusal_ablation"].trains is False
 
 
@@ -428,3 +433,20 @@ def test_evaluation_records_every_family_and_passes_benign_data(tmp_path, model,
     report.save(tmp_path / "report.json")
     again = ImmunizationReport.load(tmp_path / "report.json")
     assert again.threat_model.attack_family == tm.attack_family
+
+
+def test_for_setting_narrows_a_config_to_one_run():
+    cfg = AttackConfig(
+        families=["full", "lora", "mixed", "embedding", "refusal_ablation"],
+        learning_rates=[1e-3, 2e-3],
+        optimizers=["adamw", "sgd"],
+        lora_ranks=[4, 8],
+        harmful_shares=[0.1, 0.3],
+        refusal_layer=1,
+    )
+    for setting in cfg.grid():
+        assert cfg.for_setting(setting).grid() == [setting]
+    # A curve's config carries extra keys (stopped_early, value_before); they are not axes.
+    assert cfg.for_setting({**cfg.grid()[0], "stopped_early": True}).grid() == [cfg.grid()[0]]
+    with pytest.raises(ConfigError, match="not one run of a 'lora' grid"):
+        cfg.for_setting({"family": "lora", "learning_rate": 1e-3, "num_samples": 0, "seed": 0})
