@@ -26,6 +26,10 @@ class CardArguments:
     )
     tags: list[str] = field(default_factory=list, metadata={"help": "Extra YAML tags."})
     no_plot: bool = field(default=False, metadata={"help": "Do not draw attack_curves.png."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a README.md that immune_trainer did not write (never done otherwise)."},
+    )
 
 
 @dataclass
@@ -39,6 +43,10 @@ class PushArguments:
     )
     no_card: bool = field(
         default=False, metadata={"help": "Upload the folder as is, without rewriting the card."}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a README.md that immune_trainer did not write (never done otherwise)."},
     )
 
 
@@ -107,7 +115,12 @@ def cmd_card(argv: list[str]) -> int:
     (folder,), rest = _split(argv, ["DIR"], "card", CardArguments)
     args = _parse(CardArguments, rest, "card", ["DIR"])
     card = write_model_card(
-        folder, plot=not args.no_plot, model_name=args.model_name, defense=args.defense, tags=args.tags
+        folder,
+        plot=not args.no_plot,
+        model_name=args.model_name,
+        defense=args.defense,
+        tags=args.tags,
+        overwrite=args.overwrite,
     )
     n = len(card.data.eval_results or [])
     print(f"wrote {folder}/README.md ({n} measured claims)")
@@ -121,7 +134,12 @@ def cmd_push(argv: list[str]) -> int:
     (folder, repo), rest = _split(argv, ["DIR", "REPO"], "push", PushArguments)
     args = _parse(PushArguments, rest, "push", ["DIR", "REPO"])
     url = push_model_folder(
-        folder, repo, private=args.private, commit_message=args.commit_message, write_card=not args.no_card
+        folder,
+        repo,
+        private=args.private,
+        commit_message=args.commit_message,
+        write_card=not args.no_card,
+        overwrite=args.overwrite,
     )
     print(f"pushed {folder} to {url}")
     return 0
