@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, DataError, ImmuneTrainerError
-from .loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer, parse_cli_args
+from .loading import (
+    ModelArguments,
+    load_dataset_spec,
+    load_model_and_tokenizer,
+    parse_cli_args,
+    validate_sources,
+)
 
 logger = logging.getLogger("immune_trainer")
 
@@ -134,6 +140,9 @@ def cmd_attack(argv: list[str]) -> int:
     model_args, data_args, attack_cfg = _parse(
         [ModelArguments, AttackDataArguments, AttackConfig], argv, "attack"
     )
+    validate_sources(
+        models=[model_args.model, model_args.tokenizer], datasets=[data_args.dataset, data_args.eval_dataset]
+    )
     model, tokenizer = load_model_and_tokenizer(model_args)
     train, eval_ds = _eval_split(data_args)
     attack = HarmfulFineTuningAttack(attack_cfg)
@@ -160,6 +169,22 @@ def cmd_evaluate(argv: list[str]) -> int:
 
     model_args, data, attack_cfg, eval_cfg = _parse(
         [ModelArguments, EvaluationData, AttackConfig, EvaluationConfig], argv, "evaluate"
+    )
+    references = []
+    for item in data.reference:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--reference takes NAME=SPEC, got {item!r}.")
+        references.append(spec)
+    validate_sources(
+        models=[model_args.model, model_args.tokenizer, data.base_model],
+        datasets=[
+            data.dataset,
+            data.eval_dataset,
+            data.cross_domain_dataset,
+            data.benign_dataset,
+            *references,
+        ],
     )
     report = evaluate_from_specs(
         model_args, data, attack_cfg, eval_cfg, progress=lambda m: print(m, flush=True)
@@ -207,6 +232,7 @@ def cmd_immunize(argv: list[str]) -> int:
         _parse([selection, ImmunizeArguments, spec.config_class], ["--help"], "immunize")
 
     data, config = _parse([ImmunizeArguments, spec.config_class], rest, "immunize")
+    validate_sources(models=[data.model, data.tokenizer], datasets=[data.dataset, data.retain_dataset])
     model_args = ModelArguments(
         model=data.model, tokenizer=data.tokenizer, trust_remote_code=config.trust_remote_code
     )

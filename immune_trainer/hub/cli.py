@@ -151,6 +151,9 @@ def cmd_verify(argv: list[str]) -> int:
 
     (source,), rest = _split(argv, ["DIR_OR_REPO"], "verify", VerifyArguments)
     args = _parse(VerifyArguments, rest, "verify", ["DIR_OR_REPO"])
+    from ..loading import validate_sources
+
+    validate_sources(datasets=[args.dataset, args.eval_dataset])  # the source is checked by verify()
     result = verify(
         source,
         sample=args.sample,
