@@ -196,6 +196,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def _wants_help(argv: list[str]) -> bool:
+    """True when argv asks for help; ``_parse(..., ["--help"], ...)`` then prints it and exits 0 (argparse)."""
     return any(a in ("-h", "--help") for a in argv)
 
 
