@@ -14,8 +14,10 @@
 
 Values are logged under ``conditions/...`` keys (see :data:`LOG_KEYS`): they are appended to
 ``state.log_history`` (so they land in ``trainer_state.json``), passed to every callback's ``on_log``
-(TensorBoard, W&B, trackio...), and added to the metrics returned by ``trainer.evaluate()`` when the
-probe runs inside an evaluation. At train end the final model is probed once more and
+(TensorBoard, W&B, trackio...; transformers' reporters show every key that is not an ``eval_`` metric
+under ``train/``, so TensorBoard's tags read ``train/conditions/...``), and added to the metrics returned
+by ``trainer.evaluate()`` when the probe runs inside an evaluation. At the last step (or at train end,
+when training stops early) the final model is probed once more and
 ``immunization_report.json`` is written to ``args.output_dir`` (main process only, atomically) with
 :func:`~immune_trainer.report.build_report`: the starting model's probes are the "base" measurements,
 the final model's the "immunized" ones.
@@ -667,8 +669,12 @@ class ConditionsCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self._probe_every(args, state)
-        if every and state.global_step % every == 0 and state.global_step != self.last_probe_step:
-            self._probe(args, state, control, model)
+        due = bool(every) and state.global_step % every == 0
+        # The final probe runs at the last step rather than in on_train_end: the reporters (TensorBoard,
+        # W&B, trackio) close their runs in their own on_train_end, which the Trainer calls before ours.
+        last = self.config.final_probe and bool(state.max_steps) and state.global_step >= state.max_steps
+        if (due or last) and state.global_step != self.last_probe_step and model is not None:
+            self._probe(args, state, control, model, final=last)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         cfg = self.config

@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, DataError, ImmuneTrainerError
-from .loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer, parse_cli_args
+from .loading import (
+    ModelArguments,
+    load_dataset_spec,
+    load_model_and_tokenizer,
+    parse_cli_args,
+    validate_sources,
+)
 
 logger = logging.getLogger("immune_trainer")
 
@@ -141,6 +147,9 @@ def cmd_attack(argv: list[str]) -> int:
     model_args, data_args, attack_cfg, search_cfg, space = _parse(
         [ModelArguments, AttackDataArguments, AttackConfig, SearchConfig, SearchSpace], argv, "attack"
     )
+    validate_sources(
+        models=[model_args.model, model_args.tokenizer], datasets=[data_args.dataset, data_args.eval_dataset]
+    )
     model, tokenizer = load_model_and_tokenizer(model_args)
     train, eval_ds = _eval_split(data_args)
     if search_cfg.search:
@@ -200,6 +209,22 @@ def cmd_evaluate(argv: list[str]) -> int:
     model_args, data, attack_cfg, eval_cfg = _parse(
         [ModelArguments, EvaluationData, AttackConfig, EvaluationConfig], argv, "evaluate"
     )
+    references = []
+    for item in data.reference:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--reference takes NAME=SPEC, got {item!r}.")
+        references.append(spec)
+    validate_sources(
+        models=[model_args.model, model_args.tokenizer, data.base_model],
+        datasets=[
+            data.dataset,
+            data.eval_dataset,
+            data.cross_domain_dataset,
+            data.benign_dataset,
+            *references,
+        ],
+    )
     report = evaluate_from_specs(
         model_args, data, attack_cfg, eval_cfg, progress=lambda m: print(m, flush=True)
     )
@@ -209,19 +234,45 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _wants_help(argv: list[str]) -> bool:
+    """True when argv asks for help; ``_parse(..., ["--help"], ...)`` then prints it and exits 0 (argparse)."""
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def _defense_selection(names: list[str]):
+    """The ``--defense`` option as a dataclass, its help listing the registered defenses."""
+    from dataclasses import make_dataclass
+
+    help_text = (
+        f"Registered defense to train (required): one of {', '.join(names)}. "
+        "`immune-trainer immunize --defense NAME --help` lists that defense's options."
+    )
+    return make_dataclass(
+        "DefenseSelection", [("defense", str | None, field(default=None, metadata={"help": help_text}))]
+    )
+
+
 def cmd_immunize(argv: list[str]) -> int:
     from .defenses import get_defense, list_defenses
 
     argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--defense=") else [a])]
+    selection = _defense_selection(list_defenses())
     if "--defense" not in argv:
+        if _wants_help(argv):  # the options every defense shares, and the defenses to choose from
+            _parse([selection, ImmunizeArguments], ["--help"], "immunize")
         raise ConfigError(f"immunize needs --defense NAME; known defenses: {', '.join(list_defenses())}.")
     i = argv.index("--defense")
-    if i + 1 >= len(argv):
+    if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+        if _wants_help(argv):
+            _parse([selection, ImmunizeArguments], ["--help"], "immunize")
         raise ConfigError("--defense needs a name.")
     spec = get_defense(argv[i + 1])
     rest = argv[:i] + argv[i + 2 :]
+    if _wants_help(rest):
+        _parse([selection, ImmunizeArguments, spec.config_class], ["--help"], "immunize")
 
     data, config = _parse([ImmunizeArguments, spec.config_class], rest, "immunize")
+    validate_sources(models=[data.model, data.tokenizer], datasets=[data.dataset, data.retain_dataset])
     model_args = ModelArguments(
         model=data.model, tokenizer=data.tokenizer, trust_remote_code=config.trust_remote_code
     )
@@ -271,7 +322,18 @@ def cmd_assets(argv: list[str]) -> int:
     return 0
 
 
-def cmd_list(kind: str) -> int:
+_LIST_HELP = {
+    "defenses": "List the registered defenses (immune-trainer immunize --defense NAME).",
+    "scorers": "List the registered scorers: harmfulness f and capability g, with their direction.",
+    "attacks": "List the registered attack families (AttackConfig.family).",
+}
+
+
+def cmd_list(kind: str, argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"immune-trainer {kind}", description=_LIST_HELP[kind])
+    parser.parse_args(argv or [])
     if kind == "defenses":
         from .defenses import DEFENSES
 
@@ -353,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "immunize":
             return cmd_immunize(rest)
         if command in ("defenses", "scorers", "attacks"):
-            return cmd_list(command)
+            return cmd_list(command, rest)
         if command == "demo":
             from .demo import main as demo_main
 

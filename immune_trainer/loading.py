@@ -4,15 +4,29 @@ A dataset SPEC is a local file (.json, .jsonl, .csv, .parquet), a folder written
 ``Dataset.save_to_disk``, ``embedded:NAME[/SPLIT]`` (the embedded offline data), or a Hub id with an
 optional split (``PKU-Alignment/BeaverTails:30k_test``). Models load as safetensors only, and
 ``trust_remote_code`` stays off unless the user turns it on.
+
+Everything a user typed is checked before anything is loaded (:func:`validate_sources`): the SPECs'
+syntax, that embedded names and splits exist, that local files and folders exist. A Hub id is fetched
+only after a short check that the Hub answers (:func:`check_hub_access`): without it, or with
+``HF_HUB_OFFLINE`` set and the id not cached, the error is one line naming the id, not a minute of
+retries.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+HUB_CHECK_TIMEOUT = 5.0
+"""Seconds the Hub may take to answer the reachability check before a Hub id is given up."""
 
 
 @dataclass
@@ -41,6 +55,55 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def check_dataset_spec(spec: str) -> str:
+    """Check a dataset SPEC without reading any data or touching the network.
+
+    Returns:
+        Its kind: ``"embedded"``, ``"folder"``, ``"file"`` or ``"hub"``.
+
+    Raises:
+        DataError: empty SPEC, a missing, empty or unsupported local file, or a malformed Hub id.
+        ConfigError: an unknown embedded dataset or split.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"a dataset SPEC must be a non-empty string, got {spec!r}.")
+    if spec.startswith("embedded:"):
+        from .embedded import EMBEDDED_DATASETS
+
+        name, _, sub = spec[len("embedded:") :].partition("/")
+        card = EMBEDDED_DATASETS.get(name)
+        if card is None:
+            raise ConfigError(f"unknown embedded dataset {name!r}; choose one of {sorted(EMBEDDED_DATASETS)}")
+        if sub and sub not in card.splits:
+            allowed = ", ".join(card.splits) if card.splits else f"none (write embedded:{name})"
+            raise ConfigError(f"embedded dataset {name!r} has no split {sub!r}; splits: {allowed}")
+        return "embedded"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        if path.suffix.lower() not in _DATASET_SUFFIXES:
+            raise DataError(f"cannot read dataset file {spec!r}: use .json, .jsonl, .csv or .parquet.")
+        if path.stat().st_size == 0:
+            raise DataError(f"dataset file {spec!r} is empty; it needs at least one row.")
+        return "file"
+    if _looks_like_path(spec):
+        raise DataError(
+            f"dataset file or folder {spec!r} does not exist; check the path (a dataset SPEC is a .json, "
+            ".jsonl, .csv or .parquet file, a save_to_disk folder, embedded:NAME[/SPLIT] or a Hub id)."
+        )
+    if spec.count("/") == 1 or ":" in spec:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        hub_id = spec.partition(":")[0]
+        try:
+            validate_repo_id(hub_id)
+        except HFValidationError as err:
+            raise DataError(f"dataset {spec!r}: {hub_id!r} is not a valid Hub id ({err}).") from None
+        return "hub"
+    raise DataError(f"dataset {spec!r} is neither a file, a folder, embedded:NAME, nor a Hub id.")
+
+
 def load_dataset_spec(spec: str, split: str | None = None, *, seed: int = 0):
     """Load a dataset from a SPEC (see the module docstring). ``seed`` draws the embedded harmful splits
     (``embedded:harmful_qa/SPLIT``); a report records it as ``datasets["split_seed"]``.
@@ -48,19 +111,18 @@ def load_dataset_spec(spec: str, split: str | None = None, *, seed: int = 0):
     Raises:
         DataError: the file or folder does not exist, is empty, cannot be parsed, has an unsupported
             suffix, or the Hub dataset cannot be loaded.
+        ConfigError: an unknown embedded dataset or split, or the Hub is unreachable (one line).
     """
     import datasets
 
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"a dataset SPEC must be a non-empty string, got {spec!r}.")
-    if spec.startswith("embedded:"):
+    kind = check_dataset_spec(spec)
+    if kind == "embedded":
         from . import embedded
 
-        name = spec[len("embedded:") :]
-        name, _, sub = name.partition("/")
+        name, _, sub = spec[len("embedded:") :].partition("/")
         return embedded.load_embedded(name, split=sub or None, seed=seed)
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if kind == "folder":
         try:
             return datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as err:
@@ -68,12 +130,8 @@ def load_dataset_spec(spec: str, split: str | None = None, *, seed: int = 0):
                 f"folder {spec!r} is not a dataset written by Dataset.save_to_disk ({err}); give a "
                 ".json, .jsonl, .csv or .parquet file, or a saved dataset folder."
             ) from None
-    if path.is_file():
-        builder = _DATASET_SUFFIXES.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"cannot read dataset file {spec!r}: use .json, .jsonl, .csv or .parquet.")
-        if path.stat().st_size == 0:
-            raise DataError(f"dataset file {spec!r} is empty; it needs at least one row.")
+    if kind == "file":
+        builder = _DATASET_SUFFIXES[path.suffix.lower()]
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - any parse failure of a user's file is a data error
@@ -82,22 +140,145 @@ def load_dataset_spec(spec: str, split: str | None = None, *, seed: int = 0):
                 f"cannot read dataset file {spec!r} as {builder}: {type(cause).__name__}: "
                 f"{str(cause)[:300] or 'no detail'}. Check the file is valid {builder} with one row per record."
             ) from None
-    if _looks_like_path(spec):
+    hub_id, _, hub_split = spec.partition(":")
+    check_hub_access(hub_id, what="dataset", repo_type="dataset")
+    try:
+        return datasets.load_dataset(hub_id, split=hub_split or split or "train")
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, unknown split: all user-facing
         raise DataError(
-            f"dataset file or folder {spec!r} does not exist; check the path (a dataset SPEC is a .json, "
-            ".jsonl, .csv or .parquet file, a save_to_disk folder, embedded:NAME[/SPLIT] or a Hub id)."
+            f"cannot load the Hub dataset {hub_id!r} (split {hub_split or split or 'train'!r}): "
+            f"{type(err).__name__}: {str(err)[:300]}. Check the id and split, make the Hub reachable, "
+            "or give a local file."
+        ) from None
+
+
+def check_model_source(source: str, what: str = "model") -> str:
+    """Check a model (or tokenizer) argument without loading it or touching the network.
+
+    Returns:
+        Its kind: ``"embedded"``, ``"folder"`` or ``"hub"``.
+
+    Raises:
+        ConfigError: a local path that does not exist or is not a loadable model folder, or a malformed Hub id.
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(f"{what} must be a path, a Hub id or 'embedded', got {source!r}.")
+    if source == "embedded":
+        return "embedded"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if what == "model":
+            check_model_folder(path)
+        return "folder"
+    if path.exists() or _looks_like_path(source):
+        raise ConfigError(
+            f"cannot load {what} {source!r}: no such folder. Give the folder written by save_pretrained, "
+            "a Hub id (org/name), or 'embedded'."
         )
-    if spec.count("/") == 1 or ":" in spec:
-        hub_id, _, hub_split = spec.partition(":")
-        try:
-            return datasets.load_dataset(hub_id, split=hub_split or split or "train")
-        except Exception as err:  # noqa: BLE001 - offline, unknown id, unknown split: all user-facing
-            raise DataError(
-                f"cannot load the Hub dataset {hub_id!r} (split {hub_split or split or 'train'!r}): "
-                f"{type(err).__name__}: {str(err)[:300]}. Check the id and split, make the Hub reachable, "
-                "or give a local file."
-            ) from None
-    raise DataError(f"dataset {spec!r} is neither a file, a folder, embedded:NAME, nor a Hub id.")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError as err:
+        raise ConfigError(
+            f"cannot load {what} {source!r}: it is neither a local folder nor a valid Hub id ({err})."
+        ) from None
+    return "hub"
+
+
+def validate_sources(models=(), datasets=()) -> None:
+    """Check every model and dataset argument of a command before anything is loaded.
+
+    ``models`` and ``datasets`` are iterables of strings; ``None`` entries are skipped. All local checks
+    run first (so a typo in the last argument is reported before a model is fetched), then one
+    :func:`check_hub_access` per Hub id.
+
+    Raises:
+        ConfigError, DataError: the first bad argument, named.
+    """
+    hub = []
+    for source in models:
+        if source is not None and check_model_source(source) == "hub":
+            hub.append((source, "model", "model"))
+    for spec in datasets:
+        if spec is not None and check_dataset_spec(spec) == "hub":
+            hub.append((spec.partition(":")[0], "dataset", "dataset"))
+    for repo_id, what, repo_type in hub:
+        check_hub_access(repo_id, what=what, repo_type=repo_type)
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_probe_cache: dict[str, tuple[float, str | None]] = {}
+
+
+def _offline() -> bool:
+    import huggingface_hub
+
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    return huggingface_hub.is_offline_mode() or any(os.environ.get(n, "").upper() in _TRUE for n in names)
+
+
+def _hub_unreachable_reason(endpoint: str, timeout: float = HUB_CHECK_TIMEOUT) -> str | None:
+    """Why the Hub at ``endpoint`` did not answer one HEAD request (no retries), or None when it did.
+
+    Any HTTP answer counts as reachable; the result is reused for a minute."""
+    from huggingface_hub.utils import get_session
+
+    hit = _probe_cache.get(endpoint)
+    if hit is not None and time.monotonic() - hit[0] < 60:
+        return hit[1]
+    try:
+        get_session().head(endpoint, timeout=timeout)  # huggingface_hub's own HTTP client and proxies
+        reason = None
+    except Exception as err:  # noqa: BLE001 - no answer, whatever the cause, is "unreachable"
+        reason = (str(err).splitlines() or [""])[0][:200] or type(err).__name__
+    _probe_cache[endpoint] = (time.monotonic(), reason)
+    return reason
+
+
+def _model_in_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed cache is the same as no cache
+        return False
+
+
+def check_hub_access(repo_id: str, *, what: str = "model", repo_type: str = "model") -> bool:
+    """Make sure ``repo_id`` can come from the Hub before anything is fetched; fail fast when it cannot.
+
+    Returns:
+        True when the files must be read from the local Hugging Face cache only (offline mode, or the
+        Hub is unreachable and the model is cached), False when the Hub answered.
+
+    Raises:
+        ConfigError (one line, naming the id): offline mode is on and the model is not cached, or the
+            Hub did not answer within :data:`HUB_CHECK_TIMEOUT` seconds and it is not cached.
+    """
+    from huggingface_hub import constants
+
+    cached = repo_type == "model" and _model_in_cache(repo_id)
+    if _offline():
+        if cached or repo_type != "model":  # datasets reads its own cache in offline mode, at once
+            return True
+        raise ConfigError(
+            f"{what} {repo_id!r} is not a local folder and not in the Hugging Face cache, and offline mode "
+            "is on (HF_HUB_OFFLINE): give a local folder, or unset HF_HUB_OFFLINE so it can be downloaded."
+        )
+    endpoint = constants.ENDPOINT
+    reason = _hub_unreachable_reason(endpoint)
+    if reason is None:
+        return False
+    if cached:
+        logger.warning(
+            "the Hub (%s) is unreachable (%s): using the cached copy of %s", endpoint, reason, repo_id
+        )
+        return True
+    raise ConfigError(
+        f"cannot reach the Hugging Face Hub at {endpoint} ({reason}) to fetch the {what} {repo_id!r}: give "
+        "a local path, check the connection or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local cache."
+    )
 
 
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.pt", "*.pth", "*.ckpt")
@@ -140,25 +321,33 @@ def load_model_and_tokenizer(args: ModelArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = args.model
-    if source == "embedded":
+    kind = check_model_source(source)
+    tokenizer_kind = check_model_source(args.tokenizer, what="tokenizer") if args.tokenizer else None
+    # True: the Hub is unreachable or offline mode is on, and the files are in the local cache.
+    model_local_only = kind == "hub" and check_hub_access(source, what="model")
+    tokenizer_local_only = (
+        tokenizer_kind == "hub" and check_hub_access(args.tokenizer, what="tokenizer")
+        if args.tokenizer
+        else model_local_only
+    )
+    if kind == "embedded":
         from .assets import prepare_model
 
         source = str(prepare_model())
-    path = Path(source).expanduser()
-    if path.is_dir():
-        check_model_folder(path)
-        source = str(path)
-    elif path.exists() or _looks_like_path(source):
-        raise ConfigError(
-            f"cannot load model {source!r}: no such folder. Give the folder written by save_pretrained, "
-            "a Hub id (org/name), or 'embedded'."
-        )
+    elif kind == "folder":
+        source = str(Path(source).expanduser())
+    tokenizer_source = args.tokenizer or source
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, trust_remote_code=args.trust_remote_code, use_safetensors=True
+            source,
+            trust_remote_code=args.trust_remote_code,
+            use_safetensors=True,
+            local_files_only=model_local_only,
         )
         tokenizer = AutoTokenizer.from_pretrained(
-            args.tokenizer or source, trust_remote_code=args.trust_remote_code
+            tokenizer_source,
+            trust_remote_code=args.trust_remote_code,
+            local_files_only=tokenizer_local_only,
         )
     except OSError as err:
         raise ConfigError(

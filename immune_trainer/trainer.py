@@ -534,13 +534,21 @@ class ImmunizationTrainer(Trainer):
         )
         return 6 * tokens * self.model.num_parameters(exclude_embeddings=True) if tokens else 0
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None, report=None, **kwargs):
-        """Write README.md (with condition badges, when an immunization report is given or found in
-        ``output_dir``) into ``args.output_dir``; ``push_to_hub()`` calls this, as trl's trainers do."""
+    def create_model_card(
+        self, model_name=None, dataset_name=None, tags=None, report=None, overwrite=False, **kwargs
+    ):
+        """Write README.md (the card of the immunization report given or found in ``output_dir``) into
+        ``args.output_dir``; ``push_to_hub()`` calls this, as trl's trainers do. No report, no card
+        (ReportError); a README.md not written by immune_trainer is replaced only with ``overwrite=True``."""
         from .hub.card import create_trainer_model_card
 
         return create_trainer_model_card(
-            self, model_name=model_name, dataset_name=dataset_name, tags=tags, report=report
+            self,
+            model_name=model_name,
+            dataset_name=dataset_name,
+            tags=tags,
+            report=report,
+            overwrite=overwrite,
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

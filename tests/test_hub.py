@@ -164,13 +164,71 @@ def test_unmeasured_parts_make_no_claim(tmp_path):
     assert sorted(os.listdir(d / "badges")) == ["resistance.svg"]
 
 
-def test_card_without_report_claims_nothing(tmp_path):
+def test_no_report_no_card(tmp_path, capsys):
+    from immune_trainer.cli import main
+    from immune_trainer.errors import ReportError
+
     d = _folder(tmp_path)
-    card = K.write_model_card(d, defense="gradient_ascent")
-    assert card.data.eval_results is None
-    assert "Not evaluated" in card.content
-    assert os.listdir(d / "badges") == []
-    assert "gradient-ascent" in card.data.tags
+    with pytest.raises(ReportError, match="immunization_report.json"):
+        K.write_model_card(d, defense="gradient_ascent")
+    with pytest.raises(ReportError, match="no immunization report"):
+        K.build_model_card(None)
+    assert main(["card", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert "immunization_report.json" in err and "Traceback" not in err
+    assert sorted(os.listdir(d)) == ["model.safetensors"]  # nothing written
+
+
+def test_card_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
+    from immune_trainer.cli import main
+
+    d = _folder(tmp_path, synthetic_report("weak"))
+    (d / "README.md").write_text("# My model\n\nHand-written notes.\n")
+    with pytest.raises(OutputError, match="not written by immune_trainer"):
+        K.write_model_card(d)
+    assert main(["card", str(d)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (d / "README.md").read_text() == "# My model\n\nHand-written notes.\n"
+
+    assert main(["card", str(d), "--overwrite"]) == 0
+    written = (d / "README.md").read_text()
+    assert K.GENERATED_MARKER in written and "Hand-written" not in written
+    # A card this library wrote is re-rendered without asking.
+    K.write_model_card(d, model_name="renamed")
+    assert "# renamed" in (d / "README.md").read_text()
+
+
+def test_cards_written_before_the_marker_still_count_as_ours():
+    card = str(K.build_model_card(synthetic_report()))
+    assert K.written_by_immune_trainer(card)
+    assert K.written_by_immune_trainer(card.replace(K.GENERATED_MARKER, ""))  # by its metadata
+    assert not K.written_by_immune_trainer("---\ntags: [immune-trainer]\n---\n# mine\n")
+    assert not K.written_by_immune_trainer("# a model\n")
+
+
+def test_trainer_card_follows_the_same_rules(tmp_path, model, tokenizer, harmful):
+    from conftest import defense_config
+
+    from immune_trainer.defenses import get_defense
+    from immune_trainer.errors import ReportError
+
+    spec = get_defense("gradient_ascent")
+    trainer = spec.trainer_class(
+        model=model,
+        args=defense_config(spec.config_class, tmp_path),
+        harmful_dataset=harmful,
+        processing_class=tokenizer,
+    )
+    out = tmp_path / "out"
+    with pytest.raises(ReportError, match="immunization_report.json"):
+        trainer.create_model_card()
+    out.mkdir(exist_ok=True)
+    (out / "README.md").write_text("user notes")
+    with pytest.raises(OutputError, match="not written by immune_trainer"):
+        trainer.create_model_card(report=synthetic_report())
+    assert (out / "README.md").read_text() == "user notes"
+    card = trainer.create_model_card(report=synthetic_report(), overwrite=True)
+    assert "gradient-ascent" in card.data.tags and K.GENERATED_MARKER in (out / "README.md").read_text()
 
 
 def test_security_vectors_card_says_protection_needs_the_vector():
@@ -192,6 +250,57 @@ def test_card_cli_writes_the_folder(tmp_path, capsys):
     d = _folder(tmp_path, synthetic_report("weak"))
     assert hub_cli.cmd_card([str(d)]) == 0
     assert (d / "README.md").exists() and "measured claims" in capsys.readouterr().out
+
+
+def _metadata_with(urls):
+    from email.message import Message
+
+    md = Message()
+    for url in urls:
+        md["Project-URL"] = url
+    return lambda name: md
+
+
+def test_card_names_no_path_of_the_machine_and_links_only_known_urls(tmp_path, monkeypatch):
+    report = synthetic_report()
+    d = _folder(tmp_path)
+    (d / "data").mkdir()
+    report.models["immunized"] = str(d)
+    report.models["base"] = "/root/models/base-model"
+    report.extra["datasets"] = {
+        "attack_train": str(d / "data" / "train.jsonl"),
+        "attack_eval": str(tmp_path / "elsewhere" / "eval.jsonl"),
+    }
+    report.extra["attack_config"] = {"output_dir": str(tmp_path / "runs"), "learning_rates": [1e-4]}
+    report.defense["config"]["logging_dir"] = "/home/someone/logs"
+    monkeypatch.setattr(K.importlib.metadata, "metadata", _metadata_with([]))
+    K.write_model_card(d, report)
+    text = (d / "README.md").read_text()
+
+    for local in (str(tmp_path), "/tmp/", "/root/", "/home/"):
+        assert local not in text, f"the card names the local path {local}"
+    assert "# model" in text  # the folder's name, not its path
+    assert "data/train.jsonl" in text and "…/eval.jsonl" in text and "…/base-model" in text
+    assert "`immune-trainer verify .` run inside this model folder" in text
+    urls = re.findall(r"https?://[^\s)\]>\"'`]+", text)
+    assert urls and all(
+        u.startswith(("https://arxiv.org/abs/", "https://img.shields.io/badge/")) for u in urls
+    )
+    assert "[immune_trainer](" not in text
+    # The recorded report keeps the paths: only the card leaves them out.
+    assert str(d) in (d / K.REPORT_FILE).read_text()
+
+    pushed = str(K.build_model_card(report, folder=d, repo_id="me/immunized"))
+    assert "`immune-trainer verify me/immunized`" in pushed
+
+
+def test_card_links_the_project_url_from_the_package_metadata(monkeypatch):
+    monkeypatch.setattr(
+        K.importlib.metadata, "metadata", _metadata_with(["Repository, https://example.org/immune_trainer"])
+    )
+    assert K.project_url() == "https://example.org/immune_trainer"
+    text = str(K.build_model_card(synthetic_report()))
+    assert "[immune_trainer](https://example.org/immune_trainer)" in text
 
 
 # ---------------------------------------------------------------------------------------------- push
@@ -229,6 +338,22 @@ def test_push_uploads_folder_and_never_leaks_the_token(tmp_path, monkeypatch, ca
     captured = capsys.readouterr()
     assert FAKE_TOKEN not in captured.out + captured.err
     assert FAKE_TOKEN not in _all_written_text(d)
+
+
+def test_push_without_report_writes_no_card(tmp_path, monkeypatch, capsys):
+    """HfApi is monkeypatched: without a report the push stops before the Hub unless --no_card is given."""
+    from immune_trainer.cli import main
+
+    uploaded = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploaded.append(kw["folder_path"]))
+    d = _folder(tmp_path)
+    assert main(["push", str(d), "me/immunized"]) == 1
+    err = capsys.readouterr().err
+    assert "immunization_report.json" in err and "--no_card" in err
+    assert uploaded == [] and not (d / "README.md").exists()
+    assert main(["push", str(d), "me/immunized", "--no_card"]) == 0
+    assert uploaded == [str(d)] and not (d / "README.md").exists()
 
 
 def test_failed_push_keeps_files_and_prints_retry(tmp_path, monkeypatch, capsys):

@@ -26,6 +26,10 @@ class CardArguments:
     )
     tags: list[str] = field(default_factory=list, metadata={"help": "Extra YAML tags."})
     no_plot: bool = field(default=False, metadata={"help": "Do not draw attack_curves.png."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a README.md that immune_trainer did not write (never done otherwise)."},
+    )
 
 
 @dataclass
@@ -39,6 +43,10 @@ class PushArguments:
     )
     no_card: bool = field(
         default=False, metadata={"help": "Upload the folder as is, without rewriting the card."}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a README.md that immune_trainer did not write (never done otherwise)."},
     )
 
 
@@ -62,12 +70,31 @@ class VerifyArguments:
     )
 
 
-def _split(argv: list[str], names: list[str], command: str) -> tuple[list[str], list[str]]:
+_POSITIONALS = {
+    "DIR": "The model folder (saved with save_pretrained, holding immunization_report.json).",
+    "REPO": "The Hub repository id to push to (org/name).",
+    "DIR_OR_REPO": "A model folder with README.md and immunization_report.json, or a Hub repo id.",
+}
+
+
+def _print_help(cls, command: str, names: list[str]) -> None:
+    """Print the command's help (positional arguments and the dataclass options) and exit 0, as argparse does."""
+    from trl import TrlParser
+
+    parser = TrlParser([cls], prog=f"immune-trainer {command}", description=cls.__doc__)
+    for name in names:
+        parser.add_argument(name, help=_POSITIONALS[name])
+    parser.parse_args(["--help"])
+
+
+def _split(argv: list[str], names: list[str], command: str, cls) -> tuple[list[str], list[str]]:
+    if any(a in ("-h", "--help") for a in argv):
+        _print_help(cls, command, names)
     pos = []
     rest = list(argv)
     while rest and len(pos) < len(names) and not rest[0].startswith("-"):
         pos.append(rest.pop(0))
-    if len(pos) < len(names) and not any(a in ("-h", "--help") for a in rest):
+    if len(pos) < len(names):
         raise ConfigError(
             f"usage: immune-trainer {command} {' '.join(names)} [options]; missing {names[len(pos)]}."
         )
@@ -85,10 +112,15 @@ def cmd_card(argv: list[str]) -> int:
     """``immune-trainer card DIR``: write DIR/README.md, DIR/badges/*.svg and DIR/attack_curves.png."""
     from .card import write_model_card
 
-    (folder,), rest = _split(argv, ["DIR"], "card")
+    (folder,), rest = _split(argv, ["DIR"], "card", CardArguments)
     args = _parse(CardArguments, rest, "card", ["DIR"])
     card = write_model_card(
-        folder, plot=not args.no_plot, model_name=args.model_name, defense=args.defense, tags=args.tags
+        folder,
+        plot=not args.no_plot,
+        model_name=args.model_name,
+        defense=args.defense,
+        tags=args.tags,
+        overwrite=args.overwrite,
     )
     n = len(card.data.eval_results or [])
     print(f"wrote {folder}/README.md ({n} measured claims)")
@@ -99,10 +131,15 @@ def cmd_push(argv: list[str]) -> int:
     """``immune-trainer push DIR REPO``: create the repo and upload the folder (card rewritten first)."""
     from .push import push_model_folder
 
-    (folder, repo), rest = _split(argv, ["DIR", "REPO"], "push")
+    (folder, repo), rest = _split(argv, ["DIR", "REPO"], "push", PushArguments)
     args = _parse(PushArguments, rest, "push", ["DIR", "REPO"])
     url = push_model_folder(
-        folder, repo, private=args.private, commit_message=args.commit_message, write_card=not args.no_card
+        folder,
+        repo,
+        private=args.private,
+        commit_message=args.commit_message,
+        write_card=not args.no_card,
+        overwrite=args.overwrite,
     )
     print(f"pushed {folder} to {url}")
     return 0
@@ -112,8 +149,11 @@ def cmd_verify(argv: list[str]) -> int:
     """``immune-trainer verify DIR_OR_REPO``: exit 0 iff every re-checked claim passes."""
     from .verify import verify
 
-    (source,), rest = _split(argv, ["DIR_OR_REPO"], "verify")
+    (source,), rest = _split(argv, ["DIR_OR_REPO"], "verify", VerifyArguments)
     args = _parse(VerifyArguments, rest, "verify", ["DIR_OR_REPO"])
+    from ..loading import validate_sources
+
+    validate_sources(datasets=[args.dataset, args.eval_dataset])  # the source is checked by verify()
     result = verify(
         source,
         sample=args.sample,

@@ -12,7 +12,7 @@ import logging
 import os
 import shlex
 
-from ..errors import OutputError
+from ..errors import OutputError, ReportError
 from .card import REPORT_FILE, write_model_card
 
 __all__ = ["push_model_folder", "retry_command"]
@@ -38,13 +38,16 @@ def push_model_folder(
     token: str | None = None,
     commit_message: str = "Upload immunized model with immune_trainer",
     write_card: bool = True,
+    overwrite: bool = False,
 ) -> str:
     """Create (or reuse) the model repo ``repo_id`` and upload ``folder`` to it. Returns the repo URL.
 
     With ``write_card`` the card, badges and plot are (re)written from the folder's report first, so the
-    published card matches the published weights.
+    published card matches the published weights (a README.md that immune_trainer did not write is
+    replaced only with ``overwrite``; see :func:`~immune_trainer.hub.card.write_model_card`).
 
     Raises:
+        ReportError: ``write_card`` and the folder has no immunization_report.json.
         OutputError: the folder is missing, or the Hub refused or could not be reached; the message gives
             the exact retry command and everything stays on disk.
     """
@@ -53,10 +56,17 @@ def push_model_folder(
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise OutputError(f"model folder {folder} does not exist: nothing to push.")
+    has_report = os.path.exists(os.path.join(folder, REPORT_FILE))
     if write_card:
-        write_model_card(folder, repo_id=repo_id)
+        if not has_report:
+            raise ReportError(
+                f"no {REPORT_FILE} in {folder}: a card states measured results only, so none can be written. "
+                "Measure the model first (`immune-trainer evaluate`), or push the folder as is with --no_card "
+                "(write_card=False)."
+            )
+        write_model_card(folder, repo_id=repo_id, overwrite=overwrite)
     token = token or get_token()
-    if not os.path.exists(os.path.join(folder, REPORT_FILE)):
+    if not has_report:
         logger.warning("%s has no %s: the card makes no immunization claim.", folder, REPORT_FILE)
     api = HfApi(token=token)
     try:

@@ -99,10 +99,15 @@ def _resolve(source: str) -> str:
         return source
     if os.path.exists(source):
         raise ConfigError(f"{source} is a file: pass the model folder (with README.md and {REPORT_FILE}).")
+    from ..loading import check_hub_access, check_model_source
+
+    if check_model_source(source, what="model repository") != "hub":
+        raise ConfigError(f"{source!r} is not a model folder: pass the folder or a Hub repo id (org/name).")
+    local_only = check_hub_access(source, what="model repository")  # one line, at once, when unreachable
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(source, repo_type="model")
+        return snapshot_download(source, repo_type="model", local_files_only=local_only)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(
             f"{source!r} is not a local folder and could not be downloaded from the Hub ({type(e).__name__}). "
