@@ -473,7 +473,7 @@ class _CurveCallback(TrainerCallback):
         self.points.append(
             CurvePoint(step=step, tokens=tokens, flops=tokens * self.flops_per_token, value=value)
         )
-        logger.info("attack step %d: f = %.4f", step, value)
+        logger.debug("attack step %d: f = %.4f", step, value)
         return value
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -941,9 +941,11 @@ class AttackSuite:
         """A suite of the same members with ``changes`` applied to each config."""
         from dataclasses import replace
 
-        return AttackSuite(
+        suite = AttackSuite(
             [HarmfulFineTuningAttack(replace(a.config, **changes), scorer=a.scorer) for a in self.attacks]
         )
+        suite.show_progress = self.show_progress
+        return suite
 
 
 def as_suite(attack) -> AttackSuite:

@@ -352,7 +352,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"{len(sets.attack_eval)}), cross-domain {len(cross)} ({', '.join(splits.categories['cross_domain'])})"
     )
 
-    suite = attack_suite(cfg, cache)
+    from .attacks import AttackSuite
+
+    suite = AttackSuite(attack_suite(cfg, cache))
+    suite.show_progress = True
     eval_cfg = EvaluationConfig(
         threshold=cfg.threshold,
         threshold_step=cfg.eval_every,
@@ -368,7 +371,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         side_effects_max_new_tokens=24,
         side_effects_judge="offline_judge",
     )
-    generalization = [c for c in suite if c.family_names() == ["full"]] or suite[:1]
+    generalization = suite.members(["full"]) or AttackSuite(suite.attacks[:1])
+    generalization.show_progress = True
 
     summaries = []
     for spec in specs:
@@ -435,6 +439,9 @@ def _defend_and_evaluate(
         processing_class=tokenizer,
         callbacks=[StepBar(f"defense {spec.name}", keys=("loss",), leave=True)],
     )
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the bar shows the loss; no raw log dictionaries on screen
     trainer.train()
     trainer.save_model(str(immunized_dir))
     tokenizer.save_pretrained(str(immunized_dir))
@@ -449,7 +456,10 @@ def _defend_and_evaluate(
         )
     del trainer
 
-    n_runs = 3 * 2 + 2 + 2  # attack sets x models, stability, trainability
+    # Stages the evaluation announces: side effects (2), each set's base reference runs, the base's other
+    # runs and the immunized runs, each reference set's capability, and the two benign fine-tunes.
+    main_stages = 3 if len(suite.attacks) > 1 else 2
+    n_runs = (2 if sets.harmful_prompts is not None else 0) + main_stages + 2 * 2 + len(sets.reference) + 2
     _say("[3/5] attacking both models and measuring the four conditions")
     t2 = time.perf_counter()
     bar = StageBar(n_runs, "evaluation", is_stage=_is_stage, write=lambda m: _say("      " + m))

@@ -297,7 +297,7 @@ def _generalization_attack(attack: AttackSuite, cfg: EvaluationConfig) -> Attack
     steps = cfg.generalization_max_steps
     if steps is None or all(c.max_steps == steps for c in attack.configs):
         return attack
-    return AttackSuite(
+    suite = AttackSuite(
         [
             HarmfulFineTuningAttack(
                 replace(a.config, max_steps=steps, eval_every=min(a.config.eval_every, steps)),
@@ -306,6 +306,8 @@ def _generalization_attack(attack: AttackSuite, cfg: EvaluationConfig) -> Attack
             for a in attack.attacks
         ]
     )
+    suite.show_progress = attack.show_progress
+    return suite
 
 
 def benign_curves(
@@ -377,11 +379,7 @@ def evaluate_conditions(
         # Attack runs resume from (and are kept in) the cache, keyed by model, data and settings.
         attack = AttackSuite(
             [
-                a
-                if a.config.output_dir
-                else HarmfulFineTuningAttack(
-                    replace(a.config, output_dir=str(Path(cfg.cache_dir) / "attacks")), scorer=a.scorer
-                )
+                a if a.config.output_dir else _with_output_dir(a, str(Path(cfg.cache_dir) / "attacks"))
                 for a in attack.attacks
             ]
         )
@@ -436,9 +434,14 @@ def evaluate_conditions(
     if search is not None:
         gen_attack = _generalization_search(search, cfg)
     elif generalization_attack is not None:
-        gen_attack = as_suite(generalization_attack)
+        gen_attack = _generalization_attack(as_suite(generalization_attack), cfg)
         if cfg.cache_dir:
-            gen_attack = gen_attack.replace(output_dir=str(Path(cfg.cache_dir) / "attacks"))
+            gen_attack = AttackSuite(
+                [
+                    a if a.config.output_dir else _with_output_dir(a, str(Path(cfg.cache_dir) / "attacks"))
+                    for a in gen_attack.attacks
+                ]
+            )
     else:
         gen_attack = _generalization_attack(attack, cfg)
     attacks = {key: attack if key == "attack" else gen_attack for key in sets}
@@ -630,6 +633,12 @@ def evaluate_conditions(
     if cache.root is not None:
         say(f"cache: {cache.hits} measurements reused, {cache.misses} made ({cache.root})")
     return report
+
+
+def _with_output_dir(attack: HarmfulFineTuningAttack, output_dir: str) -> HarmfulFineTuningAttack:
+    out = HarmfulFineTuningAttack(replace(attack.config, output_dir=output_dir), scorer=attack.scorer)
+    out.show_progress = attack.show_progress
+    return out
 
 
 def _is_search(attack) -> bool:
