@@ -7,6 +7,7 @@ flags given on the command line override the file.
     immune-trainer attack    --model PATH --dataset SPEC [--eval_dataset SPEC] [--learning_rates ...]
     immune-trainer evaluate  --base_model PATH --model PATH --dataset SPEC ...
     immune-trainer immunize  --defense NAME --model PATH --dataset SPEC --output_dir DIR ...
+    immune-trainer sweep     --defense NAME --model PATH --reference NAME=SPEC ... --n_trials N
     immune-trainer defenses | scorers | attacks      (list what is registered)
 
 A dataset SPEC is a local file (.json, .jsonl, .csv, .parquet), a folder written by
@@ -31,6 +32,7 @@ COMMANDS = (
     "attack",
     "evaluate",
     "immunize",
+    "sweep",
     "demo",
     "assets",
     "card",
@@ -72,6 +74,10 @@ class AttackDataArguments:
 class ImmunizeArguments:
     """The model and data of ``immune-trainer immunize`` (the defense's config gives everything else)."""
 
+    defense: str | None = field(
+        default=None,
+        metadata={"help": "Registered defense to train (required; may come from the --config YAML)."},
+    )
     model: str = field(default="embedded", metadata={"help": "Model path, Hub id, or 'embedded'."})
     tokenizer: str | None = field(
         default=None, metadata={"help": "Tokenizer path or id (default: the model's)."}
@@ -170,19 +176,33 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _defense_name(argv: list[str], known: list[str]) -> str:
+    """The defense named by ``--defense NAME`` or, failing that, by ``defense:`` in the --config YAML (the
+    shape ``immune-trainer sweep`` writes its best.yaml in)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("--defense="):
+            return arg.split("=", 1)[1]
+        if arg == "--defense":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError("--defense needs a name.")
+            return argv[i + 1]
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        try:
+            loaded = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            loaded = None  # parse_cli_args names the problem with the file
+        if isinstance(loaded, dict) and loaded.get("defense"):
+            return str(loaded["defense"])
+    raise ConfigError(f"immunize needs --defense NAME; known defenses: {', '.join(known)}.")
+
+
 def cmd_immunize(argv: list[str]) -> int:
     from .defenses import get_defense, list_defenses
 
-    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--defense=") else [a])]
-    if "--defense" not in argv:
-        raise ConfigError(f"immunize needs --defense NAME; known defenses: {', '.join(list_defenses())}.")
-    i = argv.index("--defense")
-    if i + 1 >= len(argv):
-        raise ConfigError("--defense needs a name.")
-    spec = get_defense(argv[i + 1])
-    rest = argv[:i] + argv[i + 2 :]
-
-    data, config = _parse([ImmunizeArguments, spec.config_class], rest, "immunize")
+    spec = get_defense(_defense_name(argv, list_defenses()))
+    data, config = _parse([ImmunizeArguments, spec.config_class], argv, "immunize")
     model_args = ModelArguments(
         model=data.model, tokenizer=data.tokenizer, trust_remote_code=config.trust_remote_code
     )
@@ -272,6 +292,7 @@ commands:
   attack     run the harmful fine-tuning attack grid on a model and write its curves
   evaluate   measure the four immunization conditions of a model against its base model
   immunize   train a defense (--defense NAME) on a model
+  sweep      search a defense's hyperparameters (Optuna) for resistance under a stability constraint
   demo       the embedded end-to-end demo (offline model and data)
   assets     prepare and list the embedded offline assets
   card       write the model card of an immunized model folder
@@ -311,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(rest)
         if command == "immunize":
             return cmd_immunize(rest)
+        if command == "sweep":
+            from .sweep import cmd_sweep
+
+            return cmd_sweep(rest)
         if command in ("defenses", "scorers", "attacks"):
             return cmd_list(command)
         if command == "demo":
