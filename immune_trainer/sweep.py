@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
@@ -458,6 +459,9 @@ class DefenseSweep:
         self.progress = progress
         self.out = Path(self.config.output_dir)
         self.attacks = self._attack_list(attacks)
+        families = [a.config.family for a in self.attacks]
+        # One label per attack config: its family, numbered when two configs share a family.
+        self.labels = [f if families.count(f) == 1 else f"{f}{i}" for i, f in enumerate(families)]
         self._phi: float | None = None
         self._check_defense_args()
 
@@ -520,7 +524,8 @@ class DefenseSweep:
             raise ConfigError(
                 f"{clash} is both searched and fixed in defense_args; drop it from one (space NAME: null)."
             )
-        self._defense_config({}, str(self.out / "trials" / "check"))
+        with tempfile.TemporaryDirectory() as tmp:
+            self._defense_config({}, tmp)
 
     def _create_study(self):
         import optuna
@@ -567,11 +572,9 @@ class DefenseSweep:
     def _baseline(self, study) -> float:
         """Attack the base model with every family (saved for the trials) and fix phi for the study."""
         curves = {}
-        for attack in self.attacks:
+        for label, attack in zip(self.labels, self.attacks):
             logger.info("attacking the base model (%s), once for the whole sweep", attack.config.family)
-            curves[attack.config.family] = attack.run(
-                self.base, self.tokenizer, self.attack_train, self.attack_eval
-            ).curves
+            curves[label] = attack.run(self.base, self.tokenizer, self.attack_train, self.attack_eval).curves
         first = self.attacks[0].config
         phi = self.evaluation.threshold
         if phi is None:
@@ -580,7 +583,7 @@ class DefenseSweep:
                 if self.evaluation.threshold_step is not None
                 else first.eval_every
             )
-            phi = threshold_from_base(curves[first.family], step)
+            phi = threshold_from_base(curves[self.labels[0]], step)
         stored = study.user_attrs.get("phi")
         if stored is not None and abs(stored - phi) > 1e-6 * max(1.0, abs(stored)):
             logger.warning(
@@ -632,19 +635,19 @@ class DefenseSweep:
         params = suggest(trial, self.space)
         folder = self.out / "trials" / str(trial.number)
         folder.mkdir(parents=True, exist_ok=True)
-        args = self._defense_config(params, str(folder / "trainer"))
-        immunized = copy.deepcopy(self.base)
-        trainer = self.spec.trainer_class(
-            model=immunized,
-            args=args,
-            harmful_dataset=self.harmful,
-            retain_dataset=self.retain,
-            processing_class=self.tokenizer,
-        )
-        trainer.train()
-        immunized = trainer.model
+        # The trial's model is kept in memory only: best.yaml retrains the best setting.
+        with tempfile.TemporaryDirectory(prefix="immune_trainer_sweep_") as tmp:
+            trainer = self.spec.trainer_class(
+                model=copy.deepcopy(self.base),
+                args=self._defense_config(params, tmp),
+                harmful_dataset=self.harmful,
+                retain_dataset=self.retain,
+                processing_class=self.tokenizer,
+            )
+            trainer.train()
+            immunized = trainer.model
+            del trainer
         immunized.eval()
-        del trainer
         record = {"name": self.spec.name, "config": {**self.defense_args, **params}}
         name = f"{self.spec.name} trial {trial.number}"
         outcome = TrialOutcome(report=str(folder / "immunization_report.json"))
@@ -680,14 +683,14 @@ class DefenseSweep:
                 raise optuna.TrialPruned(outcome.notes[-1])
 
         reports = []
-        for attack in self.attacks:
+        for label, attack in zip(self.labels, self.attacks):
             report = self._evaluate(immunized, attack, self.reference, record, name)
             multiple, note = _family_multiple(report)
-            outcome.family_multiples[attack.config.family] = multiple
+            outcome.family_multiples[label] = multiple
             if note:
-                outcome.notes.append(f"{attack.config.family}: {note}")
-            reports.append((multiple, report))
-        ranked = [(m, r) for m, r in reports if m is not None]
+                outcome.notes.append(f"{label}: {note}")
+            reports.append((multiple, report, label))
+        ranked = [(m, r) for m, r, _ in reports if m is not None]
         if not ranked:
             # No family could rank this model (neither model crossed phi): it resisted every attack.
             ranked = [(math.inf, reports[0][1])]
@@ -699,9 +702,9 @@ class DefenseSweep:
         judgeable = not math.isnan(degradation)
         outcome.stability_degradation = degradation if judgeable else None
         outcome.feasible = bool(stab.holds)
-        for _, report in reports:
+        for _, report, label in reports:
             if report is not worst:
-                report.save(folder / f"immunization_report_{report.threat_model.attack_family}.json")
+                report.save(folder / f"immunization_report_{label}.json")
         worst.extra["sweep"] = {
             "trial": trial.number,
             "params": params,
@@ -1081,14 +1084,19 @@ def _cli_dataclass(cls: type, drop: set[str]) -> type:
     return out
 
 
+_BENIGN_FIELDS = {f.name for f in fields(EvaluationConfig) if f.name.startswith(("benign_", "trainability_"))}
+
+
 def cmd_sweep(argv: list[str]) -> int:
     """``immune-trainer sweep``: load the model and data from SPECs, run the study, print the table."""
     from dataclasses import asdict
 
     from .loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer, parse_cli_args
 
-    attack_cls = _cli_dataclass(AttackConfig, {"output_dir"})  # the sweep's output_dir holds the attack runs
-    eval_cls = _cli_dataclass(EvaluationConfig, {"report"})  # every trial writes its own report
+    # The sweep's output_dir holds the attack runs; --attack_families replaces --family; every trial writes
+    # its own report; the sweep measures resistance and stability only (no generalization or benign task).
+    attack_cls = _cli_dataclass(AttackConfig, {"output_dir", "family"})
+    eval_cls = _cli_dataclass(EvaluationConfig, {"report", "generalization_max_steps"} | _BENIGN_FIELDS)
     model_args, data, cfg, attack_args, eval_args = parse_cli_args(
         [ModelArguments, SweepData, SweepConfig, attack_cls, eval_cls], argv, prog="immune-trainer sweep"
     )

@@ -363,3 +363,20 @@ def test_cli_errors_name_the_problem(files, tmp_path, capsys):
     assert "--reference takes NAME=SPEC" in capsys.readouterr().err
     assert main(["sweep", "--defense", "nope"]) == 1
     assert "unknown defense 'nope'" in capsys.readouterr().err
+
+
+def test_attack_configs_share_the_sweep_folder_and_keep_apart(data, tmp_path):
+    grids = [attack(), AttackConfig(learning_rates=[1e-2], max_steps=2, eval_every=1, output_dir="elsewhere")]
+    sweep = DefenseSweep(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        **data,
+        reference={"chat": make_benign(4)},
+        attacks=grids,
+        config=SweepConfig(output_dir=str(tmp_path / "out")),
+        progress=False,
+    )
+    # A list is run as given (no family expansion); the base's runs of every config land in one folder.
+    assert sweep.labels == ["full0", "full1"]
+    assert {a.config.output_dir for a in sweep.attacks} == {str((tmp_path / "out").resolve())}
+    assert [a.config.learning_rates for a in sweep.attacks] == [[1e-3, 3e-3], [1e-2]]
