@@ -168,6 +168,13 @@ class SweepConfig:
         default=1.0,
         metadata={"help": "Prune when the fastest attack's cost multiple (steps) is at most this."},
     )
+    heartbeat_interval: int = field(
+        default=60,
+        metadata={
+            "help": "Seconds between a running trial's heartbeats (SQL storages): a trial silent for twice "
+            "this long (its process was killed) is marked failed and its parameters are retried once."
+        },
+    )
     seed: int = field(
         default=0,
         metadata={
@@ -179,6 +186,8 @@ class SweepConfig:
     def __post_init__(self):
         if self.n_trials <= 0:
             raise ConfigError(f"n_trials must be positive, got {self.n_trials}.")
+        if self.heartbeat_interval <= 0:
+            raise ConfigError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}.")
         if not math.isfinite(self.prune_multiple) or self.prune_multiple < 0:
             raise ConfigError(f"prune_multiple must be a finite number >= 0, got {self.prune_multiple}.")
         if isinstance(self.attack_families, str):
@@ -539,8 +548,8 @@ class DefenseSweep:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(
                     storage,
-                    heartbeat_interval=60,
-                    grace_period=180,
+                    heartbeat_interval=self.config.heartbeat_interval,
+                    grace_period=2 * self.config.heartbeat_interval,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                         max_retry=1
                     ),

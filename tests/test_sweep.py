@@ -380,3 +380,57 @@ def test_attack_configs_share_the_sweep_folder_and_keep_apart(data, tmp_path):
     assert sweep.labels == ["full0", "full1"]
     assert {a.config.output_dir for a in sweep.attacks} == {str((tmp_path / "out").resolve())}
     assert [a.config.learning_rates for a in sweep.attacks] == [[1e-3, 3e-3], [1e-2]]
+
+
+def test_a_sweep_killed_mid_trial_retries_that_trial_on_restart(files, tmp_path):
+    """SIGKILL leaves the trial RUNNING in the storage; its heartbeat stops, and the next process marks it
+    failed and runs its parameters again."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    argv = sweep_argv(
+        files, out, "--prune", "false", "--stability_tolerance", "100", "--heartbeat_interval", "1"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "immune_trainer.cli", *argv, "--n_trials", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "stderr.txt", "w"),  # noqa: SIM115 - closed with the process
+    )
+    try:
+        deadline = time.monotonic() + 240
+        searched = sum(1 for v in SPACE.values() if isinstance(v, dict))
+        running = False
+        while not running and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            # Read the storage with plain sqlite: optuna would create its tables, racing the sweep.
+            try:
+                with sqlite3.connect(f"file:{out / 'sweep.db'}?mode=ro", uri=True) as db:
+                    # Running, with both hyperparameters drawn: the trial is training.
+                    drawn = db.execute(
+                        "SELECT count(*) FROM trials t JOIN trial_params p ON p.trial_id = t.trial_id "
+                        "WHERE t.state = 'RUNNING'"
+                    ).fetchone()[0]
+                running = drawn == searched
+            except sqlite3.OperationalError:  # no database or no tables yet
+                pass
+        assert running, (
+            f"no running trial seen; the sweep printed:\n{(tmp_path / 'stderr.txt').read_text()[-3000:]}"
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    (killed,) = load_study(out).get_trials(states=(TrialState.RUNNING,))
+    time.sleep(3)  # past the grace period of two heartbeats
+
+    assert main([*argv, "--n_trials", "1"]) == 0
+    study = load_study(out)
+    assert study.trials[killed.number].state == TrialState.FAIL
+    (complete,) = study.get_trials(states=(TrialState.COMPLETE,))
+    assert complete.params == killed.params  # the killed trial's parameters, run again
