@@ -48,6 +48,9 @@ _EXPORTS = {
     "EvaluationConfig": "evaluation",
     "ConditionDatasets": "evaluation",
     "evaluate_conditions": "evaluation",
+    # hyperparameter sweep of a defense
+    "DefenseSweep": "sweep",
+    "SweepConfig": "sweep",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -89,4 +92,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions  # noqa: F401
     from .report import ImmunizationReport, ThreatModel  # noqa: F401
     from .scorers import get_scorer, list_scorers, register_scorer  # noqa: F401
+    from .sweep import DefenseSweep, SweepConfig  # noqa: F401
     from .trainer import ImmunizationConfig, ImmunizationTrainer  # noqa: F401

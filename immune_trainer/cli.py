@@ -8,6 +8,7 @@ flags given on the command line override the file.
     immune-trainer attack    --search N --reference SPEC ...   (Optuna search for the worst feasible attack)
     immune-trainer evaluate  --base_model PATH --model PATH --dataset SPEC ...
     immune-trainer immunize  --defense NAME --model PATH --dataset SPEC --output_dir DIR ...
+    immune-trainer sweep     --defense NAME --model PATH --reference NAME=SPEC ... --n_trials N
     immune-trainer defenses | scorers | attacks      (list what is registered)
 
 A dataset SPEC is a local file (.json, .jsonl, .csv, .parquet), a folder written by
@@ -38,6 +39,7 @@ COMMANDS = (
     "attack",
     "evaluate",
     "immunize",
+    "sweep",
     "demo",
     "assets",
     "card",
@@ -85,6 +87,10 @@ class AttackDataArguments:
 class ImmunizeArguments:
     """The model and data of ``immune-trainer immunize`` (the defense's config gives everything else)."""
 
+    defense: str | None = field(
+        default=None,
+        metadata={"help": "Registered defense to train (required; may come from the --config YAML)."},
+    )
     model: str = field(default="embedded", metadata={"help": "Model path, Hub id, or 'embedded'."})
     tokenizer: str | None = field(
         default=None, metadata={"help": "Tokenizer path or id (default: the model's)."}
@@ -240,7 +246,7 @@ def _wants_help(argv: list[str]) -> bool:
 
 
 def _defense_selection(names: list[str]):
-    """The ``--defense`` option as a dataclass, its help listing the registered defenses."""
+    """ImmunizeArguments whose ``--defense`` help lists the registered defenses (for --help)."""
     from dataclasses import make_dataclass
 
     help_text = (
@@ -248,8 +254,25 @@ def _defense_selection(names: list[str]):
         "`immune-trainer immunize --defense NAME --help` lists that defense's options."
     )
     return make_dataclass(
-        "DefenseSelection", [("defense", str | None, field(default=None, metadata={"help": help_text}))]
+        "ImmunizeArguments",
+        [("defense", str | None, field(default=None, metadata={"help": help_text}))],
+        bases=(ImmunizeArguments,),
     )
+
+
+def _defense_from_config(argv: list[str]) -> str | None:
+    """The defense named by ``defense:`` in the --config YAML (the shape ``immune-trainer sweep`` writes its
+    best.yaml in), or None."""
+    import yaml
+
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        try:
+            loaded = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            loaded = None  # parse_cli_args names the problem with the file
+        if isinstance(loaded, dict) and loaded.get("defense"):
+            return str(loaded["defense"])
+    return None
 
 
 def cmd_immunize(argv: list[str]) -> int:
@@ -257,19 +280,22 @@ def cmd_immunize(argv: list[str]) -> int:
 
     argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--defense=") else [a])]
     selection = _defense_selection(list_defenses())
-    if "--defense" not in argv:
+    from_config = None if "--defense" in argv else _defense_from_config(argv)
+    if "--defense" not in argv and from_config is None:
         if _wants_help(argv):  # the options every defense shares, and the defenses to choose from
-            _parse([selection, ImmunizeArguments], ["--help"], "immunize")
+            _parse([selection], ["--help"], "immunize")
         raise ConfigError(f"immunize needs --defense NAME; known defenses: {', '.join(list_defenses())}.")
+    if from_config is not None:  # a sweep's best.yaml names its defense
+        argv = [*argv, "--defense", from_config]
     i = argv.index("--defense")
     if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
         if _wants_help(argv):
-            _parse([selection, ImmunizeArguments], ["--help"], "immunize")
+            _parse([selection], ["--help"], "immunize")
         raise ConfigError("--defense needs a name.")
     spec = get_defense(argv[i + 1])
     rest = argv[:i] + argv[i + 2 :]
     if _wants_help(rest):
-        _parse([selection, ImmunizeArguments, spec.config_class], ["--help"], "immunize")
+        _parse([selection, spec.config_class], ["--help"], "immunize")
 
     data, config = _parse([ImmunizeArguments, spec.config_class], rest, "immunize")
     validate_sources(models=[data.model, data.tokenizer], datasets=[data.dataset, data.retain_dataset])
@@ -373,6 +399,7 @@ commands:
   attack     run the harmful fine-tuning attack grid on a model and write its curves
   evaluate   measure the four immunization conditions of a model against its base model
   immunize   train a defense (--defense NAME) on a model
+  sweep      search a defense's hyperparameters (Optuna) for resistance under a stability constraint
   demo       the embedded end-to-end demo (offline model and data)
   assets     prepare and list the embedded offline assets
   card       write the model card of an immunized model folder
@@ -414,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(rest)
         if command == "immunize":
             return cmd_immunize(rest)
+        if command == "sweep":
+            from .sweep import cmd_sweep
+
+            return cmd_sweep(rest)
         if command in ("defenses", "scorers", "attacks"):
             return cmd_list(command, rest)
         if command == "demo":

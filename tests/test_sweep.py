@@ -1,0 +1,436 @@
+"""DefenseSweep and `immune-trainer sweep`: Optuna trials on a tiny model, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import optuna
+import pytest
+import yaml
+from conftest import make_benign, make_pairs
+from optuna.trial import TrialState
+
+from immune_trainer import AttackConfig, EvaluationConfig
+from immune_trainer.attacks import HarmfulFineTuningAttack, model_fingerprint
+from immune_trainer.cli import ImmunizeArguments, _defense_from_config, main
+from immune_trainer.defenses import GradientAscentTrainer, get_defense
+from immune_trainer.errors import ConfigError, DataError
+from immune_trainer.loading import parse_cli_args
+from immune_trainer.report import ImmunizationReport
+from immune_trainer.sweep import DefenseSweep, SweepConfig, search_space
+from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+SPACE = {
+    "alpha": {"type": "float", "low": 0.5, "high": 4.0, "log": True},
+    "learning_rate": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True},
+    "retain_weight": None,
+}
+DEFENSE_ARGS = {"max_steps": 4, "per_device_train_batch_size": 4, "max_length": 64, "seed": 0}
+ATTACK_FLAGS = ["--learning_rates", "1e-3", "3e-3", "--max_steps", "4", "--eval_every", "2"]
+ATTACK_FLAGS += ["--batch_size", "4", "--max_length", "64"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny model folder, the data as JSONL files, and the space / fixed defense args as YAML."""
+    root = tmp_path_factory.mktemp("sweep_files")
+    tiny_causal_lm("llama", seed=0).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    for name, ds in {
+        "defense": make_pairs(16),
+        "retain": make_benign(16),
+        "attack": make_pairs(12, offset=50),
+        "eval": make_pairs(4, offset=100),
+        "chat": make_benign(4),
+    }.items():
+        ds.to_json(root / f"{name}.jsonl")
+    (root / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    (root / "defense_args.yaml").write_text(yaml.safe_dump(DEFENSE_ARGS))
+    return root
+
+
+def sweep_argv(files, out, *extra):
+    return [
+        "sweep",
+        "--defense",
+        "gradient_ascent",
+        "--model",
+        str(files / "model"),
+        "--dataset",
+        str(files / "defense.jsonl"),
+        "--retain_dataset",
+        str(files / "retain.jsonl"),
+        "--attack_dataset",
+        str(files / "attack.jsonl"),
+        "--eval_dataset",
+        str(files / "eval.jsonl"),
+        "--reference",
+        f"chat={files / 'chat.jsonl'}",
+        "--space",
+        str(files / "space.yaml"),
+        "--defense_args",
+        str(files / "defense_args.yaml"),
+        "--attack_families",
+        "full",
+        "--output_dir",
+        str(out),
+        *ATTACK_FLAGS,
+        *extra,
+    ]
+
+
+class RunSpy:
+    """Counts the attack runs actually trained (not reused from the sweep's folder), by model fingerprint."""
+
+    def __init__(self, monkeypatch):
+        self.fingerprints: list[str] = []
+        original = HarmfulFineTuningAttack._run_one
+
+        def spy(attack, model, *args, **kwargs):
+            self.fingerprints.append(model_fingerprint(model))
+            return original(attack, model, *args, **kwargs)
+
+        monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", spy)
+
+
+def load_study(out, name="gradient_ascent_sweep"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'sweep.db'}")
+
+
+@pytest.fixture(scope="module")
+def cli_sweep(files, tmp_path_factory):
+    """Two trials through the command line, tolerance wide enough that every trial is stable."""
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        spy = RunSpy(mp)
+        code = main(
+            sweep_argv(files, out, "--n_trials", "2", "--prune", "false", "--stability_tolerance", "100")
+        )
+    assert code == 0
+    return out, spy.fingerprints
+
+
+def test_trials_run_and_every_report_is_kept(cli_sweep, files):
+    out, fingerprints = cli_sweep
+    study = load_study(out)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2 and study.user_attrs["phi"] > 0
+    for t in trials:
+        report = ImmunizationReport.load(out / "trials" / str(t.number) / "immunization_report.json")
+        # The objective is the report's own worst-case cost multiple, the trial's params its config.
+        assert t.value == pytest.approx(report.conditions.resistance.steps_multiple)
+        assert report.conditions.threshold == pytest.approx(study.user_attrs["phi"])
+        assert report.defense["config"]["alpha"] == pytest.approx(t.params["alpha"])
+        assert report.defense["config"]["max_steps"] == 4
+        degradation = report.conditions.stability.worst_degradation
+        assert t.user_attrs["stability_degradation"] == pytest.approx(degradation)
+        assert t.constraints["stability"] == pytest.approx(degradation - 100.0)
+    # The base model was attacked once per grid setting for the whole sweep, every trial reused it.
+    base = model_fingerprint(tiny_causal_lm("llama", seed=0))
+    assert fingerprints.count(base) == 2
+    assert len(fingerprints) == 2 + 2 * 2  # + each trial's two attack runs
+
+
+def test_outputs_table_pareto_plot_and_best_report(cli_sweep, capsys):
+    out, _ = cli_sweep
+    study = load_study(out)
+    best = study.best_trial
+    table = (out / "trials.md").read_text()
+    assert table.count("| complete |") == 2 and "alpha" in table
+    assert (out / "trials.csv").read_text().splitlines()[0].startswith("trial,state,cost_multiple")
+    pareto = json.loads((out / "pareto_front.json").read_text())
+    assert pareto["best_trial"] == best.number
+    assert best.number in [t["number"] for t in pareto["front"]]
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = ImmunizationReport.load(out / "trials" / str(best.number) / "immunization_report.json")
+    assert report.extra["sweep"]["best_trial"] == best.number
+    assert report.extra["sweep"]["plot"] == str((out / "frontier.png").resolve())
+
+
+def test_best_yaml_parses_through_immunize_and_trains(cli_sweep, files, tmp_path):
+    out, _ = cli_sweep
+    best = load_study(out).best_trial
+    path = out / "best.yaml"
+    argv = ["--config", str(path)]
+    spec = get_defense(_defense_from_config(argv))
+    data, config = parse_cli_args([ImmunizeArguments, spec.config_class], argv, prog="immunize")
+    assert spec.name == "gradient_ascent" and data.model == str(files / "model")
+    assert config.alpha == pytest.approx(best.params["alpha"])
+    assert config.learning_rate == pytest.approx(best.params["learning_rate"])
+    assert config.max_steps == 4 and data.dataset == str(files / "defense.jsonl")
+    assert (
+        main(["immunize", "--config", str(path), "--output_dir", str(tmp_path / "best"), "--use_cpu", "true"])
+        == 0
+    )
+    assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_killed_sweep_resumes_with_only_the_missing_trials(cli_sweep, files, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(cli_sweep[0], out)
+    before = {t.number: t.params for t in load_study(out).get_trials(states=(TrialState.COMPLETE,))}
+
+    original = GradientAscentTrainer.train
+    monkeypatch.setattr(
+        GradientAscentTrainer, "train", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("killed"))
+    )
+    with pytest.raises(RuntimeError, match="killed"):
+        main(sweep_argv(files, out, "--n_trials", "3", "--prune", "false", "--stability_tolerance", "100"))
+    monkeypatch.setattr(GradientAscentTrainer, "train", original)
+
+    spy = RunSpy(monkeypatch)
+    assert (
+        main(sweep_argv(files, out, "--n_trials", "3", "--prune", "false", "--stability_tolerance", "100"))
+        == 0
+    )
+    study = load_study(out)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 3 and len(study.get_trials(states=(TrialState.FAIL,))) == 1
+    assert {t.number: t.params for t in complete if t.number in before} == before
+    assert len(spy.fingerprints) == 2  # one new trial's two attack runs; the base's came from the folder
+    # Nothing is left to do: a rerun with the same n_trials adds no trial.
+    assert (
+        main(sweep_argv(files, out, "--n_trials", "3", "--prune", "false", "--stability_tolerance", "100"))
+        == 0
+    )
+    assert len(load_study(out).trials) == 4
+
+
+# ---------------------------------------------------------------------------- Python API
+
+
+@pytest.fixture(scope="module")
+def data():
+    return dict(
+        harmful_dataset=make_pairs(16),
+        retain_dataset=make_benign(16),
+        attack_train=make_pairs(12, offset=50),
+        attack_eval=make_pairs(4, offset=100),
+    )
+
+
+def attack():
+    return AttackConfig(learning_rates=[1e-3, 3e-3], max_steps=4, eval_every=2, batch_size=4, max_length=64)
+
+
+def test_unstable_trials_are_infeasible_and_never_best(data, tmp_path):
+    # Ascent on the placeholder "harmful" responses raises their perplexity: with tolerance 0 the reference
+    # set made of them degrades, so every trial violates the stability constraint.
+    space = {
+        "alpha": 4.0,
+        "learning_rate": {"type": "float", "low": 3e-3, "high": 5e-3},
+        "retain_weight": None,
+    }
+    sweep = DefenseSweep(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        **data,
+        reference={"harm_like": make_pairs(4, offset=200)},
+        attacks=attack(),
+        evaluation=EvaluationConfig(stability_tolerance=0.0),
+        config=SweepConfig(n_trials=2, output_dir=str(tmp_path), attack_families=["full"], prune=False),
+        space=space,
+        defense_args=DEFENSE_ARGS,
+        progress=False,
+    )
+    result = sweep.run()
+    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2
+    for t in complete:
+        assert t.user_attrs["stability_degradation"] > 0
+        assert t.constraints["stability"] > 0 and t.user_attrs["feasible"] is False
+    assert result.best_trial is None and result.best_config_path is None and result.pareto_front == []
+    with pytest.raises(ValueError):
+        _ = result.study.best_trial  # Optuna itself sees no feasible trial
+    assert "| no |" in result.table
+
+
+def test_a_no_op_defense_is_pruned_after_the_fastest_attack(data, tmp_path):
+    # A zero learning rate leaves the model as it was: the fastest attack crosses phi exactly as on the base.
+    space = {"learning_rate": 0.0, "alpha": {"type": "float", "low": 0.5, "high": 1.0}, "retain_weight": None}
+    sweep = DefenseSweep(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        **data,
+        reference={"chat": make_benign(4)},
+        attacks=attack(),
+        config=SweepConfig(n_trials=2, output_dir=str(tmp_path), attack_families=["full"]),
+        space=space,
+        defense_args=DEFENSE_ARGS,
+        progress=False,
+    )
+    result = sweep.run()
+    trials = result.study.trials
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    for t in trials:
+        assert t.intermediate_values == {0: 1.0}
+        report = ImmunizationReport.load(tmp_path / "trials" / str(t.number) / "immunization_report.json")
+        assert report.extra["sweep"]["pruned"] is True
+        assert report.conditions.stability is None  # stopped before stability was measured
+        assert len(report.curves["immunized"]["attack"]) == 1  # only the fastest attack ran
+    assert result.best_trial is None and result.plot_path is None
+
+
+def test_multi_objective_pareto_front_over_attack_families(data, tmp_path):
+    sweep = DefenseSweep(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        **data,
+        reference={"chat": make_benign(4)},
+        attacks=attack(),
+        evaluation=EvaluationConfig(stability_tolerance=100.0),
+        config=SweepConfig(
+            n_trials=2,
+            output_dir=str(tmp_path),
+            attack_families=["full", "lora"],
+            multi_objective=True,
+            prune=False,
+        ),
+        space=SPACE,
+        defense_args=DEFENSE_ARGS,
+        progress=False,
+    )
+    result = sweep.run()
+    study = result.study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    pareto = json.loads((tmp_path / "pareto_front.json").read_text())
+    assert {t["number"] for t in pareto["front"]} == {t.number for t in study.best_trials}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        multiples = t.user_attrs["family_multiples"]
+        assert set(multiples) == {"full", "lora"}
+        ranked = [float(m) for m in multiples.values() if m is not None]
+        assert t.values[0] == pytest.approx(min(ranked))
+        assert t.values[1] == pytest.approx(t.user_attrs["stability_degradation"])
+        folder = tmp_path / "trials" / str(t.number)
+        families = {
+            ImmunizationReport.load(p).threat_model.attack_family
+            for p in folder.glob("immunization_report*.json")
+        }
+        assert families == {"full", "lora"}
+    assert result.plot_path and result.best_config_path
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_search_space_overrides_and_rejects_bad_entries(tmp_path):
+    space = search_space(
+        "gradient_ascent",
+        {"alpha": 2.0, "retain_weight": None, "max_steps": {"type": "int", "low": 2, "high": 8}},
+    )
+    assert space["alpha"] == 2.0 and "retain_weight" not in space and space["max_steps"]["type"] == "int"
+    with pytest.raises(ConfigError, match="not a field of GradientAscentConfig"):
+        search_space("gradient_ascent", {"alphaa": {"type": "float", "low": 1, "high": 2}})
+    with pytest.raises(ConfigError, match="log-scaled range needs low > 0"):
+        search_space("gradient_ascent", {"alpha": {"type": "float", "low": 0.0, "high": 2, "log": True}})
+    with pytest.raises(ConfigError, match="low .* is above high"):
+        search_space("gradient_ascent", {"alpha": {"type": "float", "low": 3.0, "high": 2.0}})
+    with pytest.raises(ConfigError, match="type must be one of"):
+        search_space("gradient_ascent", {"alpha": {"type": "uniform", "low": 1, "high": 2}})
+    bad = tmp_path / "space.yaml"
+    bad.write_text("- alpha\n")
+    with pytest.raises(ConfigError, match="must hold a YAML mapping"):
+        search_space("gradient_ascent", str(bad))
+
+
+def test_sweep_refuses_what_it_cannot_measure(data, tmp_path):
+    model, tok = tiny_causal_lm("llama", seed=0), tiny_tokenizer()
+    with pytest.raises(DataError, match="at least one reference set"):
+        DefenseSweep(model, tok, **data, reference={}, config=SweepConfig(output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="attack-time hook"):
+        DefenseSweep(
+            model,
+            tok,
+            **data,
+            reference={"c": make_benign(4)},
+            config=SweepConfig(defense="security_vectors", output_dir=str(tmp_path)),
+            space={"lora_r": 4},
+        )
+    with pytest.raises(ConfigError, match="does not have"):
+        DefenseSweep(
+            model,
+            tok,
+            **data,
+            reference={"c": make_benign(4)},
+            config=SweepConfig(output_dir=str(tmp_path)),
+            defense_args={"max_stepz": 3},
+        )
+
+
+def test_cli_errors_name_the_problem(files, tmp_path, capsys):
+    assert main(sweep_argv(files, tmp_path, "--reference", "no-equals-sign")) == 1
+    assert "--reference takes NAME=SPEC" in capsys.readouterr().err
+    assert main(["sweep", "--defense", "nope"]) == 1
+    assert "unknown defense 'nope'" in capsys.readouterr().err
+
+
+def test_attack_configs_share_the_sweep_folder_and_keep_apart(data, tmp_path):
+    grids = [attack(), AttackConfig(learning_rates=[1e-2], max_steps=2, eval_every=1, output_dir="elsewhere")]
+    sweep = DefenseSweep(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        **data,
+        reference={"chat": make_benign(4)},
+        attacks=grids,
+        config=SweepConfig(output_dir=str(tmp_path / "out")),
+        progress=False,
+    )
+    # A list is run as given (no family expansion); the base's runs of every config land in one folder.
+    assert sweep.labels == ["full0", "full1"]
+    assert {a.config.output_dir for a in sweep.attacks} == {str((tmp_path / "out").resolve())}
+    assert [a.config.learning_rates for a in sweep.attacks] == [[1e-3, 3e-3], [1e-2]]
+
+
+def test_a_sweep_killed_mid_trial_retries_that_trial_on_restart(files, tmp_path):
+    """SIGKILL leaves the trial RUNNING in the storage; its heartbeat stops, and the next process marks it
+    failed and runs its parameters again."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    argv = sweep_argv(
+        files, out, "--prune", "false", "--stability_tolerance", "100", "--heartbeat_interval", "1"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "immune_trainer.cli", *argv, "--n_trials", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "stderr.txt", "w"),  # noqa: SIM115 - closed with the process
+    )
+    try:
+        deadline = time.monotonic() + 240
+        searched = sum(1 for v in SPACE.values() if isinstance(v, dict))
+        running = False
+        while not running and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            # Read the storage with plain sqlite: optuna would create its tables, racing the sweep.
+            try:
+                with sqlite3.connect(f"file:{out / 'sweep.db'}?mode=ro", uri=True) as db:
+                    # Running, with both hyperparameters drawn: the trial is training.
+                    drawn = db.execute(
+                        "SELECT count(*) FROM trials t JOIN trial_params p ON p.trial_id = t.trial_id "
+                        "WHERE t.state = 'RUNNING'"
+                    ).fetchone()[0]
+                running = drawn == searched
+            except sqlite3.OperationalError:  # no database or no tables yet
+                pass
+        assert running, (
+            f"no running trial seen; the sweep printed:\n{(tmp_path / 'stderr.txt').read_text()[-3000:]}"
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    (killed,) = load_study(out).get_trials(states=(TrialState.RUNNING,))
+    time.sleep(3)  # past the grace period of two heartbeats
+
+    assert main([*argv, "--n_trials", "1"]) == 0
+    study = load_study(out)
+    assert study.trials[killed.number].state == TrialState.FAIL
+    (complete,) = study.get_trials(states=(TrialState.COMPLETE,))
+    assert complete.params == killed.params  # the killed trial's parameters, run again
