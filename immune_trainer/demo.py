@@ -137,7 +137,7 @@ class DemoConfig:
     )
     lora_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the LoRA attack (cosine schedule, 10% warm-up)."},
+        metadata={"help": "Learning rate of the LoRA attack (cosine schedule, warm-up over a tenth of the budget)."},
     )
     attack_seeds: list[int] | None = field(
         default=None,
