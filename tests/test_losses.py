@@ -151,7 +151,9 @@ def test_fused_linear_ce_gradcheck():
     hidden, weight, b, targets = _lens_case(n=5, d=3, vocab=4)
     for softcap in (None, 2.0):
         assert torch.autograd.gradcheck(
-            lambda h, w, bb: fused_linear_cross_entropy(h, w, targets, bb, chunk_size=2, softcap=softcap),
+            lambda h, w, bb, cap=softcap: fused_linear_cross_entropy(
+                h, w, targets, bb, chunk_size=2, softcap=cap
+            ),
             (hidden, weight, b),
         )
 
