@@ -110,8 +110,10 @@ FUSED_CE_CHUNK_BYTES = 64 * 2**20
 
 
 def fused_ce_chunk_rows(vocab_size: int, budget_bytes: int = FUSED_CE_CHUNK_BYTES) -> int:
-    """Rows per chunk so that one chunk's ``(rows, vocab)`` float32 logits take at most ``budget_bytes``."""
-    return max(1, budget_bytes // (4 * max(1, vocab_size)))
+    """Rows per chunk so that one chunk's ``(rows, vocab)`` float32 logits take at most ``budget_bytes``
+    (rounded down to a multiple of 16 rows, which matrix units tile well, when above 16)."""
+    rows = max(1, budget_bytes // (4 * max(1, vocab_size)))
+    return rows - rows % 16 if rows > 16 else rows
 
 
 def fused_linear_cross_entropy(

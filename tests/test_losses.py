@@ -187,7 +187,8 @@ def test_fused_linear_ce_no_targets_and_bad_inputs():
         fused_linear_cross_entropy(hidden, weight.T, targets)
     with pytest.raises(ConfigError, match="chunk_size"):
         fused_linear_cross_entropy(hidden, weight, targets, chunk_size=-1)
-    assert fused_ce_chunk_rows(49152) == 341 and fused_ce_chunk_rows(10**9) == 1
+    assert fused_ce_chunk_rows(49152) == 336 and fused_ce_chunk_rows(151936) == 96
+    assert fused_ce_chunk_rows(10**9) == 1 and fused_ce_chunk_rows(2**20) == 16
 
 
 def test_fused_linear_ce_under_autocast_close_to_plain():
