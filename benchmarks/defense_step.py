@@ -239,7 +239,7 @@ def worker(opts) -> dict:
         bf16=opts.bf16,
     )
     batch = _batch(tokenizer, opts.batch_size, opts.seq_len, opts.seq_len // 2)
-    name, overrides = _parse_variant(opts.worker)
+    name, overrides = ("plain", {}) if opts.worker == "plain:again" else _parse_variant(opts.worker)
     if name == "plain":
         args = TrainingArguments(**common)
         trainer = Trainer(model=model, args=args)
@@ -284,6 +284,7 @@ def worker(opts) -> dict:
         "name": opts.worker,
         "flops_floor": flops_floor(name, model, args, opts.batch_size, opts.seq_len, opts.seq_len // 2),
         "median_ms": 1000 * statistics.median(times),
+        "min_ms": 1000 * min(times),
         "peak_mb": max(peak_abs - start_mem, 0.0),
         "step_growth_mb": max(peak, 0.0),
     }
@@ -326,6 +327,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--timeout", type=int, default=300, help="seconds allowed per defense")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPU)")
+    parser.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="time statistic the ratios use; min resists other processes' load on a shared machine",
+    )
+    parser.add_argument(
+        "--bracket",
+        action="store_true",
+        help="measure plain again after the defenses and use the faster of the two (shared machines)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.preset:
@@ -372,6 +384,8 @@ def main(argv=None) -> int:
                     "seq_len": opts.seq_len,
                     "steps": opts.steps,
                     "warmup": opts.warmup,
+                    "time_statistic": opts.stat,
+                    "bracket": opts.bracket,
                     "bf16": opts.bf16,
                     "machine": platform.platform(),
                     "date": time.strftime("%Y-%m-%d"),
@@ -391,7 +405,7 @@ def main(argv=None) -> int:
         )
 
     rows = {}
-    for name in ["plain", *names]:
+    for name in ["plain", *names, *(["plain:again"] if opts.bracket else [])]:
         try:
             proc = subprocess.run(
                 [*base_cmd, "--worker", name], capture_output=True, text=True, timeout=opts.timeout
@@ -407,12 +421,16 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {rows[name]}", file=sys.stderr, flush=True)
         write(complete=False)  # partial results survive an interrupted run
     plain = rows["plain"]
+    again = rows.get("plain:again", {})
+    if "error" not in plain and "error" not in again and again.get("median_ms") is not None:
+        plain = min(plain, again, key=lambda r: r[f"{opts.stat}_ms"])
     if "error" in plain:
         print(f"plain Trainer failed: {plain['error']}", file=sys.stderr)
         return 1
     print(
         f"model {opts.model}, device {opts.device}, batch {opts.batch_size} x {opts.seq_len} tokens, "
-        f"median of {opts.steps} steps after {opts.warmup} warm-up"
+        f"{opts.stat} of {opts.steps} steps after {opts.warmup} warm-up"
+        + (f"; plain = the faster of {rows['plain']['name']!r} and 'plain:again'" if opts.bracket else "")
     )
     print(
         "plain = transformers.Trainer.training_step + optimizer step on the harmful half of the pairs alone;\n"
@@ -428,7 +446,7 @@ def main(argv=None) -> int:
         if "error" in row:
             print(f"{name:<32} ERROR: {row['error']}")
             continue
-        row["time_ratio"] = row["median_ms"] / plain["median_ms"]
+        row["time_ratio"] = row[f"{opts.stat}_ms"] / plain[f"{opts.stat}_ms"]
         row["memory_ratio"] = row["peak_mb"] / plain["peak_mb"] if plain["peak_mb"] > 0 else None
         row["step_growth_ratio"] = (
             row["step_growth_mb"] / plain["step_growth_mb"] if plain["step_growth_mb"] > 0 else None
@@ -439,7 +457,7 @@ def main(argv=None) -> int:
         target = f"{row['time_target']:.1f}" if row["time_target"] else ("K+1" if base_name == "tar" else "-")
         floor = f"{row['flops_floor']:.2f}" if row.get("flops_floor") is not None else "-"
         print(
-            f"{name:<32}{row['median_ms']:>10.1f}{row['time_ratio']:>9.2f}{floor:>7}{target:>8}"
+            f"{name:<32}{row[f'{opts.stat}_ms']:>10.1f}{row['time_ratio']:>9.2f}{floor:>7}{target:>8}"
             f"{row['peak_mb']:>10.1f}{mem:>9}{row['step_growth_mb']:>10.1f}{row['step_growth_ratio'] or 0:>9.2f}"
         )
     write(complete=True)
