@@ -21,6 +21,7 @@ from .errors import ConfigError, DataError
 
 __all__ = [
     "IGNORE_INDEX",
+    "fused_linear_cross_entropy",
     "gaussian_kernel_mmd",
     "global_grad_norm",
     "masked_token_ce",
@@ -100,6 +101,191 @@ def masked_token_ce_per_example(logits: torch.Tensor, labels: torch.Tensor) -> t
     """
     token_ce, valid = _shifted_token_ce(logits, labels)
     return token_ce.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+# --------------------------------------------------------------------------- fused linear + cross-entropy
+
+#: Default budget of one chunk's float32 logits in :func:`fused_linear_cross_entropy` (64 MiB).
+FUSED_CE_CHUNK_BYTES = 64 * 2**20
+
+
+def fused_ce_chunk_rows(vocab_size: int, budget_bytes: int = FUSED_CE_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk's ``(rows, vocab)`` float32 logits take at most ``budget_bytes``
+    (rounded down to a multiple of 16 rows, which matrix units tile well, when above 16)."""
+    rows = max(1, budget_bytes // (4 * max(1, vocab_size)))
+    return rows - rows % 16 if rows > 16 else rows
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``logits = hidden @ weight.T + bias`` without materialising the logits.
+
+    ``CE = (1/|M|) sum_{i in M} [logsumexp_v z_{i,v} - z_{i,t_i}]`` over the rows ``M = {i: t_i != -100}``,
+    with ``z = logit_scale * (hidden @ weight.T + bias)``, then ``z = softcap * tanh(z / softcap)`` when
+    ``softcap`` is given (Gemma-2/3). The rows are processed ``chunk_size`` at a time: the forward keeps
+    only each row's logsumexp; the backward recomputes one chunk's logits at a time and forms
+    ``grad_hidden = G @ weight`` and ``grad_weight = sum_chunks G^T @ hidden`` with
+    ``G = (softmax(z) - onehot(t)) / |M|``. Peak extra memory is one chunk's ``(rows, vocab)`` logits
+    instead of the whole ``(n, vocab)`` tensor and its softmax -- the same idea as Liger Kernel's
+    ``FusedLinearCrossEntropy`` and Apple's Cut Cross-Entropy (Wijmans et al. 2025), in plain torch so it
+    runs on any device. The cost is one extra ``hidden @ weight.T`` per chunk in the backward.
+
+    Targets are aligned with the rows (shift them before calling for next-token prediction). Under
+    ``torch.autocast`` the matrix products run in the autocast dtype; the softmax and the sums in float32.
+    ``weight`` may be a tied embedding: its gradient is returned like any other and autograd adds it to
+    the embedding's.
+
+    Args:
+        hidden: ``(..., hidden)``.
+        weight: ``(vocab, hidden)`` (an ``nn.Linear``'s weight).
+        targets: ``(...)`` token ids matching ``hidden``'s leading dimensions, ``-100`` on ignored rows.
+        bias: optional ``(vocab,)``.
+        chunk_size: rows per chunk; ``0`` picks the largest chunk whose float32 logits fit in 64 MiB
+            (:func:`fused_ce_chunk_rows`).
+        logit_scale: a constant the logits are multiplied by (Cohere / Granite logit scaling).
+        softcap: Gemma-2/3 final-logit soft-capping value, or ``None``.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs); ``0`` (attached to the graph) when no row has a target.
+
+    Raises:
+        DataError: shapes disagree, or a target lies outside the vocabulary.
+        ConfigError: a negative chunk size or a non-positive softcap.
+    """
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise DataError(
+            f"hidden of shape {tuple(hidden.shape)} cannot be multiplied by a weight of shape "
+            f"{tuple(weight.shape)}: the weight must be (vocab, hidden)."
+        )
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise DataError(
+            f"targets of shape {tuple(targets.shape)} do not match hidden of shape {tuple(hidden.shape)}: "
+            "give one target per row (-100 to ignore it)."
+        )
+    vocab = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise DataError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}.")
+    if not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ConfigError(f"chunk_size must be a non-negative integer (0: automatic), got {chunk_size!r}.")
+    if softcap is not None and not softcap > 0:
+        raise ConfigError(f"softcap must be positive or None, got {softcap}.")
+    targets = targets.reshape(-1).long()
+    valid = targets != IGNORE_INDEX
+    if bool((valid & ((targets < 0) | (targets >= vocab))).any()):
+        raise DataError(
+            f"targets contain token ids outside the vocabulary of {vocab} (other than -100): the tokenizer "
+            "and the model do not match, or the padding id was not replaced by -100."
+        )
+    rows = chunk_size or fused_ce_chunk_rows(vocab)
+    return _FusedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets, rows, float(logit_scale), softcap
+    )
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _chunk_logits(h, w, b, scale, softcap, acc):
+    """One chunk's logits in ``acc`` (float32, or float64 for float64 inputs) and, with soft-capping,
+    ``tanh(z / cap)`` (for the backward)."""
+    z = (h @ w.T if b is None else torch.addmm(b, h, w.T)).to(acc)
+    if scale != 1.0:
+        z = z * scale
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, t
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Chunked linear + cross-entropy; see :func:`fused_linear_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, scale, softcap):
+        dtype = _compute_dtype(hidden, weight, bias)
+        acc = torch.promote_types(dtype, torch.float32)
+        n = hidden.shape[0]
+        valid = targets != IGNORE_INDEX
+        count = valid.sum()
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for start in range(0, n, rows):
+                end = min(start + rows, n)
+                logits, _ = _chunk_logits(hidden[start:end].to(dtype), w, b, scale, softcap, acc)
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                lse[start:end] = chunk_lse
+                picked = logits.gather(1, targets[start:end].clamp(min=0).unsqueeze(1)).squeeze(1)
+                total += torch.where(valid[start:end], chunk_lse - picked, 0.0).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, count)
+        ctx.config = (rows, scale, softcap, dtype, acc)
+        return total / count.clamp(min=1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, bias, targets, lse, count = ctx.saved_tensors
+        rows, scale, softcap, dtype, acc = ctx.config
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        valid = targets != IGNORE_INDEX
+        coeff = grad_output.to(acc) / count.clamp(min=1)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for start in range(0, n, rows):
+                end = min(start + rows, n)
+                h = hidden[start:end].to(dtype)
+                logits, t = _chunk_logits(h, w, b, scale, softcap, acc)
+                # d CE / d logits = softmax - onehot on valid rows, zero elsewhere; logits reused in place.
+                g = logits.sub_(lse[start:end, None]).exp_()
+                chunk_valid = valid[start:end]
+                rows_idx = torch.arange(end - start, device=g.device)
+                g[rows_idx, targets[start:end].clamp(min=0)] -= 1.0
+                g.mul_((chunk_valid.to(acc) * coeff).unsqueeze(1))
+                if t is not None:
+                    g.mul_(1.0 - t * t)
+                if scale != 1.0:
+                    g.mul_(scale)
+                if need_b:
+                    grad_b += g.sum(dim=0)
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[start:end] = (g @ w).to(hidden.dtype)
+                if need_w:
+                    if dtype == acc:
+                        grad_w.addmm_(g.T, h)
+                    else:
+                        grad_w += (g.T @ h).to(acc)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def response_prediction_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 from conftest import defense_config, flat_parameters, make_pairs, train_on_identical_batches
 from peft import LoraConfig
 
@@ -114,3 +118,85 @@ def test_config_errors(tmp_path):
     assert (cfg.lamb, cfg.alpha) == (5.0, 0.1)
     with pytest.raises(ConfigError, match="alpha"):
         _config(tmp_path, alpha=float("nan"))
+
+
+def _booster_and_batch(tmp_path, hidden_size=32, **kw):
+    model = tiny_causal_lm("llama", hidden_size=hidden_size, num_layers=2, seed=4)
+    trainer = BoosterTrainer(
+        model=model,
+        args=_config(tmp_path, **kw),
+        harmful_dataset=make_pairs(4),
+        processing_class=tiny_tokenizer(),
+    )
+    return model, trainer, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_weights_restored_when_the_perturbed_pass_fails(tmp_path):
+    model, trainer, batch = _booster_and_batch(tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+    original = trainer.lm_loss
+
+    def failing_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in pass 2")
+        return original(*args, **kwargs)
+
+    trainer.lm_loss = failing_second_call
+    with pytest.raises(RuntimeError, match="pass 2"):
+        trainer.training_step(model, batch)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_alpha_zero_leaves_only_the_alignment_gradient(tmp_path):
+    """With alpha = 0 the attenuation L_harm(w) - L_harm(w) vanishes, so must its gradient."""
+    model, trainer, batch = _booster_and_batch(tmp_path, alpha=0.0)
+    model.zero_grad()
+    trainer.training_step(model, batch)
+    got = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    _loss(model, batch, "harmless").backward()
+    for a, p in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7)
+
+
+class _LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensors created while active (CPU stand-in for ``torch.cuda.max_memory_allocated``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if storage.nbytes() and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(t, self._free, key)
+        return out
+
+
+def test_step_holds_at_most_one_extra_parameter_sized_buffer(tmp_path):
+    """Over a plain step (forward + backward of the alignment loss), Booster's peak grows by about one copy
+    of the parameters (its weight step d), not two (d kept beside pass 2's gradient during pass 3)."""
+    model, trainer, batch = _booster_and_batch(tmp_path, hidden_size=128)  # parameters outweigh activations
+    trainer.current_gradient_accumulation_steps = 1
+    model.zero_grad(set_to_none=True)
+    with _LiveTensorBytes() as plain:
+        _loss(model, batch, "harmless").backward()
+        model.zero_grad(set_to_none=True)
+    with _LiveTensorBytes() as booster:
+        trainer.training_step(model, batch)
+        model.zero_grad(set_to_none=True)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert booster.peak - plain.peak <= 1.4 * param_bytes, (plain.peak, booster.peak, param_bytes)

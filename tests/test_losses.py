@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from immune_trainer.errors import ConfigError, DataError
 from immune_trainer.losses import (
+    fused_ce_chunk_rows,
+    fused_linear_cross_entropy,
     gaussian_kernel_mmd,
     masked_token_ce,
     masked_token_ce_per_example,
@@ -93,6 +95,115 @@ def test_masked_token_ce_bad_inputs():
     labels[0, 2] = 7
     with pytest.raises(DataError, match="vocabulary"):
         masked_token_ce(logits, labels)
+
+
+# --------------------------------------------------------------------------- fused linear + cross-entropy
+
+
+def _lens_case(n=13, d=5, vocab=17, bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, d, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(vocab, generator=g, dtype=dtype, requires_grad=True) if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[::4] = -100
+    return hidden, weight, b, targets
+
+
+def _plain_ce(hidden, weight, bias, targets, scale=1.0, softcap=None):
+    logits = F.linear(hidden, weight, bias) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 13, 100, 0])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_ce_matches_full_logits(chunk_size, bias):
+    """Value and gradients wrt hidden, weight and bias equal F.cross_entropy on the full logits (float64),
+    for chunk sizes that do and do not divide the 13 rows."""
+    hidden, weight, b, targets = _lens_case(bias=bias)
+    params = [hidden, weight] + ([b] if bias else [])
+    expected = _plain_ce(hidden, weight, b, targets)
+    expected_grads = torch.autograd.grad(expected, params)
+    got = fused_linear_cross_entropy(hidden, weight, targets, b, chunk_size=chunk_size)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for a, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_linear_ce_scale_softcap_and_leading_dims():
+    hidden, weight, b, targets = _lens_case()
+    expected = _plain_ce(hidden, weight, b, targets, scale=0.7, softcap=3.0)
+    expected_grads = torch.autograd.grad(expected, [hidden, weight, b])
+    got = fused_linear_cross_entropy(hidden, weight, targets, b, chunk_size=5, logit_scale=0.7, softcap=3.0)
+    got_grads = torch.autograd.grad(got, [hidden, weight, b])
+    torch.testing.assert_close(got, expected)
+    for a, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, e)
+    # (batch, seq, hidden) input with (batch, seq) targets is the same as the flattened rows.
+    batched = fused_linear_cross_entropy(hidden[:12].reshape(3, 4, -1), weight, targets[:12].reshape(3, 4))
+    torch.testing.assert_close(batched, _plain_ce(hidden[:12], weight, None, targets[:12]))
+
+
+def test_fused_linear_ce_gradcheck():
+    hidden, weight, b, targets = _lens_case(n=5, d=3, vocab=4)
+    for softcap in (None, 2.0):
+        assert torch.autograd.gradcheck(
+            lambda h, w, bb, cap=softcap: fused_linear_cross_entropy(
+                h, w, targets, bb, chunk_size=2, softcap=cap
+            ),
+            (hidden, weight, b),
+        )
+
+
+def test_fused_linear_ce_tied_weight_accumulates_both_uses():
+    """A tied embedding used as input table and as unembedding gets both gradients summed."""
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 9, (6,), generator=g)
+    targets = torch.randint(0, 9, (6,), generator=g)
+
+    def loss(fn):
+        h = torch.tanh(emb[ids] * 1.3)
+        return fn(h, emb, targets)
+
+    expected = torch.autograd.grad(loss(lambda h, w, t: _plain_ce(h, w, None, t)), emb)[0]
+    got = torch.autograd.grad(loss(lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_size=4)), emb)[0]
+    torch.testing.assert_close(got, expected)
+
+
+def test_fused_linear_ce_no_targets_and_bad_inputs():
+    hidden, weight, _, targets = _lens_case(bias=False)
+    none = fused_linear_cross_entropy(hidden, weight, torch.full_like(targets, -100))
+    assert float(none.detach()) == 0.0 and none.requires_grad
+    assert torch.autograd.grad(none, hidden)[0].abs().max() == 0
+    with pytest.raises(DataError, match="vocabulary"):
+        fused_linear_cross_entropy(hidden, weight, torch.full_like(targets, 17))
+    with pytest.raises(DataError, match="targets of shape"):
+        fused_linear_cross_entropy(hidden, weight, targets[:-1])
+    with pytest.raises(DataError, match="weight"):
+        fused_linear_cross_entropy(hidden, weight.T, targets)
+    with pytest.raises(ConfigError, match="chunk_size"):
+        fused_linear_cross_entropy(hidden, weight, targets, chunk_size=-1)
+    assert fused_ce_chunk_rows(49152) == 336 and fused_ce_chunk_rows(151936) == 96
+    assert fused_ce_chunk_rows(10**9) == 1 and fused_ce_chunk_rows(2**20) == 16
+
+
+def test_fused_linear_ce_under_autocast_close_to_plain():
+    """bfloat16 autocast (CPU): matmuls in bf16, softmax in float32; close to the plain computation."""
+    hidden, weight, b, targets = _lens_case(n=64, d=32, vocab=300, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(F.linear(hidden, weight, b).float(), targets, ignore_index=-100)
+        got = fused_linear_cross_entropy(hidden, weight, targets, b, chunk_size=10)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    ge = torch.autograd.grad(expected, [hidden, weight])
+    gg = torch.autograd.grad(got, [hidden, weight])
+    for a, e in zip(gg, ge):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=5e-2, atol=5e-3)
 
 
 def test_response_prediction_mask():

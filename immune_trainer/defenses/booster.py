@@ -4,12 +4,16 @@ Booster minimises ``L_align(w) + lambda * (L_harm(w) - L_harm(w - alpha * g / ||
 ``g = grad L_harm(w)`` held constant (the paper's first-order update): the harmful loss should drop as
 little as possible after one normalised harmful gradient step. Three passes per step:
 
-1. harmful forward at ``w``: ``g = grad L_harm(w)`` (``torch.autograd.grad``; nothing written to ``.grad``);
-2. move the trainable weights to ``w - alpha g/||g||``, harmful forward, backward ``-lambda * L_harm``,
-   move back;
-3. alignment forward at ``w`` (harmless side + retain set), backward ``L_align + lambda * <w, g>``: the
-   linear surrogate ``<w, sg(g)>`` adds ``lambda * g`` to the gradient without a fourth forward, through
-   the same synchronised backward (so DDP all-reduces every part of the update).
+1. harmful forward at ``w``: ``g = grad L_harm(w)`` (``torch.autograd.grad``; nothing written to ``.grad``),
+   scaled in place into the step ``d = -alpha g/||g||``;
+2. move the trainable weights to ``w + d``, harmful forward, backward ``-lambda * L_harm`` (local, no
+   sync). As soon as a parameter's gradient is accumulated, a hook moves it back (``w = (w + d) - d``)
+   and adds ``lambda * g = d * (-lambda ||g|| / alpha)`` to its ``.grad``, reusing ``d``'s memory;
+3. alignment forward at ``w`` (harmless side + retain set), backward ``L_align`` on top: the synchronised
+   backward, so DDP all-reduces the whole accumulated gradient.
+
+Memory: one parameter-sized buffer beyond a plain step (``d``, during passes 1-2; it is released
+parameter by parameter while pass 2's gradients appear), the floor for this update.
 
 L_align is the harmless CE of the pairs (the alignment data) plus the benign retain CE when given; the
 harmful side of each pair is Booster's harmful dataset.
@@ -99,8 +103,8 @@ class BoosterTrainer(ImmunizationTrainer):
         harmful = self.side(inputs, "harmful")
         terms: dict[str, torch.Tensor] = {}
 
-        # Pass 1: g = grad L_harm(w), turned in place into the weight step d = -alpha g/||g|| (so only one
-        # parameter-sized buffer is kept: g is recovered from d below).
+        # Pass 1: g = grad L_harm(w), turned in place into the weight step d = -alpha g/||g|| (the one extra
+        # parameter-sized buffer of the method; g is recovered from d as g = d * (-||g|| / alpha)).
         with _no_sync(model), self.compute_loss_context_manager():
             harm, _ = self.lm_loss(model, harmful)
             step = list(torch.autograd.grad(harm, params, allow_unused=True))
@@ -108,38 +112,61 @@ class BoosterTrainer(ImmunizationTrainer):
         with torch.no_grad():
             gnorm = global_grad_norm(step)
             factor = -args.alpha / gnorm.clamp(min=1e-12)
-            for d in step:
-                if d is not None:
-                    d.mul_(factor)
+            present = [i for i, d in enumerate(step) if d is not None]
+            torch._foreach_mul_([step[i] for i in present], factor)
+            # lambda * g, expressed on d, for the accumulated gradient.
+            # alpha = 0 makes the attenuation L_harm(w) - L_harm(w) vanish: passes 1-2 then add nothing.
+            attenuate = args.lamb > 0 and args.alpha > 0
+            g_coef = -args.lamb * scale * gnorm / args.alpha if attenuate else None
 
-        # Pass 2: -lambda * grad L_harm(w - alpha g/||g||), accumulated locally.
+        def settle(i: int) -> None:
+            """Put parameter i back at w and add lambda * g to its gradient, then drop its d.
+
+            Runs as soon as pass 2 has accumulated the parameter's gradient (a post-accumulate-grad hook),
+            so d shrinks while the gradients of pass 2 grow: d and the gradient never coexist whole.
+            """
+            d, step[i] = step[i], None
+            if d is None:
+                return
+            p = params[i]
+            with torch.no_grad():
+                p.sub_(d)
+                if attenuate:
+                    d.mul_(g_coef)
+                    if p.grad is None:
+                        p.grad = d
+                    else:
+                        p.grad.add_(d)
+
+        # Pass 2: -lambda * grad L_harm(w - alpha g/||g||), accumulated locally; each parameter settled by
+        # its hook. Parameters pass 2 did not reach (or every one, if it failed) are settled afterwards.
         with torch.no_grad():
-            for p, d in zip(params, step):
-                if d is not None:
-                    p.add_(d)
+            torch._foreach_add_([params[i] for i in present], [step[i] for i in present])
+        handles = []
         try:
+            if attenuate:
+                handles = [
+                    params[i].register_post_accumulate_grad_hook(lambda _, i=i: settle(i)) for i in present
+                ]
             with _no_sync(model), self.compute_loss_context_manager():
                 harm_perturbed, _ = self.lm_loss(model, harmful)
-                if args.lamb > 0:
+                if attenuate:
                     self.accelerator.backward(-args.lamb * scale * harm_perturbed)
         finally:
-            with torch.no_grad():
-                for p, d in zip(params, step):
-                    if d is not None:
-                        p.sub_(d)
+            for handle in handles:
+                handle.remove()
+            for i in present:
+                settle(i)
         terms["harmful_perturbed"] = harm_perturbed.detach()
         terms["attenuation"] = terms["harmful"] - terms["harmful_perturbed"]
 
-        # Pass 3: grad L_align(w) + lambda * g through one synchronised backward; g = d * (-||g|| / alpha),
-        # added through the linear surrogate <w, sg(d)> whose gradient is d.
+        # Pass 3: grad L_align(w) through the synchronised backward, accumulated on top of the local
+        # gradients of passes 1-2 (DDP all-reduces the accumulated .grad, as with any no_sync accumulation).
         with self.compute_loss_context_manager():
             retain = self.retain_terms(model, inputs)
-            align = self.weighted_retain(retain)
-            surrogate = sum((p * d).sum() for p, d in zip(params, step) if d is not None)
-            g_scale = -gnorm.detach() / args.alpha if args.alpha > 0 else 0.0
-            objective = align + args.lamb * g_scale * (surrogate - surrogate.detach())
+            objective = self.weighted_retain(retain)
         terms.update(retain)
-        loss_value = (align if torch.is_tensor(align) else harm.new_zeros(())) + args.lamb * terms[
+        loss_value = (objective if torch.is_tensor(objective) else harm.new_zeros(())) + args.lamb * terms[
             "attenuation"
         ]
         self.check_finite({**terms, "loss": loss_value})

@@ -26,7 +26,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import ConfigError
-from ..losses import IGNORE_INDEX, gaussian_kernel_mmd, masked_token_ce
+from ..losses import IGNORE_INDEX, fused_linear_cross_entropy, gaussian_kernel_mmd, masked_token_ce
 from ..modeling import HookManager, unembed
 from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
 
@@ -67,10 +67,19 @@ class RepNoiseConfig(ImmunizationConfig):
             than plain bounded ascent. The noise (MMD) term is unchanged.
         learning_rate (`float`, defaults to `2e-5`):
             The paper's defense learning rate.
+<<<<<<< HEAD
 
     Presets:
         :meth:`RepNoiseConfig.authors_demo` gives the budget of the authors' demo (lr 1e-4, cosine with
         10% warm-up, batch 4, one epoch over ~1k pairs = 250 steps, alpha 1, beta 0.001).
+=======
+        lens_chunk_size (`int`, defaults to `0`):
+            Rows per chunk of the fused logit-lens cross-entropy
+            (:func:`immune_trainer.losses.fused_linear_cross_entropy`), which never holds more than one
+            chunk's ``(rows, vocab)`` logits. ``0`` picks the chunk so its float32 logits take at most
+            64 MiB; ``-1`` turns the fusion off (each layer's logits materialised and recomputed under
+            activation checkpointing: slower, kept for comparison).
+>>>>>>> overheads
     """
 
     alpha: float = field(
@@ -100,6 +109,13 @@ class RepNoiseConfig(ImmunizationConfig):
         },
     )
     learning_rate: float = field(default=2e-5, metadata={"help": "Defense learning rate (paper: 2e-5)."})
+    lens_chunk_size: int = field(
+        default=0,
+        metadata={
+            "help": "Rows per chunk of the fused logit-lens cross-entropy (0: automatic, a chunk's float32 "
+            "logits <= 64 MiB; -1: no fusion, materialise each layer's logits under checkpointing)."
+        },
+    )
 
     #: The authors' demo budget (domenicrosati/representation-noising README): ~1k pairs, one epoch at
     #: batch 4 (250 steps), lr 1e-4, cosine schedule with 10% warm-up, alpha 1, beta 0.001.
@@ -143,6 +159,11 @@ class RepNoiseConfig(ImmunizationConfig):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        if not isinstance(self.lens_chunk_size, int) or self.lens_chunk_size < -1:
+            raise ConfigError(
+                f"lens_chunk_size must be a positive number of rows, 0 (automatic) or -1 (no fusion), got "
+                f"{self.lens_chunk_size!r}."
+            )
         if not isinstance(self.layer_stride, int) or self.layer_stride < 1:
             raise ConfigError(f"layer_stride must be a positive integer, got {self.layer_stride!r}.")
         super().__post_init__()
@@ -213,10 +234,15 @@ class RepNoiseTrainer(ImmunizationTrainer):
         predict = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][predict]
         lens_ces = [
+<<<<<<< HEAD
             torch.utils.checkpoint.checkpoint(
                 _lens_ce, structure, outputs.hidden_states[i][:, :-1][predict], targets, use_reentrant=False
             )
             for i in lens_layers
+=======
+            _lens_ce(structure, outputs.hidden_states[i][:, :-1][predict], targets, args.lens_chunk_size)
+            for i in layers
+>>>>>>> overheads
         ]
         lens_ces.append(harmful_ce)
         ascent = torch.log1p(torch.stack(lens_ces).mean())
@@ -235,9 +261,35 @@ def _noise_mmd(act: torch.Tensor, mask: torch.Tensor, std: float) -> torch.Tenso
     return gaussian_kernel_mmd(act * m, noise * m)
 
 
-def _lens_ce(structure, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean CE of the logit lens on the selected positions (hidden: (n, d), targets: (n,))."""
+def _lens_ce(structure, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Mean CE of the logit lens ``W_U final_norm(hidden)`` on the selected positions (hidden: (n, d),
+    targets: (n,)).
+
+    With a plain ``nn.Linear`` unembedding the final norm runs as usual and the unembedding + CE is the
+    chunked :func:`~immune_trainer.losses.fused_linear_cross_entropy` (the same logit scaling and
+    soft-capping as :func:`~immune_trainer.modeling.unembed`): no ``(n, vocab)`` tensor is ever held. Any
+    other head (a LoRA- or quantisation-wrapped ``lm_head``), or ``chunk_size == -1``, takes the unfused
+    path: the logits of :func:`unembed`, recomputed in the backward pass (activation checkpointing).
+    """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
+    head = structure.unembedding
+    if chunk_size >= 0 and type(head) is torch.nn.Linear:
+        normed = structure.final_norm(hidden) if structure.final_norm is not None else hidden
+        return fused_linear_cross_entropy(
+            normed,
+            head.weight,
+            targets,
+            head.bias,
+            chunk_size=chunk_size,
+            logit_scale=structure.logit_multiplier,
+            softcap=structure.final_logit_softcapping or None,
+        ).float()
+    return torch.utils.checkpoint.checkpoint(
+        _unfused_lens_ce, structure, hidden, targets, use_reentrant=False
+    )
+
+
+def _unfused_lens_ce(structure, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = unembed(structure, hidden).float()
     return torch.nn.functional.cross_entropy(logits, targets)
