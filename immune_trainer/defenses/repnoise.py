@@ -67,19 +67,16 @@ class RepNoiseConfig(ImmunizationConfig):
             than plain bounded ascent. The noise (MMD) term is unchanged.
         learning_rate (`float`, defaults to `2e-5`):
             The paper's defense learning rate.
-<<<<<<< HEAD
-
-    Presets:
-        :meth:`RepNoiseConfig.authors_demo` gives the budget of the authors' demo (lr 1e-4, cosine with
-        10% warm-up, batch 4, one epoch over ~1k pairs = 250 steps, alpha 1, beta 0.001).
-=======
         lens_chunk_size (`int`, defaults to `0`):
             Rows per chunk of the fused logit-lens cross-entropy
             (:func:`immune_trainer.losses.fused_linear_cross_entropy`), which never holds more than one
             chunk's ``(rows, vocab)`` logits. ``0`` picks the chunk so its float32 logits take at most
             64 MiB; ``-1`` turns the fusion off (each layer's logits materialised and recomputed under
             activation checkpointing: slower, kept for comparison).
->>>>>>> overheads
+
+    Presets:
+        :meth:`RepNoiseConfig.authors_demo` gives the budget of the authors' demo (lr 1e-4, cosine with
+        10% warm-up, batch 4, one epoch over ~1k pairs = 250 steps, alpha 1, beta 0.001).
     """
 
     alpha: float = field(
@@ -234,15 +231,8 @@ class RepNoiseTrainer(ImmunizationTrainer):
         predict = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][predict]
         lens_ces = [
-<<<<<<< HEAD
-            torch.utils.checkpoint.checkpoint(
-                _lens_ce, structure, outputs.hidden_states[i][:, :-1][predict], targets, use_reentrant=False
-            )
-            for i in lens_layers
-=======
             _lens_ce(structure, outputs.hidden_states[i][:, :-1][predict], targets, args.lens_chunk_size)
-            for i in layers
->>>>>>> overheads
+            for i in lens_layers
         ]
         lens_ces.append(harmful_ce)
         ascent = torch.log1p(torch.stack(lens_ces).mean())
