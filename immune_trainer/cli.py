@@ -458,8 +458,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_compare(rest)
         if command == "schema":
-            from .report import report_json_schema
+            import argparse
 
+            from .report import SCHEMA_VERSION, report_json_schema
+
+            argparse.ArgumentParser(
+                prog="immune-trainer schema",
+                description=f"Print the JSON Schema (draft 2020-12) of the immunization report, version "
+                f"{SCHEMA_VERSION}; the same file ships as immune_trainer/data/report_schema.json.",
+            ).parse_args(rest)
             print(json.dumps(report_json_schema(), indent=2, allow_nan=False))
             return 0
         if command in ("card", "push", "verify"):

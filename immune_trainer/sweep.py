@@ -460,9 +460,15 @@ class DefenseSweep:
         self.attack_train, self.attack_eval = attack_train, attack_eval
         self.reference = dict(reference)
         self.evaluation = evaluation or EvaluationConfig()
-        self.space = search_space(self.spec.name, space if space is not None else self.config.space)
+        user_space = _load_yaml_mapping(space if space is not None else self.config.space, "space")
         self.defense_args = _load_yaml_mapping(
             defense_args if defense_args is not None else self.config.defense_args, "defense_args"
+        )
+        # A value the user fixes in defense_args is not searched, unless their own space searches it too.
+        inherited = {k: None for k in self.defense_args if k not in user_space}
+        default = search_space(self.spec.name)
+        self.space = search_space(
+            self.spec.name, {**{k: v for k, v in inherited.items() if k in default}, **user_space}
         )
         self.data_specs = dict(data_specs or {})
         self.progress = progress
