@@ -659,6 +659,9 @@ class DefenseSweep:
                 retain_dataset=self.retain,
                 processing_class=self.tokenizer,
             )
+            from transformers import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # the trial bar is the progress; no log dictionaries
             trainer.train()
             immunized = trainer.model
             del trainer
