@@ -31,10 +31,19 @@ def problems(report: ImmunizationReport) -> list[str]:
         for name, s in c.stability.sets.items():
             number(s.base, f"stability.{name}.base")
             number(s.immunized, f"stability.{name}.immunized")
-    if c.generalization is None or c.generalization.cross_domain is None:
-        out.append("cross-domain generalization was not measured")
-    else:
-        number(c.generalization.cross_domain.worst_value, "generalization.cross_domain.worst_value")
+    for part in ("in_domain", "cross_domain"):
+        result = None if c.generalization is None else getattr(c.generalization, part)
+        if result is None:
+            out.append(f"{part.replace('_', '-')} generalization was not measured")
+        else:
+            number(result.worst_value, f"generalization.{part}.worst_value")
+    if report.side_effects is None:
+        out.append("side effects (stability's second half) were not measured")
+    if report.datasets is None or "attack_train" not in report.datasets:
+        out.append("the report does not record the data specs verify needs")
+    families = set(report.threat_model.attack_family.split(","))
+    if len(families) < 2:
+        out.append(f"the attack grid holds one family only ({report.threat_model.attack_family})")
     if c.trainability is None:
         out.append("trainability was not measured")
     else:

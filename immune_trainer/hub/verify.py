@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import conditions as C
@@ -116,7 +116,35 @@ def _resolve(source: str) -> str:
 
 
 def _key(config: dict) -> tuple:
-    return (float(config.get("learning_rate")), int(config.get("num_samples") or 0), int(config.get("seed")))
+    """A run's identity: every grid axis of its setting (not what the run recorded about itself)."""
+    from ..attacks import _AXIS_FIELDS
+
+    return tuple(sorted((k, v) for k, v in config.items() if k == "family" or k in _AXIS_FIELDS))
+
+
+def _recorded_configs(report: ImmunizationReport) -> list:
+    """The attack grids a report ran: its suite (``extra["attack_suite"]``), else its one attack config."""
+    from ..attacks import AttackConfig
+    raw = report.extra.get("attack_suite") or [report.extra.get("attack_config")]
+    if not all(isinstance(r, dict) for r in raw):
+        raise ReportError(
+            f"{REPORT_FILE} has no extra['attack_config']: the attack settings are unknown, so it cannot be re-run."
+        )
+    known = set(AttackConfig.__dataclass_fields__)
+    return [AttackConfig(**{k: v for k, v in r.items() if k in known and k != "output_dir"}) for r in raw]
+
+
+def _load_benign(report: ImmunizationReport):
+    """The benign data the report's mixed/benign attacks trained on (its ``benign_train`` SPEC)."""
+    from ..loading import load_dataset_spec
+
+    spec = recorded_datasets(report).get("benign_train")
+    if not spec:
+        raise DataError(
+            "the report's attack grid has families that train on benign data, but it records no "
+            "'benign_train' SPEC in report.datasets, so those runs cannot be re-run."
+        )
+    return load_dataset_spec(spec)
 
 
 def recorded_datasets(report: ImmunizationReport) -> dict[str, Any]:
@@ -181,7 +209,7 @@ def verify(
     """
     from huggingface_hub import ModelCard
 
-    from ..attacks import AttackConfig, HarmfulFineTuningAttack
+    from ..attacks import HarmfulFineTuningAttack, get_attack, setting_label
 
     say = progress or logger.info
     folder = _resolve(source)
@@ -215,22 +243,19 @@ def verify(
     if bad:
         return result
 
-    # 2. the recorded attack
-    raw = report.extra.get("attack_config")
-    if not isinstance(raw, dict):
-        raise ReportError(
-            f"{REPORT_FILE} has no extra['attack_config']: the attack settings are unknown, so it cannot be re-run."
-        )
-    known = set(AttackConfig.__dataclass_fields__)
-    base_cfg = {k: v for k, v in raw.items() if k in known and k != "output_dir"}
-    grid = AttackConfig(**base_cfg).grid()
+    # 2. the recorded attack: every grid of the suite, every setting as one run
+    configs = _recorded_configs(report)
+    runs = [(cfg, setting) for cfg in configs for setting in cfg.grid()]
     if sample is not None:
         if sample <= 0:
             raise ConfigError(f"--sample must be a positive number of configurations, got {sample}.")
-        if sample < len(grid):
-            grid = random.Random(sample_seed).sample(grid, sample)
-    full = len(grid) == len(AttackConfig(**base_cfg).grid())
+        if sample < len(runs):
+            runs = random.Random(sample_seed).sample(runs, sample)
+    full = len(runs) == sum(len(cfg.grid()) for cfg in configs)
     train, ev = _load_data(report, dataset, eval_dataset)
+    benign = _load_benign(report) if any(
+        get_attack(f).needs_benign for cfg in configs for f in cfg.family_names()
+    ) else None
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -252,22 +277,19 @@ def verify(
     tm = report.threat_model
     hib = tm.higher_is_better
     curves = []
-    for setting in grid:
-        cfg = AttackConfig(
-            **{
-                **base_cfg,
-                "learning_rates": [setting["learning_rate"]],
-                "num_samples": [setting["num_samples"]],
-                "seeds": [setting["seed"]],
-            }
-        )
-        say(
-            f"re-running attack lr={setting['learning_rate']:g} n={setting['num_samples'] or 'all'} seed={setting['seed']}"
-        )
-        curve = HarmfulFineTuningAttack(cfg).run(model, tokenizer, train, ev, prepare_model=hook).curves[0]
-        curves.append(curve)
-        label = f"run lr={setting['learning_rate']:g} n={setting['num_samples'] or 'all'} seed={setting['seed']}: worst f"
+    scorer = None
+    for cfg, setting in runs:
+        label = f"run {setting_label(setting)}: worst f"
+        say(f"re-running attack {setting_label(setting)}")
         rec = recorded.get(_key(setting))
+        # A run the evaluation stopped once it crossed phi is re-run the same way (same points).
+        stop = tm.threshold if rec is not None and rec.config.get("stopped_early") is not None else None
+        attack = HarmfulFineTuningAttack(replace(cfg.for_setting(setting), output_dir=None), scorer=scorer)
+        scorer = attack.scorer
+        curve = attack.run(
+            model, tokenizer, train, ev, prepare_model=hook, benign_train=benign, stop_at_threshold=stop
+        ).curves[0]
+        curves.append(curve)
         mw = C._worst([p.value for p in curve.points], hib)
         if rec is None:
             result.checks.append(
