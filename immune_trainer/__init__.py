@@ -34,8 +34,19 @@ _EXPORTS = {
     # attacks
     "AttackConfig": "attacks",
     "AttackResult": "attacks",
+    "AttackSuite": "attacks",
     "HarmfulFineTuningAttack": "attacks",
     "register_attack": "attacks",
+    "AttackSearch": "attack_search",
+    "SearchConfig": "attack_search",
+    "SearchSpace": "attack_search",
+    # side effects at step 0 (stability's second half)
+    "SideEffectsConfig": "side_effects",
+    "measure_side_effects": "side_effects",
+    "compare_side_effects": "side_effects",
+    "register_jailbreak_template": "side_effects",
+    # comparing reports
+    "compare_reports": "compare",
     # trainers and defenses
     "ImmunizationConfig": "trainer",
     "ImmunizationTrainer": "trainer",
@@ -70,7 +81,15 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .attacks import AttackConfig, AttackResult, HarmfulFineTuningAttack, register_attack  # noqa: F401
+    from .attack_search import AttackSearch, SearchConfig, SearchSpace  # noqa: F401
+    from .attacks import (  # noqa: F401
+        AttackConfig,
+        AttackResult,
+        AttackSuite,
+        HarmfulFineTuningAttack,
+        register_attack,
+    )
+    from .compare import compare_reports  # noqa: F401
     from .conditions import (  # noqa: F401
         AttackCurve,
         CurvePoint,
@@ -92,5 +111,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions  # noqa: F401
     from .report import ImmunizationReport, ThreatModel  # noqa: F401
     from .scorers import get_scorer, list_scorers, register_scorer  # noqa: F401
+    from .side_effects import (  # noqa: F401
+        SideEffectsConfig,
+        compare_side_effects,
+        measure_side_effects,
+        register_jailbreak_template,
+    )
     from .sweep import DefenseSweep, SweepConfig  # noqa: F401
     from .trainer import ImmunizationConfig, ImmunizationTrainer  # noqa: F401
