@@ -6,6 +6,8 @@ repository never contains harmful text.
 
 from __future__ import annotations
 
+import os
+
 import datasets
 import pytest
 import torch
@@ -16,6 +18,7 @@ from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 # turns every small op into a wait for a time slice (measured: a 135M forward 1.0 s on 1 thread, 9 s on 2).
 torch.set_num_threads(1)
 datasets.disable_progress_bars()
+os.environ.setdefault("IMMUNE_TRAINER_NO_PROGRESS", "1")  # tests that want bars unset it themselves
 
 
 def make_pairs(n: int = 24, offset: int = 0) -> datasets.Dataset:
