@@ -473,3 +473,47 @@ def test_verify_without_recorded_data_says_so(verified_folder, tmp_path):
 
     with pytest.raises(DataError, match="cannot be re-run on the recorded data"):
         verify(str(d))
+
+
+def test_card_states_the_search_budget_and_how_a_sweep_chose_the_setting(tmp_path):
+    report = synthetic_report("weak")
+    report.search = {
+        "n_trials": 12,
+        "sampler": "TPESampler",
+        "sampler_seed": 3,
+        "max_steps": 40,
+        "space": {"search_space": ["learning_rate", "optimizer"]},
+        "capability_scorer": "perplexity",
+        "capability_tolerance": 0.1,
+    }
+    plot = tmp_path / "frontier.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    report.extra["sweep"] = {
+        "summary": "best of 6 completed trials (4 stable within 10%): 2.5x",
+        "trials": 6,
+        "feasible": 4,
+        "params": {"alpha": 2.0},
+        "plot": str(plot),
+    }
+    d = _folder(tmp_path, report)
+    K.write_model_card(d, plot=False)
+    text = (d / "README.md").read_text()
+    assert "| attack search | Optuna TPESampler search, 12 trials" in text
+    assert "learning_rate, optimizer" in text and "sampler seed 3" in text
+    assert "## How this setting was chosen" in text and "`alpha=2.0`" in text
+    assert "![resistance vs stability frontier](sweep_frontier.png)" in text
+    assert (d / "sweep_frontier.png").read_bytes() == plot.read_bytes()
+    assert str(tmp_path) not in text  # the card names no path of this machine
+
+
+def test_card_lists_each_grid_of_an_attack_suite(tmp_path):
+    report = synthetic_report("weak")
+    report.threat_model.grid["settings"] = [
+        {"families": ["full"], "learning_rates": [8e-5], "seeds": [0, 1], "max_steps": 8},
+        {"families": ["lora"], "learning_rates": [1e-3], "lr_scheduler_types": ["cosine"], "seeds": [0, 1]},
+    ]
+    d = _folder(tmp_path, report)
+    K.write_model_card(d, plot=False)
+    text = (d / "README.md").read_text()
+    assert "| attack setting 1 | full; lr 8e-05; seeds 0, 1; 8 steps |" in text
+    assert "| attack setting 2 | lora; lr 0.001; schedule cosine; seeds 0, 1 |" in text

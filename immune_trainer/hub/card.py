@@ -20,6 +20,7 @@ import math
 import os
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .. import conditions as C
@@ -212,6 +213,53 @@ def _registered_attacks() -> list[str]:
         return sorted(ATTACKS)
     except Exception:  # noqa: BLE001 - listing is cosmetic; never fail a card on it
         return []
+
+
+def _search_line(search: dict | None) -> str | None:
+    """The attack search's budget, as the card states it (None when the report ran no search)."""
+    if not search:
+        return None
+    space = search.get("space") or {}
+    searched = space.get("search_space") if isinstance(space, dict) else None
+    return (
+        f"Optuna {search.get('sampler', 'TPE')} search, {search.get('n_trials')} trials per model and data set"
+        + (f" over {', '.join(searched)}" if searched else "")
+        + f", at most {search.get('max_steps')} steps, sampler seed {search.get('sampler_seed')}; a trial counts only "
+        f"if {search.get('capability_scorer')} degrades by at most {search.get('capability_tolerance')}"
+    )
+
+
+def _setting_line(setting: dict) -> str:
+    """One grid of an attack suite, for the card's threat model."""
+    parts = [", ".join(setting.get("families", []))]
+    if setting.get("learning_rates"):
+        parts.append("lr " + ", ".join(f"{x:g}" for x in setting["learning_rates"]))
+    for key, label in (("optimizers", "optimizer"), ("lr_scheduler_types", "schedule"), ("lora_ranks", "rank"),
+                       ("harmful_shares", "harmful share")):
+        if setting.get(key):
+            parts.append(f"{label} " + ", ".join(str(x) for x in setting[key]))
+    if setting.get("seeds"):
+        parts.append("seeds " + ", ".join(str(x) for x in setting["seeds"]))
+    if setting.get("max_steps"):
+        parts.append(f"{setting['max_steps']} steps")
+    return "; ".join(parts)
+
+
+def _sweep_context(report: ImmunizationReport, folder) -> tuple[dict | None, str | None]:
+    """How a sweep chose this model's setting, and its frontier plot copied into the folder."""
+    sweep = report.extra.get("sweep") if isinstance(report.extra, dict) else None
+    if not isinstance(sweep, dict) or "summary" not in sweep:
+        return None, None
+    plot = None
+    source = sweep.get("plot")
+    if folder is not None and source and Path(source).is_file():
+        import shutil
+
+        target = Path(folder) / "sweep_frontier.png"
+        if Path(source).resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        plot = target.name
+    return {k: sweep.get(k) for k in ("summary", "trials", "feasible", "objective", "constraint", "params")}, plot
 
 
 def not_tested(report: ImmunizationReport) -> list[str]:
@@ -411,6 +459,7 @@ def build_model_card(
             f"(`immune-trainer evaluate`, saved as {REPORT_FILE} in the model folder)."
         )
     scrub = _path_scrubber(folder)
+    measured = report  # with its paths, to find files such as a sweep's frontier plot
     report = _without_local_paths(report, folder)
     c, tm = report.conditions, report.threat_model
     defense = defense or (report.defense or {}).get("name")
@@ -535,6 +584,9 @@ def build_model_card(
     ds = report.datasets or (report.extra.get("datasets") if isinstance(report.extra, dict) else None)
     ctx["data_specs"] = dict(ds) if isinstance(ds, dict) else {}
     ctx["not_tested"] = not_tested(report)
+    ctx["search_line"] = _search_line(report.search)
+    ctx["grid_settings"] = [_setting_line(x) for x in (tm.grid or {}).get("settings", [])]
+    ctx["sweep"], ctx["sweep_plot"] = _sweep_context(measured, folder)
     ctx["library"] = f"{report.library.get('name', 'immune_trainer')} {report.library.get('version', '?')}"
     ctx["dependencies"] = dict(report.library.get("dependencies") or {})
     ctx["report_created"] = report.created
