@@ -20,3 +20,22 @@ def test_quickstart_runs_and_reports_every_condition(tmp_path, monkeypatch, caps
     assert (tmp_path / "quickstart_out" / "immunization_report.json").exists()
     out = capsys.readouterr().out
     assert "VERDICT" in out and "base model under attack" in out
+
+
+def _readme_table(heading: str) -> list[str]:
+    """The first column (back-quoted names) of the first table after ``heading`` in the README."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index(heading) :]
+    table = section[section.index("\n|") :].split("\n\n")[0]
+    return [m.group(1) for m in re.finditer(r"^\| `([a-z_]+)`", table, re.M)]
+
+
+def test_readme_tables_of_attack_families_and_defenses_match_the_registries():
+    from immune_trainer.attacks import ATTACKS
+    from immune_trainer.defenses import list_defenses
+
+    assert _readme_table("## Attacks: families") == list(ATTACKS)
+    assert sorted(_readme_table("## The defenses")) == sorted(list_defenses())
