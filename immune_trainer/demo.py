@@ -53,8 +53,8 @@ PRESETS: dict[str, dict] = {
         attack_batch_size=2,
     ),
     "default": dict(
-        defense_steps=40,
-        defense_lr=3e-5,
+        defense_steps=24,
+        defense_lr=4.84e-5,
         attack_families=["full", "lora", "mixed", "benign"],
         attack_learning_rates=[8e-5],
         lora_learning_rate=1e-3,
@@ -116,9 +116,14 @@ class DemoConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data splits and the defense."})
-    alpha: float = field(default=1.5, metadata={"help": "Weight of the defense's bounded ascent term."})
+    alpha: float = field(
+        default=3.55,
+        metadata={"help": "Weight of the defense's bounded ascent term (the default: scripts/recipe_sweep.py)."},
+    )
     beta: float = field(default=0.001, metadata={"help": "RepNoise's noise (MMD) weight."})
-    retain_weight: float = field(default=3.0, metadata={"help": "Weight of the benign retain loss."})
+    retain_weight: float = field(
+        default=5.89, metadata={"help": "Weight of the benign retain loss (the default: scripts/recipe_sweep.py)."}
+    )
     layer_stride: int = field(
         default=5,
         metadata={
