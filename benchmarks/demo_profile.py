@@ -92,7 +92,11 @@ class PassCounter:
     def record(self, model, input_ids, attention_mask) -> None:
         import torch
 
-        tokens = int(attention_mask.sum()) if attention_mask is not None else int(input_ids.numel())
+        # With a KV cache (generation) the mask covers past tokens too: count only the new ones.
+        if attention_mask is not None and attention_mask.shape[-1] == input_ids.shape[-1]:
+            tokens = int(attention_mask.sum())
+        else:
+            tokens = int(input_ids.numel())
         seq = int(input_ids.shape[-1])
         cfg = model.config
         n = getattr(model, "_profile_params", None)
@@ -116,8 +120,8 @@ STAGE_PATTERNS = [
     (r"^\[1/\d\]", "assets + loading"),
     (r"^\[2/\d\]", "defense"),
     (r"\[(\w[\w-]*)\] attacking the (base|immunized) model", None),
+    (r"side effects:", "side effects (generation)"),
     (r"\[stability\]", "stability"),
-    (r"\[side.effects\]", "side effects"),
     (r"\[trainability\] benign fine-tuning of the (base|immunized)", None),
     (r"^\[4/\d\]", "report + card"),
     (r"^\[5/\d\]", "report + card"),

@@ -1002,8 +1002,14 @@ class DefenseSweep:
         import yaml
 
         params = trial_setting(best, self.space)
+        from dataclasses import fields as dataclass_fields
+
+        from .cli import ImmunizeArguments
+
+        # Only what `immunize` takes: its data options (model, dataset, retain_dataset...), never the defense.
+        options = {f.name for f in dataclass_fields(ImmunizeArguments)} - {"defense"}
         body: dict[str, Any] = {"defense": self.spec.name}
-        body.update({k: v for k, v in self.data_specs.items() if v is not None})
+        body.update({k: v for k, v in self.data_specs.items() if v is not None and k in options})
         body["output_dir"] = str(self.out / "best_model")
         body.update(self.defense_args)
         body.update(params)

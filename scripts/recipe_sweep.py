@@ -82,7 +82,9 @@ def main() -> None:
             "max_steps": args.defense_steps, "per_device_train_batch_size": budget["batch_size"],
             "max_length": budget["max_length"], "lr_scheduler_type": "constant", "seed": 0,
         },
-        data_specs={"defense": "embedded:harmful_qa/defense", "split_seed": 0},
+        data_specs={
+            "model": "embedded", "dataset": "embedded:harmful_qa/defense", "retain_dataset": "embedded:benign_qa"
+        },
     )
     t0 = time.perf_counter()
     sweep.run()

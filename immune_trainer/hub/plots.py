@@ -14,10 +14,24 @@ _TITLES = {"attack": "attack grid", "in_domain": "held-out in-domain", "cross_do
 
 
 def _label(config: dict) -> str:
-    n = config.get("num_samples") or "all"
+    """A short legend entry: family, learning rate, what sets the run apart, seed."""
+    parts = [str(config.get("family", "full"))]
     lr = config.get("learning_rate")
-    lr_s = f"{lr:g}" if isinstance(lr, (int, float)) else str(lr)
-    return f"lr={lr_s} n={n} seed={config.get('seed')}"
+    if isinstance(lr, (int, float)):
+        parts.append(f"lr={lr:g}")
+    if config.get("num_samples"):
+        parts.append(f"n={config['num_samples']}")
+    for key, short in (
+        ("optimizer", "opt"),
+        ("lr_scheduler_type", "sched"),
+        ("lora_rank", "r"),
+        ("harmful_share", "p"),
+    ):
+        value = config.get(key)
+        if value is not None and value not in ("adamw", "constant"):
+            parts.append(f"{short}={value}")
+    parts.append(f"seed={config.get('seed')}")
+    return " ".join(parts)
 
 
 def plot_attack_curves(report: ImmunizationReport, path: str | os.PathLike, dpi: int = 110) -> str | None:
@@ -43,6 +57,9 @@ def plot_attack_curves(report: ImmunizationReport, path: str | os.PathLike, dpi:
     try:
         for ax, s in zip(axes[0], sets):
             configs: list[str] = []
+            immunized_keys = {_label(c.config) for c in report.curves.get("immunized", {}).get(s, [])}
+            ax.plot([], [], "--", color="gray", label="base (dashed)")
+            ax.plot([], [], "-", color="gray", label="immunized (solid)")
             for who, style in (("base", "--"), ("immunized", "-")):
                 for curve in report.curves.get(who, {}).get(s, []):
                     key = _label(curve.config)
@@ -56,7 +73,7 @@ def plot_attack_curves(report: ImmunizationReport, path: str | os.PathLike, dpi:
                         color=color,
                         marker="o",
                         markersize=3,
-                        label=f"{who} {key}",
+                        label=key if who == "immunized" or key not in immunized_keys else None,
                     )
             phi = tm.set_thresholds.get(s, tm.threshold)  # a curve set may have its own phi
             ax.axhline(phi, color="black", linewidth=1, linestyle=":", label=f"phi = {phi:.4g}")
