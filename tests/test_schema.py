@@ -22,7 +22,9 @@ from immune_trainer.report import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_REPORT = ROOT / "model_cards" / "smollm2-135m-demo" / "immunization_report.json"
+# The demo's report as committed on 2026-11-26 (schema 1.0), and the current demo's (schema 1.1).
+DEMO_REPORT = ROOT / "tests" / "data" / "demo_report_schema_1_0.json"
+CURRENT_DEMO_REPORT = ROOT / "model_cards" / "smollm2-135m-demo" / "immunization_report.json"
 PHI = 2.0
 
 
@@ -191,6 +193,15 @@ def test_demo_report_of_schema_1_0_loads_and_matches_the_schema(tmp_path):
     )
     again = ImmunizationReport.load(report.save(tmp_path / "r.json"))
     assert again.to_dict() == report.to_dict()
+
+
+def test_the_current_demo_report_matches_the_shipped_schema():
+    raw = json.loads(CURRENT_DEMO_REPORT.read_text())
+    assert raw["schema_version"] == SCHEMA_VERSION
+    schema = json.loads(resources.files("immune_trainer").joinpath("data/report_schema.json").read_text())
+    assert _errors(raw, schema, schema) == []
+    report = ImmunizationReport.load(CURRENT_DEMO_REPORT)
+    assert report.side_effects is not None and report.datasets["attack_train"] == "embedded:harmful_qa/defense"
 
 
 def test_1_0_extra_datasets_becomes_the_typed_field():
