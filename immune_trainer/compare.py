@@ -21,7 +21,7 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import conditions as C
@@ -286,6 +286,36 @@ def _defense_label(report: ImmunizationReport) -> str:
     return str(name) if name else str(report.models.get("immunized", "?"))
 
 
+def _rows(report: ImmunizationReport, source: str) -> list[ComparisonRow]:
+    """One row per attack family of the report's main grid (a suite of families gives several), each with
+    that family's worst-case cost multiple; stability, cross-domain and verdict are the report's."""
+    tm = report.threat_model
+    curves = report.curves.get("immunized", {}).get("attack", [])
+    families = list(dict.fromkeys(c.config.get("family", "full") for c in curves))
+    row = _row(report, source)
+    if len(families) <= 1:
+        return [row]
+    by_family = C.resistance_by_family(
+        curves,
+        tm.threshold,
+        higher_is_better=tm.higher_is_better,
+        base_curves=report.curves.get("base", {}).get("attack", []),
+        min_cost_multiple=tm.min_cost_multiple,
+    )
+    rows = []
+    for family, r in by_family.items():
+        rows.append(
+            replace(
+                row,
+                attack_family=family,
+                cost_multiple=r.steps_multiple,
+                cost_multiple_is_lower_bound=r.multiple_is_lower_bound,
+                strong=r.strong,
+            )
+        )
+    return rows
+
+
 def _row(report: ImmunizationReport, source: str) -> ComparisonRow:
     c = report.conditions
     r = c.resistance
@@ -353,14 +383,14 @@ def compare_reports(reports: Sequence[str | os.PathLike | ImmunizationReport]) -
     family_ref: dict[str, ImmunizationReport] = {}
     rows = []
     for report, source in loaded:
-        fam = report.threat_model.attack_family
-        row = _row(report, source)
-        row.notes = _measure_differences(report, ref)
-        if fam in family_ref:
-            row.notes += _grid_differences(report, family_ref[fam])
-        else:
-            family_ref[fam] = report
-        rows.append(row)
+        for row in _rows(report, source):
+            fam = row.attack_family
+            row.notes = _measure_differences(report, ref)
+            if fam in family_ref:
+                row.notes += _grid_differences(report, family_ref[fam])
+            else:
+                family_ref[fam] = report
+            rows.append(row)
     # Two reports of the same defense and family: keep both, told apart by their source.
     seen: dict[tuple[str, str], int] = {}
     for row in rows:

@@ -810,6 +810,32 @@ def _check_sets(d: Any, name: str) -> dict[str, list[AttackCurve]]:
     return d
 
 
+def resistance_by_family(
+    curves: list[AttackCurve],
+    threshold: float,
+    *,
+    higher_is_better: bool,
+    base_curves: list[AttackCurve],
+    min_cost_multiple: float = 2.0,
+) -> dict[str, ResistanceResult]:
+    """Resistance judged separately for each attack family of a grid (curves grouped by their config's
+    ``family``; worst case over each family's settings and seeds). Families the base model was not attacked
+    with are left out."""
+    out: dict[str, ResistanceResult] = {}
+    for family in dict.fromkeys(c.config.get("family", "full") for c in curves):
+        imm = [c for c in curves if c.config.get("family", "full") == family]
+        base = [c for c in base_curves if c.config.get("family", "full") == family]
+        if base:
+            out[family] = resistance(
+                imm,
+                threshold,
+                higher_is_better=higher_is_better,
+                base_curves=base,
+                min_cost_multiple=min_cost_multiple,
+            )
+    return out
+
+
 def assess(
     *,
     threshold: float,

@@ -118,11 +118,14 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the data splits and the defense."})
     alpha: float = field(
         default=3.55,
-        metadata={"help": "Weight of the defense's bounded ascent term (the default: scripts/recipe_sweep.py)."},
+        metadata={
+            "help": "Weight of the defense's bounded ascent term (the default: scripts/recipe_sweep.py)."
+        },
     )
     beta: float = field(default=0.001, metadata={"help": "RepNoise's noise (MMD) weight."})
     retain_weight: float = field(
-        default=5.89, metadata={"help": "Weight of the benign retain loss (the default: scripts/recipe_sweep.py)."}
+        default=5.89,
+        metadata={"help": "Weight of the benign retain loss (the default: scripts/recipe_sweep.py)."},
     )
     layer_stride: int = field(
         default=5,
@@ -142,7 +145,9 @@ class DemoConfig:
     )
     lora_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the LoRA attack (cosine schedule, warm-up over a tenth of the budget)."},
+        metadata={
+            "help": "Learning rate of the LoRA attack (cosine schedule, warm-up over a tenth of the budget)."
+        },
     )
     attack_seeds: list[int] | None = field(
         default=None,
@@ -546,24 +551,18 @@ def _defend_and_evaluate(
 
 def family_multiples(report) -> dict[str, str]:
     """The resistance cost multiple of each attack family of the main grid, as printed by the demo."""
-    from .conditions import resistance
+    from .conditions import resistance_by_family
 
-    imm = report.curves["immunized"].get("attack", [])
-    base = report.curves["base"].get("attack", [])
     tm = report.threat_model
+    by_family = resistance_by_family(
+        report.curves["immunized"].get("attack", []),
+        tm.threshold,
+        higher_is_better=tm.higher_is_better,
+        base_curves=report.curves["base"].get("attack", []),
+        min_cost_multiple=tm.min_cost_multiple,
+    )
     out = {}
-    for family in dict.fromkeys(c.config.get("family", "?") for c in imm):
-        ic = [c for c in imm if c.config.get("family") == family]
-        bc = [c for c in base if c.config.get("family") == family]
-        if not ic or not bc:
-            continue
-        r = resistance(
-            ic,
-            tm.threshold,
-            higher_is_better=tm.higher_is_better,
-            base_curves=bc,
-            min_cost_multiple=tm.min_cost_multiple,
-        )
+    for family, r in by_family.items():
         if r.base_crossing is None:
             out[family] = "base never crossed phi within the budget: no multiple" + (
                 "" if r.strong else " (the immunized model did)"

@@ -160,3 +160,43 @@ def test_compare_command(reports, tmp_path, capsys):
     assert (tmp_path / "out" / "comparison.csv").exists()
     assert cli_main(["compare", str(tmp_path / "nowhere.json")]) == 1
     assert "no report at" in capsys.readouterr().err
+
+
+def test_a_suite_of_families_gives_one_cell_per_family():
+    def fam_curve(values, family):
+        c = curve(values)
+        c.config["family"] = family
+        return c
+
+    threat = ThreatModel(
+        attack_family="full,lora",
+        scorer="harmful_loss",
+        higher_is_better=True,
+        threshold=PHI,
+        scorer_range=(0.0, math.inf),
+        grid={"learning_rates": [1e-4], "seeds": [0]},
+        max_steps=20,
+    )
+    suite = build_report(
+        threat_model=threat,
+        base_model="tiny-base",
+        immunized_model="out/suite",
+        base_curves={"attack": [fam_curve(BASE, "full"), fam_curve([2.4, 2.3, 2.2, 2.1, 1.9], "lora")]},
+        immunized_curves={
+            "attack": [
+                fam_curve([3.0, 2.8, 2.5, 2.2, 1.9], "full"),
+                fam_curve([3.0, 2.9, 2.8, 2.7, 2.6], "lora"),
+            ]
+        },
+        defense={"name": "suite_defense", "config": {}},
+    )
+    table = compare_reports([suite])
+    assert table.attack_families == ["full", "lora"]
+    full, lora = table.get("suite_defense", "full"), table.get("suite_defense", "lora")
+    # full: base crosses at 6.67, immunized at 18.33; lora: the immunized model never crosses (a bound).
+    assert (
+        full.cost_multiple == pytest.approx(18.333 / 6.667, rel=1e-3)
+        and not full.cost_multiple_is_lower_bound
+    )
+    assert lora.cost_multiple_is_lower_bound and lora.strong
+    assert full.verdict == lora.verdict  # the verdict is the report's, in every cell
