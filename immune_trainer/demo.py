@@ -293,8 +293,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from . import assets, embedded
     from .defenses import get_defense
-    from .evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions
-    from .progress import StageBar, StepBar
+    from .evaluation import ConditionDatasets, EvaluationConfig
     from .side_effects import embedded_side_effect_prompts
 
     datasets.disable_progress_bars()
@@ -402,9 +401,6 @@ def run_demo(cfg: DemoConfig) -> dict:
                 data_specs,
                 assets_s,
                 t0,
-                StepBar,
-                StageBar,
-                evaluate_conditions,
             )
         )
     if len(summaries) == 1:
@@ -429,10 +425,10 @@ def _defend_and_evaluate(
     data_specs,
     assets_s,
     t0,
-    StepBar,
-    StageBar,
-    evaluate_conditions,
 ) -> dict:
+    from .evaluation import evaluate_conditions
+    from .progress import StageBar, StepBar
+
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {"assets_s": assets_s}
     _say(f"[2/5] immunizing a copy with {spec.name} ({cfg.defense_steps} steps at lr {cfg.defense_lr:g})")
