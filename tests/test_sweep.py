@@ -272,6 +272,7 @@ def test_a_no_op_defense_is_pruned_after_the_fastest_attack(data, tmp_path):
     assert result.best_trial is None and result.plot_path is None
 
 
+@pytest.mark.slow
 def test_multi_objective_pareto_front_over_attack_families(data, tmp_path):
     sweep = DefenseSweep(
         tiny_causal_lm("llama", seed=0),
@@ -382,6 +383,7 @@ def test_attack_configs_share_the_sweep_folder_and_keep_apart(data, tmp_path):
     assert [a.config.learning_rates for a in sweep.attacks] == [[1e-3, 3e-3], [1e-2]]
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_mid_trial_retries_that_trial_on_restart(files, tmp_path):
     """SIGKILL leaves the trial RUNNING in the storage; its heartbeat stops, and the next process marks it
     failed and runs its parameters again."""
