@@ -57,6 +57,7 @@ from .conditions import AttackCurve, CurvePoint, first_crossing
 from .errors import ConfigError, DataError
 from .progress import StepBar
 from .report import atomic_write
+from .run_cache import content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -651,7 +652,8 @@ class HarmfulFineTuningAttack:
                 progress(f"attack {setting_label(setting)}: {budget}")
             if family.trains:
                 curve = self._run_one(
-                    model, tokenizer, data[setting["family"]], eval_data, setting, family, prepare_model, phi
+                    model, tokenizer, data[setting["family"]], eval_data, setting, family, prepare_model, phi,
+                    fingerprint,
                 )
             else:
                 curve = self._run_training_free(
@@ -683,7 +685,7 @@ class HarmfulFineTuningAttack:
         )
 
     def _run_one(
-        self, model, tokenizer, data, eval_data, setting, family, prepare_model, phi=None
+        self, model, tokenizer, data, eval_data, setting, family, prepare_model, phi, fingerprint
     ) -> AttackCurve:
         cfg = self.config
         subset = family.training_set(data, setting)
@@ -705,11 +707,8 @@ class HarmfulFineTuningAttack:
         # Every run of a family that starts from the unchanged model shares one step-0 measurement.
         step0_key = None
         if family.same_at_start and prepare_model is None:
-            step0_key = (
-                model_fingerprint(model),
-                _content_hash(eval_data),
-                json.dumps(scorer_key(self.scorer)),
-            )
+            # run() has fingerprinted the model, the raw eval data and the scorer (its max_length included).
+            step0_key = (fingerprint["model"], fingerprint["eval"], json.dumps(fingerprint["scorer"]))
         callback_initial = _STEP0.get(step0_key) if step0_key else None
 
         stop = None
@@ -825,12 +824,7 @@ class HarmfulFineTuningAttack:
         atomic_write(path, json.dumps(payload, indent=2))
 
 
-def _content_hash(dataset) -> str:
-    """A hash of a dataset's content (stable across processes, unlike in-memory fingerprints)."""
-    h = hashlib.sha256()
-    for row in dataset:
-        h.update(json.dumps(row, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+_content_hash = content_hash  # the name other modules (attack_search) import
 
 
 _LABELS = {

@@ -229,7 +229,7 @@ def build_defense_config(spec, cfg: DemoConfig, output_dir: str):
     return spec.config_class(**{k: v for k, v in values.items() if k in names})
 
 
-def attack_suite(cfg: DemoConfig, output_dir: str | None):
+def attack_suite(cfg: DemoConfig):
     """The demo's resistance grid: one :class:`AttackConfig` per family (each with its own learning rate
     and schedule where the family needs one), every setting with every seed."""
     from .attacks import AttackConfig
@@ -240,8 +240,7 @@ def attack_suite(cfg: DemoConfig, output_dir: str | None):
         eval_every=cfg.eval_every,
         batch_size=cfg.attack_batch_size,
         max_length=cfg.max_length,
-        output_dir=output_dir,
-    )
+    )  # the runs are kept in the evaluation's cache_dir (the user cache) unless --no_cache
     suite = []
     for family in cfg.attack_families:
         if family == "lora":
@@ -277,8 +276,10 @@ def _cuda() -> bool:
 
 
 def _is_stage(message: str) -> bool:
+    """A message the evaluation writes when a stage starts ("[attack] attacking the base model", ...); its
+    "[set] phi = ..." lines report a number, not a stage."""
     text = message.strip()
-    return text.startswith("[") and not text.startswith("[1/") and "attack run" not in text
+    return text.startswith("[") and " phi = " not in text
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -318,14 +319,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     n_eval = cfg.eval_pairs
     cross = splits["cross_domain"].shuffle(seed=cfg.seed)
     half = len(cross) // 2
+    held_out = splits["in_domain"].select(range(min(n_eval, len(splits["in_domain"]))))
     arithmetic_train = embedded.load_embedded("arithmetic", "train")
     sets = ConditionDatasets(
         # Resistance: the attacker trains on the defender's own harmful data.
         attack_train=splits["defense"],
-        attack_eval=splits["in_domain"].select(range(min(n_eval, len(splits["in_domain"])))),
+        attack_eval=held_out,
         # In-domain generalization: disjoint pairs of the same harm categories.
         in_domain_train=splits["attack"],
-        in_domain_eval=splits["in_domain"].select(range(min(n_eval, len(splits["in_domain"])))),
+        in_domain_eval=held_out,
         # Cross-domain generalization: harm categories the defense never saw.
         cross_domain_train=cross.select(range(half)),
         cross_domain_eval=cross.select(range(half, min(len(cross), half + n_eval))),
@@ -363,7 +365,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from .attacks import AttackSuite
 
-    suite = AttackSuite(attack_suite(cfg, cache))
+    suite = AttackSuite(attack_suite(cfg))
     suite.show_progress = True
     eval_cfg = EvaluationConfig(
         threshold=cfg.threshold,

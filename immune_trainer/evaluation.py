@@ -384,6 +384,14 @@ def evaluate_conditions(
             ]
         )
     cache = RunCache(cfg.cache_dir)
+    fingerprints: dict[int, str] = {}  # a model's weights are fingerprinted once per evaluation
+
+    def fingerprint(model) -> str:
+        if cache.root is None:
+            return ""  # no cache: the key is never stored, so the weights need no fingerprint
+        if id(model) not in fingerprints:
+            fingerprints[id(model)] = model_fingerprint(model)
+        return fingerprints[id(model)]
     say = progress or (lambda message: logger.info(message))
     if datasets.attack_train is None or datasets.attack_eval is None:
         raise DataError(
@@ -414,7 +422,7 @@ def evaluate_conditions(
         for who, model in (("base", base_model), ("immunized", immunized_model)):
             say(f"[stability] side effects: {who} model on {len(se_cfg.templates)} jailbreak templates")
             key = {
-                "model": model_fingerprint(model),
+                "model": fingerprint(model),
                 "prompts": prompts_hash,
                 "config": _asdict(se_cfg),
                 "judge": se_judge if isinstance(se_judge, str) or se_judge is None else scorer_key(se_judge),
@@ -541,7 +549,7 @@ def evaluate_conditions(
             for model, into in ((base_model, base_cap), (immunized_model, imm_cap)):
                 into[name] = cache.get_or_compute(
                     "capability",
-                    {"model": model_fingerprint(model), "data": data_key, "scorer": scorer_key(cap_scorer)},
+                    {"model": fingerprint(model), "data": data_key, "scorer": scorer_key(cap_scorer)},
                     lambda model=model, ref=ref: cap_scorer.score(model, tokenizer, ref).value,
                 )
             cap_dir[name] = cap_scorer.higher_is_better
