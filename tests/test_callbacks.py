@@ -275,6 +275,9 @@ vals = [h for h in trainer.state.log_history if "conditions/probe" in h]
 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 with open(os.path.join(out, f"rank{os.environ.get('RANK', 0)}.json"), "w") as f:
     json.dump({"world": world, "vals": vals}, f)
+if torch.distributed.is_initialized():  # a clean teardown: no gloo thread left running at exit
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 

@@ -44,6 +44,9 @@ rank = int(os.environ.get("RANK", 0))
 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"world": world, "train_loss": result.training_loss, "log": trainer.state.log_history}, f)
+if torch.distributed.is_initialized():  # a clean teardown: no gloo thread left running at exit
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
