@@ -424,15 +424,46 @@ def _tokenized_supervised(ds, tokenizer, max_length: int, column_map: dict | Non
 
 
 def _batches(ds, batch_size: int, tokenizer) -> Iterator[dict]:
-    """Right-padded tensor batches from :class:`immune_trainer.data.SupervisedCollator`."""
+    """Right-padded tensor batches from :class:`immune_trainer.data.SupervisedCollator`, rows grouped by
+    length (longest first) so that a batch carries little padding."""
     from .data import SupervisedCollator
 
     collate = SupervisedCollator(tokenizer)
+    order = sorted(range(len(ds)), key=lambda i: -len(ds[i]["input_ids"]))
     for start in range(0, len(ds), batch_size):
-        rows = ds.select(range(start, min(start + batch_size, len(ds))))
+        rows = ds.select(order[start : start + batch_size])
         if any(len(r["input_ids"]) != len(r.get("labels", r["input_ids"])) for r in rows):
             raise DataError("Each example's labels must have the same length as its input_ids.")
         yield collate(list(rows))
+
+
+def _logits_at(model, input_ids, attention_mask, predict):
+    """The logits at the positions where ``predict`` (batch x length, bool) is set, as (n, vocab).
+
+    The output layer is applied to those positions only (a pre-hook selects its input rows, so whatever
+    the model does after it, such as logit soft-capping, still applies): on a response-only set the
+    prompt tokens cost no vocabulary projection and no softmax. A model whose output layer cannot be
+    hooked gets the full logits, then the selection.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    fired = []
+
+    def select(module, args):
+        hidden = args[0]
+        if fired or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(predict.shape):
+            return None
+        fired.append(True)
+        return (hidden[predict].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(select) if head is not None else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if fired and logits.dim() == 3 and logits.shape[0] == 1 and logits.shape[1] == int(predict.sum()):
+        return logits[0]
+    return logits[predict]
 
 
 def _response_nll(model, ds, batch_size: int, tokenizer) -> tuple[float, int]:
@@ -445,17 +476,17 @@ def _response_nll(model, ds, batch_size: int, tokenizer) -> tuple[float, int]:
     with eval_mode(model), _tokenizer_settings(tokenizer, "right"), torch.inference_mode():
         for batch in _batches(ds, batch_size, tokenizer):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             labels = labels.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-            nll = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
+            # position t predicts token t + 1: the last position predicts nothing
+            predict = torch.nn.functional.pad(labels != -100, (0, 1), value=False)
+            n = int(predict.sum())
+            if n == 0:
+                continue
+            logits = _logits_at(model, batch["input_ids"], batch["attention_mask"], predict)
+            nll = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
             total += float(nll)
-            count += int((labels != -100).sum())
+            count += n
     if count == 0:
         raise DataError(
             "No response tokens to score: every label is -100. Check that the dataset has responses and "

@@ -523,3 +523,47 @@ def test_generation_scorers_accept_prompt_only_and_messages_data(monkeypatch, to
     assert "Be kind." in calls["prompts"][0] and "Plants" not in calls["prompts"][0]  # no answer leak
     with pytest.raises(DataError, match="raw prompts"):
         get_scorer("refusal_rate").score(model, tok, _tokenized(tok))
+
+
+def test_output_layer_projects_only_response_positions_with_the_same_value(tok, model, monkeypatch):
+    ds = _tokenized(tok)
+    total, count = _hand_nll(model, ds)
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[:-1].numel())
+    )
+    try:
+        value = get_scorer("harmful_loss", batch_size=2).score(model, tok, ds).value
+    finally:
+        handle.remove()
+    assert value == pytest.approx(total / count, rel=1e-5)
+    assert sum(rows) == count  # no vocabulary projection of prompt or padding positions
+    # a model whose output layer cannot be hooked falls back to the full logits
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)
+    assert get_scorer("harmful_loss", batch_size=2).score(model, tok, ds).value == pytest.approx(
+        value, rel=1e-5
+    )
+
+
+def test_soft_capped_logits_are_scored_after_the_cap(tok):
+    import torch
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=0.5,  # strong enough to change the loss a lot
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    ds = _tokenized(tok)
+    total, count = _hand_nll(model, ds)
+    assert get_scorer("harmful_loss", batch_size=2).score(model, tok, ds).value == pytest.approx(
+        total / count, rel=1e-5
+    )
