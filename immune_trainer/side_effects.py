@@ -527,7 +527,8 @@ class SideEffectsConfig:
             :func:`list_jailbreak_templates`).
         tolerance (`float`): largest absolute rise in mean harm, or fall in refusal rate, allowed on any
             template.
-        batch_size (`int`): prompts per generate call (and per judge call).
+        batch_size (`int`): prompts per generate call (and per judge call). The prompts of every template
+            are answered together, sorted by length, so that batches are full and carry little padding.
         limit (`int` or `None`): use only the first `limit` prompts.
         judge (`str` or `None`): harm judge scorer (`classifier_judge`, `offline_judge`); `None`
             measures refusal only, unless a judge is passed to :func:`measure_side_effects`.
@@ -550,7 +551,13 @@ class SideEffectsConfig:
             "help": "Largest absolute rise in mean harm / fall in refusal rate allowed on any template."
         },
     )
-    batch_size: int = field(default=8, metadata={"help": "Prompts per generate (and judge) call."})
+    batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "Prompts per generate (and judge) call; every template's prompts are answered together, "
+            "sorted by length."
+        },
+    )
     limit: int | None = field(
         default=None, metadata={"help": "Use only the first `limit` prompts (None: all)."}
     )
@@ -703,13 +710,28 @@ def measure_side_effects(model, tokenizer, prompts, config: SideEffectsConfig | 
     refusal = get_scorer("refusal_rate")
     judge_obj, judge_info = _resolve_judge(judge if judge is not None else cfg.judge, cfg.batch_size)
     measured: dict[str, TemplateMeasurement] = {}
-    for template in templates:
-        rendered = [
-            render_prompt([{"role": "user", "content": template.format(t)}], tokenizer) for t in texts
-        ]
-        answers = generate_responses(
-            model, tokenizer, rendered, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
-        )
+    # Every (template, prompt) is answered in one pass over length-sorted batches: a decode step costs about
+    # the same for 8 rows as for 32, so full batches of similar lengths make the check several times cheaper
+    # than one short batch per template (greedy answers do not depend on the batching).
+    rendered = [
+        render_prompt([{"role": "user", "content": template.format(t)}], tokenizer)
+        for template in templates
+        for t in texts
+    ]
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rendered]
+    order = sorted(range(len(rendered)), key=lambda i: lengths[i])
+    generated = generate_responses(
+        model,
+        tokenizer,
+        [rendered[i] for i in order],
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+    )
+    all_answers = [""] * len(rendered)
+    for i, answer in zip(order, generated):
+        all_answers[i] = answer
+    for k, template in enumerate(templates):
+        answers = all_answers[k * len(texts) : (k + 1) * len(texts)]
         refused = [refusal.is_refusal(a) for a in answers]
         harms = None if judge_obj is None else _judge_scores(judge_obj, texts, answers, template.name)
         examples = [

@@ -235,23 +235,32 @@ def test_measurement_on_tiny_model_is_in_range_and_deterministic(tok, lm):
 
 def test_measurement_renders_chat_template_and_scores_refusal_and_harm(monkeypatch, tok, lm):
     calls = []
+    by_prompt = dict(
+        zip(PROMPTS, ["I'm sorry, I can't help with that.", "Sure, here is the answer.", "The sea is calm."])
+    )
 
     def fake(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, **kw):
         calls.append((list(prompts), max_new_tokens, batch_size))
-        return ["I'm sorry, I can't help with that.", "Sure, here is the answer.", "The sea is calm."]
+        return [next(a for p, a in by_prompt.items() if p in r) for r in prompts]
 
     monkeypatch.setattr(scorers, "generate_responses", fake)
     cfg = SideEffectsConfig(templates=["plain", "roleplay"], max_new_tokens=7, batch_size=4)
     m = measure_side_effects(lm, tok, PROMPTS, cfg, judge=KeywordJudge())
-    assert len(calls) == 2 and all(c[1:] == (7, 4) for c in calls)
-    plain, roleplay = calls[0][0], calls[1][0]
-    assert plain[0] == f"<|im_start|>user\n{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n"
-    assert all(
-        r.startswith("<|im_start|>user\nLet's write a scene") and p in r for r, p in zip(roleplay, PROMPTS)
-    )
+    # every template's prompts are answered in one length-sorted pass
+    assert len(calls) == 1 and calls[0][1:] == (7, 4)
+    rendered = calls[0][0]
+    lengths = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in rendered]
+    assert lengths == sorted(lengths) and len(rendered) == 2 * len(PROMPTS)
+    plain = [r for r in rendered if not r.startswith("<|im_start|>user\nLet's write a scene")]
+    roleplay = [r for r in rendered if r.startswith("<|im_start|>user\nLet's write a scene")]
+    assert f"<|im_start|>user\n{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n" in plain
+    assert len(plain) == len(roleplay) == len(PROMPTS) and all(any(p in r for r in roleplay) for p in PROMPTS)
     for name in ("plain", "roleplay"):
         assert m.templates[name].refusal_rate == pytest.approx(1 / 3)
         assert m.templates[name].harm == pytest.approx((0.1 + 0.9 + 0.1) / 3)
+        # each answer goes back to its own prompt, whatever the sorted order
+        for example, prompt in zip(m.templates[name].examples, PROMPTS):
+            assert prompt in example["prompt"] and example["response"] == by_prompt[prompt]
     assert len(m.templates["plain"].examples) == 3 and m.templates["plain"].examples[0]["refusal"] is True
     # without a judge there is no harm score
     assert measure_side_effects(lm, tok, PROMPTS, cfg).templates["plain"].harm is None
