@@ -39,6 +39,7 @@ PRESETS: dict[str, dict] = {
         attack_learning_rates=[8e-5],
         lora_learning_rate=1e-3,
         attack_seeds=[0],
+        generalization_seeds=[0],
         attack_steps=4,
         eval_every=2,
         eval_pairs=4,
@@ -55,10 +56,11 @@ PRESETS: dict[str, dict] = {
     "default": dict(
         defense_steps=24,
         defense_lr=4.84e-5,
-        attack_families=["full", "lora", "mixed", "benign"],
+        attack_families=["full", "lora", "mixed"],
         attack_learning_rates=[8e-5],
         lora_learning_rate=1e-3,
         attack_seeds=[0, 1],
+        generalization_seeds=[0],
         attack_steps=8,
         eval_every=2,
         eval_pairs=8,
@@ -79,6 +81,7 @@ PRESETS: dict[str, dict] = {
         attack_learning_rates=[3e-5, 8e-5],
         lora_learning_rate=1e-3,
         attack_seeds=[0, 1, 2],
+        generalization_seeds=[0, 1, 2],
         attack_steps=60,
         eval_every=5,
         eval_pairs=38,
@@ -152,6 +155,10 @@ class DemoConfig:
     attack_seeds: list[int] | None = field(
         default=None,
         metadata={"help": "Seeds of every attack setting (each crossing is shown with its spread)."},
+    )
+    generalization_seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "Seeds of the in-domain and cross-domain attacks (full fine-tuning)."},
     )
     attack_steps: int | None = field(default=None, metadata={"help": "Attack budget in steps."})
     eval_every: int | None = field(default=None, metadata={"help": "Measure harm every N attack steps."})
@@ -269,6 +276,26 @@ def attack_suite(cfg: DemoConfig):
     return suite
 
 
+def generalization_suite(cfg: DemoConfig):
+    """The in-domain and cross-domain attack: full fine-tuning at the grid's learning rates, with
+    ``generalization_seeds`` (the evaluation sets its budget, ``generalization_steps``)."""
+    from .attacks import AttackConfig, AttackSuite
+
+    return AttackSuite(
+        [
+            AttackConfig(
+                families=["full"],
+                learning_rates=list(cfg.attack_learning_rates),
+                seeds=list(cfg.generalization_seeds),
+                max_steps=cfg.generalization_steps,
+                eval_every=cfg.eval_every,
+                batch_size=cfg.attack_batch_size,
+                max_length=cfg.max_length,
+            )
+        ]
+    )
+
+
 def _cuda() -> bool:
     import torch
 
@@ -382,7 +409,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         side_effects_max_new_tokens=24,
         side_effects_judge="offline_judge",
     )
-    generalization = suite.members(["full"]) or AttackSuite(suite.attacks[:1])
+    generalization = generalization_suite(cfg)
     generalization.show_progress = True
 
     summaries = []
@@ -429,40 +456,22 @@ def _defend_and_evaluate(
     t0,
 ) -> dict:
     from .evaluation import evaluate_conditions
-    from .progress import StageBar, StepBar
+    from .progress import StageBar
 
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {"assets_s": assets_s}
     _say(f"[2/5] immunizing a copy with {spec.name} ({cfg.defense_steps} steps at lr {cfg.defense_lr:g})")
     t1 = time.perf_counter()
-    immunized = copy.deepcopy(base)
     immunized_dir = out / "immunized_model"
-    from . import embedded
-
-    trainer = spec.trainer_class(
-        model=immunized,
-        args=build_defense_config(spec, cfg, str(immunized_dir)),
-        harmful_dataset=splits["defense"],
-        retain_dataset=embedded.load_embedded("benign_qa"),
-        processing_class=tokenizer,
-        callbacks=[StepBar(f"defense {spec.name}", keys=("loss",), leave=True)],
-    )
-    from transformers import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # the bar shows the loss; no raw log dictionaries on screen
-    trainer.train()
-    trainer.save_model(str(immunized_dir))
-    tokenizer.save_pretrained(str(immunized_dir))
-    immunized.eval()
+    immunized, log_history, reused = _immunize(spec, cfg, base, tokenizer, splits, immunized_dir)
     timings["defense_s"] = time.perf_counter() - t1
-    terms = [h for h in trainer.state.log_history if any(k.startswith("loss/") for k in h)]
+    terms = [h for h in log_history if any(k.startswith("loss/") for k in h)]
     if terms:
         last = terms[-1]
         _say(
             "      last logged terms: "
             + ", ".join(f"{k[5:]}={v:.3f}" for k, v in last.items() if k.startswith("loss/"))
         )
-    del trainer
 
     # Stages the evaluation announces: side effects (2), each set's base reference runs, the base's other
     # runs and the immunized runs, each reference set's capability, and the two benign fine-tunes.
@@ -490,7 +499,12 @@ def _defend_and_evaluate(
     timings["evaluation_s"] = time.perf_counter() - t2
 
     _say("[4/5] writing the report, the plot and a draft model card")
-    report.extra["demo"] = {"preset": cfg.preset, "config": asdict(cfg), "timings_s": timings}
+    report.extra["demo"] = {
+        "preset": cfg.preset,
+        "config": asdict(cfg),
+        "timings_s": timings,
+        "defense_reused_from_cache": reused,
+    }
     report.extra["data"] = {
         "harmful_splits": dict(splits.counts),
         "categories": {k: list(v) for k, v in splits.categories.items()},
@@ -545,6 +559,75 @@ def _defend_and_evaluate(
         f"{timings['defense_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s)"
     )
     return summary
+
+
+def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Path):
+    """Train the defense on a copy of ``base`` and save it to ``immunized_dir``.
+
+    Unless ``--no_cache``, the trained model is kept in the user cache under a hash of everything the
+    training depends on (the base model's weights, the defense and every training argument, the harmful
+    and retain data, the library versions); the same demo run again loads it instead of training again.
+    The training is deterministic, so the loaded weights are the ones it would produce.
+
+    Returns:
+        ``(model, training log history, reused)``.
+    """
+    from transformers import AutoModelForCausalLM, PrinterCallback
+
+    from . import __version__, assets, embedded
+    from .attacks import model_fingerprint
+    from .evaluation import dependency_versions
+    from .progress import StepBar
+    from .run_cache import ModelCache, content_hash
+
+    args = build_defense_config(spec, cfg, str(immunized_dir))
+    retain = embedded.load_embedded("benign_qa")
+    cache = ModelCache(None if cfg.no_cache else assets.cache_dir() / "runs", kind="immunized", keep=2)
+    key = None
+    if cache.root is not None:
+        where = ("output_dir", "logging_dir", "run_name", "hub_token")  # where it goes, not what it learns
+        settings = {k: v for k, v in args.to_dict().items() if k not in where}
+        key = {
+            "defense": spec.name,
+            "args": settings,
+            "base": model_fingerprint(base),
+            "harmful": content_hash(splits["defense"]),
+            "retain": content_hash(retain),
+            "versions": {"immune_trainer": __version__, **dependency_versions()},
+        }
+        hit = cache.get(key)
+        if hit is not None:
+            path, extra = hit
+            _say(
+                f"      reusing the model an earlier run trained with the same defense, settings, data and "
+                f"base model ({path}; --no_cache trains again)"
+            )
+            immunized = AutoModelForCausalLM.from_pretrained(path, dtype=base.dtype, use_safetensors=True)
+            immunized.to(base.device)
+            immunized.save_pretrained(str(immunized_dir))
+            tokenizer.save_pretrained(str(immunized_dir))
+            immunized.eval()
+            return immunized, list(extra.get("log_history", [])), True
+
+    immunized = copy.deepcopy(base)
+    trainer = spec.trainer_class(
+        model=immunized,
+        args=args,
+        harmful_dataset=splits["defense"],
+        retain_dataset=retain,
+        processing_class=tokenizer,
+        callbacks=[StepBar(f"defense {spec.name}", keys=("loss",), leave=True)],
+    )
+    trainer.remove_callback(PrinterCallback)  # the bar shows the loss; no raw log dictionaries on screen
+    trainer.train()
+    trainer.save_model(str(immunized_dir))
+    tokenizer.save_pretrained(str(immunized_dir))
+    immunized.eval()
+    log_history = list(trainer.state.log_history)
+    del trainer
+    if key is not None:
+        cache.put(key, lambda d: immunized.save_pretrained(str(d)), extra={"log_history": log_history})
+    return immunized, log_history, False
 
 
 def family_multiples(report) -> dict[str, str]:

@@ -95,3 +95,70 @@ class RunCache:
         value = compute()
         self.put(kind, key, encode(value))
         return value
+
+
+class ModelCache:
+    """Trained models kept by a hash of everything their training depended on, the most recent ``keep``.
+
+    An entry is a directory (``save_pretrained`` output plus ``entry.json`` with the key and whatever
+    the caller records, e.g. the training log). It is written under a temporary name and renamed, so a
+    killed run never leaves a half-written model behind; an entry whose recorded key does not match is
+    ignored. ``None`` as root caches nothing.
+    """
+
+    def __init__(self, root: str | Path | None, kind: str = "models", keep: int = 2):
+        self.root = Path(root).expanduser() / kind if root else None
+        self.keep = keep
+
+    def path(self, key: dict[str, Any]) -> Path | None:
+        if self.root is None:
+            return None
+        digest = hashlib.sha256(json.dumps(_normalized(key), sort_keys=True).encode()).hexdigest()[:20]
+        return self.root / digest
+
+    def get(self, key: dict[str, Any]) -> tuple[Path, dict] | None:
+        """``(directory, recorded extras)`` of the entry for ``key``, or None."""
+        path = self.path(key)
+        if path is None or not (path / "entry.json").exists():
+            return None
+        try:
+            entry = json.loads((path / "entry.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            logger.warning("ignoring unreadable cached model %s", path)
+            return None
+        if entry.get("key") != _normalized(key):
+            return None
+        path.touch()  # most recently used
+        return path, entry.get("extra", {})
+
+    def put(
+        self, key: dict[str, Any], save: Callable[[Path], None], extra: dict | None = None
+    ) -> Path | None:
+        """Store what ``save(directory)`` writes under ``key``; keep the ``keep`` most recent entries."""
+        import shutil
+        import tempfile
+
+        path = self.path(key)
+        if path is None:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".partial-"))
+        try:
+            save(tmp)
+            (tmp / "entry.json").write_text(
+                json.dumps({"key": _normalized(key), "extra": extra or {}}, indent=1, default=str)
+            )
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        entries = sorted(
+            (p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for old in entries[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path

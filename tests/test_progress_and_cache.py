@@ -87,3 +87,71 @@ def test_content_hash_tells_datasets_apart():
     a = datasets.Dataset.from_dict({"prompt": ["a", "b"]})
     b = datasets.Dataset.from_dict({"prompt": ["a", "c"]})
     assert content_hash(a) == content_hash(a.to_list()) != content_hash(b)
+
+
+def test_model_cache_keeps_recent_entries_and_never_a_partial_one(tmp_path, model):
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from immune_trainer.run_cache import ModelCache
+
+    cache = ModelCache(tmp_path, kind="immunized", keep=2)
+    assert cache.get({"a": 1}) is None
+    path = cache.put(
+        {"a": 1}, lambda d: model.save_pretrained(str(d)), extra={"log_history": [{"loss": 1.5}]}
+    )
+    found, extra = cache.get({"a": 1})
+    assert found == path and extra == {"log_history": [{"loss": 1.5}]}
+    loaded = AutoModelForCausalLM.from_pretrained(found)
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert cache.get({"a": 2}) is None  # another key
+    # an entry whose recorded key does not match its name is not trusted
+    entry = json.loads((path / "entry.json").read_text())
+    (path / "entry.json").write_text(json.dumps({**entry, "key": {"a": 3}}))
+    assert cache.get({"a": 1}) is None
+
+    def fail(directory):
+        (directory / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed while saving")
+
+    with pytest.raises(RuntimeError):
+        cache.put({"a": 4}, fail)
+    assert cache.get({"a": 4}) is None
+    assert not any(p.name.startswith(".partial") for p in (tmp_path / "immunized").iterdir())
+    for i in (5, 6, 7):  # only the two most recent entries stay
+        cache.put({"a": i}, lambda d: (d / "w").write_text("w"))
+    assert [cache.get({"a": i}) is not None for i in (5, 6, 7)] == [False, True, True]
+    assert ModelCache(None).get({"a": 6}) is None and ModelCache(None).put({"a": 6}, fail) is None
+
+
+def test_demo_reuses_the_immunized_model_only_for_the_same_training(tmp_path, monkeypatch):
+    import torch
+
+    from conftest import make_benign, make_pairs
+    from immune_trainer import assets, demo, embedded
+    from immune_trainer.defenses import get_defense
+    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(embedded, "load_embedded", lambda *a, **k: make_benign(8))
+    monkeypatch.setattr(demo, "_cuda", lambda: False)
+    base, tok = tiny_causal_lm("llama", seed=0), tiny_tokenizer()
+    splits = {"defense": make_pairs(8)}
+    spec = get_defense("gradient_ascent")
+
+    def immunize(name, **overrides):
+        cfg = demo.DemoConfig(quick=True, defense_steps=2, max_length=32, batch_size=2, **overrides)
+        return demo._immunize(spec, cfg, base, tok, splits, tmp_path / name)
+
+    first, log, reused = immunize("a")
+    assert not reused and any("loss" in h for h in log)
+    assert any(not torch.equal(p, q) for p, q in zip(first.parameters(), base.parameters()))
+    again, log_again, reused = immunize("b")
+    assert reused and log_again == log
+    for p, q in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(p, q)
+    assert (tmp_path / "b" / "model.safetensors").exists()  # the output folder is complete either way
+    assert not immunize("c", defense_lr=1e-4)[2]  # other settings: trained again
+    assert not immunize("d", no_cache=True)[2]
