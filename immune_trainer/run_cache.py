@@ -22,6 +22,11 @@ from .report import atomic_write
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CACHE_VERSION = 2
+"""Part of every cache key (measurements, attack runs, models): bumped whenever a change to the library
+changes what a measurement computes, even in the last digits (2: fused AdamW for the attacker, response-only
+output projection in the loss scorers, length-sorted batches), so that no stale result is reused."""
+
 
 def content_hash(dataset) -> str:
     """A hash of a dataset's rows (stable across processes, unlike ``datasets``' in-memory fingerprints)."""
@@ -33,7 +38,7 @@ def content_hash(dataset) -> str:
 
 
 def _normalized(key: dict[str, Any]) -> Any:
-    return json.loads(json.dumps(key, sort_keys=True, default=str))
+    return json.loads(json.dumps({**key, "cache_version": CACHE_VERSION}, sort_keys=True, default=str))
 
 
 class RunCache:
@@ -56,6 +61,7 @@ class RunCache:
             return None
         digest = hashlib.sha256(json.dumps(_normalized(key), sort_keys=True).encode()).hexdigest()[:20]
         return self.root / kind / f"{digest}.json"
+
 
     def get(self, kind: str, key: dict[str, Any]) -> Any | None:
         """The stored value for ``key``, or None when absent, unreadable or stored under another key."""
