@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "datasets", "httpx", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_progress_bars()
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # before the first model is loaded (see immune_trainer.runtime)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -102,6 +103,22 @@ PRESETS: dict[str, dict] = {
         attack_batch_size=4,
     ),
 }
+
+
+def preset_table() -> str:
+    """The budgets of the three presets as a markdown table (the README shows it; a test keeps them equal)."""
+
+    def show(value) -> str:
+        if isinstance(value, list):
+            return ", ".join(str(v) for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    names = list(PRESETS)
+    lines = ["| option | " + " | ".join(f"`--{n}`" if n != "default" else "default" for n in names) + " |"]
+    lines.append("|---" * (len(names) + 1) + "|")
+    for key in PRESETS["default"]:
+        lines.append(f"| `{key}` | " + " | ".join(show(PRESETS[n][key]) for n in names) + " |")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -325,6 +342,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .side_effects import embedded_side_effect_prompts
 
     datasets.disable_progress_bars()
+    # peft asks transformers for a renamed attribute on every LoRA wrap; not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
