@@ -155,7 +155,9 @@ def main(argv=None) -> int:
     from transformers import PreTrainedModel
 
     from immune_trainer import demo
+    from immune_trainer.runtime import keep_freed_memory
 
+    keep_freed_memory()  # as the immune-trainer command does
     cpu = cpu_description()
     peak = matmul_peak_gflops()
     counter = PassCounter()

@@ -39,3 +39,11 @@ def test_readme_tables_of_attack_families_and_defenses_match_the_registries():
 
     assert _readme_table("## Attacks: families") == list(ATTACKS)
     assert sorted(_readme_table("## The defenses")) == sorted(list_defenses())
+
+
+def test_readme_shows_the_demo_presets_as_they_are():
+    """The demo's budgets are documented choices: the README's preset table is the one PRESETS gives."""
+    from immune_trainer.demo import preset_table
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert preset_table() in text
