@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sqlite3
 
 import datasets
@@ -33,6 +34,14 @@ def _sqlite_without_fsync(dbapi_connection, _record):
     tests do); only a power cut could lose it."""
     if isinstance(dbapi_connection, sqlite3.Connection):
         dbapi_connection.execute("PRAGMA synchronous=OFF")
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a torchrun rendezvous: a fixed port (29500) collides when two
+    DDP tests run at once (pytest-xdist workers, two checkouts on one machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_pairs(n: int = 24, offset: int = 0) -> datasets.Dataset:
