@@ -10,6 +10,7 @@ import gc
 import os
 import socket
 import sqlite3
+from pathlib import Path
 
 import datasets
 import pytest
@@ -146,6 +147,31 @@ def harmful_eval():
 @pytest.fixture
 def benign():
     return make_benign(24)
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, lowered to a container's CPU quota (cgroup v2)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (scripts/test.sh): one worker per usable CPU, at most 4, none (in-process) with one CPU.
+
+    Each worker imports torch and the rest once (~6 s of CPU, ~0.7 GB); beyond 4 workers the suite's
+    longest tests bound the time. psutil's count (xdist's default) ignores container CPU quotas.
+    PYTEST_XDIST_AUTO_NUM_WORKERS still chooses the number."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    n = min(_usable_cpus(), 4)
+    return n if n > 1 else 0
 
 
 def _freeze_the_heap():
