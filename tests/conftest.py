@@ -11,23 +11,42 @@ import os
 import socket
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import pytest
-import torch
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
 
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
-# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine a second OpenMP thread
-# turns every small op into a wait for a time slice (measured: a 135M forward 1.0 s on 1 thread, 9 s on 2).
-torch.set_num_threads(1)
-datasets.disable_progress_bars()
-os.environ.setdefault("IMMUNE_TRAINER_NO_PROGRESS", "1")  # tests that want bars unset it themselves
+if TYPE_CHECKING:
+    import datasets
+
+# torch, datasets and sqlalchemy are imported in pytest_configure, not here: pytest-xdist's controller
+# (scripts/test.sh) loads this file too, only to hand the tests to its workers, and importing torch there
+# would delay every worker's start by ~2.5 s (~8 s on a slow machine).
 
 
-@event.listens_for(Engine, "connect")
+def _is_xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "tx", None)) and not hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("IMMUNE_TRAINER_NO_PROGRESS", "1")  # tests that want bars unset it themselves
+    if _is_xdist_controller(config):
+        return
+    import datasets
+    import torch
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine a second OpenMP thread
+    # turns every small op into a wait for a time slice (measured: a 135M forward 1.0 s on 1 thread, 9 s
+    # on 2).
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    if not event.contains(Engine, "connect", _sqlite_without_fsync):
+        event.listen(Engine, "connect", _sqlite_without_fsync)
+
+
 def _sqlite_without_fsync(dbapi_connection, _record):
     """Optuna's SQLite storages (attack searches, sweeps) commit a few times per trial, and each commit waits
     for two fsyncs: 5-10 ms on this disk, ~10 s of the fast suite. Without fsync a commit is still atomic
@@ -54,6 +73,8 @@ def make_pairs(n: int = 24, offset: int = 0) -> datasets.Dataset:
         }
         for i in range(n)
     ]
+    import datasets
+
     return datasets.Dataset.from_list(rows)
 
 
@@ -61,6 +82,8 @@ def make_benign(n: int = 24) -> datasets.Dataset:
     rows = [
         {"prompt": f"What is {i} + {i % 5}?", "completion": f"The answer is {i + i % 5}."} for i in range(n)
     ]
+    import datasets
+
     return datasets.Dataset.from_list(rows)
 
 
@@ -90,6 +113,8 @@ def train_on_identical_batches(
     correct gradient accumulation gives the same weights for any number of accumulation steps.
 
     Returns ``(model, parameters before training)``."""
+    import datasets
+
     row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
     args = trainer_class.config_class(
         output_dir=str(out_dir),
@@ -121,6 +146,8 @@ def train_on_identical_batches(
 
 
 def flat_parameters(model):
+    import torch
+
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
