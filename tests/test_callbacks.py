@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_benign, make_pairs
+from conftest import free_port, make_benign, make_pairs
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from immune_trainer.callbacks import (
@@ -290,7 +290,8 @@ def test_ddp_two_processes_probe_identically_without_hanging(tmp_path):
     script.write_text(_DDP_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port()), str(script), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

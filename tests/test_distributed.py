@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 
 SCRIPT = r"""
 import json, os, sys
@@ -66,7 +67,7 @@ def _run(tmp_path, name, procs, per_device):
             "--nproc_per_node",
             str(procs),
             "--master_port",
-            "29533",
+            str(free_port()),
             str(script),
             str(out),
             str(per_device),
