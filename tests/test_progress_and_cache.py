@@ -128,8 +128,8 @@ def test_model_cache_keeps_recent_entries_and_never_a_partial_one(tmp_path, mode
 
 def test_demo_reuses_the_immunized_model_only_for_the_same_training(tmp_path, monkeypatch):
     import torch
-
     from conftest import make_benign, make_pairs
+
     from immune_trainer import assets, demo, embedded
     from immune_trainer.defenses import get_defense
     from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
