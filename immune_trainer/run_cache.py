@@ -41,6 +41,11 @@ def _normalized(key: dict[str, Any]) -> Any:
     return json.loads(json.dumps({**key, "cache_version": CACHE_VERSION}, sort_keys=True, default=str))
 
 
+def _digest(key: dict[str, Any]) -> str:
+    """The file or folder name of a cache entry: a hash of its normalized key."""
+    return hashlib.sha256(json.dumps(_normalized(key), sort_keys=True).encode()).hexdigest()[:20]
+
+
 class RunCache:
     """One JSON file per (kind, key) under ``root``; ``None`` as root caches nothing.
 
@@ -59,8 +64,7 @@ class RunCache:
     def path(self, kind: str, key: dict[str, Any]) -> Path | None:
         if self.root is None:
             return None
-        digest = hashlib.sha256(json.dumps(_normalized(key), sort_keys=True).encode()).hexdigest()[:20]
-        return self.root / kind / f"{digest}.json"
+        return self.root / kind / f"{_digest(key)}.json"
 
 
     def get(self, kind: str, key: dict[str, Any]) -> Any | None:
@@ -119,8 +123,7 @@ class ModelCache:
     def path(self, key: dict[str, Any]) -> Path | None:
         if self.root is None:
             return None
-        digest = hashlib.sha256(json.dumps(_normalized(key), sort_keys=True).encode()).hexdigest()[:20]
-        return self.root / digest
+        return self.root / _digest(key)
 
     def get(self, key: dict[str, Any]) -> tuple[Path, dict] | None:
         """``(directory, recorded extras)`` of the entry for ``key``, or None."""
