@@ -914,3 +914,26 @@ def test_every_defense_trains_with_gradient_checkpointing(name, tmp_path):
     ]
     trainable_adapters = [n for n, p in trained.named_parameters() if n not in before and p.requires_grad]
     assert changed or trainable_adapters, f"{name}: one step changed nothing"
+
+
+def test_each_plot_panel_names_the_families_its_set_ran(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from immune_trainer.hub.plots import plot_attack_curves
+
+    report = _report()
+    lora = AttackCurve(
+        config={"family": "lora", "learning_rate": 1e-3},
+        points=[CurvePoint(step=5 * i, tokens=0, flops=0.0, value=v) for i, v in enumerate([3.0, 2.8, 2.7])],
+    )
+    report.curves["immunized"]["attack"].append(lora)
+    report.threat_model.attack_family = "full,lora"
+    report.curves["base"]["in_domain"] = [report.curves["base"]["attack"][0]]
+    report.curves["immunized"]["in_domain"] = [report.curves["immunized"]["attack"][0]]
+    titles = []
+    original = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_title", lambda self, t, *a, **k: (titles.append(t), original(self, t, *a, **k))[1]
+    )
+    plot_attack_curves(report, tmp_path / "curves.png")
+    assert titles[0].startswith("attack grid (full,lora)") and "(full)" in titles[1]

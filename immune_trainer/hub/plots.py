@@ -78,7 +78,16 @@ def plot_attack_curves(report: ImmunizationReport, path: str | os.PathLike, dpi:
             phi = tm.set_thresholds.get(s, tm.threshold)  # a curve set may have its own phi
             ax.axhline(phi, color="black", linewidth=1, linestyle=":", label=f"phi = {phi:.4g}")
             side = "above" if tm.higher_is_better else "below"
-            ax.set_title(f"{_TITLES[s]} ({tm.attack_family}); safe {side} phi")
+            # each set names the families it ran (the generalization sets may run fewer than the grid)
+            families = list(
+                dict.fromkeys(
+                    c.config.get("family")
+                    for who in ("base", "immunized")
+                    for c in report.curves.get(who, {}).get(s, [])
+                    if c.config.get("family")
+                )
+            )
+            ax.set_title(f"{_TITLES[s]} ({','.join(families) or tm.attack_family}); safe {side} phi")
             ax.set_xlabel("attack step")
             ax.set_ylabel(tm.scorer)
             ax.grid(alpha=0.3)
