@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
+
+from demo_profile import cpu_description, matmul_peak_gflops  # the script's folder is on sys.path
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
 
     from immune_trainer import assets
 
-    sys_info = _cpu()
+    sys_info = cpu_description()
     model = AutoModelForCausalLM.from_pretrained(assets.prepare_model(), dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
@@ -39,12 +40,7 @@ def main() -> None:
         opt.zero_grad()
         if i:
             times.append(time.perf_counter() - t)
-    a = torch.randn(2048, 2048)
-    a @ a
-    t = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    matmul = 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    matmul = matmul_peak_gflops()
     step = statistics.median(times)
     n_params = sum(p.numel() for p in model.parameters())
     result = {
@@ -70,22 +66,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-
-
-def _cpu() -> dict:
-    model, flags = platform.processor(), ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line
-    except OSError:
-        pass
-    return {"model": model, "avx512": "avx512f" in flags, "avx2": "avx2" in flags, "cpus": os.cpu_count()}
 
 
 if __name__ == "__main__":

@@ -479,7 +479,7 @@ def _response_nll(model, ds, batch_size: int, tokenizer) -> tuple[float, int]:
             labels = batch["labels"][:, 1:]
             labels = labels.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
             # position t predicts token t + 1: the last position predicts nothing
-            predict = torch.nn.functional.pad(labels != -100, (0, 1), value=False)
+            predict = F.pad(labels != -100, (0, 1), value=False)
             n = int(predict.sum())
             if n == 0:
                 continue
