@@ -438,7 +438,9 @@ GRID_FIELDS = (
 
 
 class _AttackTrainer(Trainer):
-    """A plain Trainer that counts the tokens it trains on (attention-mask tokens)."""
+    """A plain Trainer that counts the tokens it trains on (attention-mask tokens), and whose output layer
+    projects only the response positions (the loss is the same; see
+    :func:`immune_trainer.modeling.response_loss`)."""
 
     tokens_seen = 0
 
@@ -447,6 +449,30 @@ class _AttackTrainer(Trainer):
         if mask is not None:
             self.tokens_seen += int(mask.sum())
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        plain = set(inputs) <= {"input_ids", "attention_mask", "labels"} and "labels" in inputs
+        peft_config = getattr(self.accelerator.unwrap_model(model), "active_peft_config", None)
+        if (
+            return_outputs
+            or not plain
+            or getattr(peft_config, "is_prompt_learning", False)  # virtual tokens change the shapes
+            or self.label_smoother is not None
+            or self.compute_loss_func is not None
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .modeling import response_loss
+
+        # As Trainer.compute_loss: a model that takes loss kwargs divides by the batch's token count
+        # (gradient accumulation), and the loss is scaled back up by the processes averaging it.
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, _ = response_loss(
+            model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], items
+        )
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
 
 class _CurveCallback(TrainerCallback):

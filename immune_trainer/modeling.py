@@ -40,8 +40,10 @@ __all__ = [
     "capture_outputs",
     "find_decoder_structure",
     "hidden_states_via_unembedding",
+    "logits_at",
     "primary_tensor",
     "replace_primary_tensor",
+    "response_loss",
     "unembed",
     "unwrap_model",
 ]
@@ -586,3 +588,109 @@ def hidden_states_via_unembedding(
 def _unembed_normed(structure: DecoderStructure, hidden: torch.Tensor) -> torch.Tensor:
     no_norm = DecoderStructure(**{**structure.__dict__, "final_norm": None})
     return unembed(no_norm, hidden)
+
+
+# --------------------------------------------------------------------------- response-only output layer
+
+
+def logits_at(model: nn.Module, predict: torch.Tensor, **forward_kwargs) -> tuple[torch.Tensor, Any]:
+    """Run ``model(**forward_kwargs)`` and return ``(logits where predict is set, outputs)``.
+
+    ``predict`` is a (batch, length) bool mask of the positions whose next-token distribution is wanted
+    (:func:`immune_trainer.losses.response_prediction_mask`). The output layer is applied to those
+    positions only: a forward pre-hook on ``get_output_embeddings()`` selects its input rows, so whatever
+    the model does after the projection (Gemma's soft-capping, Cohere's logit scale) still applies, and
+    on response-only data the prompt tokens cost no vocabulary projection, no softmax and no backward
+    through either. Works with gradients, through peft and DDP / FSDP / DeepSpeed wrappers (the hook sits
+    on the unwrapped head; the wrapped model is called). A model whose output layer cannot be hooked, or
+    whose head sees another shape (a soft prompt prepended inside the forward), gets its full logits and
+    then the selection; ``None`` as logits means neither worked.
+
+    Returns:
+        ``(logits, outputs)``: logits of shape ``(predict.sum(), vocab)`` in the model's dtype, and the
+        model's outputs (whose ``logits`` hold only the selected rows when the hook applied).
+    """
+    inner = unwrap_model(model)
+    getter = getattr(inner, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    fired: list[bool] = []
+
+    def select(module, args):
+        hidden = args[0] if args else None
+        if (
+            fired
+            or not torch.is_tensor(hidden)
+            or hidden.dim() != 3
+            or tuple(hidden.shape[:2]) != tuple(predict.shape)
+        ):
+            return None
+        fired.append(True)
+        return (hidden[predict].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(select) if isinstance(head, nn.Module) else None
+    try:
+        outputs = model(**forward_kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+        logits = outputs[0]
+    n = int(predict.sum())
+    if fired and logits is not None and logits.dim() == 3 and logits.shape[0] == 1 and logits.shape[1] == n:
+        return logits[0], outputs
+    if (
+        logits is not None
+        and not fired
+        and logits.dim() == 3
+        and tuple(logits.shape[:2]) == tuple(predict.shape)
+    ):
+        return logits[predict], outputs
+    return None, outputs
+
+
+def response_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    **forward_kwargs,
+) -> tuple[torch.Tensor, Any]:
+    """The causal LM loss of ``labels`` (``-100`` ignored), with the output layer applied only where a
+    label is predicted (:func:`logits_at`).
+
+    The same value as the model's own ``labels=`` loss: position ``t`` predicts ``labels[t + 1]``, the
+    cross-entropy is taken in float32 and averaged over the labelled tokens, or summed and divided by
+    ``num_items_in_batch`` when that is given (the Trainer's gradient-accumulation normalisation). If the
+    output layer could not be isolated, the model computes its loss itself with ``labels=``.
+
+    Returns:
+        ``(loss, outputs)``; ``outputs.logits`` holds the selected rows only when the hook applied.
+    """
+    import torch.nn.functional as F
+
+    from .losses import response_prediction_mask
+
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, -100)
+    predict = response_prediction_mask(labels)
+    logits, outputs = logits_at(
+        model, predict, input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs
+    )
+    if logits is None:
+        outputs = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}),
+            **forward_kwargs,
+        )
+        return outputs.loss, outputs
+    targets = labels[:, 1:][predict[:, :-1]]
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits.float(), targets, reduction="mean"), outputs
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch, outputs

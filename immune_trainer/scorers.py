@@ -437,39 +437,12 @@ def _batches(ds, batch_size: int, tokenizer) -> Iterator[dict]:
         yield collate(list(rows))
 
 
-def _logits_at(model, input_ids, attention_mask, predict):
-    """The logits at the positions where ``predict`` (batch x length, bool) is set, as (n, vocab).
-
-    The output layer is applied to those positions only (a pre-hook selects its input rows, so whatever
-    the model does after it, such as logit soft-capping, still applies): on a response-only set the
-    prompt tokens cost no vocabulary projection and no softmax. A model whose output layer cannot be
-    hooked gets the full logits, then the selection.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    fired = []
-
-    def select(module, args):
-        hidden = args[0]
-        if fired or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(predict.shape):
-            return None
-        fired.append(True)
-        return (hidden[predict].unsqueeze(0), *args[1:])
-
-    handle = head.register_forward_pre_hook(select) if head is not None else None
-    try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    if fired and logits.dim() == 3 and logits.shape[0] == 1 and logits.shape[1] == int(predict.sum()):
-        return logits[0]
-    return logits[predict]
-
-
 def _response_nll(model, ds, batch_size: int, tokenizer) -> tuple[float, int]:
     """Sum of next-token NLLs over all labelled tokens, and their count (no batch averaging)."""
     import torch
     import torch.nn.functional as F
+
+    from .modeling import logits_at
 
     device = _device(model)
     total, count = 0.0, 0
@@ -483,7 +456,9 @@ def _response_nll(model, ds, batch_size: int, tokenizer) -> tuple[float, int]:
             n = int(predict.sum())
             if n == 0:
                 continue
-            logits = _logits_at(model, batch["input_ids"], batch["attention_mask"], predict)
+            logits, _ = logits_at(
+                model, predict, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
             nll = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
             total += float(nll)
             count += n

@@ -400,15 +400,23 @@ class ImmunizationTrainer(Trainer):
         }
 
     def lm_loss(self, model, batch: dict[str, torch.Tensor], **forward_kwargs):
-        """Forward ``batch`` (input_ids, attention_mask, labels) and return ``(mean response CE, outputs)``."""
-        outputs = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
+        """Forward ``batch`` (input_ids, attention_mask, labels) and return ``(mean response CE, outputs)``.
+
+        The output layer projects only the positions that predict a labelled token
+        (:func:`immune_trainer.modeling.response_loss`): the same loss as the model's own ``labels=`` loss
+        without the vocabulary projection of prompt and padding tokens. ``outputs.logits`` therefore holds
+        those rows only; a subclass that needs the full logits calls the model itself.
+        """
+        from .modeling import response_loss
+
+        return response_loss(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
             use_cache=False,
             **forward_kwargs,
         )
-        return outputs.loss, outputs
 
     def retain_terms(self, model, inputs) -> dict[str, torch.Tensor]:
         """The terms that keep the model useful: harmless CE on the pairs and CE on the retain set."""
