@@ -475,6 +475,19 @@ class _AttackTrainer(Trainer):
         return loss
 
 
+@dataclass(frozen=True)
+class _OwnPhi:
+    """Early stopping of a lone reference run: phi is the run's own f after ``step`` steps."""
+
+    step: int
+
+    def value_in(self, points) -> float | None:
+        return next((p.value for p in points if p.step == self.step), None)
+
+    def to_json(self) -> dict:
+        return {"own_value_at_step": self.step}
+
+
 class _CurveCallback(TrainerCallback):
     """Measures f at step 0 and every ``eval_every`` steps; stops training once ``stop(f)`` is true."""
 
@@ -590,6 +603,7 @@ class HarmfulFineTuningAttack:
         progress: Callable[[str], None] | None = None,
         stop_at_threshold: float | None = None,
         full_curve: bool | None = None,
+        phi_from_step: int | None = None,
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
@@ -606,6 +620,11 @@ class HarmfulFineTuningAttack:
                 at the first evaluation strictly on the harmful side of it, so its curve still brackets the
                 crossing; the curve's config then says ``stopped_early: True``.
             full_curve: run the whole budget even past phi (default: ``config.full_curve``).
+            phi_from_step: for a grid of one training run that is the only reference for phi (phi is then
+                its own f after this many steps, as :func:`immune_trainer.evaluation.threshold_from_base`
+                reads it): once that value is known, the run stops at the first later evaluation strictly on
+                its harmful side, which brackets its crossing of phi; nothing after it can change a verdict.
+                Ignored with a ``stop_at_threshold`` or ``full_curve``.
         """
         cfg = self.config
         phi = cfg.stop_at_threshold if stop_at_threshold is None else stop_at_threshold
@@ -613,6 +632,18 @@ class HarmfulFineTuningAttack:
             raise ConfigError(f"stop_at_threshold must be a finite number or None, got {phi!r}.")
         if full_curve if full_curve is not None else cfg.full_curve:
             phi = None
+            phi_from_step = None
+        if phi is not None:
+            phi_from_step = None
+        if phi_from_step is not None:
+            if isinstance(phi_from_step, bool) or not isinstance(phi_from_step, int) or phi_from_step < 0:
+                raise ConfigError(f"phi_from_step must be a step number >= 0, got {phi_from_step!r}.")
+            if len(cfg.grid()) != 1:
+                raise ConfigError(
+                    f"phi_from_step needs a grid of exactly one run (phi is that run's own value); this grid has "
+                    f"{len(cfg.grid())}."
+                )
+            phi = _OwnPhi(phi_from_step)
         if cfg.load_in_4bit:
             check_4bit_available()  # before any tokenization or training
         data_lib.check_tokenizer(tokenizer)
@@ -740,8 +771,17 @@ class HarmfulFineTuningAttack:
         callback_initial = _STEP0.get(step0_key) if step0_key else None
 
         stop = None
-        if phi is not None:
-            hib = self.scorer.higher_is_better
+        hib = self.scorer.higher_is_better
+        if isinstance(phi, _OwnPhi):
+            own = phi
+
+            def stop(value):
+                threshold = own.value_in(callback.points)
+                if threshold is None or callback.points[-1].step <= own.step:
+                    return False
+                return first_crossing([CurvePoint(0, 0, 0.0, value)], threshold, hib) is not None
+
+        elif phi is not None:
             stop = lambda value: first_crossing([CurvePoint(0, 0, 0.0, value)], phi, hib) is not None  # noqa: E731
         callback = _CurveCallback(
             measure, cfg.eval_every, flops_per_token, stop=stop, initial=callback_initial
@@ -824,14 +864,22 @@ class HarmfulFineTuningAttack:
         if saved.get("fingerprint") != fingerprint or saved.get("setting") != setting:
             return None
         curve = AttackCurve.from_dict(saved["curve"])
+        wanted = phi.to_json() if isinstance(phi, _OwnPhi) else phi
         if curve.config.get("stopped_early"):
-            return curve if saved.get("stop_at_threshold") == phi else None
+            return curve if saved.get("stop_at_threshold") == wanted else None
         if phi is None:
             curve.config.pop("stopped_early", None)
             return curve
+        threshold = phi
+        if isinstance(phi, _OwnPhi):
+            threshold = phi.value_in(curve.points)
+            if threshold is None:
+                return curve
         stopped = False
         for i, point in enumerate(curve.points):
-            crossed = first_crossing([point], phi, curve.higher_is_better) is not None
+            if isinstance(phi, _OwnPhi) and point.step <= phi.step:
+                continue
+            crossed = first_crossing([point], threshold, curve.higher_is_better) is not None
             if crossed and point.step < self.config.max_steps:
                 curve.points, stopped = curve.points[: i + 1], True
                 break
@@ -846,7 +894,7 @@ class HarmfulFineTuningAttack:
         payload = {
             "setting": setting,
             "fingerprint": fingerprint,
-            "stop_at_threshold": phi,
+            "stop_at_threshold": phi.to_json() if isinstance(phi, _OwnPhi) else phi,
             "curve": curve.to_dict(),
         }
         atomic_write(path, json.dumps(payload, indent=2))

@@ -493,7 +493,7 @@ def evaluate_conditions(
     for key, (train, ev) in sets.items() if search is None else ():
         suite = attacks[key]
 
-        def run(members, who, model, phi, key=key, train=train, ev=ev):
+        def run(members, who, model, phi, key=key, train=train, ev=ev, phi_from_step=None):
             say(f"[{key}] attacking the {who} model")
             return members.run(
                 model,
@@ -503,12 +503,13 @@ def evaluate_conditions(
                 benign_train=datasets.benign_train,
                 progress=say,
                 stop_at_threshold=phi if cfg.early_stop else None,
+                phi_from_step=phi_from_step if cfg.early_stop else None,
             ).curves
 
         phi = user_phi
         if phi is None:
-            # phi comes from the base model's reference runs, which run their whole budget; the other
-            # runs can then stop as soon as they have crossed it.
+            # phi comes from the base model's reference runs, which run their whole budget (a lone one
+            # stops once it has crossed its own value); the other runs can then stop once they cross it.
             ref = suite.members(ref_families) if ref_families else suite
             if ref is None:
                 raise ConfigError(
@@ -516,8 +517,12 @@ def evaluate_conditions(
                     f"({', '.join(suite.family_names())}); name one of them or give threshold."
                 )
             rest = suite.others(ref_families) if ref_families else None
-            base_curves = run(ref, "base", base_model, None)
             set_step = step if key == "attack" else min(step, ref.config.eval_every)
+            # A lone reference run defines phi by itself (its own value at set_step): it can stop as soon as
+            # it has crossed that value. Several reference runs must all run on, as phi is their median.
+            lone = len(ref.attacks) == 1 and len(ref.config.grid()) == 1
+            lone = lone and all(ATTACKS[f].trains for f in ref.config.family_names() if f in ATTACKS)
+            base_curves = run(ref, "base", base_model, None, phi_from_step=set_step if lone else None)
             reference = [c for c in base_curves if not ref_families or c.config.get("family") in ref_families]
             phi = threshold_from_base(reference or base_curves, set_step)
             if key == "attack":

@@ -379,6 +379,45 @@ def test_saved_runs_distinguish_early_stopped_from_full_curves(
     assert len(ran) == 2
 
 
+def test_a_lone_reference_run_stops_once_it_has_crossed_its_own_phi(
+    tmp_path, model, tokenizer, harmful, harmful_eval, monkeypatch
+):
+    """phi_from_step: phi is the run's own value after that step; the run stops at the first later evaluation
+    strictly past it, so its crossing of phi is the full curve's, at a fraction of the budget."""
+    from immune_trainer.evaluation import threshold_from_base
+
+    kw = dict(max_steps=9, eval_every=1, learning_rates=[1e-3])
+    (full,) = _attack(**kw).run(model, tokenizer, harmful, harmful_eval).curves
+    values = _values(full)
+    assert values[2] < values[1] < values[0]  # the undefended model gets worse step by step
+    phi = threshold_from_base([full], 1)
+    out = str(tmp_path / "attack")
+    (lone,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    assert [p.step for p in lone.points] == [0, 1, 2] and lone.config["stopped_early"] is True
+    assert threshold_from_base([lone], 1) == phi
+    assert first_crossing(lone, phi, True).step == pytest.approx(first_crossing(full, phi, True).step)
+    # The same request is served by the saved run; a full-curve request trains again.
+    ran = []
+    original = HarmfulFineTuningAttack._run_one
+
+    def count(self, *args, **kwargs):
+        ran.append(args[4]["family"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", count)
+    (again,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    assert ran == [] and again.to_dict() == lone.to_dict()
+    (whole,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval).curves
+    assert ran == ["full"] and len(whole.points) == 10
+    # A saved full curve serves the lone-reference request, cut where it would have stopped.
+    (cut,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    assert ran == ["full"] and cut.to_dict() == lone.to_dict()
+    with pytest.raises(ConfigError, match="exactly one run"):
+        _attack(max_steps=2, eval_every=1, learning_rates=[1e-3, 2e-3]).run(
+            model, tokenizer, harmful, harmful_eval, phi_from_step=1
+        )
+
+
 def test_resume_matches_settings_on_the_new_axes(
     tmp_path, model, tokenizer, harmful, harmful_eval, monkeypatch
 ):

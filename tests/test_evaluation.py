@@ -128,3 +128,27 @@ def test_missing_halves_are_errors_and_missing_sets_are_unmeasured(models):
     assert c.stability is None and c.trainability is None and c.generalization is None
     assert c.immunized is False  # never credited without a stability measurement
     assert any("stability not measured" in n for n in c.notes)
+
+
+def test_a_lone_reference_run_stops_after_bracketing_phi_with_the_same_verdict(models):
+    """With one reference run, phi is its own value at the threshold step: early stopping cuts the base's
+    curve after it crosses phi, and every number of the resistance condition stays what the full curve
+    gives."""
+    base, immunized, tokenizer = models
+    sets = ConditionDatasets(attack_train=make_pairs(16), attack_eval=make_pairs(6, offset=100))
+    attack = AttackConfig(learning_rates=[3e-3], max_steps=10, eval_every=1, max_length=64)
+    reports = {
+        stop: evaluate_conditions(
+            base, immunized, tokenizer, sets, attack=attack, config=EvaluationConfig(early_stop=stop)
+        )
+        for stop in (True, False)
+    }
+    (full,) = reports[False].curves["base"]["attack"]
+    (cut,) = reports[True].curves["base"]["attack"]
+    assert len(full.points) == 11 and cut.config["stopped_early"] is True
+    assert len(cut.points) < len(full.points) and cut.points == full.points[: len(cut.points)]
+    assert reports[True].threat_model.threshold == reports[False].threat_model.threshold
+    early, whole = reports[True].conditions.resistance, reports[False].conditions.resistance
+    assert early.base_crossing == whole.base_crossing and early.base_crossing is not None
+    assert early.worst_crossing == whole.worst_crossing and early.steps_multiple == whole.steps_multiple
+    assert early.holds == whole.holds
