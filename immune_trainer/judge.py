@@ -1,13 +1,15 @@
 """An offline harmfulness judge: logistic regression on MiniLM sentence embeddings.
 
-No harm classifier ships on the package index, so this judge is trained locally, once, from data that
-does: the pyrit human-scored harm CSVs (a response with human harm score >= 0.5 is harmful; rows with
+No harm classifier ships on the package index, so this judge is trained from data that does: the pyrit human-scored harm CSVs (a response with human harm score >= 0.5 is harmful; rows with
 several annotators use their mean) and the pyrit many-shot pairs with their judge verdicts
 ("Harmful" / "Not harmful"). Texts are embedded with the all-MiniLM-L6-v2 encoder (mean pooling over
 tokens, L2-normalised) and a scikit-learn logistic regression is fitted on a training split. Two
 inputs are tried: the request and the response together, and the response alone; the one with the
 better held-out ROC-AUC is kept. The held-out accuracy and ROC-AUC are saved with the weights as JSON
-(no pickle) in ``<cache>/judge/offline_harm_judge.json``.
+(no pickle) in ``<cache>/judge/offline_harm_judge.json``. The package ships the judge this training gives
+(``immune_trainer/data/offline_harm_judge.json``, 384 weights and its held-out figures), so only the
+encoder is downloaded; ``immune-trainer assets --judge`` retrains it into the cache, which then takes
+precedence.
 
 It judges responses to harmful requests, as in the field's harm classifiers (the BeaverTails DeBERTa
 classifier): use it as a cheap offline stand-in, and prefer a stronger judge when the Hub is at hand.
@@ -64,21 +66,22 @@ class _Encoder:
         import numpy as np
 
         torch = self.torch
-        out = []
+        if not texts:
+            return np.zeros((0, self.model.config.hidden_size))
+        # Batches of similar lengths: padding costs the encoder as much as text does, and the texts range
+        # from a few words to the 128-token limit. Each row's embedding does not depend on its batch.
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         with torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    texts[i : i + self.batch_size],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                )
+            for i in range(0, len(order), self.batch_size):
+                rows = order[i : i + self.batch_size]
+                batch = self.tokenizer.pad({"input_ids": [ids[j] for j in rows]}, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out, axis=0) if out else np.zeros((0, self.model.config.hidden_size))
+                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -146,6 +149,12 @@ def judge_training_rows(cache: str | os.PathLike | None = None) -> list[dict]:
 def judge_path(cache: str | os.PathLike | None = None) -> Path:
     """Where the trained judge's JSON lives in the cache."""
     return _root(cache) / JUDGE_DIRNAME / JUDGE_FILENAME
+
+
+#: The judge as :func:`train_offline_judge` (seed 0) trained it from the pinned assets, shipped with the
+#: package so that a first run does not spend minutes embedding 1,491 texts twice; the slow test
+#: ``test_packaged_offline_judge_is_what_training_gives`` retrains it and compares.
+PACKAGED_JUDGE = Path(__file__).parent / "data" / JUDGE_FILENAME
 
 
 def train_offline_judge(
@@ -257,17 +266,26 @@ class OfflineHarmJudge:
 
     @classmethod
     def load(
-        cls, cache: str | os.PathLike | None = None, *, train_if_missing: bool = True
+        cls,
+        cache: str | os.PathLike | None = None,
+        *,
+        train_if_missing: bool = True,
+        packaged: bool = True,
     ) -> OfflineHarmJudge:
-        """Load the trained judge from the cache, training it first (about a minute) if absent and
-        ``train_if_missing``; raise :class:`AssetError` if it is absent and training is not allowed."""
+        """Load the trained judge: the one in the cache (``immune-trainer assets --judge`` trains it there),
+        else, with ``packaged``, the one shipped with the package (:data:`PACKAGED_JUDGE`, trained the same
+        way from the same pinned data), else train it into the cache if ``train_if_missing``; raise
+        :class:`AssetError` if none is allowed."""
         path = judge_path(cache)
         if not path.is_file():
-            if not train_if_missing:
+            if packaged and PACKAGED_JUDGE.is_file():
+                path = PACKAGED_JUDGE
+            elif not train_if_missing:
                 raise AssetError(
                     f"no offline harm judge at {path}; run immune_trainer.judge.train_offline_judge() first"
                 )
-            train_offline_judge(cache)
+            else:
+                train_offline_judge(cache)
         try:
             payload = json.loads(path.read_text())
             if payload.get("format_version") != JUDGE_FORMAT_VERSION:
@@ -310,4 +328,4 @@ class OfflineHarmJudge:
         return np.asarray(self._coef, dtype=np.float32)
 
 
-__all__ = ["OfflineHarmJudge", "judge_path", "judge_training_rows", "train_offline_judge"]
+__all__ = ["PACKAGED_JUDGE", "OfflineHarmJudge", "judge_path", "judge_training_rows", "train_offline_judge"]

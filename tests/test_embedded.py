@@ -213,7 +213,45 @@ def test_judge_absent_without_training_is_an_asset_error(tmp_path):
     from immune_trainer.judge import OfflineHarmJudge
 
     with pytest.raises(AssetError, match="train_offline_judge"):
-        OfflineHarmJudge.load(cache=tmp_path, train_if_missing=False)
+        OfflineHarmJudge.load(cache=tmp_path, train_if_missing=False, packaged=False)
+
+
+def test_the_packaged_judge_loads_without_training(tmp_path, monkeypatch):
+    """With nothing in the cache, load() takes the judge shipped with the package: trained for this very
+    encoder archive, with its held-out figures, and it never trains."""
+    from immune_trainer import judge as judge_mod
+    from immune_trainer.assets import ASSETS
+
+    payload = json.loads(judge_mod.PACKAGED_JUDGE.read_text())
+    assert payload["encoder"]["archive_sha256"] == ASSETS["minilm"].sha256
+    assert payload["training_data"]["package"] == ASSETS["pyrit"].requirement
+    assert len(payload["coef"]) == 384 and payload["metrics"]["roc_auc"] > 0.7
+    monkeypatch.setattr(judge_mod, "fetch_asset", lambda name, cache=None, **kw: tmp_path / name)
+    monkeypatch.setattr(judge_mod, "train_offline_judge", lambda *a, **k: pytest.fail("trained"))
+    judge = judge_mod.OfflineHarmJudge.load(cache=tmp_path, train_if_missing=False)
+    assert judge.metrics == payload["metrics"] and judge.input == payload["input"]
+
+
+@pytest.mark.slow
+@pytest.mark.assets
+def test_packaged_offline_judge_is_what_training_gives(tmp_path):
+    """Retraining from the pinned assets reproduces the shipped judge (embeddings differ in the last bits
+    from machine to machine, so the weights are compared to 1e-3)."""
+    import numpy as np
+
+    from immune_trainer import assets
+    from immune_trainer.judge import PACKAGED_JUDGE, judge_path, train_offline_judge
+
+    for name in assets.ASSETS:  # the downloaded assets, without the judge trained from them
+        if assets.is_ready(name):
+            (tmp_path / name).symlink_to(assets.asset_path(name))
+    metrics = train_offline_judge(cache=tmp_path, progress=False)
+    shipped = json.loads(PACKAGED_JUDGE.read_text())
+    trained = json.loads(judge_path(tmp_path).read_text())
+    assert trained["input"] == shipped["input"]
+    assert metrics["roc_auc"] == pytest.approx(shipped["metrics"]["roc_auc"], abs=1e-3)
+    np.testing.assert_allclose(trained["coef"], shipped["coef"], atol=1e-3)
+    assert trained["intercept"] == pytest.approx(shipped["intercept"], abs=1e-3)
 
 
 def test_judge_file_of_another_format_is_an_asset_error(tmp_path):
@@ -224,4 +262,42 @@ def test_judge_file_of_another_format_is_an_asset_error(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"format_version": 999}))
     with pytest.raises(AssetError, match="delete it and retrain"):
-        OfflineHarmJudge.load(cache=tmp_path, train_if_missing=False)
+        OfflineHarmJudge.load(cache=tmp_path, train_if_missing=False, packaged=False)
+
+
+def test_judge_encoder_batches_by_length_without_changing_any_embedding(tmp_path):
+    """The offline judge's MiniLM encoder sorts texts into batches of similar length: each text's embedding
+    is the one it gets on its own, in the caller's order."""
+    import numpy as np
+    import transformers
+
+    from immune_trainer.judge import _Encoder
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "slept", "all", "day", "long"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(tmp_path)
+    config = transformers.BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    texts = [
+        "the cat sat on a mat and then slept all day long the cat sat",
+        "cat",
+        "the cat sat",
+        "a mat",
+        "then slept all day long",
+    ]
+    encoder = _Encoder(tmp_path, max_length=32, batch_size=2)
+    together = encoder(texts)
+    alone = np.stack([encoder([t])[0] for t in texts])
+    assert together.shape == (5, 16)
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(together[0], together[1])  # different texts, different rows: order kept
+    assert encoder([]).shape == (0, 16)
