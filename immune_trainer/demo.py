@@ -55,12 +55,12 @@ PRESETS: dict[str, dict] = {
         attack_batch_size=2,
     ),
     "default": dict(
-        defense_steps=24,
-        defense_lr=4.84e-5,
+        defense_steps=16,
+        defense_lr=7.26e-5,
         attack_families=["full", "lora", "mixed"],
         attack_learning_rates=[8e-5],
         lora_learning_rate=1e-3,
-        attack_seeds=[0, 1],
+        attack_seeds=[0],
         generalization_seeds=[0],
         attack_steps=8,
         eval_every=2,
@@ -156,6 +156,14 @@ class DemoConfig:
     )
     defense_steps: int | None = field(default=None, metadata={"help": "Defense optimizer steps."})
     defense_lr: float | None = field(default=None, metadata={"help": "Defense learning rate."})
+    harmless_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the defense's harmless term (CE of a refusal to each harmful prompt); unset, "
+            "each defense's own default. 0 saves a pass per step, but the default defense then refuses less "
+            "under jailbreak templates (see the README)."
+        },
+    )
     attack_families: list[str] | None = field(
         default=None,
         metadata={"help": "Attack families of the resistance grid (immune-trainer attacks lists them)."},
@@ -249,6 +257,8 @@ def build_defense_config(spec, cfg: DemoConfig, output_dir: str):
         disable_tqdm=True,
         use_cpu=not _cuda(),
     )
+    if cfg.harmless_weight is not None:  # unset: the defense's own default
+        values["harmless_weight"] = cfg.harmless_weight
     names = {f.name for f in fields(spec.config_class)}
     return spec.config_class(**{k: v for k, v in values.items() if k in names})
 
@@ -680,6 +690,7 @@ def _defense_summary(cfg: DemoConfig) -> dict:
         "alpha": cfg.alpha,
         "beta": cfg.beta,
         "retain_weight": cfg.retain_weight,
+        "harmless_weight": cfg.harmless_weight,  # None: the defense's own default
         "layer_stride": cfg.layer_stride,
         "batch_size": cfg.batch_size,
         "max_length": cfg.max_length,

@@ -155,3 +155,21 @@ def test_demo_reuses_the_immunized_model_only_for_the_same_training(tmp_path, mo
     assert (tmp_path / "b" / "model.safetensors").exists()  # the output folder is complete either way
     assert not immunize("c", defense_lr=1e-4)[2]  # other settings: trained again
     assert not immunize("d", no_cache=True)[2]
+
+
+def test_demo_harmless_weight_is_each_defenses_own_unless_given(tmp_path):
+    """--harmless_weight reaches the defense's config; unset, every defense keeps its own default (security
+    vectors requires 0, the others weigh the refusal term 1)."""
+    from immune_trainer.defenses import get_defense
+    from immune_trainer.demo import DemoConfig, _defense_summary, build_defense_config
+
+    def weight(name, **kw):
+        cfg = DemoConfig(output_dir=str(tmp_path), **kw)
+        spec = get_defense(name)
+        value = build_defense_config(spec, cfg, str(tmp_path)).harmless_weight
+        assert _defense_summary(cfg)["harmless_weight"] == kw.get("harmless_weight")
+        return value
+
+    assert weight("gradient_ascent") == 1.0 == weight("vaccine")
+    assert weight("security_vectors") == 0.0
+    assert weight("gradient_ascent", harmless_weight=0.5) == 0.5
