@@ -21,6 +21,7 @@ This module imports neither torch nor transformers at import time.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -462,6 +463,38 @@ def model_path(cache: str | os.PathLike | None = None) -> Path:
     return _root(cache) / MODEL_DIRNAME
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, gguf's file reader and tensor-name map are built once per argument.
+
+    transformers parses the GGUF file three times (config, weights, tokenizer: about 5 s each, mostly the
+    49k-entry vocabulary read field by field) and builds the same tensor-name map once per module (397
+    times for SmolLM2); both are pure functions of their arguments and are only read afterwards.
+    """
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    maps: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[(arch, n_blocks)] = real_map(arch, n_blocks)
+        return maps[(arch, n_blocks)]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
 def prepare_model(
     cache: str | os.PathLike | None = None,
     *,
@@ -493,8 +526,9 @@ def prepare_model(
     gguf_dir = src / Path(_GGUF_MEMBER).parent
     gguf_file = Path(_GGUF_MEMBER).name
     logger.info("converting %s to float32 safetensors (once)", gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    with _gguf_parsed_once():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

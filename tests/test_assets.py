@@ -280,3 +280,27 @@ def test_real_model_converts_and_answers():
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def test_gguf_conversion_parses_the_file_once(monkeypatch):
+    """transformers reads the GGUF three times and builds one tensor-name map per module; inside the
+    conversion both are built once per argument, and gguf is left as it was."""
+    import gguf
+
+    from immune_trainer.assets import _gguf_parsed_once
+
+    made = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            made.append((path, mode))
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda arch, n: made.append((arch, n)) or object())
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader("model.gguf")
+        assert gguf.GGUFReader("model.gguf") is first and gguf.GGUFReader("other.gguf") is not first
+        name_map = gguf.get_tensor_name_map("llama", 30)
+        assert gguf.get_tensor_name_map("llama", 30) is name_map
+    assert made == [("model.gguf", "r"), ("other.gguf", "r"), ("llama", 30)]
+    assert gguf.GGUFReader is Reader
