@@ -323,7 +323,11 @@ class AssetsArguments:
         default=True, metadata={"help": "Fetch, verify, extract and convert what is missing."}
     )
     judge: bool = field(
-        default=False, metadata={"help": "Also train the offline harm judge (a few minutes)."}
+        default=False,
+        metadata={
+            "help": "Also retrain the offline harm judge into the cache (a few minutes; the package ships the "
+            "weights this training gives, used while the cache has none)."
+        },
     )
 
 
