@@ -116,3 +116,24 @@ def tiny_causal_lm(
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.config.use_cache = False
     return model
+
+
+def tiny_softcapped_gemma2(vocab_size: int = 512, cap: float = 0.5, pad_token_id: int = 3, seed: int = 0):
+    """A tiny randomly initialised Gemma2 whose final logits are soft-capped at ``cap`` (small enough that the
+    raw logits exceed it), for checking that code which touches the output layer keeps the cap."""
+    import torch
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=cap,
+        pad_token_id=pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return transformers.Gemma2ForCausalLM(config)

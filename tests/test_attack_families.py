@@ -31,6 +31,19 @@ from immune_trainer.scorers import get_scorer
 from immune_trainer.testing import tiny_causal_lm
 
 
+def _record_runs(monkeypatch, axis: str) -> list:
+    """From now on, list the ``axis`` value of every setting that trains (saved runs reused are not listed)."""
+    ran = []
+    original = HarmfulFineTuningAttack._run_one
+
+    def count(self, *args, **kwargs):
+        ran.append(args[4][axis])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", count)
+    return ran
+
+
 def _attack(**kw):
     cfg = dict(learning_rates=[2e-3], max_steps=6, eval_every=3, batch_size=4, max_length=64)
     cfg.update(kw)
@@ -348,14 +361,7 @@ def test_saved_runs_distinguish_early_stopped_from_full_curves(
     kw = dict(max_steps=6, eval_every=3, output_dir=out)
     (full,) = _attack(**kw).run(model, tokenizer, harmful, harmful_eval).curves
     phi = (full.points[0].value + full.points[1].value) / 2
-    ran = []
-    original = HarmfulFineTuningAttack._run_one
-
-    def count(self, *args, **kwargs):
-        ran.append(args[4]["family"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", count)
+    ran = _record_runs(monkeypatch, "family")
     # A saved full curve serves an early-stopping request, cut after its crossing.
     (cut,) = _attack(**kw, stop_at_threshold=phi).run(model, tokenizer, harmful, harmful_eval).curves
     assert ran == [] and [p.step for p in cut.points] == [0, 3] and cut.config["stopped_early"] is True
@@ -397,14 +403,7 @@ def test_a_lone_reference_run_stops_once_it_has_crossed_its_own_phi(
     assert threshold_from_base([lone], 1) == phi
     assert first_crossing(lone, phi, True).step == pytest.approx(first_crossing(full, phi, True).step)
     # The same request is served by the saved run; a full-curve request trains again.
-    ran = []
-    original = HarmfulFineTuningAttack._run_one
-
-    def count(self, *args, **kwargs):
-        ran.append(args[4]["family"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", count)
+    ran = _record_runs(monkeypatch, "family")
     (again,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
     assert ran == [] and again.to_dict() == lone.to_dict()
     (whole,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval).curves
@@ -425,14 +424,7 @@ def test_resume_matches_settings_on_the_new_axes(
     _attack(optimizers=["sgd"], max_steps=2, eval_every=2, output_dir=out).run(
         model, tokenizer, harmful, harmful_eval
     )
-    ran = []
-    original = HarmfulFineTuningAttack._run_one
-
-    def count(self, *args, **kwargs):
-        ran.append(args[4]["optimizer"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", count)
+    ran = _record_runs(monkeypatch, "optimizer")
     _attack(optimizers=["sgd", "adamw"], max_steps=2, eval_every=2, output_dir=out).run(
         model, tokenizer, harmful, harmful_eval
     )

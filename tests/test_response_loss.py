@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from immune_trainer.modeling import logits_at, response_loss
-from immune_trainer.testing import TINY_ARCHITECTURES, tiny_causal_lm
+from immune_trainer.testing import TINY_ARCHITECTURES, tiny_causal_lm, tiny_softcapped_gemma2
 
 
 def _batch(vocab=512, seed=0):
@@ -62,21 +62,7 @@ def test_num_items_in_batch_divides_the_sum_as_the_model_does():
 
 
 def test_soft_capped_gemma2_keeps_its_cap():
-    import transformers
-
-    config = transformers.Gemma2Config(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        final_logit_softcapping=0.5,
-        pad_token_id=3,
-    )
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(config)
+    model = tiny_softcapped_gemma2()
     input_ids, attention_mask, labels = _batch()
     own = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     loss, _ = response_loss(model, input_ids, attention_mask, labels)

@@ -546,22 +546,9 @@ def test_output_layer_projects_only_response_positions_with_the_same_value(tok, 
 
 
 def test_soft_capped_logits_are_scored_after_the_cap(tok):
-    import torch
-    import transformers
+    from immune_trainer.testing import tiny_softcapped_gemma2
 
-    config = transformers.Gemma2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        final_logit_softcapping=0.5,  # strong enough to change the loss a lot
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(config).eval()
+    model = tiny_softcapped_gemma2(vocab_size=len(tok), pad_token_id=tok.pad_token_id).eval()
     ds = _tokenized(tok)
     total, count = _hand_nll(model, ds)
     assert get_scorer("harmful_loss", batch_size=2).score(model, tok, ds).value == pytest.approx(
