@@ -1,6 +1,7 @@
 """An offline harmfulness judge: logistic regression on MiniLM sentence embeddings.
 
-No harm classifier ships on the package index, so this judge is trained from data that does: the pyrit human-scored harm CSVs (a response with human harm score >= 0.5 is harmful; rows with
+No harm classifier ships on the package index, so this judge is trained from data that does: the pyrit
+human-scored harm CSVs (a response with human harm score >= 0.5 is harmful; rows with
 several annotators use their mean) and the pyrit many-shot pairs with their judge verdicts
 ("Harmful" / "Not harmful"). Texts are embedded with the all-MiniLM-L6-v2 encoder (mean pooling over
 tokens, L2-normalised) and a scikit-learn logistic regression is fitted on a training split. Two

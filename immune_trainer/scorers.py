@@ -440,27 +440,20 @@ def _batches(ds, batch_size: int, tokenizer) -> Iterator[dict]:
 def _response_nll(model, ds, batch_size: int, tokenizer) -> tuple[float, int]:
     """Sum of next-token NLLs over all labelled tokens, and their count (no batch averaging)."""
     import torch
-    import torch.nn.functional as F
 
-    from .modeling import logits_at
+    from .modeling import response_loss
 
     device = _device(model)
     total, count = 0.0, 0
     with eval_mode(model), _tokenizer_settings(tokenizer, "right"), torch.inference_mode():
         for batch in _batches(ds, batch_size, tokenizer):
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch["labels"][:, 1:]
-            labels = labels.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-            # position t predicts token t + 1: the last position predicts nothing
-            predict = F.pad(labels != -100, (0, 1), value=False)
-            n = int(predict.sum())
+            # position t predicts token t + 1: count the labelled, unpadded targets
+            n = int(((batch["labels"][:, 1:] != -100) & (batch["attention_mask"][:, 1:] != 0)).sum())
             if n == 0:
                 continue
-            logits, _ = logits_at(
-                model, predict, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            )
-            nll = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
-            total += float(nll)
+            mean, _ = response_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            total += float(mean) * n
             count += n
     if count == 0:
         raise DataError(
