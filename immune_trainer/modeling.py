@@ -20,8 +20,10 @@ Layer 3 of the package: imports torch (and peft only through duck typing), nothi
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,8 @@ __all__ = [
     "primary_tensor",
     "replace_primary_tensor",
     "response_loss",
+    "shared_prefix_length",
+    "sharing_prompt_prefix",
     "unembed",
     "unwrap_model",
 ]
@@ -649,6 +653,131 @@ def logits_at(model: nn.Module, predict: torch.Tensor, **forward_kwargs) -> tupl
     return None, outputs
 
 
+# ----------------------------------------------------------------------------- a prompt prefix shared by the batch
+
+#: A prefix shared by every row is computed once only when the batch has at least this many rows and the
+#: prefix holds at least this share of the batch's tokens: below that, the extra batch-1 forward (small,
+#: inefficient matrix products) costs about what it saves (``benchmarks/shared_prefix.py``).
+SHARED_PREFIX_MIN_ROWS = 3
+SHARED_PREFIX_MIN_SAVING = 0.1
+_prefix_sharing = [True]
+# Model classes whose forward gave no cache that can be repeated over the batch: never tried again.
+_NO_PREFIX_CACHE: set[type] = set()
+
+
+@contextlib.contextmanager
+def sharing_prompt_prefix(enabled: bool) -> Iterator[None]:
+    """Turn the shared-prefix forward of :func:`response_loss` on or off inside the block (it is on by
+    default). Off, every row is computed whole, as the model's own forward does."""
+    _prefix_sharing.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _prefix_sharing.pop()
+
+
+def shared_prefix_length(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, predict: torch.Tensor
+) -> int:
+    """The number of leading positions that are the same token in every row, attended in every row, and
+    predict no label (``predict`` from :func:`immune_trainer.losses.response_prediction_mask`).
+
+    A chat template's system prompt (and its user-turn header) is such a prefix on right-padded batches:
+    its activations are the same in every row, so one row's can serve all.
+    """
+    same = (input_ids == input_ids[:1]).all(dim=0) & ~predict.any(dim=0)
+    if attention_mask is not None:
+        same &= (attention_mask != 0).all(dim=0)
+    differs = (~same).nonzero()
+    return int(differs[0]) if len(differs) else int(input_ids.shape[1])
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """The forward argument that takes a KV cache (``cache`` in recent transformers, else
+    ``past_key_values``), or None."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _dropout_active(model: nn.Module, inner: nn.Module) -> bool:
+    if not model.training:
+        return False
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = _text_config(inner)
+    values = vars(config).items() if config is not None else ()
+    return any(
+        ("dropout" in key or "pdrop" in key) and "classifier" not in key and isinstance(v, float) and v > 0
+        for key, v in values
+    )
+
+
+def _can_share_prefix(model: nn.Module, inner: nn.Module, forward_kwargs: Mapping[str, Any]) -> str | None:
+    """The cache argument to continue a forward with, when one shared prefix may serve every row: a single
+    process (no DDP / FSDP / DeepSpeed wrapper around the two calls), no activation hooks that expect whole
+    sequences (defenses that perturb or capture activations), no dropout that would draw one mask for all
+    rows, no gradient checkpointing (which turns the cache off), no soft prompt, no other forward argument."""
+    if not _prefix_sharing[-1] or set(forward_kwargs) - {"use_cache"} or type(inner) in _NO_PREFIX_CACHE:
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            return None
+    checkpointing = getattr(type(inner), "is_activation_checkpointing", None)  # transformers >= 5.x
+    checkpointing = inner.is_activation_checkpointing if checkpointing is not None else None
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if torch.is_grad_enabled() and checkpointing:
+        return None
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return None
+    from torch.nn.modules import module as module_lib
+
+    if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    if _dropout_active(model, inner):
+        return None
+    return _cache_argument(inner)
+
+
+def _with_shared_prefix(
+    model: nn.Module,
+    inner: nn.Module,
+    cache_arg: str,
+    prefix: int,
+    predict: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, Any]:
+    """The logits of :func:`logits_at`, with the first ``prefix`` positions computed for one row and their
+    keys and values repeated for the others. ``(None, None)`` when the model returns no such cache."""
+    rows = input_ids.shape[0]
+    head_mask = None if attention_mask is None else attention_mask[:1, :prefix]
+    no_rows = torch.zeros(1, prefix, dtype=torch.bool, device=predict.device)
+    _, first = logits_at(
+        model, no_rows, input_ids=input_ids[:1, :prefix], attention_mask=head_mask, use_cache=True
+    )
+    cache = None
+    for name in ("cache", "past_key_values"):  # transformers 5.x renamed it
+        cache = cache if cache is not None else getattr(first, name, None)
+    if cache is None or not callable(getattr(cache, "batch_repeat_interleave", None)):
+        _NO_PREFIX_CACHE.add(type(inner))
+        return None, None
+    cache.batch_repeat_interleave(rows)
+    return logits_at(
+        model,
+        predict[:, prefix:],
+        input_ids=input_ids[:, prefix:],
+        attention_mask=attention_mask,
+        use_cache=True,
+        **{cache_arg: cache},
+    )
+
+
 def response_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -665,8 +794,16 @@ def response_loss(
     ``num_items_in_batch`` when that is given (the Trainer's gradient-accumulation normalisation). If the
     output layer could not be isolated, the model computes its loss itself with ``labels=``.
 
+    A prompt prefix that every row shares (:func:`shared_prefix_length`: a chat template's system prompt)
+    is computed once, for one row, and its keys and values serve the others: the same loss and gradients
+    to float rounding, with ``(rows - 1) x prefix`` fewer tokens through the model. This applies with at
+    least :data:`SHARED_PREFIX_MIN_ROWS` rows when it saves at least :data:`SHARED_PREFIX_MIN_SAVING` of
+    the tokens, and only where it cannot change what is computed (see :func:`_can_share_prefix`);
+    :func:`sharing_prompt_prefix` turns it off.
+
     Returns:
-        ``(loss, outputs)``; ``outputs.logits`` holds the selected rows only when the hook applied.
+        ``(loss, outputs)``; ``outputs.logits`` holds the selected rows only when the hook applied; after a
+        shared prefix, ``outputs`` are those of the rows' continuation.
     """
     import torch.nn.functional as F
 
@@ -675,9 +812,21 @@ def response_loss(
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask == 0, -100)
     predict = response_prediction_mask(labels)
-    logits, outputs = logits_at(
-        model, predict, input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs
-    )
+    logits = outputs = None
+    rows, length = input_ids.shape
+    if rows >= SHARED_PREFIX_MIN_ROWS:
+        prefix = shared_prefix_length(input_ids, attention_mask, predict)
+        if 0 < prefix < length and (rows - 1) * prefix >= SHARED_PREFIX_MIN_SAVING * rows * length:
+            inner = unwrap_model(model)
+            cache_arg = _can_share_prefix(model, inner, forward_kwargs)
+            if cache_arg is not None:
+                logits, outputs = _with_shared_prefix(
+                    model, inner, cache_arg, prefix, predict, input_ids, attention_mask
+                )
+    if logits is None:
+        logits, outputs = logits_at(
+            model, predict, input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs
+        )
     if logits is None:
         outputs = model(
             input_ids=input_ids,
