@@ -423,15 +423,46 @@ def _tokenized_supervised(ds, tokenizer, max_length: int, column_map: dict | Non
         return ensure_tokenized(ds, tokenizer, max_length=max_length, column_map=column_map)
 
 
+#: What one more forward call costs, in padded tokens, when :func:`length_batches` splits rows: a few
+#: dozen tokens' worth of small, inefficient matrix products and Python overhead.
+CALL_COST_TOKENS = 64
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, call_cost: int = CALL_COST_TOKENS
+) -> list[list[int]]:
+    """Split row indices into batches of at most ``batch_size`` rows, longest rows first, so that the
+    padded tokens (rows x the batch's longest row) plus ``call_cost`` per batch are as few as possible.
+
+    Rows sorted by length can only be split into runs; the best runs are found exactly by dynamic
+    programming. Rows of very different lengths then go into separate batches instead of being padded
+    to the longest: the demo's 8 chat answers (69 to 512 tokens) take 4,096 padded tokens in one batch,
+    2,478 in five.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j rows (longest first)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - batch_size), j):
+            cost = best[i] + (j - i) * lengths[order[i]] + call_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs, j = [], n
+    while j > 0:
+        runs.append(order[cut[j] : j])
+        j = cut[j]
+    return runs[::-1]
+
+
 def _batches(ds, batch_size: int, tokenizer) -> Iterator[dict]:
     """Right-padded tensor batches from :class:`immune_trainer.data.SupervisedCollator`, rows grouped by
-    length (longest first) so that a batch carries little padding."""
+    length (longest first, :func:`length_batches`) so that a batch carries little padding."""
     from .data import SupervisedCollator
 
     collate = SupervisedCollator(tokenizer)
-    order = sorted(range(len(ds)), key=lambda i: -len(ds[i]["input_ids"]))
-    for start in range(0, len(ds), batch_size):
-        rows = ds.select(order[start : start + batch_size])
+    for indices in length_batches([len(ids) for ids in ds["input_ids"]], batch_size):
+        rows = ds.select(indices)
         if any(len(r["input_ids"]) != len(r.get("labels", r["input_ids"])) for r in rows):
             raise DataError("Each example's labels must have the same length as its input_ids.")
         yield collate(list(rows))
