@@ -1,6 +1,8 @@
-"""Seconds of a loss forward (+ backward when training) on the embedded SmolLM2-135M with the batch's shared
-prompt prefix computed once (``modeling.response_loss``) against every row computed whole, on real chat
-batches of the demo's harmful pairs (SmolLM2's template puts the same system prompt before every prompt).
+"""Time a loss with the batch's shared prompt prefix computed once against every row computed whole.
+
+Seconds of a loss forward (+ backward when training) on the embedded SmolLM2-135M, with the prefix that
+every row shares computed once (``modeling.response_loss``) and without, on real chat batches of the
+demo's harmful pairs (SmolLM2's template puts the same system prompt before every prompt).
 
 Each setting alternates the two ways ``--repeats`` times and reports the median; the ratio is shared / whole
 (below 1: faster). Below ``SHARED_PREFIX_MIN_ROWS`` rows, or when the prefix is under
