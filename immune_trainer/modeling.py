@@ -661,8 +661,10 @@ def logits_at(model: nn.Module, predict: torch.Tensor, **forward_kwargs) -> tupl
 SHARED_PREFIX_MIN_ROWS = 3
 SHARED_PREFIX_MIN_SAVING = 0.1
 _prefix_sharing = [True]
-# Model classes whose forward gave no cache that can be repeated over the batch: never tried again.
+# Model classes whose forward gave no cache that can be repeated over the batch, or failed to continue from
+# one: never tried again. Classes that did continue from one once: an error there is the user's to see.
 _NO_PREFIX_CACHE: set[type] = set()
+_PREFIX_CACHE_WORKS: set[type] = set()
 
 
 @contextlib.contextmanager
@@ -820,9 +822,26 @@ def response_loss(
             inner = unwrap_model(model)
             cache_arg = _can_share_prefix(model, inner, forward_kwargs)
             if cache_arg is not None:
-                logits, outputs = _with_shared_prefix(
-                    model, inner, cache_arg, prefix, predict, input_ids, attention_mask
-                )
+                try:
+                    logits, outputs = _with_shared_prefix(
+                        model, inner, cache_arg, prefix, predict, input_ids, attention_mask
+                    )
+                except Exception as exc:  # noqa: BLE001 - a model class's first try only, then re-raised
+                    if type(inner) in _PREFIX_CACHE_WORKS or isinstance(exc, torch.OutOfMemoryError):
+                        raise
+                    # An architecture whose forward does not continue from a repeated cache: compute its
+                    # rows whole, now and from now on, rather than fail the user's run.
+                    _NO_PREFIX_CACHE.add(type(inner))
+                    warnings.warn(
+                        f"{type(inner).__name__} could not continue a forward from a shared prompt prefix "
+                        f"({type(exc).__name__}: {exc}); every row is computed whole from now on.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    logits = outputs = None
+                else:
+                    if logits is not None:
+                        _PREFIX_CACHE_WORKS.add(type(inner))
     if logits is None:
         logits, outputs = logits_at(
             model, predict, input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs

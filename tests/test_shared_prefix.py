@@ -221,3 +221,80 @@ def test_a_model_without_a_repeatable_cache_falls_back_once_and_is_not_retried()
         expected, _ = response_loss(reference, *batch)
     assert float(first) == pytest.approx(float(expected), rel=1e-5)
     assert float(second) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_model_that_fails_to_continue_from_the_cache_warns_once_and_computes_rows_whole():
+    import transformers
+
+    class Fussy(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, **kwargs):
+            if cache is not None:
+                raise ValueError("this architecture takes no cache here")
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs
+            )
+
+    reference = tiny_causal_lm("llama", seed=0).eval()
+    model = Fussy(reference.config).eval()
+    model.load_state_dict(reference.state_dict())
+    batch = _batch()
+    with torch.no_grad():
+        with pytest.warns(
+            RuntimeWarning, match="Fussy could not continue a forward from a shared prompt prefix"
+        ):
+            first, _ = response_loss(model, *batch)
+        calls = _counting(model)
+        second, _ = response_loss(model, *batch)  # no second try, no second warning
+        expected, _ = response_loss(reference, *batch)
+    assert calls == [(4, 16)]
+    assert float(first) == pytest.approx(float(expected), rel=1e-5)
+    assert float(second) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_defense_trains_through_the_shared_prefix_to_the_same_weights(tmp_path):
+    """GradientAscentTrainer (no activation hooks) on pairs whose prompts share their opening: the Trainer's
+    loss terms take the shared path, and two SGD steps land on the same weights as with every row whole."""
+    import datasets
+    from conftest import defense_config
+
+    from immune_trainer.defenses import GradientAscentTrainer
+    from immune_trainer.testing import tiny_tokenizer
+
+    system = "Answer plainly."
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"Explain step {i} of the recipe."},
+                {"role": "assistant", "content": f"Sure, step {i}: mix the flour and water, then bake."},
+            ]
+        }
+        for i in range(8)
+    ]
+    weights = {}
+    for share in (True, False):
+        model = tiny_causal_lm("llama", seed=0)
+        calls = _counting(model)
+        args = defense_config(
+            GradientAscentTrainer.config_class,
+            tmp_path / str(share),
+            max_steps=2,
+            optim="sgd",
+            learning_rate=0.1,
+        )
+        trainer = GradientAscentTrainer(
+            model=model,
+            args=args,
+            harmful_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tiny_tokenizer(),
+        )
+        with sharing_prompt_prefix(share):
+            trainer.train()
+        one_row = [c for c in calls if c[0] == 1]
+        assert bool(one_row) == share  # the prefix ran once per loss term, for one row
+        weights[share] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in weights[True].items():
+        torch.testing.assert_close(value, weights[False][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(
+        not torch.equal(v, tiny_causal_lm("llama", seed=0).state_dict()[n]) for n, v in weights[True].items()
+    )
