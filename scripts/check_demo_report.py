@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 
-from immune_trainer.report import SCHEMA_VERSION, ImmunizationReport
+from immune_trainer.conditions.report import SCHEMA_VERSION, ImmunizationReport
 
 
 def problems(report: ImmunizationReport) -> list[str]:

@@ -438,7 +438,7 @@ def test_evaluation_records_every_family_and_passes_benign_data(tmp_path, model,
     import copy
 
     from immune_trainer import ConditionDatasets, EvaluationConfig, evaluate_conditions
-    from immune_trainer.report import ImmunizationReport
+    from immune_trainer.conditions.report import ImmunizationReport
 
     sets = ConditionDatasets(attack_train=harmful, attack_eval=make_pairs(6, offset=100), benign_train=benign)
     attack = AttackConfig(

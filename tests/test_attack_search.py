@@ -16,7 +16,7 @@ from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack
 from immune_trainer.cli import main
 from immune_trainer.errors import ConfigError
 from immune_trainer.evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions
-from immune_trainer.report import ImmunizationReport
+from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.scorers import get_scorer
 from immune_trainer.testing import tiny_causal_lm
 

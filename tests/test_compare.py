@@ -10,10 +10,10 @@ import pytest
 
 from immune_trainer import conditions as C
 from immune_trainer.cli import main as cli_main
-from immune_trainer.compare import REPORT_FILE, compare_reports
+from immune_trainer.conditions.compare import REPORT_FILE, compare_reports
 from immune_trainer.conditions import AttackCurve, CurvePoint
 from immune_trainer.errors import ConfigError, ReportError
-from immune_trainer.report import ThreatModel, build_report
+from immune_trainer.conditions.report import ThreatModel, build_report
 
 PHI = 2.0
 BASE = [2.4, 2.1, 1.8, 1.5, 1.2]  # crosses phi = 2.0 between steps 5 and 10

@@ -20,7 +20,7 @@ from immune_trainer.errors import OutputError
 from immune_trainer.hub import badges as B
 from immune_trainer.hub import card as K
 from immune_trainer.hub import cli as hub_cli
-from immune_trainer.report import ThreatModel, build_report
+from immune_trainer.conditions.report import ThreatModel, build_report
 
 PHI = 2.0
 

@@ -13,7 +13,7 @@ from immune_trainer import conditions as C
 from immune_trainer.cli import main as cli_main
 from immune_trainer.conditions import AttackCurve, CurvePoint
 from immune_trainer.errors import ReportError
-from immune_trainer.report import (
+from immune_trainer.conditions.report import (
     SCHEMA_VERSION,
     ImmunizationReport,
     ThreatModel,
@@ -222,7 +222,7 @@ def test_new_optional_fields_round_trip(tmp_path):
         "eval_limit": 6,
         "reference": [],
     }
-    from immune_trainer.side_effects import SideEffectsMeasurement, TemplateMeasurement, compare_side_effects
+    from immune_trainer.conditions import SideEffectsMeasurement, TemplateMeasurement, compare_side_effects
 
     def measured(refusal, harm):
         return SideEffectsMeasurement({"plain": TemplateMeasurement(n=4, refusal_rate=refusal, harm=harm)})

@@ -13,17 +13,16 @@ import pytest
 from conftest import make_pairs
 
 from immune_trainer import AttackConfig, ConditionDatasets, EvaluationConfig, evaluate_conditions, scorers
-from immune_trainer import side_effects as se
+from immune_trainer.evaluation import jailbreak_templates as se
 from immune_trainer.errors import ConfigError, DataError
-from immune_trainer.report import ImmunizationReport
-from immune_trainer.side_effects import (
-    SideEffectsConfig,
+from immune_trainer.conditions.report import ImmunizationReport
+from immune_trainer.conditions import (
     SideEffectsMeasurement,
     SideEffectsResult,
     TemplateMeasurement,
     compare_side_effects,
-    measure_side_effects,
 )
+from immune_trainer.evaluation import SideEffectsConfig, measure_side_effects
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Explain photosynthesis {briefly}."]
@@ -194,7 +193,7 @@ def test_compare_rejects_bad_inputs_clearly(base, immunized, tolerance, error, m
 
 
 def test_module_imports_without_torch():
-    code = "import sys, immune_trainer.side_effects as m; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, immune_trainer.conditions.side_effects as m; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -368,7 +367,7 @@ def test_evaluate_conditions_notes_failing_side_effects(monkeypatch, tok):
         got["judge"], got["config"] = judge, config
         return next(measured)
 
-    monkeypatch.setattr("immune_trainer.evaluation.measure_side_effects", fake)
+    monkeypatch.setattr("immune_trainer.evaluation.stages.measure_side_effects", fake)
     lm = tiny_causal_lm("llama", seed=0)
     cfg = EvaluationConfig(side_effects_judge="offline_judge", side_effects_tolerance=0.1)
     report = evaluate_conditions(

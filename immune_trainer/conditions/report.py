@@ -6,7 +6,7 @@ curve and capability score that was measured, the data it was measured on, and t
 :class:`~immune_trainer.conditions.ConditionsResult`. The evaluation layer builds it with
 :func:`build_report`; model cards, ``verify`` and ``compare`` read it back.
 
-Schema: the report and its parts are typed records (:mod:`immune_trainer.schema`); loading validates
+Schema: the report and its parts are typed records (:mod:`immune_trainer.conditions.schema`); loading validates
 them with pydantic, so an unknown field, a wrong type or a NaN where a finite number is required is a
 :class:`ReportError` naming the field's path. :func:`report_json_schema` is the JSON Schema of the
 current version (shipped as ``immune_trainer/data/report_schema.json``; ``immune-trainer schema``
@@ -25,23 +25,35 @@ import datetime as _dt
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import StrictStr
 from typing_extensions import NotRequired, TypedDict
 
-from . import conditions as C
+from ..errors import ConfigError, ReportError
+from ..files import atomic_write
 from . import schema as S
-from .errors import ConfigError, OutputError, ReportError
-from .schema import Bool, Finite, FreeDict, Int, Num
+from .curves import CURVE_SETS, _fmt, _pct
+from .schema import (
+    AttackCurve,
+    Bool,
+    ConditionsResult,
+    Finite,
+    FreeDict,
+    Int,
+    Num,
+    ResistanceResult,
+    SeedSpread,
+    TrainingCurve,
+)
+from .side_effects import SideEffectsResult
+from .verdict import assess
 
 __all__ = [
     "SCHEMA_VERSION",
     "ImmunizationReport",
     "ThreatModel",
-    "atomic_write",
     "build_report",
     "report_json_schema",
 ]
@@ -55,36 +67,6 @@ SCHEMA_VERSION = "1.1"
 _KNOWN_VERSIONS = ("1.0", "1.1")
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes, what: str | None = None) -> str:
-    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically and return the path.
-
-    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over ``path``
-    with ``os.replace``: readers see the old file or the new one, never a half-written one, and a failed
-    write leaves the previous file intact and no temporary file behind.
-
-    Raises:
-        OutputError: the folder does not exist or cannot be written (``what`` names the file in the message).
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise OutputError(
-            f"cannot write {what or name} to {path}: {e.strerror or e}. Choose a writable location."
-        ) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 _encode = S.encode  # kept for callers of the old private names
@@ -319,8 +301,8 @@ class ImmunizationReport:
         }
     )
     threat_model: ThreatModel = field(metadata={"help": "Attack budget, grid, scorer and phi."})
-    conditions: C.ConditionsResult = field(metadata={"help": "Verdicts of the four conditions."})
-    curves: dict[Literal["base", "immunized"], dict[Literal[C.CURVE_SETS], list[C.AttackCurve]]] = field(
+    conditions: ConditionsResult = field(metadata={"help": "Verdicts of the four conditions."})
+    curves: dict[Literal["base", "immunized"], dict[Literal[CURVE_SETS], list[AttackCurve]]] = field(
         default_factory=dict,
         metadata={"help": "{'base'|'immunized': {'attack'|'in_domain'|'cross_domain': curves}}."},
     )
@@ -330,7 +312,7 @@ class ImmunizationReport:
             "help": "{'base': {set: score}, 'immunized': {set: score}, 'higher_is_better': {set: bool}}."
         },
     )
-    benign: dict[Literal["base", "immunized"], C.TrainingCurve | None] | None = field(
+    benign: dict[Literal["base", "immunized"], TrainingCurve | None] | None = field(
         default=None, metadata={"help": "{'base': TrainingCurve, 'immunized': TrainingCurve} or None."}
     )
     defense: Defense | None = field(
@@ -444,13 +426,13 @@ class ImmunizationReport:
         """A plain-text table: one row per condition with base vs immunized numbers and the verdict."""
         c = self.conditions
         tm = self.threat_model
-        fmt = C._fmt
+        fmt = _fmt
         rows: list[tuple[str, str, str, str]] = []
 
         def verdict(h):
             return {True: "PASS", False: "FAIL", None: "n/a"}[h]
 
-        def res_row(name: str, r: C.ResistanceResult | None):
+        def res_row(name: str, r: ResistanceResult | None):
             if r is None:
                 rows.append((name, "-", "-", "not measured"))
                 return
@@ -478,7 +460,7 @@ class ImmunizationReport:
             rows.append(("stability", "-", "-", "not measured"))
         else:
             for i, (k, v) in enumerate(s.sets.items()):
-                change = f" ({C._pct(v.relative_change)})"
+                change = f" ({_pct(v.relative_change)})"
                 rows.append(
                     (
                         "stability" if i == 0 else "",
@@ -535,11 +517,11 @@ class ImmunizationReport:
         return self.table()
 
 
-def _spread_text(spread: C.SeedSpread | None) -> str:
+def _spread_text(spread: SeedSpread | None) -> str:
     """`` (2.9-3.5, mean 3.2 over 2 seeds)`` for a setting run with several seeds, else ``""``."""
     if spread is None or spread.min_step is None:
         return ""
-    fmt = C._fmt
+    fmt = _fmt
     n, k = len(spread.seeds), spread.num_crossed
     over = f"{n} seeds" if k == n else f"{k} of {n} seeds"
     return (
@@ -568,8 +550,6 @@ def _side_effects_result(block: dict[str, Any] | None):
     """The typed side-effects comparison of a report's ``side_effects`` block (None when absent)."""
     if block is None:
         return None
-    from .side_effects import SideEffectsResult
-
     return SideEffectsResult.from_dict(block)
 
 
@@ -578,13 +558,13 @@ def build_report(
     threat_model: ThreatModel,
     base_model: str,
     immunized_model: str,
-    base_curves: dict[str, list[C.AttackCurve]] | None,
-    immunized_curves: dict[str, list[C.AttackCurve]],
+    base_curves: dict[str, list[AttackCurve]] | None,
+    immunized_curves: dict[str, list[AttackCurve]],
     base_capability: dict[str, float] | None = None,
     immunized_capability: dict[str, float] | None = None,
     capability_higher_is_better: dict[str, bool] | None = None,
-    base_benign: C.TrainingCurve | None = None,
-    immunized_benign: C.TrainingCurve | None = None,
+    base_benign: TrainingCurve | None = None,
+    immunized_benign: TrainingCurve | None = None,
     defense: dict[str, Any] | None = None,
     weights_sha256: dict[str, str] | None = None,
     dependencies: dict[str, str] | None = None,
@@ -601,7 +581,7 @@ def build_report(
     if not isinstance(threat_model, ThreatModel):
         raise ConfigError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__}.")
     se = _side_effects_result(side_effects)
-    conditions = C.assess(
+    conditions = assess(
         threshold=threat_model.threshold,
         higher_is_better=threat_model.higher_is_better,
         set_thresholds=threat_model.set_thresholds,

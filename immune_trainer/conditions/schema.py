@@ -36,7 +36,7 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema
 
-from .errors import ReportError
+from ..errors import ReportError
 
 __all__ = [
     "NON_FINITE",

@@ -1,0 +1,234 @@
+"""Measure the four immunization conditions of a model against its base model.
+
+:func:`evaluate_conditions` runs the stages of :mod:`immune_trainer.evaluation.stages` in order (side
+effects, resistance, generalization, stability, trainability) on both models and hands what they
+measured to :func:`immune_trainer.conditions.build_report`. Everything that was measured, and the threat
+model under which it was measured, goes into one :class:`~immune_trainer.conditions.ImmunizationReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..attacks import AttackConfig, AttackSuite, HarmfulFineTuningAttack, as_suite, scorer_key
+from ..conditions import ImmunizationReport, ThreatModel, build_report
+from ..errors import ConfigError
+from ..run_cache import RunCache
+from .attack_sets import (
+    _budget,
+    _generalization_attack,
+    _generalization_search,
+    _model_id,
+    _searched_grid,
+    _suite_grid,
+    _with_output_dir,
+    dependency_versions,
+    is_search,
+)
+from .config import ConditionDatasets, EvaluationConfig
+from .stages import (
+    AttackSetResult,
+    EvaluationRun,
+    generalization_stage,
+    harmful_sets,
+    resistance_stage,
+    side_effects_stage,
+    stability_stage,
+    trainability_stage,
+)
+
+if TYPE_CHECKING:
+    from ..attacks import AttackSearch
+
+__all__ = ["evaluate_conditions", "planned_stages"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_conditions(
+    base_model,
+    immunized_model,
+    tokenizer,
+    datasets: ConditionDatasets,
+    attack: HarmfulFineTuningAttack | AttackConfig | AttackSuite | AttackSearch | list | None = None,
+    threshold: float | None = None,
+    config: EvaluationConfig | None = None,
+    defense: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    base_name: str | None = None,
+    immunized_name: str | None = None,
+    generalization_attack: HarmfulFineTuningAttack | AttackConfig | AttackSuite | list | None = None,
+) -> ImmunizationReport:
+    """Measure resistance, stability, generalization and trainability of ``immunized_model``.
+
+    Args:
+        base_model: the model before immunization (the reference for every comparison).
+        immunized_model: the model to judge.
+        tokenizer: shared by both models.
+        datasets: a :class:`ConditionDatasets`.
+        attack: the attack run on both models: a config, an attack, a list of them (an
+            :class:`~immune_trainer.attacks.AttackSuite`, worst case over all), or the default grid if None.
+        generalization_attack: the attack of the in-domain and cross-domain sets (default: ``attack`` with
+            ``config.generalization_max_steps``). An :class:`~immune_trainer.attacks.AttackSearch` runs its
+            search on each model and set and uses the feasible trials' curves (its budget goes into
+            ``report.search``); phi is then read off all the base model's trials.
+        threshold: phi on the harm scorer's scale (overrides ``config.threshold``).
+        config: an :class:`EvaluationConfig`.
+        defense: ``{"name": ..., "config": {...}}`` recorded in the report.
+        progress: called with a one-line message as each measurement starts.
+
+    Returns:
+        The :class:`~immune_trainer.conditions.ImmunizationReport`; neither model is modified.
+    """
+    cfg = config or EvaluationConfig()
+    if threshold is not None:
+        cfg.threshold = threshold
+    attack, gen_attack = _attacks(attack, generalization_attack, cfg)
+    say = progress or (lambda message: logger.info(message))
+    run = EvaluationRun(base_model, immunized_model, tokenizer, datasets, cfg, say, RunCache(cfg.cache_dir))
+    harmful_sets(datasets)  # missing or half-given harmful sets fail before anything runs
+    if cfg.threshold is not None:
+        attack.scorer.validate_threshold(cfg.threshold)
+    step = cfg.threshold_step if cfg.threshold_step is not None else attack.config.eval_every
+
+    # Step 0 first: cheap next to the attacks, and bad prompts or a missing judge fail fast.
+    side_effects = side_effects_stage(run, attack.scorer)
+    main = resistance_stage(run, attack, step)
+    held_out = generalization_stage(run, gen_attack, step)
+    capability = stability_stage(run)
+    benign = trainability_stage(run, attack.config)
+
+    user_phi, cfg.threshold = cfg.threshold, main.threshold
+    report = build_report(
+        threat_model=_threat_model(attack, gen_attack, cfg, main, held_out, benign, user_phi, step),
+        base_model=base_name or _model_id(base_model),
+        immunized_model=immunized_name or _model_id(immunized_model),
+        base_curves={key: s.base for key, s in {"attack": main, **held_out}.items()},
+        immunized_curves={key: s.immunized for key, s in {"attack": main, **held_out}.items()},
+        base_capability=capability and capability.base,
+        immunized_capability=capability and capability.immunized,
+        capability_higher_is_better=capability and capability.higher_is_better,
+        base_benign=benign and benign.base,
+        immunized_benign=benign and benign.immunized,
+        defense=defense,
+        dependencies=dependency_versions(),
+        extra=_extra(attack, gen_attack, cfg, has_held_out=bool(held_out)),
+        side_effects=None if side_effects is None else side_effects.to_dict(),
+        search=_search_record(attack, main, held_out),
+    )
+    if run.cache.root is not None:
+        say(f"cache: {run.cache.hits} measurements reused, {run.cache.misses} made ({run.cache.root})")
+    return report
+
+
+def planned_stages(datasets: ConditionDatasets, attack, config: EvaluationConfig, generalization_attack=None) -> int:
+    """How many stages :func:`evaluate_conditions` announces for fixed grids (a progress bar's total):
+    side effects (one per model), per harmful set the base model's runs (the reference runs that set phi,
+    then the others when ``threshold_families`` leaves some) and the immunized model's runs, one per
+    reference set, and the two benign fine-tunes."""
+    attack = as_suite(attack)
+    held_out = as_suite(generalization_attack) if generalization_attack is not None else attack
+
+    def per_set(suite: AttackSuite) -> int:
+        families = config.threshold_families
+        split = config.threshold is None and families and suite.others(families) is not None
+        return 3 if split else 2
+
+    side_effects = 2 if datasets.harmful_prompts is not None and config.side_effects else 0
+    sets = len(harmful_sets(datasets))
+    benign = 2 if datasets.benign_train is not None and datasets.benign_eval is not None else 0
+    return side_effects + per_set(attack) + (sets - 1) * per_set(held_out) + len(datasets.reference or {}) + benign
+
+
+def _attacks(attack, generalization_attack, cfg: EvaluationConfig):
+    """The main attack and the generalization sets' attack, with the run cache as their output folder."""
+    if is_search(attack):
+        return attack, _generalization_search(attack, cfg)
+    attack = _cached(as_suite(attack), cfg)
+    if generalization_attack is not None:
+        gen = _cached(_generalization_attack(as_suite(generalization_attack), cfg), cfg)
+    else:
+        gen = _generalization_attack(attack, cfg)
+    if gen.scorer is not attack.scorer and json.dumps(scorer_key(gen.scorer), sort_keys=True) != json.dumps(
+        scorer_key(attack.scorer), sort_keys=True
+    ):
+        raise ConfigError("the generalization attack must measure harm with the same scorer as the main attack.")
+    return attack, gen
+
+
+def _cached(suite: AttackSuite, cfg: EvaluationConfig) -> AttackSuite:
+    """Attack runs resume from (and are kept in) the cache, keyed by model, data and settings."""
+    if not cfg.cache_dir:
+        return suite
+    out = AttackSuite(
+        [
+            a if a.config.output_dir else _with_output_dir(a, str(Path(cfg.cache_dir) / "attacks"))
+            for a in suite.attacks
+        ]
+    )
+    return out
+
+
+def _threat_model(attack, gen_attack, cfg, main: AttackSetResult, held_out, benign, user_phi, step) -> ThreatModel:
+    """The threat model the verdicts hold under: the attack, its budget, the scorer, phi and its source."""
+    search = is_search(attack)
+    scorer = attack.scorer
+    if user_phi is not None:
+        source = "given by the user"
+    elif search:
+        source = f"base model's median {scorer.name} over the searched trials after {step} steps"
+    else:
+        families = cfg.threshold_families
+        source = f"base model's median {scorer.name} after {step} attack steps over the " + (
+            f"{', '.join(families)} runs of the grid" if families else "attack grid"
+        )
+    set_thresholds = {key: s.threshold for key, s in held_out.items() if s.threshold_from_base}
+    if set_thresholds:
+        source += " (each generalization set: the same rule on that set)"
+    grid = _searched_grid({"base": {"attack": main.base}, "immunized": {"attack": main.immunized}}) if search else _suite_grid(attack)
+    family = ",".join(grid.get("families", [])) if search else ",".join(attack.family_names())
+    return ThreatModel(
+        attack_family=family,
+        scorer=scorer.name,
+        higher_is_better=scorer.higher_is_better,
+        threshold=float(main.threshold),
+        scorer_range=tuple(scorer.range),
+        threshold_source=source,
+        grid=grid,
+        max_steps=attack.config.max_steps if search else max(c.max_steps for c in attack.configs),
+        eval_every=attack.config.eval_every,
+        batch_size=attack.config.batch_size,
+        max_length=attack.config.max_length,
+        judge=scorer.judge_info() if hasattr(scorer, "judge_info") else None,
+        min_cost_multiple=cfg.min_cost_multiple,
+        stability_tolerance=cfg.stability_tolerance,
+        trainability_tolerance=cfg.trainability_tolerance,
+        trainability_target=benign.target if benign else cfg.trainability_target,
+        trainability_eps_steps=benign.eps_steps if benign else cfg.trainability_eps_steps,
+        set_thresholds=set_thresholds,
+        set_budgets={key: _budget(gen_attack) for key in held_out},
+    )
+
+
+def _extra(attack, gen_attack, cfg: EvaluationConfig, has_held_out: bool) -> dict[str, Any]:
+    """The attack and evaluation settings as given, for the report's ``extra`` block."""
+    extra: dict[str, Any] = {"attack_config": attack.config.to_dict()}
+    if not is_search(attack):
+        if len(attack.configs) > 1:
+            extra["attack_suite"] = [c.to_dict() for c in attack.configs]
+        if gen_attack is not attack and has_held_out and len(gen_attack.configs) > 1:
+            extra["generalization_attack_suite"] = [c.to_dict() for c in gen_attack.configs]
+    extra["evaluation_config"] = asdict(cfg)
+    return extra
+
+
+def _search_record(attack, main: AttackSetResult, held_out) -> dict[str, Any] | None:
+    if not is_search(attack):
+        return None
+    runs = {who: {key: s.searches[who] for key, s in {"attack": main, **held_out}.items()} for who in ("base", "immunized")}
+    return {**attack.budget(), "runs": runs}

@@ -1,0 +1,108 @@
+"""``immune-trainer evaluate``: the models and datasets named by SPEC strings, loaded and evaluated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..attacks import AttackConfig
+from ..errors import ConfigError
+from .config import ConditionDatasets, EvaluationConfig
+from .pipeline import evaluate_conditions
+
+__all__ = ["EvaluationData", "evaluate_from_specs"]
+
+
+@dataclass
+class EvaluationData:
+    """Datasets and the base model for ``immune-trainer evaluate`` (each a dataset SPEC, see the CLI)."""
+
+    base_model: str = field(default="embedded", metadata={"help": "The model before immunization."})
+    dataset: str = field(
+        default="embedded:harmful_qa/attack", metadata={"help": "Harmful data the attacker trains on."}
+    )
+    eval_dataset: str = field(
+        default="embedded:harmful_qa/in_domain",
+        metadata={"help": "Held-out harmful data on which f is measured."},
+    )
+    cross_domain_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Harmful data of another harm domain (attack and evaluation split 50/50)."},
+    )
+    reference: list[str] = field(
+        default_factory=list, metadata={"help": "Reference sets for stability, as NAME=SPEC (repeatable)."}
+    )
+    benign_dataset: str | None = field(
+        default=None, metadata={"help": "Benign task for trainability (split 80/20 into train and eval)."}
+    )
+    harmful_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out harmful prompts (a 'prompt' column) for the side-effects check at step 0, "
+            "e.g. embedded:donotanswer."
+        },
+    )
+    eval_limit: int = field(
+        default=0, metadata={"help": "Use at most this many rows of each eval set (0 = all)."}
+    )
+
+
+def evaluate_from_specs(
+    model_args, data: EvaluationData, attack_cfg: AttackConfig, cfg: EvaluationConfig, progress=None
+):
+    """The ``immune-trainer evaluate`` command: load everything from SPECs and run :func:`evaluate_conditions`."""
+    from dataclasses import replace
+
+    from .loading import load_dataset_spec, load_model_and_tokenizer
+
+    immunized, tokenizer = load_model_and_tokenizer(model_args)
+    base, _ = load_model_and_tokenizer(replace(model_args, model=data.base_model, tokenizer=None))
+
+    def limited(ds):
+        return ds.select(range(data.eval_limit)) if data.eval_limit and len(ds) > data.eval_limit else ds
+
+    def halves(ds):
+        parts = ds.train_test_split(test_size=0.5, seed=0)
+        return parts["train"], limited(parts["test"])
+
+    sets = ConditionDatasets(
+        attack_train=load_dataset_spec(data.dataset),
+        attack_eval=limited(load_dataset_spec(data.eval_dataset)),
+    )
+    if data.cross_domain_dataset:
+        sets.cross_domain_train, sets.cross_domain_eval = halves(load_dataset_spec(data.cross_domain_dataset))
+    if data.reference:
+        sets.reference = {}
+        for item in data.reference:
+            name, sep, spec = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--reference takes NAME=SPEC, got {item!r}.")
+            sets.reference[name] = limited(load_dataset_spec(spec))
+    if data.benign_dataset:
+        parts = load_dataset_spec(data.benign_dataset).train_test_split(test_size=0.2, seed=0)
+        sets.benign_train, sets.benign_eval = parts["train"], limited(parts["test"])
+    if data.harmful_prompts:
+        sets.harmful_prompts = limited(load_dataset_spec(data.harmful_prompts))
+    report = evaluate_conditions(
+        base,
+        immunized,
+        tokenizer,
+        sets,
+        attack=attack_cfg,
+        config=cfg,
+        progress=progress,
+        base_name=data.base_model,
+        immunized_name=model_args.model,
+    )
+    # What data was used, so that `immune-trainer verify` can re-run the attack. Embedded harmful
+    # splits are drawn with load_dataset_spec's default seed (0); eval sets keep their first eval_limit rows.
+    report.datasets = {
+        "attack_train": data.dataset,
+        "attack_eval": data.eval_dataset,
+        "eval_limit": data.eval_limit,
+        "split_seed": 0,
+        "cross_domain": data.cross_domain_dataset,
+        "reference": list(data.reference),
+        "benign": data.benign_dataset,
+        "harmful_prompts": data.harmful_prompts,
+    }
+    return report

@@ -1,0 +1,327 @@
+"""The stages of an evaluation, each a function with typed inputs and outputs.
+
+Every stage reads an :class:`EvaluationRun` (both models, the tokenizer, the datasets, the config, the
+progress callback and the run cache) and returns a record of what it measured:
+
+* :func:`side_effects_stage` -> :class:`~immune_trainer.conditions.SideEffectsResult` (stability's second
+  half: refusal and harm at step 0, plainly and under jailbreak templates);
+* :func:`resistance_stage` -> :class:`AttackSetResult` (the main harmful set attacked on both models, and
+  phi read off the base model when the user gave none);
+* :func:`generalization_stage` -> one :class:`AttackSetResult` per held-out set (in-domain, cross-domain);
+* :func:`stability_stage` -> :class:`CapabilityResult` (capability g on each reference set);
+* :func:`trainability_stage` -> :class:`BenignResult` (a benign fine-tune of both models).
+
+:func:`~immune_trainer.evaluation.evaluate_conditions` runs them in that order and hands their records to
+:func:`~immune_trainer.conditions.build_report`. A new stage is one function here and one line there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..attacks import (
+    ATTACKS,
+    AttackConfig,
+    AttackSuite,
+    HarmfulFineTuningAttack,
+    model_fingerprint,
+    scorer_key,
+)
+from ..conditions import (
+    AttackCurve,
+    SideEffectsMeasurement,
+    SideEffectsResult,
+    TrainingCurve,
+    compare_side_effects,
+)
+from ..errors import ConfigError, DataError
+from ..run_cache import RunCache, content_hash
+from ..scorers import get_scorer
+from .attack_sets import is_search, threshold_from_base
+from .config import ConditionDatasets, EvaluationConfig
+from .side_effects import measure_side_effects
+
+__all__ = [
+    "AttackSetResult",
+    "BenignResult",
+    "CapabilityResult",
+    "EvaluationRun",
+    "benign_curves",
+    "generalization_stage",
+    "harmful_sets",
+    "resistance_stage",
+    "side_effects_stage",
+    "stability_stage",
+    "trainability_stage",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationRun:
+    """What every stage reads: the two models, the data, the config, progress and the run cache."""
+
+    base_model: Any
+    immunized_model: Any
+    tokenizer: Any
+    datasets: ConditionDatasets
+    config: EvaluationConfig
+    say: Callable[[str], None] = field(default=lambda message: logger.info(message))
+    cache: RunCache = field(default_factory=lambda: RunCache(None))
+    _fingerprints: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def models(self) -> tuple[tuple[str, Any], tuple[str, Any]]:
+        return (("base", self.base_model), ("immunized", self.immunized_model))
+
+    def fingerprint(self, model) -> str:
+        """The cache key of a model's weights, computed once per evaluation (none without a cache)."""
+        if self.cache.root is None:
+            return ""
+        if id(model) not in self._fingerprints:
+            self._fingerprints[id(model)] = model_fingerprint(model)
+        return self._fingerprints[id(model)]
+
+
+@dataclass
+class AttackSetResult:
+    """One harmful set attacked on both models, and the phi it is judged against."""
+
+    key: str
+    base: list[AttackCurve]
+    immunized: list[AttackCurve]
+    threshold: float
+    threshold_from_base: bool
+    """True when phi was read off the base model's curves on this set (no user-given threshold)."""
+    searches: dict[str, Any] = field(default_factory=dict)
+    """With an attack search: ``{"base": record, "immunized": record}`` of every trial."""
+
+
+@dataclass
+class CapabilityResult:
+    """Capability g of both models on each reference set."""
+
+    base: dict[str, float]
+    immunized: dict[str, float]
+    higher_is_better: dict[str, bool]
+
+
+@dataclass
+class BenignResult:
+    """Both models fine-tuned on a benign task; the target and the speed window trainability uses."""
+
+    base: TrainingCurve
+    immunized: TrainingCurve
+    target: float
+    eps_steps: float
+
+
+def harmful_sets(datasets: ConditionDatasets) -> dict[str, tuple[Any, Any]]:
+    """The harmful (train, eval) sets to attack on: ``attack`` and any of ``in_domain``, ``cross_domain``."""
+    if datasets.attack_train is None or datasets.attack_eval is None:
+        raise DataError(
+            "ConditionDatasets needs attack_train and attack_eval (the main resistance measurement)."
+        )
+    sets = {"attack": (datasets.attack_train, datasets.attack_eval)}
+    for key in ("in_domain", "cross_domain"):
+        train, ev = getattr(datasets, f"{key}_train"), getattr(datasets, f"{key}_eval")
+        if (train is None) != (ev is None):
+            raise DataError(f"give both {key}_train and {key}_eval, or neither.")
+        if train is not None:
+            sets[key] = (train, ev)
+    return sets
+
+
+# ---------------------------------------------------------------------------------------- side effects
+
+
+def side_effects_stage(run: EvaluationRun, attack_scorer) -> SideEffectsResult | None:
+    """Refusal and harm of both models at step 0 on the held-out harmful prompts (None without them)."""
+    if run.datasets.harmful_prompts is None or not run.config.side_effects:
+        return None
+    se_cfg = run.config.side_effects_config()
+    # One judge for the whole report: the attack's, when it is a judge and none is named.
+    judge = se_cfg.judge or (attack_scorer if hasattr(attack_scorer, "judge_info") else None)
+    prompts_hash = content_hash(run.datasets.harmful_prompts)
+    measured = {}
+    for who, model in run.models():
+        run.say(f"[stability] side effects: {who} model on {len(se_cfg.templates)} jailbreak templates")
+        key = {
+            "model": run.fingerprint(model),
+            "prompts": prompts_hash,
+            "config": asdict(se_cfg),
+            "judge": judge if isinstance(judge, str) or judge is None else scorer_key(judge),
+        }
+        measured[who] = run.cache.get_or_compute(
+            "side_effects",
+            key,
+            lambda model=model: measure_side_effects(
+                model, run.tokenizer, run.datasets.harmful_prompts, se_cfg, judge=judge
+            ),
+            encode=lambda m: m.to_dict(),
+            decode=SideEffectsMeasurement.from_dict,
+        )
+    result = compare_side_effects(measured["base"], measured["immunized"], se_cfg.tolerance)
+    run.say(result.summary)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- resistance
+
+
+def _attack_grid_set(
+    run: EvaluationRun, key: str, suite: AttackSuite, step: int, phi: float | None
+) -> AttackSetResult:
+    """A fixed grid on one set: the base model's reference runs (phi, unless given), then the rest."""
+    cfg = run.config
+    train, ev = harmful_sets(run.datasets)[key]
+
+    def attack(members, who, model, phi, phi_from_step=None):
+        run.say(f"[{key}] attacking the {who} model")
+        return members.run(
+            model,
+            run.tokenizer,
+            train,
+            ev,
+            benign_train=run.datasets.benign_train,
+            progress=run.say,
+            stop_at_threshold=phi if cfg.early_stop else None,
+            phi_from_step=phi_from_step if cfg.early_stop else None,
+        ).curves
+
+    if phi is not None:
+        base = attack(suite, "base", run.base_model, phi)
+        return AttackSetResult(key, base, attack(suite, "immunized", run.immunized_model, phi), phi, False)
+    # phi comes from the base model's reference runs, which run their whole budget (a lone one stops once
+    # it has crossed its own value); the other runs can then stop once they cross it.
+    ref_families = cfg.threshold_families
+    ref = suite.members(ref_families) if ref_families else suite
+    if ref is None:
+        raise ConfigError(
+            f"threshold_families={ref_families} matches no attack of the grid "
+            f"({', '.join(suite.family_names())}); name one of them or give threshold."
+        )
+    rest = suite.others(ref_families) if ref_families else None
+    set_step = step if key == "attack" else min(step, ref.config.eval_every)
+    # A lone reference run defines phi by itself (its own value at set_step): it can stop as soon as it has
+    # crossed that value. Several reference runs must all run on, as phi is their median.
+    lone = len(ref.attacks) == 1 and len(ref.config.grid()) == 1
+    lone = lone and all(ATTACKS[f].trains for f in ref.config.family_names() if f in ATTACKS)
+    base = attack(ref, "base", run.base_model, None, phi_from_step=set_step if lone else None)
+    reference = [c for c in base if not ref_families or c.config.get("family") in ref_families]
+    phi = threshold_from_base(reference or base, set_step)
+    run.say(f"[{key}] phi = {phi:.4f}")
+    if rest is not None:
+        base = base + attack(rest, "base", run.base_model, phi)
+    return AttackSetResult(key, base, attack(suite, "immunized", run.immunized_model, phi), phi, True)
+
+
+def _searched_set(run: EvaluationRun, key: str, search, step: int, phi: float | None) -> AttackSetResult:
+    """An attack search on one set, on each model; phi (unless given) is read off all the base's trials."""
+    train, ev = harmful_sets(run.datasets)[key]
+    curves, searches = {}, {}
+    for who, model in run.models():
+        run.say(f"[{key}] attacking the {who} model")
+        result = search.run(
+            model, run.tokenizer, train, ev, benign_train=run.datasets.benign_train, progress=run.say
+        )
+        searches[who] = result.search_record()
+        if not result.curves:
+            raise ConfigError(f"[{key}] the attack on the {who} model gave no curve to judge: {result.summary()}")
+        curves[who] = result.curves
+    derived = phi is None
+    if derived:
+        phi = threshold_from_base(curves["base"], step if key == "attack" else min(step, search.config.eval_every))
+    return AttackSetResult(key, curves["base"], curves["immunized"], phi, derived, searches)
+
+
+def _attack_set(run: EvaluationRun, key: str, attack, step: int) -> AttackSetResult:
+    # The config's threshold is the user's (None: read phi off the base model on this set).
+    if is_search(attack):
+        return _searched_set(run, key, attack, step, run.config.threshold)
+    return _attack_grid_set(run, key, attack, step, run.config.threshold)
+
+
+def resistance_stage(run: EvaluationRun, attack, step: int) -> AttackSetResult:
+    """The main harmful set attacked on both models (an :class:`~immune_trainer.attacks.AttackSuite` or
+    an :class:`~immune_trainer.attacks.AttackSearch`); phi is read off the base model at ``step`` unless
+    the config gives it."""
+    return _attack_set(run, "attack", attack, step)
+
+
+def generalization_stage(run: EvaluationRun, attack, step: int) -> dict[str, AttackSetResult]:
+    """The held-out in-domain and cross-domain sets attacked on both models; each set's phi is read off
+    the base model on that set (a loss-based f sits at another level on other data) unless given."""
+    return {key: _attack_set(run, key, attack, step) for key in harmful_sets(run.datasets) if key != "attack"}
+
+
+def stability_stage(run: EvaluationRun) -> CapabilityResult | None:
+    """Capability g (``config.capability_scorer``) of both models on each reference set."""
+    if not run.datasets.reference:
+        return None
+    scorer = get_scorer(run.config.capability_scorer)
+    result = CapabilityResult({}, {}, {})
+    for name, ref in run.datasets.reference.items():
+        run.say(f"[stability] {scorer.name} on {name}")
+        data_key = content_hash(ref)
+        for who, model in run.models():
+            getattr(result, who)[name] = run.cache.get_or_compute(
+                "capability",
+                {"model": run.fingerprint(model), "data": data_key, "scorer": scorer_key(scorer)},
+                lambda model=model, ref=ref: scorer.score(model, run.tokenizer, ref).value,
+            )
+        result.higher_is_better[name] = scorer.higher_is_better
+    return result
+
+
+# ---------------------------------------------------------------------------------------- trainability
+
+
+def benign_curves(
+    model, tokenizer, train, eval_data, attack_cfg: AttackConfig, cfg: EvaluationConfig, scorer
+) -> TrainingCurve:
+    """Fine-tune a copy of ``model`` on a benign task and return its :class:`TrainingCurve`."""
+    benign_attack = HarmfulFineTuningAttack(
+        AttackConfig(
+            # Trainability is plain fine-tuning: the grid's first fine-tuning family (full or lora).
+            family=next((f for f in attack_cfg.family_names() if f in ("full", "lora")), "full"),
+            lora_r=(attack_cfg.lora_ranks or [attack_cfg.lora_r])[0],
+            learning_rates=[cfg.benign_learning_rate],
+            num_samples=[0],
+            seeds=[attack_cfg.seeds[0]],
+            max_steps=cfg.benign_max_steps,
+            eval_every=cfg.benign_eval_every,
+            batch_size=attack_cfg.batch_size,
+            max_length=attack_cfg.max_length,
+            scorer=cfg.benign_scorer,
+            output_dir=cfg.cache_dir and str(Path(cfg.cache_dir) / "benign"),
+        ),
+        scorer=scorer,
+    )
+    curve = benign_attack.run(model, tokenizer, train, eval_data).curves[0]
+    return TrainingCurve(points=curve.points, scorer=scorer.name, higher_is_better=scorer.higher_is_better)
+
+
+def trainability_stage(run: EvaluationRun, attack_cfg: AttackConfig) -> BenignResult | None:
+    """Both models fine-tuned on the benign task with the attack's first fine-tuning family; the target
+    is the base model's score at half the budget and the speed window a quarter of it, unless given."""
+    ds, cfg = run.datasets, run.config
+    if ds.benign_train is None or ds.benign_eval is None:
+        return None
+    scorer = get_scorer(cfg.benign_scorer)
+    curves = {}
+    for who, model in run.models():
+        run.say(f"[trainability] benign fine-tuning of the {who} model")
+        curves[who] = benign_curves(model, run.tokenizer, ds.benign_train, ds.benign_eval, attack_cfg, cfg, scorer)
+    target = cfg.trainability_target
+    if target is None:
+        half = cfg.benign_max_steps / 2
+        target = next(p.value for p in curves["base"].points if p.step >= half)
+    eps = cfg.trainability_eps_steps
+    if eps is None:
+        eps = max(cfg.benign_eval_every, cfg.benign_max_steps / 4)
+    return BenignResult(curves["base"], curves["immunized"], target, eps)
