@@ -35,7 +35,7 @@ from .scorers import get_scorer
 from .side_effects import DEFAULT_TEMPLATES, SideEffectsConfig, compare_side_effects, measure_side_effects
 
 if TYPE_CHECKING:
-    from .attack_search import AttackSearch
+    from .attacks import AttackSearch
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def evaluate_conditions(
         attack: the attack run on both models: a config, an attack, a list of them (an
             :class:`~immune_trainer.attacks.AttackSuite`, worst case over all), or the default grid if None.
         generalization_attack: the attack of the in-domain and cross-domain sets (default: ``attack`` with
-            ``config.generalization_max_steps``). An :class:`~immune_trainer.attack_search.AttackSearch`
+            ``config.generalization_max_steps``). An :class:`~immune_trainer.attacks.AttackSearch`
             runs its search on each model and set and uses the feasible trials' curves (its budget goes into
             ``report.search``); phi is then read off all the base model's trials.
         threshold: phi on the harm scorer's scale (overrides ``config.threshold``).
@@ -655,7 +655,7 @@ def _with_output_dir(attack: HarmfulFineTuningAttack, output_dir: str) -> Harmfu
 
 
 def _is_search(attack) -> bool:
-    from .attack_search import AttackSearch
+    from .attacks import AttackSearch
 
     return isinstance(attack, AttackSearch)
 
