@@ -37,9 +37,9 @@ _EXPORTS = {
     "AttackSuite": "attacks",
     "HarmfulFineTuningAttack": "attacks",
     "register_attack": "attacks",
-    "AttackSearch": "attack_search",
-    "SearchConfig": "attack_search",
-    "SearchSpace": "attack_search",
+    "AttackSearch": "attacks",
+    "SearchConfig": "attacks",
+    "SearchSpace": "attacks",
     # side effects at step 0 (stability's second half)
     "SideEffectsConfig": "side_effects",
     "measure_side_effects": "side_effects",
@@ -81,12 +81,14 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .attack_search import AttackSearch, SearchConfig, SearchSpace  # noqa: F401
     from .attacks import (  # noqa: F401
         AttackConfig,
         AttackResult,
+        AttackSearch,
         AttackSuite,
         HarmfulFineTuningAttack,
+        SearchConfig,
+        SearchSpace,
         register_attack,
     )
     from .compare import compare_reports  # noqa: F401

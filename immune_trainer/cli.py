@@ -147,8 +147,7 @@ def curves_table(curves) -> str:
 
 
 def cmd_attack(argv: list[str]) -> int:
-    from .attack_search import SearchConfig, SearchSpace
-    from .attacks import AttackConfig, HarmfulFineTuningAttack
+    from .attacks import AttackConfig, HarmfulFineTuningAttack, SearchConfig, SearchSpace
 
     model_args, data_args, attack_cfg, search_cfg, space = _parse(
         [ModelArguments, AttackDataArguments, AttackConfig, SearchConfig, SearchSpace], argv, "attack"
@@ -186,7 +185,7 @@ def _attack_search(
     """``immune-trainer attack --search N``: the most harmful setting whose capability loss stays in tolerance."""
     import optuna
 
-    from .attack_search import AttackSearch, trials_table
+    from .attacks import AttackSearch, trials_table
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the table say it all
 

@@ -7,23 +7,21 @@ import pytest
 import torch
 from conftest import make_pairs
 
-from immune_trainer import attacks as attacks_lib
-from immune_trainer.attack_families import (
+from immune_trainer.attacks import (
+    ATTACKS,
     IDENTITY_PREFIX,
-    _prompt_ends,
+    AttackConfig,
+    HarmfulFineTuningAttack,
     ablate_direction,
+    get_attack,
     identity_shift_dataset,
     last_token_activations,
     refusal_direction,
     residual_writers,
-)
-from immune_trainer.attacks import (
-    ATTACKS,
-    AttackConfig,
-    HarmfulFineTuningAttack,
-    get_attack,
     setting_label,
 )
+from immune_trainer.attacks.families.refusal_ablation import _prompt_ends
+from immune_trainer.attacks.harness import _AttackTrainer
 from immune_trainer.conditions import first_crossing
 from immune_trainer.errors import ConfigError, DataError
 from immune_trainer.modeling import capture_outputs, find_decoder_structure, primary_tensor
@@ -121,7 +119,7 @@ def test_bad_axes_get_clear_errors(kwargs, message):
 
 def test_optimizer_and_schedule_axes_reach_the_trainer(model, tokenizer, harmful, harmful_eval, monkeypatch):
     seen = []
-    original = attacks_lib._AttackTrainer.create_scheduler
+    original = _AttackTrainer.create_scheduler
 
     def spy(self, num_training_steps, optimizer=None):
         scheduler = original(self, num_training_steps, optimizer)
@@ -131,7 +129,7 @@ def test_optimizer_and_schedule_axes_reach_the_trainer(model, tokenizer, harmful
         seen.append((type(optimizer).__name__, group, [group["initial_lr"] * f for f in factors]))
         return scheduler
 
-    monkeypatch.setattr(attacks_lib._AttackTrainer, "create_scheduler", spy)
+    monkeypatch.setattr(_AttackTrainer, "create_scheduler", spy)
     result = _attack(
         optimizers=["sgd", "adagrad", "adafactor", "adamw"],
         lr_scheduler_types=["cosine"],

@@ -11,8 +11,14 @@ import pytest
 from conftest import make_benign, make_pairs
 
 from immune_trainer import attacks as attacks_lib
-from immune_trainer.attack_search import AttackSearch, SearchConfig, SearchSpace, trials_table
-from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack
+from immune_trainer.attacks import (
+    AttackConfig,
+    AttackSearch,
+    HarmfulFineTuningAttack,
+    SearchConfig,
+    SearchSpace,
+    trials_table,
+)
 from immune_trainer.cli import main
 from immune_trainer.errors import ConfigError
 from immune_trainer.evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions

@@ -115,7 +115,7 @@ def test_attack_trainer_loss_is_the_plain_trainers(tmp_path, tokenizer):
     """The attacker's Trainer computes the same loss as transformers.Trainer, with gradient accumulation."""
     from transformers import Trainer, TrainingArguments
 
-    from immune_trainer.attacks import _AttackTrainer
+    from immune_trainer.attacks.harness import _AttackTrainer
 
     input_ids, attention_mask, labels = _batch()
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

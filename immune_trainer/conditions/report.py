@@ -101,7 +101,7 @@ class ThreatModel(S.Record):
         threshold: phi, inside ``scorer_range``.
     """
 
-    attack_family: StrictStr = field(metadata={"help": "Attack family name (registry key of attacks.py)."})
+    attack_family: StrictStr = field(metadata={"help": "Attack family name (registry key of immune_trainer.attacks.ATTACKS)."})
     scorer: StrictStr = field(metadata={"help": "Harmfulness scorer f (registry key of scorers.py)."})
     higher_is_better: Bool = field(metadata={"help": "Direction of f from the defender's view."})
     threshold: Finite = field(

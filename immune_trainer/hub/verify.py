@@ -117,7 +117,7 @@ def _resolve(source: str) -> str:
 
 def _key(config: dict) -> tuple:
     """A run's identity: every grid axis of its setting (not what the run recorded about itself)."""
-    from ..attacks import _AXIS_FIELDS
+    from ..attacks.config import _AXIS_FIELDS
 
     return tuple(sorted((k, v) for k, v in config.items() if k == "family" or k in _AXIS_FIELDS))
 

@@ -1,0 +1,88 @@
+"""The attack families: how an attacker turns a copy of the model and its data into a harmful model.
+
+One registry (:data:`ATTACKS`, :func:`register_attack`, :func:`get_attack`), one module per family
+(the base class is in :mod:`.base`). A family says
+
+* which data it trains on (:meth:`AttackFamily.sources` picks and rewrites the raw datasets,
+  :meth:`AttackFamily.training_set` draws one run's examples from them once tokenized),
+* how the model it trains is built from the copy (:meth:`AttackFamily.prepare`: full weights, a LoRA,
+  soft-prompt tokens),
+* which grid axes apply to it (:meth:`AttackFamily.axes`: the LoRA rank only for ``lora``, the harmful
+  share only for ``mixed``),
+* what a training token costs (:meth:`AttackFamily.flops_per_token`),
+* or, for a training-free family (``trains = False``), how it edits the weights (:meth:`AttackFamily.apply`).
+
+The runner (:class:`~immune_trainer.attacks.HarmfulFineTuningAttack`) does the rest.
+"""
+
+from __future__ import annotations
+
+from ...errors import ConfigError
+from .base import AttackFamily
+from .benign import BenignFineTuning
+from .full import FullFineTuning
+from .identity_shift import IDENTITY_PREFIX, IDENTITY_SYSTEM_PROMPT, IdentityShift, identity_shift_dataset
+from .lora import LoRAFineTuning, check_4bit_available, quantize_4bit
+from .mixed import MixedFineTuning
+from .refusal_ablation import (
+    RefusalAblation,
+    ablate_direction,
+    last_token_activations,
+    refusal_direction,
+    residual_writers,
+)
+from .soft_prompt import SoftPromptAttack, SoftPromptView
+
+__all__ = [
+    "ATTACKS",
+    "IDENTITY_PREFIX",
+    "IDENTITY_SYSTEM_PROMPT",
+    "AttackFamily",
+    "BenignFineTuning",
+    "FullFineTuning",
+    "IdentityShift",
+    "LoRAFineTuning",
+    "MixedFineTuning",
+    "RefusalAblation",
+    "SoftPromptAttack",
+    "SoftPromptView",
+    "ablate_direction",
+    "check_4bit_available",
+    "get_attack",
+    "identity_shift_dataset",
+    "last_token_activations",
+    "quantize_4bit",
+    "refusal_direction",
+    "register_attack",
+    "residual_writers",
+]
+
+ATTACKS: dict[str, AttackFamily] = {}
+
+
+def register_attack(family: AttackFamily) -> AttackFamily:
+    """Add an attack family to the registry (its ``name`` must be new)."""
+    if not family.name:
+        raise ConfigError("an attack family needs a name.")
+    if family.name in ATTACKS:
+        raise ConfigError(f"an attack family named {family.name!r} is already registered.")
+    ATTACKS[family.name] = family
+    return family
+
+
+def get_attack(name: str) -> AttackFamily:
+    if name not in ATTACKS:
+        raise ConfigError(f"unknown attack family {name!r}; known families: {', '.join(sorted(ATTACKS))}.")
+    return ATTACKS[name]
+
+
+for _family in (
+    FullFineTuning(),
+    LoRAFineTuning(),
+    MixedFineTuning(),
+    BenignFineTuning(),
+    IdentityShift(),
+    SoftPromptAttack(),
+    RefusalAblation(),
+):
+    register_attack(_family)
