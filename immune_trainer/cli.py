@@ -24,14 +24,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, DataError, ImmuneTrainerError
-from .loading import (
+from .data.loading import (
     ModelArguments,
     load_dataset_spec,
     load_model_and_tokenizer,
     parse_cli_args,
     validate_sources,
 )
+from .errors import ConfigError, DataError, ImmuneTrainerError
 
 logger = logging.getLogger("immune_trainer")
 
@@ -332,7 +332,7 @@ class AssetsArguments:
 
 
 def cmd_assets(argv: list[str]) -> int:
-    from . import assets
+    from .data import assets
 
     (args,) = _parse([AssetsArguments], argv, "assets")
     if args.prepare:

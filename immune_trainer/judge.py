@@ -25,7 +25,7 @@ import random
 import time
 from pathlib import Path
 
-from .assets import ASSETS, _root, fetch_asset
+from .data.assets import ASSETS, _root, fetch_asset
 from .errors import AssetError, DataError
 
 JUDGE_DIRNAME = "judge"
@@ -117,7 +117,7 @@ def judge_training_rows(cache: str | os.PathLike | None = None) -> list[dict]:
     many = json.loads(
         (pyrit / "pyrit/datasets/jailbreak/many_shot_examples.json").read_text(encoding="utf-8")
     )
-    from .embedded import _is_harmful_verdict
+    from .data.embedded import _is_harmful_verdict
 
     for ex in many:
         key = (ex["user"].strip(), ex["assistant"].strip())
@@ -134,7 +134,7 @@ def judge_training_rows(cache: str | os.PathLike | None = None) -> list[dict]:
         )
     # everyday helpful answers and refusals (refusal CSVs) as further harmless examples, so that a
     # detailed benign answer is not mistaken for a harmful one
-    from .embedded import load_embedded
+    from .data.embedded import load_embedded
 
     for name in ("chat_responses", "refusals"):
         ds = load_embedded(name, cache=cache)

@@ -773,7 +773,7 @@ def embedded_side_effect_prompts(n: int = 50, seed: int = 0, *, cache=None):
     """
     from datasets import Dataset
 
-    from . import embedded
+    from .data import embedded
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"embedded_side_effect_prompts needs n >= 1, got {n!r}.")

@@ -35,9 +35,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from immune_trainer import assets, embedded
     from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack
     from immune_trainer.conditions import first_crossing
+    from immune_trainer.data import assets, embedded
     from immune_trainer.defenses import get_defense
     from immune_trainer.scorers import get_scorer
 

