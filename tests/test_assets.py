@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from immune_trainer.data import assets
-from immune_trainer.data.assets import AssetSpec, cache_dir, fetch_asset, is_ready, list_assets
+from immune_trainer.data.asset_catalog import AssetSpec
+from immune_trainer.data.assets import cache_dir, fetch_asset, is_ready, list_assets
 from immune_trainer.errors import AssetError
 
 FILES = {

@@ -30,6 +30,7 @@ from immune_trainer import data as data_lib
 from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack, register_attack
 from immune_trainer.cli import main
 from immune_trainer.conditions import AttackCurve, CurvePoint
+from immune_trainer.data import formats as data_formats
 from immune_trainer.data.loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer
 from immune_trainer.defenses import (
     DEFENSES,
@@ -488,7 +489,7 @@ def test_table_is_broad():
 
 
 def test_tokenizer_without_chat_template_uses_the_plain_format_with_a_warning(caplog, monkeypatch):
-    monkeypatch.setattr(data_lib, "_warned_plain_format", set())
+    monkeypatch.setattr(data_formats, "_warned_plain_format", set())
     tok = tiny_tokenizer(chat_template=False)
     with caplog.at_level(logging.WARNING, logger="immune_trainer"):
         out = data_lib.tokenize_supervised(make_pairs(2), tok, max_length=128)
