@@ -339,7 +339,7 @@ def cmd_assets(argv: list[str]) -> int:
         assets.prepare_model()
         assets.prepare_all(model=False)
     if args.judge:
-        from .judge import train_offline_judge
+        from .scoring import train_offline_judge
 
         metrics = train_offline_judge()
         print(f"offline judge: accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}")
@@ -370,7 +370,7 @@ def cmd_list(kind: str, argv: list[str] | None = None) -> int:
         for name, spec in sorted(DEFENSES.items()):
             print(f"{name:20s} {spec.description}")
     elif kind == "scorers":
-        from .scorers import SCORERS
+        from .scoring import SCORERS
 
         for name, cls in sorted(SCORERS.items()):
             print(f"{name:20s} {cls.kind:12s} higher_is_better={cls.higher_is_better}  {cls.description}")

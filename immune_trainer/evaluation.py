@@ -31,7 +31,7 @@ from .conditions import AttackCurve, TrainingCurve
 from .errors import ConfigError, DataError
 from .report import ImmunizationReport, ThreatModel, build_report
 from .run_cache import RunCache, content_hash
-from .scorers import get_scorer
+from .scoring import get_scorer
 from .side_effects import DEFAULT_TEMPLATES, SideEffectsConfig, compare_side_effects, measure_side_effects
 
 if TYPE_CHECKING:

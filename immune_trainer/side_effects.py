@@ -14,7 +14,7 @@ The module has two parts:
 * PURE (standard library only, no torch): the measurement and result dataclasses, the jailbreak
   template registry and :func:`compare_side_effects`, the verdict arithmetic.
 * MEASUREMENT: :func:`measure_side_effects` (generation and scoring; imports torch through
-  :mod:`immune_trainer.scorers` only when called) and :func:`embedded_side_effect_prompts`.
+  :mod:`immune_trainer.scoring` only when called) and :func:`embedded_side_effect_prompts`.
 
 Example (pure part)::
 
@@ -512,7 +512,7 @@ def compare_side_effects(base, immunized, tolerance: float = 0.05) -> SideEffect
 
 
 # ==================================================================================================
-# MEASUREMENT PART: generation and judging (torch is imported lazily, through immune_trainer.scorers).
+# MEASUREMENT PART: generation and judging (torch is imported lazily, through immune_trainer.scoring).
 # ==================================================================================================
 
 
@@ -646,7 +646,7 @@ def prompt_texts(prompts: Any, limit: int | None = None) -> list[str]:
 
 def _resolve_judge(judge: Any, batch_size: int):
     """(an object with score(prompts, responses), its identity) from a scorer name, scorer or judge."""
-    from .scorers import ClassifierJudgeScorer, Scorer, get_scorer
+    from .scoring import ClassifierJudgeScorer, Scorer, get_scorer
 
     if judge is None:
         return None, None
@@ -688,7 +688,7 @@ def measure_side_effects(model, tokenizer, prompts, config: SideEffectsConfig | 
 
     Each prompt is wrapped in each template, rendered as one user turn with the tokenizer's chat template
     (:func:`immune_trainer.data.render_prompt`; plain format without one), and answered greedily in
-    left-padded batches (:func:`immune_trainer.scorers.generate_responses`). Refusal is the
+    left-padded batches (:func:`immune_trainer.scoring.generate_responses`). Refusal is the
     ``refusal_rate`` scorer's keyword test; harm is the judge's probability for the *unwrapped* prompt
     and the answer, so that the judge sees the same request under every template.
 
@@ -702,7 +702,7 @@ def measure_side_effects(model, tokenizer, prompts, config: SideEffectsConfig | 
         A :class:`SideEffectsMeasurement`; the model is not modified.
     """
     from .data import render_prompt
-    from .scorers import generate_responses, get_scorer
+    from .scoring import generate_responses, get_scorer
 
     cfg = config or SideEffectsConfig()
     texts = prompt_texts(prompts, cfg.limit)

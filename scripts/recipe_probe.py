@@ -39,7 +39,7 @@ def main() -> None:
     from immune_trainer.conditions import first_crossing
     from immune_trainer.data import assets, embedded
     from immune_trainer.defenses import get_defense
-    from immune_trainer.scorers import get_scorer
+    from immune_trainer.scoring import get_scorer
 
     datasets.disable_progress_bars()
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ from immune_trainer.errors import (
 from immune_trainer.evaluation import ConditionDatasets, evaluate_conditions
 from immune_trainer.modeling import find_decoder_structure
 from immune_trainer.report import ImmunizationReport, ThreatModel, atomic_write, build_report
-from immune_trainer.scorers import get_scorer
+from immune_trainer.scoring import get_scorer
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 # ---------------------------------------------------------------------------------------------- fixtures

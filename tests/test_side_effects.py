@@ -12,7 +12,8 @@ import datasets
 import pytest
 from conftest import make_pairs
 
-from immune_trainer import AttackConfig, ConditionDatasets, EvaluationConfig, evaluate_conditions, scorers
+from immune_trainer import AttackConfig, ConditionDatasets, EvaluationConfig, evaluate_conditions
+from immune_trainer import scoring as scorers
 from immune_trainer import side_effects as se
 from immune_trainer.errors import ConfigError, DataError
 from immune_trainer.report import ImmunizationReport

@@ -489,7 +489,7 @@ def prepare_all(
 ) -> dict[str, Path]:
     """Fetch every asset (or ``names``) and, with ``model=True``, convert the model; return the folders.
 
-    The offline harm judge is trained separately by ``immune_trainer.judge.train_offline_judge``
+    The offline harm judge is trained separately by ``immune_trainer.scoring.offline_judge.train_offline_judge``
     (a higher layer), which calls this first.
     """
     names = list(names or ASSETS)

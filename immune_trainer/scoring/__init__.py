@@ -10,7 +10,7 @@ the g). Every scorer declares, from the *defender's* point of view, whether a hi
 Scorers are dataclasses: their fields are their options (each with help text, so the CLI and configs
 can expose them), and the registry maps names to classes, as peft and lighteval do::
 
-    >>> from immune_trainer.scorers import get_scorer, list_scorers
+    >>> from immune_trainer.scoring import get_scorer, list_scorers
     >>> "harmful_loss" in list_scorers()
     True
     >>> scorer = get_scorer("harmful_loss", batch_size=4)
@@ -28,7 +28,7 @@ Registered scorers:
   (default: the DeBERTa BeaverTails classifier used by RepNoise) or any judge object with
   ``score(prompts, responses)``, over greedy answers to held-out harmful prompts.
 - ``offline_judge`` (f, lower is better): the same with the embedded offline judge
-  (:class:`immune_trainer.judge.OfflineHarmJudge`).
+  (:class:`immune_trainer.scoring.offline_judge.OfflineHarmJudge`).
 - ``refusal_rate`` (f, higher is better): AdvBench/GCG keyword refusal rate of greedy answers.
 - ``perplexity`` (g, lower is better): token-weighted perplexity on a reference set.
 - ``benign_loss`` (g, lower is better): token-weighted mean NLL of benign responses.
@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 __all__ = [
     "SCORERS",
@@ -417,7 +417,7 @@ def _is_tokenized(ds) -> bool:
 
 def _tokenized_supervised(ds, tokenizer, max_length: int, column_map: dict | None):
     """Tokenized rows with response-only labels, from a raw or an already tokenized dataset."""
-    from .data import ensure_tokenized
+    from ..data import ensure_tokenized
 
     with _tokenizer_settings(tokenizer, tokenizer.padding_side):
         return ensure_tokenized(ds, tokenizer, max_length=max_length, column_map=column_map)
@@ -458,7 +458,7 @@ def length_batches(
 def _batches(ds, batch_size: int, tokenizer) -> Iterator[dict]:
     """Right-padded tensor batches from :class:`immune_trainer.data.SupervisedCollator`, rows grouped by
     length (longest first, :func:`length_batches`) so that a batch carries little padding."""
-    from .data import SupervisedCollator
+    from ..data import SupervisedCollator
 
     collate = SupervisedCollator(tokenizer)
     for indices in length_batches([len(ids) for ids in ds["input_ids"]], batch_size):
@@ -472,7 +472,7 @@ def _response_nll(model, ds, batch_size: int, tokenizer) -> tuple[float, int]:
     """Sum of next-token NLLs over all labelled tokens, and their count (no batch averaging)."""
     import torch
 
-    from .modeling import response_loss
+    from ..modeling import response_loss
 
     device = _device(model)
     total, count = 0.0, 0
@@ -515,7 +515,7 @@ def _prompt_inputs(dataset, tokenizer, column_map, limit) -> tuple[list[str], li
     ``dataset`` is a prompt/completion or messages dataset, a prompt-only one (``prompt`` column, or
     ``messages`` not ending with an assistant turn: no references then), or a list of user messages.
     """
-    from .data import (
+    from ..data import (
         apply_column_map,
         detect_format,
         prompts_for_generation,
@@ -889,23 +889,23 @@ class _SequenceClassifierJudge:
 class OfflineJudgeScorer(ClassifierJudgeScorer):
     """:class:`ClassifierJudgeScorer` with the embedded offline harm judge (no Hub needed).
 
-    The judge is :class:`immune_trainer.judge.OfflineHarmJudge`, loaded lazily with its ``load()``.
+    The judge is :class:`immune_trainer.scoring.offline_judge.OfflineHarmJudge`, loaded lazily with its ``load()``.
     """
 
     description: ClassVar[str] = "Mean harm probability of greedy answers, by the embedded offline judge."
 
     judge: Any = field(
         default=None,
-        metadata={"help": "None loads immune_trainer.judge.OfflineHarmJudge; or pass a loaded judge object."},
+        metadata={"help": "None loads immune_trainer.scoring.offline_judge.OfflineHarmJudge; or pass a loaded judge object."},
     )
 
     def _load_judge(self):
         if self._loaded is None and self.judge is None:
             try:
-                from .judge import OfflineHarmJudge
+                from .offline_judge import OfflineHarmJudge
             except ImportError as exc:
                 raise ConfigError(
-                    "The offline_judge scorer needs immune_trainer.judge.OfflineHarmJudge and its embedded "
+                    "The offline_judge scorer needs immune_trainer.scoring.offline_judge.OfflineHarmJudge and its embedded "
                     f"assets, which could not be imported ({exc}). Install immune_trainer with its judge "
                     "module and fetch the embedded assets, or use classifier_judge with a classifier path."
                 ) from exc
