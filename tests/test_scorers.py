@@ -19,6 +19,7 @@ from immune_trainer.scoring import (
     Scorer,
     ScoreResult,
     generate_responses,
+    generation,
     get_scorer,
     list_scorers,
     register_scorer,
@@ -374,7 +375,7 @@ def _fake_generation(monkeypatch, answers):
         calls["max_new_tokens"] = max_new_tokens
         return [answers[i % len(answers)] for i in range(len(prompts))]
 
-    monkeypatch.setattr(scorers, "generate_responses", fake)
+    monkeypatch.setattr(generation, "generate_responses", fake)
     return calls
 
 
