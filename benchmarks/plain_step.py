@@ -26,7 +26,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from immune_trainer import assets
+    from immune_trainer.data import assets
 
     sys_info = cpu_description()
     model = AutoModelForCausalLM.from_pretrained(assets.prepare_model(), dtype=torch.float32)

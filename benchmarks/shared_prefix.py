@@ -34,8 +34,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from immune_trainer import assets, embedded, modeling
     from immune_trainer import data as data_lib
+    from immune_trainer import modeling
+    from immune_trainer.data import assets, embedded
     from immune_trainer.losses import response_prediction_mask
 
     model_dir = assets.prepare_model()

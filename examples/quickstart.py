@@ -4,7 +4,7 @@
 
 The same code runs on a real model: replace the tiny model and tokenizer with
 ``AutoModelForCausalLM.from_pretrained(...)`` and the synthetic rows with your data (or
-``immune_trainer.embedded.harmful_splits()`` for the embedded offline data).
+``immune_trainer.data.embedded.harmful_splits()`` for the embedded offline data).
 """
 
 import copy

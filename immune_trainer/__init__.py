@@ -28,9 +28,9 @@ _EXPORTS = {
     "tokenize_supervised": "data",
     "load_hub_dataset": "data",
     # scorers
-    "get_scorer": "scorers",
-    "list_scorers": "scorers",
-    "register_scorer": "scorers",
+    "get_scorer": "scoring",
+    "list_scorers": "scoring",
+    "register_scorer": "scoring",
     # attacks
     "AttackConfig": "attacks",
     "AttackResult": "attacks",
@@ -112,7 +112,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions  # noqa: F401
     from .report import ImmunizationReport, ThreatModel  # noqa: F401
-    from .scorers import get_scorer, list_scorers, register_scorer  # noqa: F401
+    from .scoring import get_scorer, list_scorers, register_scorer  # noqa: F401
     from .side_effects import (  # noqa: F401
         SideEffectsConfig,
         compare_side_effects,

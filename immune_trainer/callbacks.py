@@ -69,7 +69,7 @@ from .conditions import AttackCurve, TrainingCurve, relative_degradation
 from .errors import ConfigError, DataError
 from .evaluation import EvaluationConfig, benign_curves, dependency_versions, threshold_from_base
 from .report import ImmunizationReport, ThreatModel, build_report
-from .scorers import get_scorer
+from .scoring import get_scorer
 
 logger = logging.getLogger(__name__)
 

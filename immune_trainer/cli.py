@@ -24,14 +24,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, DataError, ImmuneTrainerError
-from .loading import (
+from .data.loading import (
     ModelArguments,
     load_dataset_spec,
     load_model_and_tokenizer,
     parse_cli_args,
     validate_sources,
 )
+from .errors import ConfigError, DataError, ImmuneTrainerError
 
 logger = logging.getLogger("immune_trainer")
 
@@ -331,14 +331,14 @@ class AssetsArguments:
 
 
 def cmd_assets(argv: list[str]) -> int:
-    from . import assets
+    from .data import assets
 
     (args,) = _parse([AssetsArguments], argv, "assets")
     if args.prepare:
         assets.prepare_model()
         assets.prepare_all(model=False)
     if args.judge:
-        from .judge import train_offline_judge
+        from .scoring import train_offline_judge
 
         metrics = train_offline_judge()
         print(f"offline judge: accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}")
@@ -369,7 +369,7 @@ def cmd_list(kind: str, argv: list[str] | None = None) -> int:
         for name, spec in sorted(DEFENSES.items()):
             print(f"{name:20s} {spec.description}")
     elif kind == "scorers":
-        from .scorers import SCORERS
+        from .scoring import SCORERS
 
         for name, cls in sorted(SCORERS.items()):
             print(f"{name:20s} {cls.kind:12s} higher_is_better={cls.higher_is_better}  {cls.description}")

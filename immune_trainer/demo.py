@@ -346,7 +346,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import assets, embedded
+    from .data import assets, embedded
     from .defenses import get_defense
     from .evaluation import ConditionDatasets, EvaluationConfig
     from .side_effects import embedded_side_effect_prompts
@@ -536,7 +536,7 @@ def _defend_and_evaluate(
     report.extra["data"] = {
         "harmful_splits": dict(splits.counts),
         "categories": {k: list(v) for k, v in splits.categories.items()},
-        "source": "pyrit==1.1.0 many-shot pairs with a 'Harmful' verdict (see immune_trainer.embedded)",
+        "source": "pyrit==1.1.0 many-shot pairs with a 'Harmful' verdict (see immune_trainer.data.embedded)",
     }
     report.datasets = dict(data_specs)
     report_path = report.save(out / "immunization_report.json")
@@ -602,8 +602,9 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
     """
     from transformers import AutoModelForCausalLM, PrinterCallback
 
-    from . import __version__, assets, embedded
+    from . import __version__
     from .attacks import model_fingerprint
+    from .data import assets, embedded
     from .evaluation import dependency_versions
     from .progress import StepBar
     from .run_cache import ModelCache, content_hash
@@ -697,7 +698,7 @@ def _defense_summary(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .loading import parse_cli_args
+    from .data.loading import parse_cli_args
 
     (cfg,) = parse_cli_args([DemoConfig], argv, prog="immune-trainer demo")
     run_demo(cfg)

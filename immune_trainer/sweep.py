@@ -1115,7 +1115,7 @@ def cmd_sweep(argv: list[str]) -> int:
     """``immune-trainer sweep``: load the model and data from SPECs, run the study, print the table."""
     from dataclasses import asdict
 
-    from .loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer, parse_cli_args
+    from .data.loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer, parse_cli_args
 
     # The sweep's output_dir holds the attack runs; --attack_families replaces --family; every trial writes
     # its own report; the sweep measures resistance and stability only (no generalization or benign task).

@@ -268,7 +268,7 @@ class ImmunizationTrainer(Trainer):
                 f"{type(self).__name__} needs a harmful_dataset (harmful prompts with harmful responses)."
             )
         if isinstance(model, str):
-            from .loading import ModelArguments, load_model_and_tokenizer
+            from .data.loading import ModelArguments, load_model_and_tokenizer
 
             # Safetensors only, remote code only if allowed; clear ConfigErrors for bad paths.
             model, tokenizer = load_model_and_tokenizer(

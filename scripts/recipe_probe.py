@@ -35,11 +35,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from immune_trainer import assets, embedded
     from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack
     from immune_trainer.conditions import first_crossing
+    from immune_trainer.data import assets, embedded
     from immune_trainer.defenses import get_defense
-    from immune_trainer.scorers import get_scorer
+    from immune_trainer.scoring import get_scorer
 
     datasets.disable_progress_bars()
     torch.manual_seed(0)

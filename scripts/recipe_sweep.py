@@ -31,8 +31,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from immune_trainer import assets, embedded
     from immune_trainer.attacks import AttackConfig
+    from immune_trainer.data import assets, embedded
     from immune_trainer.demo import PRESETS
     from immune_trainer.evaluation import EvaluationConfig
     from immune_trainer.sweep import DefenseSweep, SweepConfig

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from immune_trainer import assets
-from immune_trainer.assets import AssetSpec, cache_dir, fetch_asset, is_ready, list_assets
+from immune_trainer.data import assets
+from immune_trainer.data.asset_catalog import AssetSpec
+from immune_trainer.data.assets import cache_dir, fetch_asset, is_ready, list_assets
 from immune_trainer.errors import AssetError
 
 FILES = {
@@ -252,7 +253,7 @@ def test_unreachable_index_gives_a_summarised_asset_error(tmp_path, monkeypatch)
 
 
 def test_import_does_not_pull_torch_or_transformers():
-    code = "import sys, immune_trainer.assets; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, immune_trainer.data.assets; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -288,7 +289,7 @@ def test_gguf_conversion_parses_the_file_once(monkeypatch):
     conversion both are built once per argument, and gguf is left as it was."""
     import gguf
 
-    from immune_trainer.assets import _gguf_parsed_once
+    from immune_trainer.data.assets import _gguf_parsed_once
 
     made = []
 

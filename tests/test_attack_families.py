@@ -25,7 +25,7 @@ from immune_trainer.attacks.harness import _AttackTrainer
 from immune_trainer.conditions import first_crossing
 from immune_trainer.errors import ConfigError, DataError
 from immune_trainer.modeling import capture_outputs, find_decoder_structure, primary_tensor
-from immune_trainer.scorers import get_scorer
+from immune_trainer.scoring import get_scorer
 from immune_trainer.testing import tiny_causal_lm
 
 

@@ -23,7 +23,7 @@ from immune_trainer.cli import main
 from immune_trainer.errors import ConfigError
 from immune_trainer.evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions
 from immune_trainer.conditions.report import ImmunizationReport
-from immune_trainer.scorers import get_scorer
+from immune_trainer.scoring import get_scorer
 from immune_trainer.testing import tiny_causal_lm
 
 TRAIN, EVAL = make_pairs(12), make_pairs(4, offset=100)

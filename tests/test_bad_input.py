@@ -30,6 +30,8 @@ from immune_trainer import data as data_lib
 from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack, register_attack
 from immune_trainer.cli import main
 from immune_trainer.conditions import AttackCurve, CurvePoint
+from immune_trainer.data import formats as data_formats
+from immune_trainer.data.loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer
 from immune_trainer.defenses import (
     DEFENSES,
     GradientAscentConfig,
@@ -47,11 +49,10 @@ from immune_trainer.errors import (
     ReportError,
 )
 from immune_trainer.evaluation import ConditionDatasets, evaluate_conditions
-from immune_trainer.loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer
 from immune_trainer.modeling import find_decoder_structure
 from immune_trainer.conditions.report import ImmunizationReport, ThreatModel, build_report
 from immune_trainer.files import atomic_write
-from immune_trainer.scorers import get_scorer
+from immune_trainer.scoring import get_scorer
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -489,7 +490,7 @@ def test_table_is_broad():
 
 
 def test_tokenizer_without_chat_template_uses_the_plain_format_with_a_warning(caplog, monkeypatch):
-    monkeypatch.setattr(data_lib, "_warned_plain_format", set())
+    monkeypatch.setattr(data_formats, "_warned_plain_format", set())
     tok = tiny_tokenizer(chat_template=False)
     with caplog.at_level(logging.WARNING, logger="immune_trainer"):
         out = data_lib.tokenize_supervised(make_pairs(2), tok, max_length=128)

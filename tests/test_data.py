@@ -11,7 +11,6 @@ import datasets
 import pytest
 import torch
 
-from immune_trainer import data
 from immune_trainer.data import (
     BENIGN_DATASETS,
     DEFAULT_REFUSALS,
@@ -23,6 +22,7 @@ from immune_trainer.data import (
     build_pairs,
     check_tokenizer,
     detect_format,
+    formats,
     load_hub_dataset,
     pair_datasets,
     prompts_for_generation,
@@ -143,8 +143,8 @@ def test_messages_format_masks_earlier_assistant_turns(tok):
 
 
 def test_plain_format_without_chat_template(plain_tok, caplog):
-    data._warned_plain_format.clear()
-    with caplog.at_level(logging.WARNING, logger="immune_trainer.data"):
+    formats._warned_plain_format.clear()
+    with caplog.at_level(logging.WARNING, logger="immune_trainer.data.formats"):
         out = tokenize_supervised(prompt_completion_ds(), plain_tok, max_length=256)
         tokenize_supervised(prompt_completion_ds(), plain_tok, max_length=256)
     warnings = [r for r in caplog.records if "no chat template" in r.getMessage()]

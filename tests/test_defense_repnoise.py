@@ -12,7 +12,7 @@ from peft import LoraConfig
 from immune_trainer.defenses import RepNoiseConfig, RepNoiseTrainer, get_defense
 from immune_trainer.defenses.repnoise import selected_layers
 from immune_trainer.errors import ConfigError
-from immune_trainer.scorers import get_scorer
+from immune_trainer.scoring import get_scorer
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 REFUSAL = "I can't help with that."

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from immune_trainer import assets
-from immune_trainer.embedded import (
+from immune_trainer.data import assets
+from immune_trainer.data.embedded import (
     EMBEDDED_DATASETS,
     arithmetic_task,
     harm_category,
@@ -194,7 +194,7 @@ def test_real_embedded_datasets_match_their_cards():
 @pytest.mark.slow
 @pytest.mark.assets
 def test_real_offline_judge_separates_harm_from_refusal():
-    from immune_trainer.judge import OfflineHarmJudge
+    from immune_trainer.scoring.offline_judge import OfflineHarmJudge
 
     judge = OfflineHarmJudge.load()
     assert judge.metrics["roc_auc"] > 0.7 and judge.metrics["n_eval"] > 0
@@ -210,7 +210,7 @@ def test_real_offline_judge_separates_harm_from_refusal():
 
 def test_judge_absent_without_training_is_an_asset_error(tmp_path):
     from immune_trainer.errors import AssetError
-    from immune_trainer.judge import OfflineHarmJudge
+    from immune_trainer.scoring.offline_judge import OfflineHarmJudge
 
     with pytest.raises(AssetError, match="train_offline_judge"):
         OfflineHarmJudge.load(cache=tmp_path, train_if_missing=False, packaged=False)
@@ -219,8 +219,8 @@ def test_judge_absent_without_training_is_an_asset_error(tmp_path):
 def test_the_packaged_judge_loads_without_training(tmp_path, monkeypatch):
     """With nothing in the cache, load() takes the judge shipped with the package: trained for this very
     encoder archive, with its held-out figures, and it never trains."""
-    from immune_trainer import judge as judge_mod
-    from immune_trainer.assets import ASSETS
+    from immune_trainer.data.assets import ASSETS
+    from immune_trainer.scoring import offline_judge as judge_mod
 
     payload = json.loads(judge_mod.PACKAGED_JUDGE.read_text())
     assert payload["encoder"]["archive_sha256"] == ASSETS["minilm"].sha256
@@ -239,8 +239,8 @@ def test_packaged_offline_judge_is_what_training_gives(tmp_path):
     from machine to machine, so the weights are compared to 1e-3)."""
     import numpy as np
 
-    from immune_trainer import assets
-    from immune_trainer.judge import PACKAGED_JUDGE, judge_path, train_offline_judge
+    from immune_trainer.data import assets
+    from immune_trainer.scoring.offline_judge import PACKAGED_JUDGE, judge_path, train_offline_judge
 
     for name in assets.ASSETS:  # the downloaded assets, without the judge trained from them
         if assets.is_ready(name):
@@ -256,7 +256,7 @@ def test_packaged_offline_judge_is_what_training_gives(tmp_path):
 
 def test_judge_file_of_another_format_is_an_asset_error(tmp_path):
     from immune_trainer.errors import AssetError
-    from immune_trainer.judge import OfflineHarmJudge, judge_path
+    from immune_trainer.scoring.offline_judge import OfflineHarmJudge, judge_path
 
     path = judge_path(tmp_path)
     path.parent.mkdir(parents=True)
@@ -271,7 +271,7 @@ def test_judge_encoder_batches_by_length_without_changing_any_embedding(tmp_path
     import numpy as np
     import transformers
 
-    from immune_trainer.judge import _Encoder
+    from immune_trainer.scoring.offline_judge import _Encoder
 
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "slept", "all", "day", "long"]
     vocab = tmp_path / "vocab.txt"

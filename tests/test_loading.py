@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import make_pairs
 
-from immune_trainer import loading
 from immune_trainer.cli import main
+from immune_trainer.data import loading
 from immune_trainer.errors import ConfigError, DataError
 
 CLOSED_PORT = "http://127.0.0.1:9"

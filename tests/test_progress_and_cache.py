@@ -130,7 +130,8 @@ def test_demo_reuses_the_immunized_model_only_for_the_same_training(tmp_path, mo
     import torch
     from conftest import make_benign, make_pairs
 
-    from immune_trainer import assets, demo, embedded
+    from immune_trainer import demo
+    from immune_trainer.data import assets, embedded
     from immune_trainer.defenses import get_defense
     from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 

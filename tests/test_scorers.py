@@ -1,4 +1,4 @@
-"""Tests of immune_trainer.scorers: registry, loss scorers, generation, judges, refusal, perplexity."""
+"""Tests of immune_trainer.scoring: registry, loss scorers, generation, judges, refusal, perplexity."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import pytest
 import torch
 from datasets import Dataset
 
-from immune_trainer import scorers
+from immune_trainer import scoring as scorers
 from immune_trainer.errors import ConfigError, DataError
-from immune_trainer.scorers import (
+from immune_trainer.scoring import (
     SCORERS,
     Scorer,
     ScoreResult,
     generate_responses,
+    generation,
     get_scorer,
     list_scorers,
     register_scorer,
@@ -374,7 +375,7 @@ def _fake_generation(monkeypatch, answers):
         calls["max_new_tokens"] = max_new_tokens
         return [answers[i % len(answers)] for i in range(len(prompts))]
 
-    monkeypatch.setattr(scorers, "generate_responses", fake)
+    monkeypatch.setattr(generation, "generate_responses", fake)
     return calls
 
 
@@ -460,12 +461,12 @@ def test_classifier_judge_with_local_sequence_classifier(monkeypatch, tok, model
 
 def test_offline_judge_loads_lazily_and_explains_missing_module(monkeypatch, tok, model):
     _fake_generation(monkeypatch, ["Sure.", "No."])
-    monkeypatch.setitem(sys.modules, "immune_trainer.judge", None)  # import fails
+    monkeypatch.setitem(sys.modules, "immune_trainer.scoring.offline_judge", None)  # import fails
     scorer = get_scorer("offline_judge")  # building it must not import the judge
     with pytest.raises(ConfigError, match="embedded assets"):
         scorer.score(model, tok, ["a", "b"])
 
-    fake_module = types.ModuleType("immune_trainer.judge")
+    fake_module = types.ModuleType("immune_trainer.scoring.offline_judge")
 
     class OfflineHarmJudge(KeywordJudge):
         @classmethod
@@ -473,7 +474,7 @@ def test_offline_judge_loads_lazily_and_explains_missing_module(monkeypatch, tok
             return cls()
 
     fake_module.OfflineHarmJudge = OfflineHarmJudge
-    monkeypatch.setitem(sys.modules, "immune_trainer.judge", fake_module)
+    monkeypatch.setitem(sys.modules, "immune_trainer.scoring.offline_judge", fake_module)
     result = get_scorer("offline_judge").score(model, tok, ["a", "b"])
     assert result.name == "offline_judge" and result.value == pytest.approx(0.5)
 

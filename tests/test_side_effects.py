@@ -12,7 +12,8 @@ import datasets
 import pytest
 from conftest import make_pairs
 
-from immune_trainer import AttackConfig, ConditionDatasets, EvaluationConfig, evaluate_conditions, scorers
+from immune_trainer import AttackConfig, ConditionDatasets, EvaluationConfig, evaluate_conditions
+from immune_trainer import scoring as scorers
 from immune_trainer.evaluation import jailbreak_templates as se
 from immune_trainer.errors import ConfigError, DataError
 from immune_trainer.conditions.report import ImmunizationReport
@@ -393,7 +394,7 @@ def test_evaluate_conditions_rejects_bad_prompts_before_attacking(monkeypatch, t
 
 
 def test_side_effects_options_drive_the_cli_parser():
-    from immune_trainer.loading import parse_cli_args
+    from immune_trainer.data.loading import parse_cli_args
 
     (cfg,) = parse_cli_args(
         [EvaluationConfig],
@@ -411,7 +412,7 @@ def test_side_effects_options_drive_the_cli_parser():
 
 @pytest.fixture
 def fake_embedded(monkeypatch):
-    from immune_trainer import embedded
+    from immune_trainer.data import embedded
 
     tables = {
         "harmful_qa": [

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from immune_trainer.data import build_pairs
 from immune_trainer.defenses import GradientAscentConfig, GradientAscentTrainer, get_defense, list_defenses
 from immune_trainer.errors import ConfigError, DataError, DivergenceError
-from immune_trainer.scorers import get_scorer
+from immune_trainer.scoring import get_scorer
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 

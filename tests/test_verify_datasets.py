@@ -8,7 +8,7 @@ import datasets
 import pytest
 from conftest import make_pairs
 
-from immune_trainer import embedded
+from immune_trainer.data import embedded
 from immune_trainer.hub import cli as hub_cli
 from immune_trainer.hub.card import REPORT_FILE, write_model_card
 from immune_trainer.hub.verify import _load_data, recorded_datasets, verify
@@ -24,8 +24,8 @@ def _write_jsonl(path, ds):
 def evaluated_folder(tmp_path_factory):
     """`immune-trainer evaluate` (evaluate_from_specs) on tiny models and jsonl SPECs, then a card."""
     from immune_trainer.attacks import AttackConfig
+    from immune_trainer.data.loading import ModelArguments
     from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
-    from immune_trainer.loading import ModelArguments
     from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("specs")

@@ -188,13 +188,13 @@ class HarmfulFineTuningAttack:
 
     Args:
         config: the threat model.
-        scorer: a :class:`~immune_trainer.scorers.Scorer` instance; by default ``get_scorer(config.scorer)``.
+        scorer: a :class:`~immune_trainer.scoring.Scorer` instance; by default ``get_scorer(config.scorer)``.
     """
 
     def __init__(self, config: AttackConfig | None = None, scorer=None):
         self.config = config or AttackConfig()
         if scorer is None:
-            from ..scorers import get_scorer, scorer_options
+            from ..scoring import get_scorer, scorer_options
 
             # Harm is measured on examples truncated like the attack's own (max_length), in batches of
             # eval_batch_size, where the scorer has those options.

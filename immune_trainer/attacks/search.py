@@ -238,7 +238,7 @@ class AttackSearch:
         scorer=None,
         capability_scorer=None,
     ):
-        from ..scorers import get_scorer
+        from ..scoring import get_scorer
 
         self.config = config or AttackConfig()
         self.search = search or SearchConfig(search=20)

@@ -102,7 +102,7 @@ def _split(argv: list[str], names: list[str], command: str, cls) -> tuple[list[s
 
 
 def _parse(cls, rest: list[str], command: str, names: list[str]):
-    from ..loading import parse_cli_args
+    from ..data.loading import parse_cli_args
 
     (args,) = parse_cli_args([cls], rest, prog=f"immune-trainer {command} {' '.join(names)}")
     return args
@@ -151,7 +151,7 @@ def cmd_verify(argv: list[str]) -> int:
 
     (source,), rest = _split(argv, ["DIR_OR_REPO"], "verify", VerifyArguments)
     args = _parse(VerifyArguments, rest, "verify", ["DIR_OR_REPO"])
-    from ..loading import validate_sources
+    from ..data.loading import validate_sources
 
     validate_sources(datasets=[args.dataset, args.eval_dataset])  # the source is checked by verify()
     result = verify(

@@ -99,7 +99,7 @@ def _resolve(source: str) -> str:
         return source
     if os.path.exists(source):
         raise ConfigError(f"{source} is a file: pass the model folder (with README.md and {REPORT_FILE}).")
-    from ..loading import check_hub_access, check_model_source
+    from ..data.loading import check_hub_access, check_model_source
 
     if check_model_source(source, what="model repository") != "hub":
         raise ConfigError(f"{source!r} is not a model folder: pass the folder or a Hub repo id (org/name).")
@@ -136,7 +136,7 @@ def _recorded_configs(report: ImmunizationReport) -> list:
 
 def _load_benign(report: ImmunizationReport):
     """The benign data the report's mixed/benign attacks trained on (its ``benign_train`` SPEC)."""
-    from ..loading import load_dataset_spec
+    from ..data.loading import load_dataset_spec
 
     spec = recorded_datasets(report).get("benign_train")
     if not spec:
@@ -156,7 +156,7 @@ def recorded_datasets(report: ImmunizationReport) -> dict[str, Any]:
 
 
 def _load_data(report: ImmunizationReport, dataset: str | None, eval_dataset: str | None):
-    from ..loading import load_dataset_spec
+    from ..data.loading import load_dataset_spec
 
     specs = recorded_datasets(report)
     train_spec = dataset or specs.get("attack_train")

@@ -25,8 +25,8 @@ import random
 import time
 from pathlib import Path
 
-from .assets import ASSETS, _root, fetch_asset
-from .errors import AssetError, DataError
+from ..data.assets import ASSETS, _root, fetch_asset
+from ..errors import AssetError, DataError
 
 JUDGE_DIRNAME = "judge"
 JUDGE_FILENAME = "offline_harm_judge.json"
@@ -117,7 +117,7 @@ def judge_training_rows(cache: str | os.PathLike | None = None) -> list[dict]:
     many = json.loads(
         (pyrit / "pyrit/datasets/jailbreak/many_shot_examples.json").read_text(encoding="utf-8")
     )
-    from .embedded import _is_harmful_verdict
+    from ..data.embedded import _is_harmful_verdict
 
     for ex in many:
         key = (ex["user"].strip(), ex["assistant"].strip())
@@ -134,7 +134,7 @@ def judge_training_rows(cache: str | os.PathLike | None = None) -> list[dict]:
         )
     # everyday helpful answers and refusals (refusal CSVs) as further harmless examples, so that a
     # detailed benign answer is not mistaken for a harmful one
-    from .embedded import load_embedded
+    from ..data.embedded import load_embedded
 
     for name in ("chat_responses", "refusals"):
         ds = load_embedded(name, cache=cache)
@@ -155,7 +155,7 @@ def judge_path(cache: str | os.PathLike | None = None) -> Path:
 #: The judge as :func:`train_offline_judge` (seed 0) trained it from the pinned assets, shipped with the
 #: package so that a first run does not spend minutes embedding 1,491 texts twice; the slow test
 #: ``test_packaged_offline_judge_is_what_training_gives`` retrains it and compares.
-PACKAGED_JUDGE = Path(__file__).parent / "data" / JUDGE_FILENAME
+PACKAGED_JUDGE = Path(__file__).parents[1] / "data" / JUDGE_FILENAME
 
 
 def train_offline_judge(
@@ -283,7 +283,7 @@ class OfflineHarmJudge:
                 path = PACKAGED_JUDGE
             elif not train_if_missing:
                 raise AssetError(
-                    f"no offline harm judge at {path}; run immune_trainer.judge.train_offline_judge() first"
+                    f"no offline harm judge at {path}; run immune_trainer.scoring.offline_judge.train_offline_judge() first"
                 )
             else:
                 train_offline_judge(cache)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def parse_cli_args(dataclass_types, argv: list[str] | None, prog: str):
     import yaml
     from trl import TrlParser
 
-    from .errors import ImmuneTrainerError
+    from ..errors import ImmuneTrainerError
 
     parser = TrlParser(dataclass_types, prog=prog)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -6,7 +6,7 @@ generation-based judging) have ``prompt`` and ``category``; text sets have ``tex
 data card in :data:`EMBEDDED_DATASETS` (source files, package, license, counts, description).
 
 Nothing harmful is shipped in this repository: the harmful sets are read at run time from the user
-cache, filled by :func:`immune_trainer.assets.fetch_asset` on first use (which needs the package
+cache, filled by :func:`immune_trainer.data.assets.fetch_asset` on first use (which needs the package
 index once).
 
 Harm categories of the harmful pairs
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigError, DataError
 from .assets import fetch_asset
-from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset

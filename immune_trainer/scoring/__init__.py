@@ -1,0 +1,97 @@
+"""Harmfulness scorers f and capability scorers g, in one registry, and the judges they use.
+
+The modules:
+
+* :mod:`.registry`: ``KINDS``, :class:`ScoreResult`, the :class:`Scorer` base class and the registry
+  (``SCORERS``, ``register_scorer``, ``get_scorer``, ``list_scorers``).
+* :mod:`.plumbing`: what every scorer shares: ``eval_mode``, tokenizer settings, the model's device.
+* :mod:`.loss`: the loss-based scorers, ``length_batches`` and ``scorer_options``.
+* :mod:`.generation`: ``generate_responses`` (greedy answers) and the generation-based scorers
+  (``refusal_rate`` with ``ADVBENCH_REFUSAL_PREFIXES``, ``benign_accuracy`` with ``NORMALIZERS``).
+* :mod:`.judges`: the judge scorers (``classifier_judge``, ``offline_judge``).
+* :mod:`.offline_judge`: the embedded offline harm judge (:class:`OfflineHarmJudge`), its training and
+  loading.
+
+Registered scorers (``import immune_trainer.scoring`` registers them):
+
+- ``harmful_loss`` (f, higher is better): token-weighted mean NLL of the harmful responses.
+- ``classifier_judge`` (f, lower is better): mean harm probability given by a sequence classifier
+  (default: the DeBERTa BeaverTails classifier used by RepNoise) or any judge object with
+  ``score(prompts, responses)``, over greedy answers to held-out harmful prompts.
+- ``offline_judge`` (f, lower is better): the same with the embedded offline judge
+  (:class:`immune_trainer.scoring.offline_judge.OfflineHarmJudge`).
+- ``refusal_rate`` (f, higher is better): AdvBench/GCG keyword refusal rate of greedy answers.
+- ``perplexity`` (g, lower is better): token-weighted perplexity on a reference set.
+- ``benign_loss`` (g, lower is better): token-weighted mean NLL of benign responses.
+- ``benign_accuracy`` (g, higher is better): exact-match accuracy of greedy answers on a benign task.
+"""
+
+from __future__ import annotations
+
+from .generation import (
+    ADVBENCH_REFUSAL_PREFIXES,
+    NORMALIZERS,
+    BenignAccuracyScorer,
+    RefusalRateScorer,
+    first_number,
+    generate_responses,
+    normalize_whitespace,
+)
+from .judges import DEFAULT_HARM_CLASSIFIER, ClassifierJudgeScorer, OfflineJudgeScorer
+from .loss import (
+    CALL_COST_TOKENS,
+    BenignLossScorer,
+    HarmfulLossScorer,
+    PerplexityScorer,
+    length_batches,
+    scorer_options,
+)
+from .offline_judge import (
+    JUDGE_DIRNAME,
+    JUDGE_FILENAME,
+    JUDGE_FORMAT_VERSION,
+    PACKAGED_JUDGE,
+    OfflineHarmJudge,
+    judge_path,
+    judge_training_rows,
+    train_offline_judge,
+)
+from .plumbing import eval_mode
+from .registry import KINDS, SCORERS, Scorer, ScoreResult, get_scorer, list_scorers, register_scorer
+
+__all__ = [
+    "SCORERS",
+    "ADVBENCH_REFUSAL_PREFIXES",
+    "DEFAULT_HARM_CLASSIFIER",
+    "ScoreResult",
+    "Scorer",
+    "register_scorer",
+    "get_scorer",
+    "list_scorers",
+    "generate_responses",
+    "eval_mode",
+    "HarmfulLossScorer",
+    "ClassifierJudgeScorer",
+    "OfflineJudgeScorer",
+    "RefusalRateScorer",
+    "PerplexityScorer",
+    "BenignLossScorer",
+    "BenignAccuracyScorer",
+    # also public in the old scorers module
+    "KINDS",
+    "scorer_options",
+    "CALL_COST_TOKENS",
+    "length_batches",
+    "NORMALIZERS",
+    "normalize_whitespace",
+    "first_number",
+    # the old judge module
+    "PACKAGED_JUDGE",
+    "OfflineHarmJudge",
+    "judge_path",
+    "judge_training_rows",
+    "train_offline_judge",
+    "JUDGE_DIRNAME",
+    "JUDGE_FILENAME",
+    "JUDGE_FORMAT_VERSION",
+]
