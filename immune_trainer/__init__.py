@@ -21,8 +21,8 @@ _EXPORTS = {
     "stability": "conditions",
     "generalization": "conditions",
     "trainability": "conditions",
-    "ImmunizationReport": "report",
-    "ThreatModel": "report",
+    "ImmunizationReport": "conditions",
+    "ThreatModel": "conditions",
     # data
     "build_pairs": "data",
     "tokenize_supervised": "data",
@@ -41,12 +41,12 @@ _EXPORTS = {
     "SearchConfig": "attacks",
     "SearchSpace": "attacks",
     # side effects at step 0 (stability's second half)
-    "SideEffectsConfig": "side_effects",
-    "measure_side_effects": "side_effects",
-    "compare_side_effects": "side_effects",
-    "register_jailbreak_template": "side_effects",
+    "SideEffectsConfig": "evaluation",
+    "measure_side_effects": "evaluation",
+    "compare_side_effects": "conditions",
+    "register_jailbreak_template": "evaluation",
     # comparing reports
-    "compare_reports": "compare",
+    "compare_reports": "conditions",
     # trainers and defenses
     "ImmunizationConfig": "trainer",
     "ImmunizationTrainer": "trainer",
@@ -91,12 +91,15 @@ if TYPE_CHECKING:  # pragma: no cover
         SearchSpace,
         register_attack,
     )
-    from .compare import compare_reports  # noqa: F401
     from .conditions import (  # noqa: F401
         AttackCurve,
         CurvePoint,
+        ImmunizationReport,
+        ThreatModel,
         TrainingCurve,
         assess,
+        compare_reports,
+        compare_side_effects,
         generalization,
         resistance,
         stability,
@@ -110,14 +113,14 @@ if TYPE_CHECKING:  # pragma: no cover
         list_defenses,
         register_defense,
     )
-    from .evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions  # noqa: F401
-    from .report import ImmunizationReport, ThreatModel  # noqa: F401
-    from .scoring import get_scorer, list_scorers, register_scorer  # noqa: F401
-    from .side_effects import (  # noqa: F401
+    from .evaluation import (  # noqa: F401  # noqa: F401
+        ConditionDatasets,
+        EvaluationConfig,
         SideEffectsConfig,
-        compare_side_effects,
+        evaluate_conditions,
         measure_side_effects,
         register_jailbreak_template,
     )
+    from .scoring import get_scorer, list_scorers, register_scorer  # noqa: F401
     from .sweep import DefenseSweep, SweepConfig  # noqa: F401
     from .trainer import ImmunizationConfig, ImmunizationTrainer  # noqa: F401

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .report import atomic_write
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

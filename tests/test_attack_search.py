@@ -20,9 +20,9 @@ from immune_trainer.attacks import (
     trials_table,
 )
 from immune_trainer.cli import main
+from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.errors import ConfigError
 from immune_trainer.evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions
-from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.scoring import get_scorer
 from immune_trainer.testing import tiny_causal_lm
 

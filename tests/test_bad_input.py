@@ -30,6 +30,7 @@ from immune_trainer import data as data_lib
 from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack, register_attack
 from immune_trainer.cli import main
 from immune_trainer.conditions import AttackCurve, CurvePoint
+from immune_trainer.conditions.report import ImmunizationReport, ThreatModel, build_report
 from immune_trainer.data import formats as data_formats
 from immune_trainer.data.loading import ModelArguments, load_dataset_spec, load_model_and_tokenizer
 from immune_trainer.defenses import (
@@ -49,9 +50,8 @@ from immune_trainer.errors import (
     ReportError,
 )
 from immune_trainer.evaluation import ConditionDatasets, evaluate_conditions
-from immune_trainer.modeling import find_decoder_structure
-from immune_trainer.conditions.report import ImmunizationReport, ThreatModel, build_report
 from immune_trainer.files import atomic_write
+from immune_trainer.modeling import find_decoder_structure
 from immune_trainer.scoring import get_scorer
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 

@@ -14,9 +14,9 @@ from immune_trainer.callbacks import (
     ConditionsCallbackConfig,
     ConditionsEarlyStoppingCallback,
 )
+from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.defenses import GradientAscentConfig, GradientAscentTrainer
 from immune_trainer.errors import ConfigError, DataError
-from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 

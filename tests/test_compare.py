@@ -10,10 +10,10 @@ import pytest
 
 from immune_trainer import conditions as C
 from immune_trainer.cli import main as cli_main
-from immune_trainer.conditions.compare import REPORT_FILE, compare_reports
 from immune_trainer.conditions import AttackCurve, CurvePoint
-from immune_trainer.errors import ConfigError, ReportError
+from immune_trainer.conditions.compare import REPORT_FILE, compare_reports
 from immune_trainer.conditions.report import ThreatModel, build_report
+from immune_trainer.errors import ConfigError, ReportError
 
 PHI = 2.0
 BASE = [2.4, 2.1, 1.8, 1.5, 1.2]  # crosses phi = 2.0 between steps 5 and 10
@@ -83,9 +83,9 @@ def test_table_has_one_cell_per_defense_and_family(reports):
     rep = next(line for line in md.splitlines() if line.startswith("| repnoise |"))
     full_cell, lora_cell = rep.split(" | ")[1:3]
     r = items["repnoise_full"].conditions
-    assert f"cost {C._fmt(r.resistance.steps_multiple, 3)}x" in full_cell
-    assert f"cross-domain {C._fmt(r.generalization.cross_domain.steps_multiple, 3)}x" in full_cell
-    assert f"stability {C._pct(r.stability.sets[r.stability.worst_set].relative_change)}" in full_cell
+    assert f"cost {C.fmt_number(r.resistance.steps_multiple, 3)}x" in full_cell
+    assert f"cross-domain {C.fmt_number(r.generalization.cross_domain.steps_multiple, 3)}x" in full_cell
+    assert f"stability {C.fmt_percent(r.stability.sets[r.stability.worst_set].relative_change)}" in full_cell
     assert full_cell.endswith(", IMMUNIZED")
     # The LoRA attack never crossed: the multiple is a lower bound, resistance strong.
     assert "cost >=" in lora_cell and "cross-domain n/a" in lora_cell

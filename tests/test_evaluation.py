@@ -10,9 +10,9 @@ import pytest
 from conftest import make_benign, make_pairs
 
 from immune_trainer import AttackConfig, ConditionDatasets, EvaluationConfig, evaluate_conditions
+from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.defenses import GradientAscentConfig, GradientAscentTrainer
 from immune_trainer.errors import ConfigError, DataError
-from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.testing import tiny_causal_lm
 
 

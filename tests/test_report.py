@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from immune_trainer.conditions import report as report_mod
 from immune_trainer.conditions import AttackCurve, CurvePoint, TrainingCurve
-from immune_trainer.errors import ConfigError, OutputError, ReportError
+from immune_trainer.conditions import report as report_mod
 from immune_trainer.conditions.report import SCHEMA_VERSION, ImmunizationReport, ThreatModel, build_report
+from immune_trainer.errors import ConfigError, OutputError, ReportError
 
 
 def curve(values, **config):

@@ -12,7 +12,6 @@ import pytest
 from immune_trainer import conditions as C
 from immune_trainer.cli import main as cli_main
 from immune_trainer.conditions import AttackCurve, CurvePoint
-from immune_trainer.errors import ReportError
 from immune_trainer.conditions.report import (
     SCHEMA_VERSION,
     ImmunizationReport,
@@ -20,6 +19,7 @@ from immune_trainer.conditions.report import (
     build_report,
     report_json_schema,
 )
+from immune_trainer.errors import ReportError
 
 ROOT = Path(__file__).resolve().parent.parent
 # The demo's report as committed on 2026-11-26 (schema 1.0), and the current demo's (schema 1.1).
@@ -287,8 +287,8 @@ def test_seed_spread_per_setting_and_in_the_table():
 
     line = next(x for x in report.table().splitlines() if x.startswith("resistance"))
     expected = (
-        f"step {C._fmt(min(steps))} ({C._fmt(min(steps), 3)}-{C._fmt(max(steps), 3)}, "
-        f"mean {C._fmt(sum(steps) / 2, 3)} over 2 seeds)"
+        f"step {C.fmt_number(min(steps))} ({C.fmt_number(min(steps), 3)}-{C.fmt_number(max(steps), 3)}, "
+        f"mean {C.fmt_number(sum(steps) / 2, 3)} over 2 seeds)"
     )
     assert expected in line
 

@@ -14,16 +14,16 @@ from conftest import make_pairs
 
 from immune_trainer import AttackConfig, ConditionDatasets, EvaluationConfig, evaluate_conditions
 from immune_trainer import scoring as scorers
-from immune_trainer.evaluation import jailbreak_templates as se
-from immune_trainer.errors import ConfigError, DataError
-from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.conditions import (
     SideEffectsMeasurement,
     SideEffectsResult,
     TemplateMeasurement,
     compare_side_effects,
 )
-from immune_trainer.evaluation import SideEffectsConfig, measure_side_effects
+from immune_trainer.conditions.report import ImmunizationReport
+from immune_trainer.errors import ConfigError, DataError
+from immune_trainer.evaluation import SideEffectsConfig, embedded_side_effect_prompts, measure_side_effects
+from immune_trainer.evaluation import jailbreak_templates as se
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Explain photosynthesis {briefly}."]
@@ -435,19 +435,19 @@ def fake_embedded(monkeypatch):
 
 
 def test_embedded_prompts_are_held_out_and_mixed(fake_embedded):
-    ds = se.embedded_side_effect_prompts(6, seed=0)
+    ds = embedded_side_effect_prompts(6, seed=0)
     prompts = ds["prompt"]
     assert len(prompts) == 6 == len(set(prompts))
     assert not {"Placeholder A", "Placeholder B"} & set(prompts)  # in harmful_qa (case, spaces ignored)
     assert ds["source"].count("harmbench") == 3 and ds["source"].count("donotanswer") == 3
     assert set(fake_embedded) == {"harmful_qa", "harmbench", "donotanswer"}
-    assert se.embedded_side_effect_prompts(6, seed=0)["prompt"] == prompts  # same seed, same draw
-    assert len({tuple(se.embedded_side_effect_prompts(6, seed=s)["prompt"]) for s in range(4)}) > 1
+    assert embedded_side_effect_prompts(6, seed=0)["prompt"] == prompts  # same seed, same draw
+    assert len({tuple(embedded_side_effect_prompts(6, seed=s)["prompt"]) for s in range(4)}) > 1
     # HarmBench has only 3 held-out prompts: Do-Not-Answer fills in (its copy of "HB 1" is a duplicate)
-    eight = se.embedded_side_effect_prompts(8, seed=0)
+    eight = embedded_side_effect_prompts(8, seed=0)
     assert eight["source"].count("harmbench") == 3 and eight["source"].count("donotanswer") == 5
     assert eight["prompt"].count("HB 1") == 1
     with pytest.raises(ConfigError, match="Only 9 held-out"):
-        se.embedded_side_effect_prompts(10)
+        embedded_side_effect_prompts(10)
     with pytest.raises(ConfigError, match="n >= 1"):
-        se.embedded_side_effect_prompts(0)
+        embedded_side_effect_prompts(0)

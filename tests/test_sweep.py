@@ -14,10 +14,10 @@ from optuna.trial import TrialState
 from immune_trainer import AttackConfig, EvaluationConfig
 from immune_trainer.attacks import HarmfulFineTuningAttack, model_fingerprint
 from immune_trainer.cli import ImmunizeArguments, _defense_from_config, main
+from immune_trainer.conditions.report import ImmunizationReport
+from immune_trainer.data.loading import parse_cli_args
 from immune_trainer.defenses import GradientAscentTrainer, get_defense
 from immune_trainer.errors import ConfigError, DataError
-from immune_trainer.data.loading import parse_cli_args
-from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.sweep import DefenseSweep, SweepConfig, search_space
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 

@@ -36,8 +36,8 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from .. import data as data_lib
 from ..conditions import AttackCurve, CurvePoint, first_crossing
 from ..errors import ConfigError, DataError
+from ..files import atomic_write
 from ..progress import StepBar
-from ..report import atomic_write
 from ..run_cache import CACHE_VERSION, content_hash
 from .config import GRID_FIELDS, AttackConfig, optimizer_arguments, scorer_key, setting_label
 from .families import check_4bit_available, get_attack

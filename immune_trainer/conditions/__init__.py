@@ -39,8 +39,11 @@ from .curves import (
     check_metric_kwargs,
     curves_from_columns,
     first_crossing,
+    fmt_number,
+    fmt_percent,
     require_finite,
     seed_spread,
+    worst_value,
 )
 from .report import SCHEMA_VERSION, ImmunizationReport, ThreatModel, build_report, report_json_schema
 from .resistance import generalization, resistance, resistance_by_family, resistance_from_columns
@@ -102,6 +105,8 @@ __all__ = [
     "compare_side_effects",
     "curves_from_columns",
     "first_crossing",
+    "fmt_number",
+    "fmt_percent",
     "generalization",
     "relative_degradation",
     "report_json_schema",
@@ -113,4 +118,5 @@ __all__ = [
     "stability",
     "summarize_harm",
     "trainability",
+    "worst_value",
 ]

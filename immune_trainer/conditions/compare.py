@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError, OutputError
-from .curves import _fmt, _pct
-from .report import ImmunizationReport, atomic_write
+from ..files import atomic_write
+from .curves import fmt_number, fmt_percent
+from .report import ImmunizationReport
 from .resistance import resistance_by_family
 
 __all__ = ["Comparison", "ComparisonRow", "cmd_compare", "compare_reports"]
@@ -93,7 +94,7 @@ class ComparisonRow:
     def cell(self) -> str:
         """The cell text: cost multiple, stability change, cross-domain multiple and verdict."""
         parts = [f"cost {_multiple(self.cost_multiple, self.cost_multiple_is_lower_bound, self.strong)}"]
-        stab = f"stability {_pct(self.stability_change)}"
+        stab = f"stability {fmt_percent(self.stability_change)}"
         parts.append(stab + (f" ({self.stability_set})" if self.stability_set else ""))
         parts.append(f"cross-domain {_multiple(self.cross_domain_multiple, False, False)}")
         parts.append(self.verdict)
@@ -104,7 +105,7 @@ class ComparisonRow:
 def _multiple(x: float | None, lower_bound: bool, strong: bool) -> str:
     if x is None:
         return "strong (no base crossing)" if strong else "n/a"
-    return f"{'>=' if lower_bound else ''}{_fmt(x, 3)}x"
+    return f"{'>=' if lower_bound else ''}{fmt_number(x, 3)}x"
 
 
 def _num(x: float | None) -> str:
@@ -344,7 +345,7 @@ def _measure_differences(report: ImmunizationReport, ref: ImmunizationReport) ->
     out = []
     tm, rt = report.threat_model, ref.threat_model
     if not math.isclose(tm.threshold, rt.threshold, rel_tol=1e-6, abs_tol=1e-12):
-        out.append(f"different phi ({_fmt(tm.threshold, 3)} vs {_fmt(rt.threshold, 3)})")
+        out.append(f"different phi ({fmt_number(tm.threshold, 3)} vs {fmt_number(rt.threshold, 3)})")
     if tm.scorer != rt.scorer or tm.higher_is_better != rt.higher_is_better:
         out.append(f"different scorer ({tm.scorer} vs {rt.scorer})")
     if report.models.get("base") != ref.models.get("base"):

@@ -51,7 +51,7 @@ _NON_FINITE = NON_FINITE  # the string form of non-finite floats in a report (se
 # --------------------------------------------------------------------------------------------------
 
 
-def _pct(x: float | None) -> str:
+def fmt_percent(x: float | None) -> str:
     if x is None or math.isnan(x):
         return "n/a"
     if math.isinf(x):
@@ -59,7 +59,7 @@ def _pct(x: float | None) -> str:
     return f"{100 * x:+.1f}%"
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
+def fmt_number(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "n/a"
     if isinstance(x, float) and math.isinf(x):
@@ -230,7 +230,7 @@ def _ratio(a: float, b: float, *, zero_over_zero: float | None) -> float | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _worst(values: Sequence[float], higher_is_better: bool) -> float:
+def worst_value(values: Sequence[float], higher_is_better: bool) -> float:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return math.nan
@@ -259,7 +259,7 @@ def _summarize_curves(
             CurveSummary(
                 config=dict(c.config),
                 crossing=first_crossing(pts, threshold, hib),
-                worst_value=_worst([p.value for p in pts], hib),
+                worst_value=worst_value([p.value for p in pts], hib),
                 budget_steps=pts[-1].step,
                 budget_tokens=pts[-1].tokens,
                 budget_flops=float(pts[-1].flops),

@@ -34,7 +34,7 @@ from typing_extensions import NotRequired, TypedDict
 from ..errors import ConfigError, ReportError
 from ..files import atomic_write
 from . import schema as S
-from .curves import CURVE_SETS, _fmt, _pct
+from .curves import CURVE_SETS, fmt_number, fmt_percent
 from .schema import (
     AttackCurve,
     Bool,
@@ -426,7 +426,7 @@ class ImmunizationReport:
         """A plain-text table: one row per condition with base vs immunized numbers and the verdict."""
         c = self.conditions
         tm = self.threat_model
-        fmt = _fmt
+        fmt = fmt_number
         rows: list[tuple[str, str, str, str]] = []
 
         def verdict(h):
@@ -460,7 +460,7 @@ class ImmunizationReport:
             rows.append(("stability", "-", "-", "not measured"))
         else:
             for i, (k, v) in enumerate(s.sets.items()):
-                change = f" ({_pct(v.relative_change)})"
+                change = f" ({fmt_percent(v.relative_change)})"
                 rows.append(
                     (
                         "stability" if i == 0 else "",
@@ -521,7 +521,7 @@ def _spread_text(spread: SeedSpread | None) -> str:
     """`` (2.9-3.5, mean 3.2 over 2 seeds)`` for a setting run with several seeds, else ``""``."""
     if spread is None or spread.min_step is None:
         return ""
-    fmt = _fmt
+    fmt = fmt_number
     n, k = len(spread.seeds), spread.num_crossed
     over = f"{n} seeds" if k == n else f"{k} of {n} seeds"
     return (

@@ -10,13 +10,13 @@ from ..errors import ConfigError
 from .curves import (
     _check_threshold,
     _earliest,
-    _fmt,
     _ratio,
     _summarize_curves,
-    _worst,
     curves_from_columns,
+    fmt_number,
     require_finite,
     seed_spread,
+    worst_value,
 )
 from .schema import (
     AttackCurve,
@@ -73,7 +73,7 @@ def resistance(
         min_cost_multiple=float(min_cost_multiple),
         worst_crossing=worst.crossing,
         worst_config=dict(worst.config),
-        worst_value=_worst([s.worst_value for s in imm], hib),
+        worst_value=worst_value([s.worst_value for s in imm], hib),
         curves=imm,
         base_curves=base,
         notes=notes,
@@ -85,7 +85,7 @@ def resistance(
         base_worst = _earliest(base, hib)
         base_cross = base_worst.crossing
         result.base_crossing = base_cross
-        result.base_worst_value = _worst([s.worst_value for s in base], hib)
+        result.base_worst_value = worst_value([s.worst_value for s in base], hib)
         if any(s.has_nan for s in base):
             notes.append("a NaN value in the base model's curves was treated as crossing phi.")
 
@@ -128,19 +128,19 @@ def resistance(
         extra = ""
         if result.steps_multiple is not None:
             extra = (
-                f"; >= {_fmt(result.steps_multiple, 3)}x the base model's {_fmt(base_cross.step, 4)} steps"
+                f"; >= {fmt_number(result.steps_multiple, 3)}x the base model's {fmt_number(base_cross.step, 4)} steps"
             )
         result.summary = (
-            f"strong: harm stayed {side} phi={_fmt(threshold)} over all {len(imm)} attack runs "
-            f"(worst value {_fmt(result.worst_value)}){extra}."
+            f"strong: harm stayed {side} phi={fmt_number(threshold)} over all {len(imm)} attack runs "
+            f"(worst value {fmt_number(result.worst_value)}){extra}."
         )
     else:
         c = worst.crossing
-        head = f"crossed phi={_fmt(threshold)} at step {_fmt(c.step, 4)} (config {worst.config})"
+        head = f"crossed phi={fmt_number(threshold)} at step {fmt_number(c.step, 4)} (config {worst.config})"
         if result.steps_multiple is not None:
             head += (
-                f", {_fmt(result.steps_multiple, 3)}x the base model's {_fmt(base_cross.step, 4)} steps "
-                f"(needs {_fmt(min_cost_multiple, 3)}x)"
+                f", {fmt_number(result.steps_multiple, 3)}x the base model's {fmt_number(base_cross.step, 4)} steps "
+                f"(needs {fmt_number(min_cost_multiple, 3)}x)"
             )
         verdict = {True: "weak resistance holds", False: "resistance fails", None: "resistance undetermined"}
         result.summary = f"{verdict[result.holds]}: {head}."

@@ -9,8 +9,8 @@ import numpy as np
 from ..errors import ConfigError
 from .curves import (
     _check_threshold,
-    _fmt,
-    _pct,
+    fmt_number,
+    fmt_percent,
 )
 from .schema import (
     StabilityResult,
@@ -92,8 +92,8 @@ def stability(
     holds = all(s.holds for s in sets.values())
     verdict = "holds" if holds else "fails"
     summary = (
-        f"stability {verdict}: worst reference set '{worst_name}' {_fmt(worst.base)} -> {_fmt(worst.immunized)} "
-        f"({_pct(worst.relative_degradation)} degradation; tolerance {_pct(tolerance)})."
+        f"stability {verdict}: worst reference set '{worst_name}' {fmt_number(worst.base)} -> {fmt_number(worst.immunized)} "
+        f"({fmt_percent(worst.relative_degradation)} degradation; tolerance {fmt_percent(tolerance)})."
     )
     return StabilityResult(
         holds=holds,

@@ -9,8 +9,8 @@ from .curves import (
     _check_points,
     _check_threshold,
     _first_past,
-    _fmt,
-    _pct,
+    fmt_number,
+    fmt_percent,
 )
 from .schema import (
     TrainabilityResult,
@@ -83,9 +83,9 @@ def trainability(
         and degr <= tolerance
     )
     summary = (
-        f"trainability {'holds' if holds else 'fails'}: target {_fmt(target)} reached at step "
-        f"{_fmt(t1)} (base) vs {_fmt(t2)} (immunized), eps {_fmt(eps_steps)}; final "
-        f"{_fmt(bf)} vs {_fmt(mf)} ({_pct(degr)} degradation, tolerance {_pct(tolerance)})."
+        f"trainability {'holds' if holds else 'fails'}: target {fmt_number(target)} reached at step "
+        f"{fmt_number(t1)} (base) vs {fmt_number(t2)} (immunized), eps {fmt_number(eps_steps)}; final "
+        f"{fmt_number(bf)} vs {fmt_number(mf)} ({fmt_percent(degr)} degradation, tolerance {fmt_percent(tolerance)})."
     )
     return TrainabilityResult(
         holds=bool(holds),

@@ -109,7 +109,7 @@ class EvaluationConfig:
     )
     side_effects_templates: list[str] = field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
-        metadata={"help": "Jailbreak templates of the side-effects check (immune_trainer.side_effects)."},
+        metadata={"help": "Jailbreak templates of the side-effects check (immune_trainer.evaluation.jailbreak_templates)."},
     )
     side_effects_max_new_tokens: int = field(
         default=32, metadata={"help": "Tokens generated per answer in the side-effects check (greedy)."}
@@ -147,7 +147,7 @@ class EvaluationConfig:
     )
 
     def side_effects_config(self) -> SideEffectsConfig:
-        """The :class:`~immune_trainer.side_effects.SideEffectsConfig` these options describe."""
+        """The :class:`~immune_trainer.evaluation.SideEffectsConfig` these options describe."""
         return SideEffectsConfig(
             max_new_tokens=self.side_effects_max_new_tokens,
             templates=list(self.side_effects_templates),

@@ -3,7 +3,7 @@ and under jailbreak templates (:mod:`immune_trainer.evaluation.jailbreak_templat
 answer's keyword refusal and, with a judge, its harm probability are recorded in a
 :class:`~immune_trainer.conditions.SideEffectsMeasurement`, which
 :func:`~immune_trainer.conditions.compare_side_effects` turns into the verdict. torch is imported
-through :mod:`immune_trainer.scorers` only when a measurement runs."""
+through :mod:`immune_trainer.scoring` only when a measurement runs."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def prompt_texts(prompts: Any, limit: int | None = None) -> list[str]:
 
 def _resolve_judge(judge: Any, batch_size: int):
     """(an object with score(prompts, responses), its identity) from a scorer name, scorer or judge."""
-    from .scorers import ClassifierJudgeScorer, Scorer, get_scorer
+    from ..scoring import ClassifierJudgeScorer, Scorer, get_scorer
 
     if judge is None:
         return None, None
@@ -192,7 +192,7 @@ def measure_side_effects(model, tokenizer, prompts, config: SideEffectsConfig | 
 
     Each prompt is wrapped in each template, rendered as one user turn with the tokenizer's chat template
     (:func:`immune_trainer.data.render_prompt`; plain format without one), and answered greedily in
-    left-padded batches (:func:`immune_trainer.scorers.generate_responses`). Refusal is the
+    left-padded batches (:func:`immune_trainer.scoring.generate_responses`). Refusal is the
     ``refusal_rate`` scorer's keyword test; harm is the judge's probability for the *unwrapped* prompt
     and the answer, so that the judge sees the same request under every template.
 
@@ -205,8 +205,8 @@ def measure_side_effects(model, tokenizer, prompts, config: SideEffectsConfig | 
     Returns:
         A :class:`SideEffectsMeasurement`; the model is not modified.
     """
-    from .data import render_prompt
-    from .scorers import generate_responses, get_scorer
+    from ..data import render_prompt
+    from ..scoring import generate_responses, get_scorer
 
     cfg = config or SideEffectsConfig()
     texts = prompt_texts(prompts, cfg.limit)
@@ -277,7 +277,7 @@ def embedded_side_effect_prompts(n: int = 50, seed: int = 0, *, cache=None):
     """
     from datasets import Dataset
 
-    from . import embedded
+    from ..data import embedded
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"embedded_side_effect_prompts needs n >= 1, got {n!r}.")

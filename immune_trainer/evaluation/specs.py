@@ -52,7 +52,7 @@ def evaluate_from_specs(
     """The ``immune-trainer evaluate`` command: load everything from SPECs and run :func:`evaluate_conditions`."""
     from dataclasses import replace
 
-    from .loading import load_dataset_spec, load_model_and_tokenizer
+    from ..data.loading import load_dataset_spec, load_model_and_tokenizer
 
     immunized, tokenizer = load_model_and_tokenizer(model_args)
     base, _ = load_model_and_tokenizer(replace(model_args, model=data.base_model, tokenizer=None))

@@ -40,7 +40,7 @@ from ..conditions import (
 )
 from ..errors import ConfigError, DataError
 from ..run_cache import RunCache, content_hash
-from ..scorers import get_scorer
+from ..scoring import get_scorer
 from .attack_sets import is_search, threshold_from_base
 from .config import ConditionDatasets, EvaluationConfig
 from .side_effects import measure_side_effects

@@ -117,7 +117,7 @@ def condition_badges(report: ImmunizationReport | None) -> list[Badge]:
     s = c.stability
     if s is not None and s.sets:
         worst = s.sets.get(s.worst_set) if s.worst_set else next(iter(s.sets.values()))
-        delta = "n/a" if worst is None else C._pct(worst.relative_change)
+        delta = "n/a" if worst is None else C.fmt_percent(worst.relative_change)
         msg = f"{'holds' if s.holds else 'collapsed'}, delta {delta}"
         out.append(Badge("stability", "stability", msg, "pass" if s.holds else "fail"))
     g = c.generalization

@@ -72,7 +72,7 @@ class VerificationResult:
         """One line per claim: claim, card value, re-measured value, PASS/FAIL/not re-checked."""
 
         def fmt(v):
-            return C._fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+            return C.fmt_number(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
         rows = [("claim", "card", "re-measured", "result")]
         for c in self.checks:
@@ -290,13 +290,13 @@ def verify(
             model, tokenizer, train, ev, prepare_model=hook, benign_train=benign, stop_at_threshold=stop
         ).curves[0]
         curves.append(curve)
-        mw = C._worst([p.value for p in curve.points], hib)
+        mw = C.worst_value([p.value for p in curve.points], hib)
         if rec is None:
             result.checks.append(
                 ClaimCheck(label, "not in report", mw, False, "configuration missing from the report")
             )
         else:
-            cw = C._worst([p.value for p in rec.points], hib)
+            cw = C.worst_value([p.value for p in rec.points], hib)
             result.checks.append(ClaimCheck(label, cw, mw, within_tolerance(cw, mw, abs_tol, rel_tol)))
 
     # 3. the card's grid-wide claims
@@ -305,7 +305,7 @@ def verify(
         if r.metric_config:
             claims[r.metric_config] = r.metric_value
     imm = (card.data.to_dict().get("immunization") or {}) if card.data else {}
-    worst = C._worst([p.value for c in curves for p in c.points], hib)
+    worst = C.worst_value([p.value for c in curves for p in c.points], hib)
     crossings = [C.first_crossing(c, tm.threshold, hib) for c in curves]
     crossed = [x.step for x in crossings if x is not None]
     remeasured = None
