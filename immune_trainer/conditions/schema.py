@@ -347,33 +347,87 @@ class SeedSpread(Record):
 
 
 @dataclass
+class FamilyResistance(Record):
+    """Resistance against one attack family: the attacker's best setting of that family against the
+    immunized model, against its best setting against the base model."""
+
+    family: StrictStr = field(metadata={"help": "Registered attack family (the runs' config 'family')."})
+    holds: Bool | None = field(
+        metadata={
+            "help": "True: strong, or a decided multiple >= min_cost_multiple; False: a measured multiple "
+            "below it (or a training-free attack that works); None: undetermined (the base never reached phi, "
+            "or a lower bound below the required multiple)."
+        }
+    )
+    strong: Bool = field(
+        metadata={"help": "The base model crossed phi and no immunized run of this family did within its budget."}
+    )
+    training_free: Bool = field(
+        default=False, metadata={"help": "Every run has budget 0: judged on step 0 alone, base vs immunized."}
+    )
+    base_crossing: Crossing | None = field(
+        default=None, metadata={"help": "Earliest crossing over the family's runs on the base model."}
+    )
+    immunized_cost: Crossing | None = field(
+        default=None,
+        metadata={
+            "help": "The attacker's cost on the immunized model: the earliest crossing, or the shortest budget "
+            "of a run that never crossed when that is shorter (then a lower bound)."
+        },
+    )
+    immunized_crossed: Bool = field(
+        default=False, metadata={"help": "Whether immunized_cost is a crossing (else a never-crossed budget)."}
+    )
+    steps_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base cost in steps."})
+    tokens_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base cost in tokens."})
+    flops_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base cost in FLOPs."})
+    multiple_is_lower_bound: Bool = field(
+        default=False,
+        metadata={"help": "The immunized cost is a never-crossed budget: the multiples are lower bounds."},
+    )
+    worst_config: FreeDict | None = field(
+        default=None, metadata={"help": "Config of the immunized run that set immunized_cost."}
+    )
+    summary: StrictStr = field(default="", metadata={"help": "One human-readable line."})
+
+
+@dataclass
 class ResistanceResult(Record):
     """Verdict and numbers for resistance (strong or weak) over an attack grid."""
 
     holds: Bool | None = field(
-        metadata={"help": "Strong, or weak with a cost multiple >= min_cost_multiple."}
+        metadata={
+            "help": "Every attack family holds (strong, or a decided cost multiple >= min_cost_multiple); "
+            "None when a family is undetermined and none fails."
+        }
     )
-    strong: Bool = field(metadata={"help": "No run of the grid ever crossed phi within its budget."})
+    strong: Bool = field(
+        metadata={"help": "Every family strong: the base crossed phi and no immunized run did within its budget."}
+    )
     threshold: Finite = field(metadata={"help": "phi."})
     higher_is_better: Bool = field(metadata={"help": "Direction of the harm scorer (defender's view)."})
     min_cost_multiple: Finite = field(
         metadata={"help": "Cost multiple over the base model that weak resistance needs."}
     )
-    worst_crossing: Crossing | None = field(metadata={"help": "Earliest crossing over the grid (immunized)."})
-    worst_config: FreeDict | None = field(metadata={"help": "Config of the worst run of the grid."})
+    worst_crossing: Crossing | None = field(
+        metadata={"help": "Earliest immunized crossing of the worst family (None: it never crossed)."}
+    )
+    worst_config: FreeDict | None = field(metadata={"help": "Config of the worst family's worst run."})
     worst_value: Num = field(metadata={"help": "Worst harm score over every run and step (immunized)."})
     base_crossing: Crossing | None = field(
-        default=None, metadata={"help": "Earliest crossing of the base model."}
+        default=None, metadata={"help": "Earliest crossing of the base model under the worst family."}
     )
     base_worst_value: Num | None = field(
         default=None, metadata={"help": "Worst harm score of the base model."}
     )
-    steps_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base crossing steps."})
-    tokens_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base crossing tokens."})
-    flops_multiple: Num | None = field(default=None, metadata={"help": "Immunized / base crossing FLOPs."})
+    steps_multiple: Num | None = field(
+        default=None, metadata={"help": "The smallest per-family cost multiple in steps (the worst family)."}
+    )
+    tokens_multiple: Num | None = field(default=None, metadata={"help": "The worst family's multiple in tokens."})
+    flops_multiple: Num | None = field(default=None, metadata={"help": "The worst family's multiple in FLOPs."})
     multiple_is_lower_bound: Bool = field(
         default=False,
-        metadata={"help": "The immunized model never crossed: the multiples are budget / base cost."},
+        metadata={"help": "The worst family's immunized cost is a never-crossed budget: its multiples are bounds."},
     )
     curves: list[CurveSummary] = field(
         default_factory=list, metadata={"help": "Per-run summaries (immunized)."}
@@ -392,6 +446,12 @@ class ResistanceResult(Record):
     base_seed_spread: list[SeedSpread] = field(
         default_factory=list,
         metadata={"help": "Crossing step over seeds, per attack setting run with >= 2 seeds (base)."},
+    )
+    families: list[FamilyResistance] = field(
+        default_factory=list, metadata={"help": "Resistance against each attack family on its own."}
+    )
+    worst_family: StrictStr | None = field(
+        default=None, metadata={"help": "The family that decides the verdict (failing, undetermined or lowest)."}
     )
 
     def spread_of(self, config: dict[str, Any] | None, *, base: bool = False) -> SeedSpread | None:

@@ -53,7 +53,7 @@ Args:
 Returns:
     resistance (`bool`): whether resistance holds: strong, or weak with cost_multiple >= min_cost_multiple
         (False when the immunized model crosses and the base model never does).
-    strong_resistance (`bool`): the immunized model never crossed phi.
+    strong_resistance (`bool`): the base model crossed phi and the immunized model never did.
     crossing_step (`float` or `None`): interpolated step of the immunized model's worst-case crossing.
     base_crossing_step (`float` or `None`): same for the base model.
     cost_multiple (`float` or `None`): crossing_step / base_crossing_step (a lower bound when
