@@ -11,7 +11,9 @@ implements :meth:`ImmunizationTrainer.compute_defense_loss` (or, for multi-pass 
 - logging every loss term under ``loss/<term>``, averaged over the logging interval and across processes;
 - stopping with :class:`~immune_trainer.errors.DivergenceError` when a loss term becomes NaN or inf;
 - gradient accumulation: ``compute_defense_loss`` returns a per-batch mean and the Trainer divides by the
-  accumulation steps (``loss_is_scaled_for_ga = False``);
+  accumulation steps (``loss_is_scaled_for_ga = False``); defenses that write their own ``training_step``
+  divide by :meth:`~ImmunizationTrainer.accumulation_steps` and run their auxiliary passes under
+  :meth:`~ImmunizationTrainer.no_sync`;
 - identity for model cards (``_tag_names``, ``_name``, ``_paper``).
 """
 
@@ -390,6 +392,17 @@ class ImmunizationTrainer(Trainer):
             self._structure_cache = (base, find_decoder_structure(base))
         return self._structure_cache[1]
 
+    def accumulation_steps(self) -> int:
+        """The Trainer's current gradient accumulation steps, which divide each micro-batch's loss (1 when
+        ``training_step`` is called outside ``train()``)."""
+        return getattr(self, "current_gradient_accumulation_steps", 1)
+
+    @staticmethod
+    def no_sync(model):
+        """DDP's ``no_sync`` for an auxiliary pass whose gradients stay local (a null context for a model
+        that is not wrapped by DDP)."""
+        return model.no_sync() if callable(getattr(model, "no_sync", None)) else contextlib.nullcontext()
+
     @staticmethod
     def side(inputs: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
         """The ``harmful`` or ``harmless`` half of a paired batch, as model keyword arguments."""
@@ -521,7 +534,7 @@ class ImmunizationTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        scale = self.current_gradient_accumulation_steps
+        scale = self.accumulation_steps()
         parts = self.defense_loss_parts(model, inputs)
         if not parts:
             raise RuntimeError(f"{type(self).__name__}.defense_loss_parts returned no part.")
