@@ -15,11 +15,11 @@ import pytest
 from conftest import make_pairs
 from huggingface_hub import HfApi, ModelCard
 
+from immune_trainer.cli import hub as hub_cli
 from immune_trainer.conditions import AttackCurve, CurvePoint
 from immune_trainer.errors import OutputError
 from immune_trainer.hub import badges as B
 from immune_trainer.hub import card as K
-from immune_trainer.hub import cli as hub_cli
 from immune_trainer.report import ThreatModel, build_report
 
 PHI = 2.0

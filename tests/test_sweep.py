@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 
 from immune_trainer import AttackConfig, EvaluationConfig
 from immune_trainer.attacks import HarmfulFineTuningAttack, model_fingerprint
-from immune_trainer.cli import ImmunizeArguments, _defense_from_config, main
+from immune_trainer.cli import ImmunizeArguments, main
+from immune_trainer.cli.commands import _defense_from_config
 from immune_trainer.defenses import GradientAscentTrainer, get_defense
 from immune_trainer.errors import ConfigError, DataError
 from immune_trainer.loading import parse_cli_args
