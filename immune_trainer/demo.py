@@ -543,7 +543,7 @@ def _defend_and_evaluate(
     report.save(immunized_dir / "immunization_report.json")
     plot_path = card_path = None
     try:
-        from .hub.plots import plot_attack_curves
+        from .model_card import plot_attack_curves
 
         plot_path = plot_attack_curves(report, out / "attack_curves.png")
     except Exception as err:  # matplotlib missing or failing must not lose the measurements

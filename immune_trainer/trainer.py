@@ -14,13 +14,15 @@ implements :meth:`ImmunizationTrainer.compute_defense_loss` (or, for multi-pass 
   accumulation steps (``loss_is_scaled_for_ga = False``); defenses that write their own ``training_step``
   divide by :meth:`~ImmunizationTrainer.accumulation_steps` and run their auxiliary passes under
   :meth:`~ImmunizationTrainer.no_sync`;
-- identity for model cards (``_tag_names``, ``_name``, ``_paper``).
+- identity for model cards (``_tag_names``, ``_name``, ``_paper``, ``_defense_name``), which
+  :meth:`~ImmunizationTrainer.create_model_card` passes to :mod:`immune_trainer.model_card`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,6 +244,8 @@ class ImmunizationTrainer(Trainer):
     _tag_names = ["immune-trainer"]
     _name = "Immunization"
     _paper = IMMUNIZATION_PAPER
+    # The name a registered defense's trainer class is registered under (set by register_defense).
+    _defense_name: str | None = None
     # compute_defense_loss returns a per-batch mean: the Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
     config_class = ImmunizationConfig
@@ -558,19 +562,61 @@ class ImmunizationTrainer(Trainer):
     def create_model_card(
         self, model_name=None, dataset_name=None, tags=None, report=None, overwrite=False, **kwargs
     ):
-        """Write README.md (the card of the immunization report given or found in ``output_dir``) into
-        ``args.output_dir``; ``push_to_hub()`` calls this, as trl's trainers do. No report, no card
-        (ReportError); a README.md not written by immune_trainer is replaced only with ``overwrite=True``."""
-        from .hub.card import create_trainer_model_card
+        """Write README.md (the card of the immunization report given or found in ``output_dir``),
+        ``badges/*.svg`` and ``attack_curves.png`` into ``args.output_dir``; ``push_to_hub()`` calls this.
 
-        return create_trainer_model_card(
-            self,
-            model_name=model_name,
+        As in trl's trainers, only the main process writes, and the card names the trainer itself: its
+        registered defense name (``_defense_name``, set by :func:`~immune_trainer.defenses.register_defense`),
+        ``_name``, ``_paper`` and ``_tag_names`` go to :func:`immune_trainer.model_card.save_model_card`.
+        A trainer class that is not registered itself names the defense the report records, described by
+        the registered class it derives from. No report, no card (ReportError); a README.md not written by
+        immune_trainer is replaced only with ``overwrite=True`` (OutputError otherwise)."""
+        if hasattr(self, "is_world_process_zero") and not self.is_world_process_zero():
+            return None
+        from .model_card import folder_report, save_model_card
+
+        tag_list = [tags] if isinstance(tags, str) else list(tags or [])
+        tag_list += [t for t in getattr(self, "_tag_names", []) if t not in tag_list]
+        base_model = None
+        config = getattr(getattr(self, "model", None), "config", None)
+        name_or_path = getattr(config, "_name_or_path", None)
+        if name_or_path and not os.path.isdir(name_or_path):
+            base_model = name_or_path
+        hub_id = getattr(self, "hub_model_id", None) or getattr(self.args, "hub_model_id", None)
+        folder = self.args.output_dir
+        os.makedirs(folder, exist_ok=True)
+        report = folder_report(folder, report)
+        defense, described_by = self._card_defense(report)
+        return save_model_card(
+            folder,
+            report,
+            model_name=model_name or hub_id or os.path.basename(os.path.abspath(folder)),
+            defense=defense,
+            defense_title=(getattr(described_by, "_name", None) or defense) if described_by else None,
+            defense_paper=dict(getattr(described_by, "_paper", {}) or {}) if described_by else None,
+            conditions_paper=dict(IMMUNIZATION_PAPER),
+            base_model=base_model,
+            tags=tag_list,
             dataset_name=dataset_name,
-            tags=tags,
-            report=report,
+            repo_id=hub_id,
             overwrite=overwrite,
         )
+
+    def _card_defense(self, report) -> tuple[str | None, type | None]:
+        """The defense the card names, and the trainer class whose ``_name`` and ``_paper`` describe it: this
+        class when it is registered itself; else the defense the report records, described by the class
+        of this trainer's bases registered under that name (None: the card gives just the name)."""
+        own = vars(type(self)).get("_defense_name")
+        if own:
+            return own, type(self)
+        name = (report.defense or {}).get("name")
+        if not name:
+            return None, None
+        key = name.lower().replace("-", "_")  # as get_defense reads names
+        for cls in type(self).__mro__:
+            if vars(cls).get("_defense_name") == key:
+                return key, cls
+        return name, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs or not any(k.startswith("eval_") for k in logs) else "eval"

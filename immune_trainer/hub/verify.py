@@ -26,8 +26,8 @@ from typing import Any
 
 from .. import conditions as C
 from ..errors import ConfigError, DataError, ReportError
+from ..model_card import REPORT_FILE, card_hashes, weights_sha256
 from ..report import ImmunizationReport
-from .card import REPORT_FILE, card_hashes, weights_sha256
 
 __all__ = ["ClaimCheck", "VerificationResult", "recorded_datasets", "verify", "within_tolerance"]
 
