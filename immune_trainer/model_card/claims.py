@@ -147,8 +147,12 @@ def _setting_line(setting: dict) -> str:
     parts = [", ".join(setting.get("families", []))]
     if setting.get("learning_rates"):
         parts.append("lr " + ", ".join(f"{x:g}" for x in setting["learning_rates"]))
-    for key, label in (("optimizers", "optimizer"), ("lr_scheduler_types", "schedule"), ("lora_ranks", "rank"),
-                       ("harmful_shares", "harmful share")):
+    for key, label in (
+        ("optimizers", "optimizer"),
+        ("lr_scheduler_types", "schedule"),
+        ("lora_ranks", "rank"),
+        ("harmful_shares", "harmful share"),
+    ):
         if setting.get(key):
             parts.append(f"{label} " + ", ".join(str(x) for x in setting[key]))
     if setting.get("seeds"):
@@ -172,7 +176,9 @@ def _sweep_context(report: ImmunizationReport, folder) -> tuple[dict | None, str
         if Path(source).resolve() != target.resolve():
             shutil.copyfile(source, target)
         plot = target.name
-    return {k: sweep.get(k) for k in ("summary", "trials", "feasible", "objective", "constraint", "params")}, plot
+    return {
+        k: sweep.get(k) for k in ("summary", "trials", "feasible", "objective", "constraint", "params")
+    }, plot
 
 
 def not_tested(report: ImmunizationReport) -> list[str]:

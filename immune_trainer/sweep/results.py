@@ -16,6 +16,7 @@ from .config import ImmunizeArguments
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class TrialOutcome:
     """What one trial measured (also stored in the trial's Optuna user attributes)."""
@@ -164,9 +165,7 @@ def _plot_frontier(out: Path, complete, front, best, evaluation, defense: str) -
     try:
         import matplotlib
     except ImportError:
-        logger.warning(
-            "matplotlib is not installed: no frontier plot (pip install immune-trainer[demo])."
-        )
+        logger.warning("matplotlib is not installed: no frontier plot (pip install immune-trainer[demo]).")
         return None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -181,9 +180,7 @@ def _plot_frontier(out: Path, complete, front, best, evaluation, defense: str) -
         ):
             sel = [(x, min(y, cap)) for t, x, y in pts if bool(t.user_attrs.get("feasible")) == ok]
             if sel:
-                ax.scatter(
-                    [x for x, _ in sel], [y for _, y in sel], marker=marker, color=color, label=label
-                )
+                ax.scatter([x for x, _ in sel], [y for _, y in sel], marker=marker, color=color, label=label)
         if front:
             fx = [100 * _num(t.user_attrs.get("stability_degradation")) for t in front]
             fy = [min(_num(t.user_attrs.get("cost_multiple")), cap) for t in front]
