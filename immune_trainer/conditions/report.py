@@ -69,8 +69,6 @@ _KNOWN_VERSIONS = ("1.0", "1.1")
 
 
 
-_encode = S.encode  # kept for callers of the old private names
-_decode = S.decode
 
 
 def _utc_now() -> str:
