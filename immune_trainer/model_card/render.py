@@ -169,7 +169,7 @@ def _is_hub_id(name: str | None) -> bool:
 
 
 def _num(x: Any) -> str:
-    return C._fmt(x) if _finite(x) or x is None else str(x)
+    return C.fmt_number(x) if _finite(x) or x is None else str(x)
 
 
 def _verdict(report: ImmunizationReport) -> str:
