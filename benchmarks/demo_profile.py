@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import PreTrainedModel
 
-    from immune_trainer import demo
+    from immune_trainer.demo import run as demo  # its _say is wrapped below
     from immune_trainer.runtime import keep_freed_memory
 
     keep_freed_memory()  # as the immune-trainer command does

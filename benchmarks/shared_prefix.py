@@ -35,9 +35,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from immune_trainer import data as data_lib
-    from immune_trainer import modeling
     from immune_trainer.data import assets, embedded
     from immune_trainer.losses import response_prediction_mask
+    from immune_trainer.modeling import output_layer as modeling  # its SHARED_PREFIX_* limits are set below
 
     model_dir = assets.prepare_model()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

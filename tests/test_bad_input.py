@@ -744,7 +744,7 @@ def test_model_card_and_badges_are_written_atomically(tmp_path, monkeypatch):
 
 def test_attack_curves_plot_is_written_atomically(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from immune_trainer.hub.plots import plot_attack_curves
+    from immune_trainer.model_card.plots import plot_attack_curves
 
     path = tmp_path / "attack_curves.png"
     path.write_bytes(b"old plot")
@@ -921,7 +921,7 @@ def test_every_defense_trains_with_gradient_checkpointing(name, tmp_path):
 def test_each_plot_panel_names_the_families_its_set_ran(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from immune_trainer.hub.plots import plot_attack_curves
+    from immune_trainer.model_card.plots import plot_attack_curves
 
     report = _report()
     lora = AttackCurve(

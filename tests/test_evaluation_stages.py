@@ -156,7 +156,12 @@ def test_planned_stages_counts_what_evaluate_conditions_announces(models):
         threshold_families=["full"],
     )
     said: list[str] = []
-    evaluate_conditions(base, immunized, tokenizer, data, attack=grid, config=cfg, progress=said.append)
+    report = evaluate_conditions(
+        base, immunized, tokenizer, data, attack=grid, generalization_attack=ATTACK, config=cfg, progress=said.append
+    )
     stages = [m for m in said if m.startswith("[") and " phi = " not in m]
     cfg.threshold = None
-    assert planned_stages(data, grid, cfg) == len(stages) == 2 + 3 + 3 + 1 + 2
+    # the held-out set is attacked by its own (one-family) attack: base and immunized runs only
+    assert planned_stages(data, grid, cfg, ATTACK) == len(stages) == 2 + 3 + 2 + 1 + 2
+    assert report.extra["generalization_attack_suite"] == [ATTACK.to_dict()]
+    assert len(report.extra["attack_suite"]) == 2

@@ -15,12 +15,13 @@ import pytest
 from conftest import make_pairs
 from huggingface_hub import HfApi, ModelCard
 
+from immune_trainer import model_card as M
+from immune_trainer.cli import hub as hub_cli
 from immune_trainer.conditions import AttackCurve, CurvePoint
 from immune_trainer.conditions.report import ThreatModel, build_report
 from immune_trainer.errors import OutputError
-from immune_trainer.hub import badges as B
 from immune_trainer.hub import card as K
-from immune_trainer.hub import cli as hub_cli
+from immune_trainer.model_card import badges as B
 
 PHI = 2.0
 
@@ -76,7 +77,7 @@ def _folder(tmp_path, report=None, weights=b"weights-v1"):
     d.mkdir()
     (d / "model.safetensors").write_bytes(weights)
     if report is not None:
-        report.save(d / K.REPORT_FILE)
+        report.save(d / M.REPORT_FILE)
     return d
 
 
@@ -136,13 +137,13 @@ def test_card_round_trips_with_metadata(tmp_path, kind):
         data["immunization"]["resistance"]
         == {"strong": "strong", "weak": "weak", "not_resistant": "fails"}[kind]
     )
-    assert (d / "badges" / "resistance.svg").exists() and (d / K.PLOT_FILE).stat().st_size > 1000
+    assert (d / "badges" / "resistance.svg").exists() and (d / M.PLOT_FILE).stat().st_size > 1000
     assert "badges/resistance.svg" in card.content and "img.shields.io" in card.content
     assert "## What was NOT tested" in card.content and "cross-domain" in card.content
     assert "No LoRA attacks" in card.content
     assert "2402.16382" in card.content  # the immunization paper
-    sha = K.weights_sha256(d)["model.safetensors"]
-    assert K.card_hashes(card.content) == {"model.safetensors": sha}
+    sha = M.weights_sha256(d)["model.safetensors"]
+    assert M.card_hashes(card.content) == {"model.safetensors": sha}
     assert "torch 2.13.0" in card.content
 
 
@@ -192,7 +193,7 @@ def test_card_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
 
     assert main(["card", str(d), "--overwrite"]) == 0
     written = (d / "README.md").read_text()
-    assert K.GENERATED_MARKER in written and "Hand-written" not in written
+    assert M.GENERATED_MARKER in written and "Hand-written" not in written
     # A card this library wrote is re-rendered without asking.
     K.write_model_card(d, model_name="renamed")
     assert "# renamed" in (d / "README.md").read_text()
@@ -200,10 +201,10 @@ def test_card_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
 
 def test_cards_written_before_the_marker_still_count_as_ours():
     card = str(K.build_model_card(synthetic_report()))
-    assert K.written_by_immune_trainer(card)
-    assert K.written_by_immune_trainer(card.replace(K.GENERATED_MARKER, ""))  # by its metadata
-    assert not K.written_by_immune_trainer("---\ntags: [immune-trainer]\n---\n# mine\n")
-    assert not K.written_by_immune_trainer("# a model\n")
+    assert M.written_by_immune_trainer(card)
+    assert M.written_by_immune_trainer(card.replace(M.GENERATED_MARKER, ""))  # by its metadata
+    assert not M.written_by_immune_trainer("---\ntags: [immune-trainer]\n---\n# mine\n")
+    assert not M.written_by_immune_trainer("# a model\n")
 
 
 def test_trainer_card_follows_the_same_rules(tmp_path, model, tokenizer, harmful):
@@ -228,7 +229,34 @@ def test_trainer_card_follows_the_same_rules(tmp_path, model, tokenizer, harmful
         trainer.create_model_card(report=synthetic_report())
     assert (out / "README.md").read_text() == "user notes"
     card = trainer.create_model_card(report=synthetic_report(), overwrite=True)
-    assert "gradient-ascent" in card.data.tags and K.GENERATED_MARKER in (out / "README.md").read_text()
+    assert "gradient-ascent" in card.data.tags and M.GENERATED_MARKER in (out / "README.md").read_text()
+
+
+def test_trainer_card_names_the_defense_as_the_registry_does(tmp_path, model, tokenizer, harmful):
+    """The trainer writes its card without the registry (model_card sits below the trainers): its own
+    registered name, title and paper, the same as `immune-trainer card` finds for that name; a subclass
+    that is not registered itself names the report's defense through its registered base class."""
+    from conftest import defense_config
+
+    from immune_trainer.defenses import RepNoiseTrainer, get_defense
+
+    spec = get_defense("repnoise")
+    args = defense_config(spec.config_class, tmp_path)
+    report = synthetic_report()
+    report.defense = None  # nothing recorded: the trainer names itself
+    trainer = spec.trainer_class(model=model, args=args, harmful_dataset=harmful, processing_class=tokenizer)
+    own = trainer.create_model_card(report=report, overwrite=True).content
+    registry = K.build_model_card(report, defense="repnoise").content
+    for text in (own, registry):
+        assert "**RepNoise** (`repnoise`)" in text and "2405.14577" in text and "2402.16382" in text
+
+    class Tuned(RepNoiseTrainer):
+        _name = "Tuned RepNoise"
+
+    tuned = Tuned(model=model, args=args, harmful_dataset=harmful, processing_class=tokenizer)
+    card = tuned.create_model_card(report=synthetic_report(defense="repnoise"), overwrite=True).content
+    assert "**RepNoise** (`repnoise`)" in card and "2405.14577" in card
+    assert "with **" not in tuned.create_model_card(report=report, overwrite=True).content
 
 
 def test_security_vectors_card_says_protection_needs_the_vector():
@@ -273,7 +301,7 @@ def test_card_names_no_path_of_the_machine_and_links_only_known_urls(tmp_path, m
     }
     report.extra["attack_config"] = {"output_dir": str(tmp_path / "runs"), "learning_rates": [1e-4]}
     report.defense["config"]["logging_dir"] = "/home/someone/logs"
-    monkeypatch.setattr(K.importlib.metadata, "metadata", _metadata_with([]))
+    monkeypatch.setattr(M.render.importlib.metadata, "metadata", _metadata_with([]))
     K.write_model_card(d, report)
     text = (d / "README.md").read_text()
 
@@ -288,7 +316,7 @@ def test_card_names_no_path_of_the_machine_and_links_only_known_urls(tmp_path, m
     )
     assert "[immune_trainer](" not in text
     # The recorded report keeps the paths: only the card leaves them out.
-    assert str(d) in (d / K.REPORT_FILE).read_text()
+    assert str(d) in (d / M.REPORT_FILE).read_text()
 
     pushed = str(K.build_model_card(report, folder=d, repo_id="me/immunized"))
     assert "`immune-trainer verify me/immunized`" in pushed
@@ -296,9 +324,9 @@ def test_card_names_no_path_of_the_machine_and_links_only_known_urls(tmp_path, m
 
 def test_card_links_the_project_url_from_the_package_metadata(monkeypatch):
     monkeypatch.setattr(
-        K.importlib.metadata, "metadata", _metadata_with(["Repository, https://example.org/immune_trainer"])
+        M.render.importlib.metadata, "metadata", _metadata_with(["Repository, https://example.org/immune_trainer"])
     )
-    assert K.project_url() == "https://example.org/immune_trainer"
+    assert M.project_url() == "https://example.org/immune_trainer"
     text = str(K.build_model_card(synthetic_report()))
     assert "[immune_trainer](https://example.org/immune_trainer)" in text
 
@@ -465,9 +493,9 @@ def test_verify_changed_weights_fail_hash(verified_folder, tmp_path, capsys):
 
 def test_verify_without_recorded_data_says_so(verified_folder, tmp_path):
     d = _copy(verified_folder, tmp_path)
-    data = json.loads((d / K.REPORT_FILE).read_text())
+    data = json.loads((d / M.REPORT_FILE).read_text())
     data["extra"].pop("datasets")
-    (d / K.REPORT_FILE).write_text(json.dumps(data))
+    (d / M.REPORT_FILE).write_text(json.dumps(data))
     from immune_trainer.errors import DataError
     from immune_trainer.hub.verify import verify
 

@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "immune_trainer"
 
 LAYERS: list[set[str]] = [
-    {"errors", "files", "runtime", "progress"},  # foundation: no import of ours but these
+    {"errors", "files", "lazy", "runtime", "progress"},  # foundation: no import of ours but these
     {"conditions"},  # pure arithmetic, schema, report, comparison (no torch)
+    {"model_card"},  # a report rendered as a card, badges and plots (no registry, no torch)
     {"run_cache", "losses", "modeling"},  # measurement cache; loss terms and model plumbing
     {"data"},  # formats, tokenization, pairing, Hub and embedded datasets, assets, loaders
     {"scoring"},  # harmfulness and capability scorers, judges

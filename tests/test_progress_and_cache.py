@@ -130,9 +130,9 @@ def test_demo_reuses_the_immunized_model_only_for_the_same_training(tmp_path, mo
     import torch
     from conftest import make_benign, make_pairs
 
-    from immune_trainer import demo
     from immune_trainer.data import assets, embedded
     from immune_trainer.defenses import get_defense
+    from immune_trainer.demo import run as demo
     from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
     monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path / "cache")
@@ -162,7 +162,8 @@ def test_demo_harmless_weight_is_each_defenses_own_unless_given(tmp_path):
     """--harmless_weight reaches the defense's config; unset, every defense keeps its own default (security
     vectors requires 0, the others weigh the refusal term 1)."""
     from immune_trainer.defenses import get_defense
-    from immune_trainer.demo import DemoConfig, _defense_summary, build_defense_config
+    from immune_trainer.demo import DemoConfig, build_defense_config
+    from immune_trainer.demo.run import _defense_summary
 
     def weight(name, **kw):
         cfg = DemoConfig(output_dir=str(tmp_path), **kw)

@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 
 from immune_trainer import AttackConfig, EvaluationConfig
 from immune_trainer.attacks import HarmfulFineTuningAttack, model_fingerprint
-from immune_trainer.cli import ImmunizeArguments, _defense_from_config, main
+from immune_trainer.cli import ImmunizeArguments, main
+from immune_trainer.cli.commands import _defense_from_config
 from immune_trainer.conditions.report import ImmunizationReport
 from immune_trainer.data.loading import parse_cli_args
 from immune_trainer.defenses import GradientAscentTrainer, get_defense

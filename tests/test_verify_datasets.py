@@ -8,11 +8,12 @@ import datasets
 import pytest
 from conftest import make_pairs
 
+from immune_trainer.cli import hub as hub_cli
 from immune_trainer.conditions.report import ImmunizationReport, ThreatModel, build_report
 from immune_trainer.data import embedded
-from immune_trainer.hub import cli as hub_cli
-from immune_trainer.hub.card import REPORT_FILE, write_model_card
+from immune_trainer.hub.card import write_model_card
 from immune_trainer.hub.verify import _load_data, recorded_datasets, verify
+from immune_trainer.model_card import REPORT_FILE
 
 
 def _write_jsonl(path, ds):

@@ -1,4 +1,5 @@
-"""One versioned JSON report of an immunization evaluation.
+"""One versioned JSON report of an immunization evaluation (one cohesive thing: the record, its loading,
+schema upgrade and builder, a little over 600 lines).
 
 An :class:`ImmunizationReport` holds everything needed to audit a verdict: which models, which
 defense, the threat model (attack family, grid, budget, scorer, phi and how phi was chosen), every
@@ -69,8 +70,6 @@ _KNOWN_VERSIONS = ("1.0", "1.1")
 
 
 
-_encode = S.encode  # kept for callers of the old private names
-_decode = S.decode
 
 
 def _utc_now() -> str:

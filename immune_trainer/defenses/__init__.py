@@ -3,7 +3,7 @@
 ``get_defense("gradient_ascent")`` returns a :class:`DefenseSpec` with the config class, the trainer
 class, the paper and an optional attack-time hook (for defenses such as Security Vectors that only
 protect while something is applied during fine-tuning). The CLI's ``immunize --defense NAME`` and the
-model card find defenses through this registry.
+model cards of :mod:`immune_trainer.hub` find defenses through this registry.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def register_defense(
     attack_time_hook: Callable[[Any], Any] | None = None,
 ) -> DefenseSpec:
     """Register a defense under ``name`` (lower-case, unique). Its config's ``search_space()`` is validated
-    here (see :func:`immune_trainer.trainer.check_search_space`)."""
+    here (see :func:`immune_trainer.trainer.check_search_space`); the trainer class records ``name`` as its
+    ``_defense_name`` (the first name it is registered under), which its model card states."""
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ConfigError(f"defense names are lower-case identifiers, got {name!r}.")
     if name in DEFENSES:
@@ -58,6 +59,9 @@ def register_defense(
     check_search_space(config_class)
     spec = DefenseSpec(name, config_class, trainer_class, description, attack_time_hook)
     DEFENSES[name] = spec
+    if isinstance(trainer_class, type) and vars(trainer_class).get("_defense_name") is None:
+        # The trainer's model card names the defense by the first name its class is registered under.
+        trainer_class._defense_name = name
     return spec
 
 

@@ -29,7 +29,6 @@ import torch
 from ..errors import ConfigError
 from ..losses import global_grad_norm
 from ..trainer import ImmunizationConfig, ImmunizationTrainer
-from .vaccine import _ga_steps, _no_sync
 
 BOOSTER_PAPER = {
     "title": "Booster: Tackling harmful fine-tuning for large language models via attenuating harmful "
@@ -98,14 +97,14 @@ class BoosterTrainer(ImmunizationTrainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / _ga_steps(self)
+        scale = 1.0 / self.accumulation_steps()
         params = [p for p in model.parameters() if p.requires_grad]
         harmful = self.side(inputs, "harmful")
         terms: dict[str, torch.Tensor] = {}
 
         # Pass 1: g = grad L_harm(w), turned in place into the weight step d = -alpha g/||g|| (the one extra
         # parameter-sized buffer of the method; g is recovered from d as g = d * (-||g|| / alpha)).
-        with _no_sync(model), self.compute_loss_context_manager():
+        with self.no_sync(model), self.compute_loss_context_manager():
             harm, _ = self.lm_loss(model, harmful)
             step = list(torch.autograd.grad(harm, params, allow_unused=True))
         terms["harmful"] = harm.detach()
@@ -148,7 +147,7 @@ class BoosterTrainer(ImmunizationTrainer):
                 handles = [
                     params[i].register_post_accumulate_grad_hook(lambda _, i=i: settle(i)) for i in present
                 ]
-            with _no_sync(model), self.compute_loss_context_manager():
+            with self.no_sync(model), self.compute_loss_context_manager():
                 harm_perturbed, _ = self.lm_loss(model, harmful)
                 if attenuate:
                     self.accelerator.backward(-args.lamb * scale * harm_perturbed)

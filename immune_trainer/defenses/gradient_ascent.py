@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
-from .repnoise import REPNOISE_PAPER
+from .papers import REPNOISE_PAPER
 
 
 @dataclass

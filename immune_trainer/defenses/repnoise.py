@@ -29,19 +29,7 @@ from ..errors import ConfigError
 from ..losses import IGNORE_INDEX, fused_linear_cross_entropy, gaussian_kernel_mmd, masked_token_ce
 from ..modeling import HookManager, unembed
 from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
-
-REPNOISE_PAPER = {
-    "title": "Representation noising: A defence mechanism against harmful finetuning",
-    "id": "2405.14577",
-    "citation": (
-        "@inproceedings{rosati2024representation,\n"
-        "  title={Representation noising: A defence mechanism against harmful finetuning},\n"
-        "  author={Rosati, Domenic and Wehner, Jan and Williams, Kai and Bartoszcze, {\\L}ukasz and "
-        "Gonzales, Robie and Maple, Carsten and Majumdar, Subhabrata and Sajjad, Hassan and Rudzicz, Frank},\n"
-        "  booktitle={Advances in Neural Information Processing Systems},\n"
-        "  year={2024}\n}"
-    ),
-}
+from .papers import REPNOISE_PAPER
 
 
 @dataclass

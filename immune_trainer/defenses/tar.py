@@ -535,7 +535,7 @@ class TARTrainer(ImmunizationTrainer):
 
         self.check_finite(terms)
         self.log_terms(terms)
-        ga = self.current_gradient_accumulation_steps
+        ga = self.accumulation_steps()
         self.accelerator.backward(loss / ga)
         reported = (
             self.args.lambda_retain * retain_total.detach() + self.args.lambda_tr * terms["tamper_resistance"]

@@ -28,7 +28,6 @@ given, adds an unperturbed CE term in pass 2 (its batch shape differs from the p
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -131,16 +130,6 @@ class VaccineConfig(ImmunizationConfig):
         super().__post_init__()
 
 
-def _no_sync(model):
-    """DDP's ``no_sync`` for the auxiliary passes (a null context for an unwrapped model)."""
-    return model.no_sync() if callable(getattr(model, "no_sync", None)) else contextlib.nullcontext()
-
-
-def _ga_steps(trainer) -> int:
-    """The Trainer's current accumulation steps (1 when training_step is called outside ``train()``)."""
-    return getattr(trainer, "current_gradient_accumulation_steps", 1)
-
-
 class VaccineTrainer(ImmunizationTrainer):
     """Alignment loss under the worst-case hidden-state perturbation of norm ``rho`` (two passes)."""
 
@@ -194,7 +183,7 @@ class VaccineTrainer(ImmunizationTrainer):
                 store[idx] = hidden
 
             hooks.add_hook(module, hook)
-        with _no_sync(model), hooks, self.compute_loss_context_manager():
+        with self.no_sync(model), hooks, self.compute_loss_context_manager():
             loss, _ = self.lm_loss(model, batch)
             order = sorted(store)
             grads = torch.autograd.grad(loss, [store[i] for i in order], allow_unused=True)
@@ -281,6 +270,6 @@ class VaccineTrainer(ImmunizationTrainer):
         self.log_terms(terms, mode="train")
         if self.args.n_gpu > 1:
             loss = loss.mean()
-        loss = loss / _ga_steps(self)
+        loss = loss / self.accumulation_steps()
         self.accelerator.backward(loss)
         return loss.detach()

@@ -221,7 +221,7 @@ def _extra(attack, gen_attack, cfg: EvaluationConfig, has_held_out: bool) -> dic
     if not is_search(attack):
         if len(attack.configs) > 1:
             extra["attack_suite"] = [c.to_dict() for c in attack.configs]
-        if gen_attack is not attack and has_held_out and len(gen_attack.configs) > 1:
+        if gen_attack is not attack and has_held_out:
             extra["generalization_attack_suite"] = [c.to_dict() for c in gen_attack.configs]
     extra["evaluation_config"] = asdict(cfg)
     return extra

@@ -1,42 +1,34 @@
-"""Hub tooling: model cards with condition badges, the attack-curve plot, publishing and ``verify``.
+"""Hub tooling: model cards of registered defenses, publishing and ``verify``.
 
-``verify`` lives in :mod:`immune_trainer.hub.verify` (``from immune_trainer.hub.verify import verify``).
-Imported lazily so that ``import immune_trainer.hub`` stays cheap (matplotlib, torch and
-huggingface_hub load only when used).
+The card itself (condition badges, the attack-curve plot, the claims) is rendered by
+:mod:`immune_trainer.model_card`; :mod:`.card` names the registered defense it describes, :mod:`.push`
+publishes a model folder and :mod:`.verify` re-measures a card's claims
+(``from immune_trainer.hub.verify import verify``). The commands are :mod:`immune_trainer.cli.hub`.
+Imported lazily so that ``import immune_trainer.hub`` stays cheap (matplotlib, torch and huggingface_hub
+load only when used).
 """
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "Badge": "badges",
-    "condition_badges": "badges",
-    "write_badges": "badges",
-    "badge_svg": "badges",
-    "plot_attack_curves": "plots",
-    "build_model_card": "card",
-    "write_model_card": "card",
-    "create_trainer_model_card": "card",
-    "weights_sha256": "card",
-    "not_tested": "card",
-    "claims": "card",
-    "push_model_folder": "push",
-    "VerificationResult": "verify",
-    "within_tolerance": "verify",
+    "Badge": "immune_trainer.model_card.badges",
+    "condition_badges": "immune_trainer.model_card.badges",
+    "write_badges": "immune_trainer.model_card.badges",
+    "badge_svg": "immune_trainer.model_card.badges",
+    "plot_attack_curves": "immune_trainer.model_card.plots",
+    "build_model_card": "immune_trainer.hub.card",
+    "write_model_card": "immune_trainer.hub.card",
+    "weights_sha256": "immune_trainer.model_card.render",
+    "not_tested": "immune_trainer.model_card.claims",
+    "claims": "immune_trainer.model_card.claims",
+    "push_model_folder": "immune_trainer.hub.push",
+    "VerificationResult": "immune_trainer.hub.verify",
+    "within_tolerance": "immune_trainer.hub.verify",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'immune_trainer.hub' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

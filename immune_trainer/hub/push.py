@@ -13,7 +13,8 @@ import os
 import shlex
 
 from ..errors import OutputError, ReportError
-from .card import REPORT_FILE, write_model_card
+from ..model_card import REPORT_FILE
+from .card import write_model_card
 
 __all__ = ["push_model_folder", "retry_command"]
 

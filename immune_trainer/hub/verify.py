@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import conditions as C
+from ..conditions.report import ImmunizationReport
 from ..errors import ConfigError, DataError, ReportError
-from ..report import ImmunizationReport
-from .card import REPORT_FILE, card_hashes, weights_sha256
+from ..model_card import REPORT_FILE, card_hashes, weights_sha256
 
 __all__ = ["ClaimCheck", "VerificationResult", "recorded_datasets", "verify", "within_tolerance"]
 

@@ -110,7 +110,7 @@ def _parse(cls, rest: list[str], command: str, names: list[str]):
 
 def cmd_card(argv: list[str]) -> int:
     """``immune-trainer card DIR``: write DIR/README.md, DIR/badges/*.svg and DIR/attack_curves.png."""
-    from .card import write_model_card
+    from ..hub.card import write_model_card
 
     (folder,), rest = _split(argv, ["DIR"], "card", CardArguments)
     args = _parse(CardArguments, rest, "card", ["DIR"])
@@ -129,7 +129,7 @@ def cmd_card(argv: list[str]) -> int:
 
 def cmd_push(argv: list[str]) -> int:
     """``immune-trainer push DIR REPO``: create the repo and upload the folder (card rewritten first)."""
-    from .push import push_model_folder
+    from ..hub.push import push_model_folder
 
     (folder, repo), rest = _split(argv, ["DIR", "REPO"], "push", PushArguments)
     args = _parse(PushArguments, rest, "push", ["DIR", "REPO"])
@@ -147,7 +147,7 @@ def cmd_push(argv: list[str]) -> int:
 
 def cmd_verify(argv: list[str]) -> int:
     """``immune-trainer verify DIR_OR_REPO``: exit 0 iff every re-checked claim passes."""
-    from .verify import verify
+    from ..hub.verify import verify
 
     (source,), rest = _split(argv, ["DIR_OR_REPO"], "verify", VerifyArguments)
     args = _parse(VerifyArguments, rest, "verify", ["DIR_OR_REPO"])

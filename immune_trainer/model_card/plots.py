@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from ..conditions.report import ImmunizationReport
 from ..errors import OutputError
-from ..report import ImmunizationReport
 
 __all__ = ["plot_attack_curves"]
 

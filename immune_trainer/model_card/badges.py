@@ -14,8 +14,9 @@ from html import escape
 from urllib.parse import quote
 
 from .. import conditions as C
+from ..conditions.report import ImmunizationReport
 from ..errors import OutputError
-from ..report import ImmunizationReport, atomic_write
+from ..files import atomic_write
 
 __all__ = ["COLORS", "Badge", "badge_svg", "condition_badges", "write_badges"]
 

@@ -1,57 +1,25 @@
-"""The ``immune-trainer`` command line: thin commands over the Python API.
+"""The commands ``attack``, ``evaluate``, ``immunize``, ``assets`` and the registry listings
+(``defenses``, ``scorers``, ``attacks``): each ``cmd_*`` takes the argument list and returns an exit code.
 
-Every command's options are the same dataclasses the Python API uses, parsed with trl's
-``TrlParser`` (an ``HfArgumentParser``), so any option can also come from ``--config file.yaml``;
-flags given on the command line override the file.
-
-    immune-trainer attack    --model PATH --dataset SPEC [--eval_dataset SPEC] [--learning_rates ...]
-    immune-trainer attack    --search N --reference SPEC ...   (Optuna search for the worst feasible attack)
-    immune-trainer evaluate  --base_model PATH --model PATH --dataset SPEC ...
-    immune-trainer immunize  --defense NAME --model PATH --dataset SPEC --output_dir DIR ...
-    immune-trainer sweep     --defense NAME --model PATH --reference NAME=SPEC ... --n_trials N
-    immune-trainer defenses | scorers | attacks      (list what is registered)
-
-A dataset SPEC is a local file (.json, .jsonl, .csv, .parquet), a folder written by
-``Dataset.save_to_disk``, ``embedded:NAME[/SPLIT]`` (the embedded offline data), or a Hub id with an
-optional split (``PKU-Alignment/BeaverTails:30k_test``).
+Their options are the dataclasses the Python API uses (:class:`~immune_trainer.sweep.config.ImmunizeArguments`
+lives beside the sweep that writes best.yaml in its shape), parsed with trl's ``TrlParser``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data.loading import (
+from ..data.loading import (
     ModelArguments,
     load_dataset_spec,
     load_model_and_tokenizer,
     parse_cli_args,
     validate_sources,
 )
-from .errors import ConfigError, DataError, ImmuneTrainerError
-
-logger = logging.getLogger("immune_trainer")
-
-COMMANDS = (
-    "attack",
-    "evaluate",
-    "immunize",
-    "sweep",
-    "demo",
-    "assets",
-    "card",
-    "push",
-    "verify",
-    "compare",
-    "schema",
-    "defenses",
-    "scorers",
-    "attacks",
-)
-
+from ..errors import ConfigError, DataError
+from ..sweep.config import ImmunizeArguments
 
 # ---------------------------------------------------------------------------- shared arguments
 
@@ -83,26 +51,6 @@ class AttackDataArguments:
     )
 
 
-@dataclass
-class ImmunizeArguments:
-    """The model and data of ``immune-trainer immunize`` (the defense's config gives everything else)."""
-
-    defense: str | None = field(
-        default=None,
-        metadata={"help": "Registered defense to train (required; may come from the --config YAML)."},
-    )
-    model: str = field(default="embedded", metadata={"help": "Model path, Hub id, or 'embedded'."})
-    tokenizer: str | None = field(
-        default=None, metadata={"help": "Tokenizer path or id (default: the model's)."}
-    )
-    dataset: str = field(
-        default="embedded:harmful_qa/defense", metadata={"help": "Harmful data the defense trains against."}
-    )
-    retain_dataset: str | None = field(
-        default="embedded:benign_qa", metadata={"help": "Ordinary capability data kept by the retain loss."}
-    )
-
-
 # ---------------------------------------------------------------------------- loading helpers
 
 
@@ -130,7 +78,7 @@ def _parse(dataclass_types, argv: list[str], prog: str):
 
 def curves_table(curves) -> str:
     """A plain-text table of attack curves: one row per grid setting, one column per evaluated step."""
-    from .attacks import setting_label
+    from ..attacks import setting_label
 
     steps = sorted({p.step for c in curves for p in c.points})
     head = ["setting"] + [f"step {s}" for s in steps]
@@ -147,7 +95,7 @@ def curves_table(curves) -> str:
 
 
 def cmd_attack(argv: list[str]) -> int:
-    from .attacks import AttackConfig, HarmfulFineTuningAttack, SearchConfig, SearchSpace
+    from ..attacks import AttackConfig, HarmfulFineTuningAttack, SearchConfig, SearchSpace
 
     model_args, data_args, attack_cfg, search_cfg, space = _parse(
         [ModelArguments, AttackDataArguments, AttackConfig, SearchConfig, SearchSpace], argv, "attack"
@@ -185,7 +133,7 @@ def _attack_search(
     """``immune-trainer attack --search N``: the most harmful setting whose capability loss stays in tolerance."""
     import optuna
 
-    from .attacks import AttackSearch, trials_table
+    from ..attacks import AttackSearch, trials_table
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the table say it all
 
@@ -208,8 +156,8 @@ def _attack_search(
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    from .attacks import AttackConfig
-    from .evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
+    from ..attacks import AttackConfig
+    from ..evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
 
     model_args, data, attack_cfg, eval_cfg = _parse(
         [ModelArguments, EvaluationData, AttackConfig, EvaluationConfig], argv, "evaluate"
@@ -275,7 +223,7 @@ def _defense_from_config(argv: list[str]) -> str | None:
 
 
 def cmd_immunize(argv: list[str]) -> int:
-    from .defenses import get_defense, list_defenses
+    from ..defenses import get_defense, list_defenses
 
     argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--defense=") else [a])]
     selection = _defense_selection(list_defenses())
@@ -331,14 +279,14 @@ class AssetsArguments:
 
 
 def cmd_assets(argv: list[str]) -> int:
-    from .data import assets
+    from ..data import assets
 
     (args,) = _parse([AssetsArguments], argv, "assets")
     if args.prepare:
         assets.prepare_model()
         assets.prepare_all(model=False)
     if args.judge:
-        from .scoring import train_offline_judge
+        from ..scoring.offline_judge import train_offline_judge
 
         metrics = train_offline_judge()
         print(f"offline judge: accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}")
@@ -364,17 +312,17 @@ def cmd_list(kind: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"immune-trainer {kind}", description=_LIST_HELP[kind])
     parser.parse_args(argv or [])
     if kind == "defenses":
-        from .defenses import DEFENSES
+        from ..defenses import DEFENSES
 
         for name, spec in sorted(DEFENSES.items()):
             print(f"{name:20s} {spec.description}")
     elif kind == "scorers":
-        from .scoring import SCORERS
+        from ..scoring import SCORERS
 
         for name, cls in sorted(SCORERS.items()):
             print(f"{name:20s} {cls.kind:12s} higher_is_better={cls.higher_is_better}  {cls.description}")
     else:
-        from .attacks import ATTACKS
+        from ..attacks import ATTACKS
 
         for name, fam in sorted(ATTACKS.items()):
             print(f"{name:20s} {fam.description}")
@@ -383,8 +331,8 @@ def cmd_list(kind: str, argv: list[str] | None = None) -> int:
 
 def _atomic_write_json(path: Path, payload) -> None:
     """Write ``payload`` as JSON atomically (temporary file + os.replace; see report.atomic_write)."""
-    from .errors import OutputError
-    from .report import atomic_write
+    from ..errors import OutputError
+    from ..files import atomic_write
 
     path = Path(path)
     try:
@@ -394,104 +342,3 @@ def _atomic_write_json(path: Path, payload) -> None:
             f"cannot write {path}: {err.strerror or err}. Choose a writable location."
         ) from None
     atomic_write(path, json.dumps(payload, indent=2, default=str))
-
-
-USAGE = """usage: immune-trainer COMMAND [options] [--config file.yaml]
-
-commands:
-  attack     run the harmful fine-tuning attack grid on a model and write its curves
-  evaluate   measure the four immunization conditions of a model against its base model
-  immunize   train a defense (--defense NAME) on a model
-  sweep      search a defense's hyperparameters (Optuna) for resistance under a stability constraint
-  demo       the embedded end-to-end demo (offline model and data)
-  assets     prepare and list the embedded offline assets
-  card       write the model card of an immunized model folder
-  push       push an immunized model folder and its card to the Hub
-  verify     re-run the recorded attack of a card/report and check each claim
-  compare    put reports side by side (defenses x attack families): table, CSV, heatmap
-  schema     print the JSON Schema of the immunization report
-  defenses | scorers | attacks   list what is registered
-
-Run `immune-trainer COMMAND --help` for a command's options."""
-
-
-def _quiet_progress_bars() -> None:
-    """No per-file progress bars from datasets/transformers: the commands print their own progress."""
-    try:
-        import datasets
-        from transformers.utils import logging as hf_logging
-
-        datasets.disable_progress_bars()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "datasets", "httpx", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_progress_bars()
-    from .runtime import keep_freed_memory
-
-    keep_freed_memory()  # before the first model is loaded (see immune_trainer.runtime)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    try:
-        if command == "attack":
-            return cmd_attack(rest)
-        if command == "evaluate":
-            return cmd_evaluate(rest)
-        if command == "immunize":
-            return cmd_immunize(rest)
-        if command == "sweep":
-            from .sweep import cmd_sweep
-
-            return cmd_sweep(rest)
-        if command in ("defenses", "scorers", "attacks"):
-            return cmd_list(command, rest)
-        if command == "demo":
-            from .demo import main as demo_main
-
-            return demo_main(rest)
-        if command == "assets":
-            return cmd_assets(rest)
-        if command == "compare":
-            from .compare import cmd_compare
-
-            return cmd_compare(rest)
-        if command == "schema":
-            import argparse
-
-            from .report import SCHEMA_VERSION, report_json_schema
-
-            argparse.ArgumentParser(
-                prog="immune-trainer schema",
-                description=f"Print the JSON Schema (draft 2020-12) of the immunization report, version "
-                f"{SCHEMA_VERSION}; the same file ships as immune_trainer/data/report_schema.json.",
-            ).parse_args(rest)
-            print(json.dumps(report_json_schema(), indent=2, allow_nan=False))
-            return 0
-        if command in ("card", "push", "verify"):
-            from .hub import cli as hub_cli
-
-            return getattr(hub_cli, f"cmd_{command}")(rest)
-        print(f"immune-trainer: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    except ImmuneTrainerError as err:
-        print(f"immune-trainer {command}: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        # A path the user gave that cannot be read or written (the library's own errors are above).
-        where = f" {err.filename}" if getattr(err, "filename", None) else ""
-        print(
-            f"immune-trainer {command}: error: cannot access{where}: {err.strerror or err}.", file=sys.stderr
-        )
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

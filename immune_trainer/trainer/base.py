@@ -11,23 +11,29 @@ implements :meth:`ImmunizationTrainer.compute_defense_loss` (or, for multi-pass 
 - logging every loss term under ``loss/<term>``, averaged over the logging interval and across processes;
 - stopping with :class:`~immune_trainer.errors.DivergenceError` when a loss term becomes NaN or inf;
 - gradient accumulation: ``compute_defense_loss`` returns a per-batch mean and the Trainer divides by the
-  accumulation steps (``loss_is_scaled_for_ga = False``);
-- identity for model cards (``_tag_names``, ``_name``, ``_paper``).
+  accumulation steps (``loss_is_scaled_for_ga = False``); defenses that write their own ``training_step``
+  divide by :meth:`~ImmunizationTrainer.accumulation_steps` and run their auxiliary passes under
+  :meth:`~ImmunizationTrainer.no_sync`;
+- identity for model cards (``_tag_names``, ``_name``, ``_paper``, ``_defense_name``), which
+  :meth:`~ImmunizationTrainer.create_model_card` passes to :mod:`immune_trainer.model_card`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from . import data as data_lib
-from .errors import ConfigError, DataError, DivergenceError
+from .. import data as data_lib
+from ..errors import ConfigError, DataError, DivergenceError
+from .config import ImmunizationConfig
+
+__all__ = ["IMMUNIZATION_PAPER", "PAIRED_KEYS", "ImmunizationCollator", "ImmunizationTrainer", "merge_parts"]
 
 PAIRED_KEYS = (
     "harmful_input_ids",
@@ -50,141 +56,6 @@ IMMUNIZATION_PAPER = {
         "  year={2024}\n}"
     ),
 }
-
-
-@dataclass
-class ImmunizationConfig(TrainingArguments):
-    r"""Configuration shared by every defense trainer (a ``TrainingArguments`` subclass).
-
-    Parameters:
-        > Data
-
-        max_length (`int`, defaults to `512`):
-            Longest tokenized example (prompt + response). A prompt that alone reaches it is an error.
-        refusal_column (`str` or `None`, defaults to `None`):
-            Column of the harmful dataset holding the harmless response paired with each prompt. When
-            `None`, refusals are drawn (seeded) from `immune_trainer.data.DEFAULT_REFUSALS`.
-        pair_seed (`int`, defaults to `0`):
-            Seed used to draw refusals when `refusal_column` is `None`.
-
-        > Loss weights
-
-        harmless_weight (`float`, defaults to `1.0`):
-            Weight of the cross-entropy on the harmless side of each pair (the prompt with a refusal).
-        retain_weight (`float`, defaults to `1.0`):
-            Weight of the cross-entropy on the benign retain set (ignored when no retain set is given).
-
-        > Safety of the run
-
-        check_finite (`bool`, defaults to `True`):
-            Stop with an error naming the loss term and step when any term becomes NaN or inf.
-        trust_remote_code (`bool`, defaults to `False`):
-            Allow model code from the model repository when `model` is given as a string.
-    """
-
-    max_length: int = field(
-        default=512,
-        metadata={
-            "help": "Longest tokenized example (prompt + response); a prompt that alone reaches it is an error."
-        },
-    )
-    refusal_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column of the harmful dataset with the harmless response for each prompt; None draws "
-            "seeded refusals from immune_trainer.data.DEFAULT_REFUSALS."
-        },
-    )
-    pair_seed: int = field(
-        default=0, metadata={"help": "Seed for drawing refusals when refusal_column is None."}
-    )
-    harmless_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the cross-entropy on the harmless (refusal) side of each pair."},
-    )
-    retain_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the cross-entropy on the benign retain set, when one is given."},
-    )
-    check_finite: bool = field(
-        default=True,
-        metadata={"help": "Stop with an error naming the term and step when a loss term becomes NaN or inf."},
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow model code from the repository when the model is given by id."},
-    )
-
-    @classmethod
-    def search_space(cls) -> dict[str, dict[str, Any]]:
-        """The hyperparameters a defense sweep should search, as plain data: ``name -> spec`` where a spec is
-        ``{"type": "float" | "int", "low": ..., "high": ..., "log": bool}`` or
-        ``{"type": "categorical", "choices": [...]}`` (the arguments of optuna's ``suggest_*``).
-
-        The base searches the learning rate and the number of steps; each defense's config extends it
-        (``{**super().search_space(), ...}``) with its own loss weights, narrowing ranges around its paper's
-        values. :func:`check_search_space` validates a space against its config class."""
-        return {
-            "learning_rate": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
-            "max_steps": {"type": "int", "low": 50, "high": 1000, "log": True},
-        }
-
-    def __post_init__(self):
-        if self.max_length <= 0:
-            raise ConfigError(f"max_length must be positive, got {self.max_length}.")
-        for name in ("harmless_weight", "retain_weight"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
-        # Paired batches carry columns the model's forward does not accept.
-        self.remove_unused_columns = False
-        super().__post_init__()
-
-
-_SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "log"}}
-
-
-def check_search_space(config_class: type) -> dict[str, dict[str, Any]]:
-    """Validate ``config_class.search_space()`` and return it: every name is a field of the config, every
-    range is well formed (``low < high``, positive bounds on a log scale, ints for ``"int"``), choices are a
-    non-empty list. Raises ConfigError naming the config, the hyperparameter and the problem."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    space = config_class.search_space()
-    where = config_class.__name__
-    if not isinstance(space, dict) or not space:
-        raise ConfigError(f"{where}.search_space() must return a non-empty dict, got {space!r}.")
-    for name, spec in space.items():
-        if name not in fields:
-            raise ConfigError(f"{where}.search_space() names {name!r}, which is not a field of {where}.")
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind == "categorical":
-            if (
-                set(spec) != {"type", "choices"}
-                or not isinstance(spec["choices"], list)
-                or not spec["choices"]
-            ):
-                raise ConfigError(
-                    f"{where}.search_space()[{name!r}] needs a non-empty list of choices: {spec}."
-                )
-            continue
-        if kind not in _SPEC_KEYS or not {"type", "low", "high"} <= set(spec) <= _SPEC_KEYS[kind]:
-            raise ConfigError(
-                f"{where}.search_space()[{name!r}] must be {{'type': 'float'|'int', 'low', 'high'[, 'log']}} "
-                f"or {{'type': 'categorical', 'choices'}}, got {spec}."
-            )
-        low, high = spec["low"], spec["high"]
-        number = int if kind == "int" else (int, float)
-        if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
-            raise ConfigError(
-                f"{where}.search_space()[{name!r}]: bounds must be {kind}s, got {low!r}, {high!r}."
-            )
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ConfigError(f"{where}.search_space()[{name!r}]: need finite low < high, got {low}, {high}.")
-        if spec.get("log", False) and low <= 0:
-            raise ConfigError(f"{where}.search_space()[{name!r}]: a log scale needs low > 0, got {low}.")
-    return space
 
 
 def merge_parts(parts) -> dict[str, torch.Tensor]:
@@ -240,6 +111,8 @@ class ImmunizationTrainer(Trainer):
     _tag_names = ["immune-trainer"]
     _name = "Immunization"
     _paper = IMMUNIZATION_PAPER
+    # The name a registered defense's trainer class is registered under (set by register_defense).
+    _defense_name: str | None = None
     # compute_defense_loss returns a per-batch mean: the Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
     config_class = ImmunizationConfig
@@ -268,7 +141,7 @@ class ImmunizationTrainer(Trainer):
                 f"{type(self).__name__} needs a harmful_dataset (harmful prompts with harmful responses)."
             )
         if isinstance(model, str):
-            from .data.loading import ModelArguments, load_model_and_tokenizer
+            from ..data.loading import ModelArguments, load_model_and_tokenizer
 
             # Safetensors only, remote code only if allowed; clear ConfigErrors for bad paths.
             model, tokenizer = load_model_and_tokenizer(
@@ -382,13 +255,24 @@ class ImmunizationTrainer(Trainer):
     def decoder_structure(self, model):
         """The model's decoder layers, attention and MLP blocks, final norm and unembedding (found once per
         model by :func:`immune_trainer.modeling.find_decoder_structure`, through DDP and peft wrappers)."""
-        from .modeling import find_decoder_structure, unwrap_model
+        from ..modeling import find_decoder_structure, unwrap_model
 
         base = unwrap_model(model)
         cached = getattr(self, "_structure_cache", None)
         if cached is None or cached[0] is not base:
             self._structure_cache = (base, find_decoder_structure(base))
         return self._structure_cache[1]
+
+    def accumulation_steps(self) -> int:
+        """The Trainer's current gradient accumulation steps, which divide each micro-batch's loss (1 when
+        ``training_step`` is called outside ``train()``)."""
+        return getattr(self, "current_gradient_accumulation_steps", 1)
+
+    @staticmethod
+    def no_sync(model):
+        """DDP's ``no_sync`` for an auxiliary pass whose gradients stay local (a null context for a model
+        that is not wrapped by DDP)."""
+        return model.no_sync() if callable(getattr(model, "no_sync", None)) else contextlib.nullcontext()
 
     @staticmethod
     def side(inputs: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -407,7 +291,7 @@ class ImmunizationTrainer(Trainer):
         without the vocabulary projection of prompt and padding tokens. ``outputs.logits`` therefore holds
         those rows only; a subclass that needs the full logits calls the model itself.
         """
-        from .modeling import response_loss
+        from ..modeling import response_loss
 
         return response_loss(
             model,
@@ -521,7 +405,7 @@ class ImmunizationTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        scale = self.current_gradient_accumulation_steps
+        scale = self.accumulation_steps()
         parts = self.defense_loss_parts(model, inputs)
         if not parts:
             raise RuntimeError(f"{type(self).__name__}.defense_loss_parts returned no part.")
@@ -545,19 +429,63 @@ class ImmunizationTrainer(Trainer):
     def create_model_card(
         self, model_name=None, dataset_name=None, tags=None, report=None, overwrite=False, **kwargs
     ):
-        """Write README.md (the card of the immunization report given or found in ``output_dir``) into
-        ``args.output_dir``; ``push_to_hub()`` calls this, as trl's trainers do. No report, no card
-        (ReportError); a README.md not written by immune_trainer is replaced only with ``overwrite=True``."""
-        from .hub.card import create_trainer_model_card
+        """Write README.md (the card of the immunization report given or found in ``output_dir``),
+        ``badges/*.svg`` and ``attack_curves.png`` into ``args.output_dir``; ``push_to_hub()`` calls this.
 
-        return create_trainer_model_card(
-            self,
-            model_name=model_name,
+        As in trl's trainers, only the main process writes, and the card names the trainer itself: its
+        registered defense name (``_defense_name``, set by :func:`~immune_trainer.defenses.register_defense`),
+        ``_name``, ``_paper`` and ``_tag_names`` go to :func:`immune_trainer.model_card.save_model_card`.
+        A trainer class that is not registered itself names the defense the report records, described by
+        the registered class it derives from. No report, no card (ReportError); a README.md not written by
+        immune_trainer is replaced only with ``overwrite=True`` (OutputError otherwise)."""
+        if hasattr(self, "is_world_process_zero") and not self.is_world_process_zero():
+            return None
+        from ..attacks import ATTACKS
+        from ..model_card import folder_report, save_model_card
+
+        tag_list = [tags] if isinstance(tags, str) else list(tags or [])
+        tag_list += [t for t in getattr(self, "_tag_names", []) if t not in tag_list]
+        base_model = None
+        config = getattr(getattr(self, "model", None), "config", None)
+        name_or_path = getattr(config, "_name_or_path", None)
+        if name_or_path and not os.path.isdir(name_or_path):
+            base_model = name_or_path
+        hub_id = getattr(self, "hub_model_id", None) or getattr(self.args, "hub_model_id", None)
+        folder = self.args.output_dir
+        os.makedirs(folder, exist_ok=True)
+        report = folder_report(folder, report)
+        defense, described_by = self._card_defense(report)
+        return save_model_card(
+            folder,
+            report,
+            model_name=model_name or hub_id or os.path.basename(os.path.abspath(folder)),
+            defense=defense,
+            defense_title=(getattr(described_by, "_name", None) or defense) if described_by else None,
+            defense_paper=dict(getattr(described_by, "_paper", {}) or {}) if described_by else None,
+            conditions_paper=dict(IMMUNIZATION_PAPER),
+            base_model=base_model,
+            tags=tag_list,
             dataset_name=dataset_name,
-            tags=tags,
-            report=report,
+            repo_id=hub_id,
             overwrite=overwrite,
+            registered_attacks=sorted(ATTACKS),
         )
+
+    def _card_defense(self, report) -> tuple[str | None, type | None]:
+        """The defense the card names, and the trainer class whose ``_name`` and ``_paper`` describe it: this
+        class when it is registered itself; else the defense the report records, described by the class
+        of this trainer's bases registered under that name (None: the card gives just the name)."""
+        own = vars(type(self)).get("_defense_name")
+        if own:
+            return own, type(self)
+        name = (report.defense or {}).get("name")
+        if not name:
+            return None, None
+        key = name.lower().replace("-", "_")  # as get_defense reads names
+        for cls in type(self).__mro__:
+            if vars(cls).get("_defense_name") == key:
+                return key, cls
+        return name, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs or not any(k.startswith("eval_") for k in logs) else "eval"

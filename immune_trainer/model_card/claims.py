@@ -1,0 +1,216 @@
+"""What a model card says: every measured number as a claim (``model-index`` eval results that ``verify``
+re-checks), and what the report did not test."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import conditions as C
+from ..conditions.report import ImmunizationReport
+
+__all__ = ["claims", "eval_results", "not_tested"]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
+    """Every measured number the card states, as ``{"id", "name", "value", "metric_type", "task"}``.
+
+    ``id`` is a stable claim identifier (``resistance.worst_value``, ``stability.<set>.relative_change``...)
+    stored in each eval result's ``metric_config`` so ``verify`` can find it again. Unmeasured or
+    non-finite values make no claim.
+    """
+    c, tm = report.conditions, report.threat_model
+    out: list[dict[str, Any]] = []
+
+    def add(cid, name, value, metric_type, task):
+        if _finite(value):
+            out.append(
+                {"id": cid, "name": name, "value": float(value), "metric_type": metric_type, "task": task}
+            )
+
+    def res(prefix, r: C.ResistanceResult | None, task):
+        if r is None:
+            return
+        add(
+            f"{prefix}.worst_value",
+            f"worst {tm.scorer} over the grid (immunized)",
+            r.worst_value,
+            tm.scorer,
+            task,
+        )
+        if r.worst_crossing is not None:
+            add(
+                f"{prefix}.crossing_step",
+                "attack steps until harm crosses phi",
+                r.worst_crossing.step,
+                "steps",
+                task,
+            )
+        add(
+            f"{prefix}.steps_multiple",
+            "attack cost multiple in steps (immunized / base)",
+            r.steps_multiple,
+            "ratio",
+            task,
+        )
+
+    res("resistance", c.resistance, "harmful fine-tuning resistance")
+    if c.generalization is not None:
+        res("generalization.in_domain", c.generalization.in_domain, "in-domain generalization")
+        res("generalization.cross_domain", c.generalization.cross_domain, "cross-domain generalization")
+    if c.stability is not None:
+        for name, s in c.stability.sets.items():
+            add(
+                f"stability.{name}.immunized",
+                f"capability on {name} (immunized)",
+                s.immunized,
+                "capability",
+                "stability",
+            )
+            add(
+                f"stability.{name}.relative_change",
+                f"relative capability change on {name}",
+                s.relative_change,
+                "relative_change",
+                "stability",
+            )
+    t = c.trainability
+    if t is not None:
+        add(
+            "trainability.immunized_final",
+            "final benign score (immunized)",
+            t.immunized_final,
+            "benign_score",
+            "trainability",
+        )
+        add(
+            "trainability.immunized_steps",
+            "steps to reach the benign target (immunized)",
+            t.immunized_steps,
+            "steps",
+            "trainability",
+        )
+    return out
+
+
+def eval_results(report: ImmunizationReport, dataset_name: str | None = None) -> list:
+    """``huggingface_hub.EvalResult`` s of :func:`claims` (for the card's ``model-index``)."""
+    from huggingface_hub import EvalResult
+
+    data = report.datasets or ((report.extra.get("datasets") or {}) if isinstance(report.extra, dict) else {})
+    ds = dataset_name or data.get("attack_train") or "harmful-fine-tuning-attack"
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name=cl["task"],
+            dataset_type=str(ds),
+            dataset_name=str(ds),
+            metric_type=cl["metric_type"],
+            metric_name=cl["name"],
+            metric_value=cl["value"],
+            metric_config=cl["id"],
+        )
+        for cl in claims(report)
+    ]
+
+
+def _search_line(search: dict | None) -> str | None:
+    """The attack search's budget, as the card states it (None when the report ran no search)."""
+    if not search:
+        return None
+    space = search.get("space") or {}
+    searched = space.get("search_space") if isinstance(space, dict) else None
+    return (
+        f"Optuna {search.get('sampler', 'TPE')} search, {search.get('n_trials')} trials per model and data set"
+        + (f" over {', '.join(searched)}" if searched else "")
+        + f", at most {search.get('max_steps')} steps, sampler seed {search.get('sampler_seed')}; a trial counts only "
+        f"if {search.get('capability_scorer')} degrades by at most {search.get('capability_tolerance')}"
+    )
+
+
+def _setting_line(setting: dict) -> str:
+    """One grid of an attack suite, for the card's threat model."""
+    parts = [", ".join(setting.get("families", []))]
+    if setting.get("learning_rates"):
+        parts.append("lr " + ", ".join(f"{x:g}" for x in setting["learning_rates"]))
+    for key, label in (
+        ("optimizers", "optimizer"),
+        ("lr_scheduler_types", "schedule"),
+        ("lora_ranks", "rank"),
+        ("harmful_shares", "harmful share"),
+    ):
+        if setting.get(key):
+            parts.append(f"{label} " + ", ".join(str(x) for x in setting[key]))
+    if setting.get("seeds"):
+        parts.append("seeds " + ", ".join(str(x) for x in setting["seeds"]))
+    if setting.get("max_steps"):
+        parts.append(f"{setting['max_steps']} steps")
+    return "; ".join(parts)
+
+
+def _sweep_context(report: ImmunizationReport, folder) -> tuple[dict | None, str | None]:
+    """How a sweep chose this model's setting, and its frontier plot copied into the folder."""
+    sweep = report.extra.get("sweep") if isinstance(report.extra, dict) else None
+    if not isinstance(sweep, dict) or "summary" not in sweep:
+        return None, None
+    plot = None
+    source = sweep.get("plot")
+    if folder is not None and source and Path(source).is_file():
+        import shutil
+
+        target = Path(folder) / "sweep_frontier.png"
+        if Path(source).resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        plot = target.name
+    return {
+        k: sweep.get(k) for k in ("summary", "trials", "feasible", "objective", "constraint", "params")
+    }, plot
+
+
+def not_tested(report: ImmunizationReport, registered_attacks: Sequence[str] = ()) -> list[str]:
+    """What the report lacks, as sentences for the card's "What was NOT tested" section
+    (``registered_attacks``: the attack registry's names, for the families that were not run)."""
+    c, tm = report.conditions, report.threat_model
+    out = []
+    if c.resistance is None:
+        out.append("Resistance: no attack curves were recorded.")
+    if c.generalization is None or c.generalization.in_domain is None:
+        out.append("No held-out in-domain attack set (in-domain generalization unmeasured).")
+    if c.generalization is None or c.generalization.cross_domain is None:
+        out.append("No cross-domain attack set: harm domains other than the attack data were not tested.")
+    if c.stability is None:
+        out.append("Stability: capability on reference sets was not measured.")
+    if c.trainability is None:
+        out.append("Trainability: benign fine-tuning was not measured.")
+    others = [f for f in sorted(registered_attacks) if f != tm.attack_family]
+    if "lora" in others:
+        out.append("No LoRA attacks (only the attack family above was run).")
+    if others:
+        out.append(f"Other registered attack families: {', '.join(others)}.")
+    out.append(
+        "Attack families outside this library (e.g. jailbreak prompting, representation engineering, "
+        "model merging, quantization) were not tested."
+    )
+    grid = tm.grid or {}
+    lrs = grid.get("learning_rates") or []
+    out.append(
+        f"Attacks beyond the budget: more than {tm.max_steps} steps per run"
+        + (f", learning rates above {max(lrs):g}" if lrs else "")
+        + (
+            f", more than {max(n for n in grid['num_samples'])} samples"
+            if grid.get("num_samples") and min(grid["num_samples"]) > 0
+            else ""
+        )
+        + "."
+    )
+    if len(grid.get("seeds") or []) <= 1:
+        out.append("Only one seed per configuration: seed variance of the attack is unknown.")
+    if tm.judge is None:
+        out.append(f"No judge of generated text: harm was measured with `{tm.scorer}` only.")
+    return out

@@ -1,0 +1,597 @@
+"""Hyperparameter sweep of a defense: an Optuna study for the most attack-resistant stable setting.
+
+Each trial immunizes a copy of the base model with the defense's Trainer and the trial's
+hyperparameters, then measures it with :func:`~immune_trainer.evaluation.evaluate_conditions` against
+every attack family (each a grid of learning rates x sample counts x seeds) and on every reference set:
+
+- **objective**: the worst-case attack-cost multiple in steps (the smallest
+  ``conditions.resistance.steps_multiple`` over the attack families), maximised;
+- **constraint**: stability within tolerance (Optuna's ``Trial.set_constraint``, read by the TPE sampler and
+  by ``study.best_trial(s)``): the worst relative capability degradation over the reference sets minus
+  ``EvaluationConfig.stability_tolerance`` must be <= 0. A collapsed model is infeasible, never traded
+  against resistance by a weighted sum;
+- **multi-objective** (``multi_objective=True``): maximise the cost multiple and minimise the stability
+  degradation; the Pareto front is ``study.best_trials`` (feasible trials only).
+
+The base model is attacked once: its attack runs are saved under the sweep's output folder (keyed by the
+model's fingerprint, see :class:`~immune_trainer.attacks.HarmfulFineTuningAttack`) and reused by every
+trial, and phi is read off it once and stored in the study. A trial whose fastest attack (the first family's
+highest learning rate) already crosses phi as early as on the base model is pruned before the rest of the
+grid runs.
+
+The study lives in an Optuna storage (SQLite in the output folder by default; any storage URL, so several
+processes or machines can share one study); a killed sweep resumes where it stopped, ``n_trials`` counting
+the finished trials of the whole study. Every trial's report is kept under ``trials/<number>/``.
+
+Optuna: Akiba et al. 2019, "Optuna: A Next-generation Hyperparameter Optimization Framework" (KDD);
+constrained TPE: Watanabe and Hutter 2023, "c-TPE: Tree-structured Parzen Estimator with Inequality
+Constraints for Expensive Hyperparameter Optimization" (IJCAI).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..attacks import AttackConfig, HarmfulFineTuningAttack
+from ..conditions.report import ImmunizationReport
+from ..errors import ConfigError, DataError, DivergenceError
+from ..evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions, threshold_from_base
+from ..files import atomic_write
+from .config import SweepConfig, _load_yaml_mapping, search_space, suggest
+from .results import (
+    SweepResult,
+    TrialOutcome,
+    _family_multiple,
+    _fmt,
+    _is_dominated,
+    _json_safe,
+    _num,
+    _pct,
+    _plot_frontier,
+    _trial_dict,
+    _trial_table,
+    _write_best_yaml,
+)
+
+logger = logging.getLogger(__name__)
+
+OPTUNA_PAPER = {
+    "title": "Optuna: A Next-generation Hyperparameter Optimization Framework",
+    "id": "1907.10902",
+    "citation": (
+        "@inproceedings{akiba2019optuna,\n"
+        "  title={Optuna: A Next-generation Hyperparameter Optimization Framework},\n"
+        "  author={Akiba, Takuya and Sano, Shotaro and Yanase, Toshihiko and Ohta, Takeru and "
+        "Koyama, Masanori},\n"
+        "  booktitle={Proceedings of the 25th ACM SIGKDD International Conference on Knowledge Discovery "
+        "and Data Mining},\n"
+        "  year={2019}\n}"
+    ),
+}
+
+# A NaN capability score cannot be judged: it violates the stability constraint by this much.
+_UNJUDGEABLE = 1e6
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+
+class DefenseSweep:
+    """An Optuna study over a defense's hyperparameters (see the module docstring).
+
+    Example::
+
+        sweep = DefenseSweep(base, tokenizer, harmful_dataset=defense_pairs, retain_dataset=benign,
+                             attack_train=attack_pairs, attack_eval=held_out_pairs,
+                             reference={"plain_text": text, "chat": chat},
+                             attacks=AttackConfig(learning_rates=[1e-4, 3e-4], max_steps=50, eval_every=10),
+                             config=SweepConfig(defense="gradient_ascent", n_trials=20, output_dir="sweep"),
+                             defense_args={"max_steps": 100, "per_device_train_batch_size": 8})
+        result = sweep.run()
+        print(result.table); print(result.best_trial.params)
+
+    Args:
+        base_model: the model to immunize (never modified).
+        tokenizer: its tokenizer.
+        harmful_dataset: harmful pairs the defense trains against.
+        retain_dataset: capability data of the defense's retain loss (or None).
+        attack_train: the attacker's harmful data (share no prompts with ``harmful_dataset``).
+        attack_eval: held-out harmful data on which harm is measured.
+        reference: stability reference sets ``{name: dataset}`` (at least one: stability is the constraint).
+        attacks: an :class:`AttackConfig` (run once per ``config.attack_families``) or a list of them (run
+            as given); their ``output_dir`` is set to the sweep's folder so the base is attacked once.
+        evaluation: an :class:`EvaluationConfig` (phi, stability tolerance, capability scorer, ...).
+        config: a :class:`SweepConfig`.
+        space: overrides the search space (dict; ``config.space`` names a YAML file otherwise).
+        defense_args: fixed fields of the defense's config (dict; ``config.defense_args`` otherwise).
+        data_specs: what best.yaml records as the immunize command's data (``model``, ``dataset``,
+            ``retain_dataset``, ``tokenizer``); the CLI fills it from its options.
+        progress: show a tqdm bar over trials.
+    """
+
+    _paper = OPTUNA_PAPER
+
+    def __init__(
+        self,
+        base_model,
+        tokenizer,
+        *,
+        harmful_dataset,
+        attack_train,
+        attack_eval,
+        reference: dict[str, Any],
+        retain_dataset=None,
+        attacks: AttackConfig | list[AttackConfig] | None = None,
+        evaluation: EvaluationConfig | None = None,
+        config: SweepConfig | None = None,
+        space: dict[str, Any] | None = None,
+        defense_args: dict[str, Any] | None = None,
+        data_specs: dict[str, Any] | None = None,
+        progress: bool = True,
+    ):
+        from ..defenses import get_defense
+
+        self.config = config or SweepConfig()
+        self.spec = get_defense(self.config.defense)
+        if self.spec.attack_time_hook is not None:
+            raise ConfigError(
+                f"defense {self.spec.name!r} protects only while its attack-time hook is applied, which "
+                "evaluate_conditions does not apply; the sweep cannot measure it."
+            )
+        if not reference:
+            raise DataError(
+                "the sweep needs at least one reference set: stability on it is the sweep's constraint."
+            )
+        if harmful_dataset is None or len(harmful_dataset) == 0:
+            raise DataError("the defense's harmful dataset is empty.")
+        self.base = base_model
+        self.tokenizer = tokenizer
+        self.harmful = harmful_dataset
+        self.retain = retain_dataset
+        self.attack_train, self.attack_eval = attack_train, attack_eval
+        self.reference = dict(reference)
+        self.evaluation = evaluation or EvaluationConfig()
+        user_space = _load_yaml_mapping(space if space is not None else self.config.space, "space")
+        self.defense_args = _load_yaml_mapping(
+            defense_args if defense_args is not None else self.config.defense_args, "defense_args"
+        )
+        # A value the user fixes in defense_args is not searched, unless their own space searches it too.
+        inherited = {k: None for k in self.defense_args if k not in user_space}
+        default = search_space(self.spec.name)
+        self.space = search_space(
+            self.spec.name, {**{k: v for k, v in inherited.items() if k in default}, **user_space}
+        )
+        self.data_specs = dict(data_specs or {})
+        self.progress = progress
+        self.out = Path(self.config.output_dir)
+        self.attacks = self._attack_list(attacks)
+        families = [a.config.family for a in self.attacks]
+        # One label per attack config: its family, numbered when two configs share a family.
+        self.labels = [f if families.count(f) == 1 else f"{f}{i}" for i, f in enumerate(families)]
+        self._phi: float | None = None
+        self._check_defense_args()
+
+    # -------------------------------------------------------------- setup
+
+    def _attack_list(self, attacks) -> list[HarmfulFineTuningAttack]:
+        if attacks is None:
+            attacks = AttackConfig()
+        if isinstance(attacks, AttackConfig):
+            families = self.config.attack_families or [attacks.family]
+            configs = [replace(attacks, family=f) for f in families]
+        else:
+            configs = list(attacks)
+            if not configs or not all(isinstance(c, AttackConfig) for c in configs):
+                raise ConfigError("attacks must be an AttackConfig or a non-empty list of AttackConfig.")
+        out = str(self.out.resolve())
+        runs, scorer = [], None
+        for cfg in configs:
+            cfg = replace(cfg, output_dir=out)  # the base's runs are saved once and reused by every trial
+            attack = HarmfulFineTuningAttack(cfg, scorer=scorer if cfg.scorer == configs[0].scorer else None)
+            scorer = scorer or attack.scorer
+            if attack.scorer.higher_is_better != scorer.higher_is_better:
+                raise ConfigError(
+                    "every attack config of a sweep must use harm scorers of the same direction."
+                )
+            runs.append(attack)
+        return runs
+
+    def _defense_config(self, params: dict[str, Any], output_dir: str):
+        import torch
+
+        values: dict[str, Any] = dict(
+            output_dir=output_dir,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            logging_steps=10,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        values.update(self.defense_args)
+        values.update(params)
+        try:
+            return self.spec.config_class(**values)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"invalid {self.spec.name} config {params or self.defense_args}: {err}"
+            ) from None
+
+    def _check_defense_args(self) -> None:
+        names = {f.name for f in fields(self.spec.config_class)}
+        unknown = sorted(set(self.defense_args) - names)
+        if unknown:
+            raise ConfigError(
+                f"defense_args has key(s) {unknown} that {self.spec.config_class.__name__} does not have."
+            )
+        clash = sorted(set(self.defense_args) & {k for k, v in self.space.items() if isinstance(v, dict)})
+        if clash:
+            raise ConfigError(
+                f"{clash} is both searched and fixed in defense_args; drop it from one (space NAME: null)."
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            self._defense_config({}, tmp)
+
+    def _create_study(self):
+        import optuna
+
+        storage: Any = self.config.resolved_storage
+        if storage.startswith(("sqlite:", "postgresql", "mysql")):
+            if storage.startswith("sqlite:///"):
+                Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+            # Heartbeats let a later process mark a killed run's trial FAIL and retry its parameters.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    storage,
+                    heartbeat_interval=self.config.heartbeat_interval,
+                    grace_period=2 * self.config.heartbeat_interval,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=1
+                    ),
+                )
+        directions = ["maximize", "minimize"] if self.config.multi_objective else ["maximize"]
+        sampler = optuna.samplers.TPESampler(seed=self.config.seed, constant_liar=True)
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=self.config.resolved_study_name,
+                directions=directions,
+                sampler=sampler,
+                load_if_exists=True,
+            )
+        except ValueError as err:
+            raise ConfigError(f"cannot open the study: {err}") from None
+        if [d.name.lower() for d in study.directions] != directions:
+            raise ConfigError(
+                f"study {self.config.resolved_study_name!r} already exists with directions "
+                f"{[d.name.lower() for d in study.directions]}; use another study_name for "
+                f"multi_objective={self.config.multi_objective}."
+            )
+        # A resumed study must not redraw the points its first process drew from the same seed.
+        study.sampler = optuna.samplers.TPESampler(
+            seed=self.config.seed + len(study.trials), constant_liar=True
+        )
+        return study
+
+    def _baseline(self, study) -> float:
+        """Attack the base model with every family (saved for the trials) and fix phi for the study."""
+        curves = {}
+        for label, attack in zip(self.labels, self.attacks):
+            logger.info("attacking the base model (%s), once for the whole sweep", attack.config.family)
+            curves[label] = attack.run(self.base, self.tokenizer, self.attack_train, self.attack_eval).curves
+        first = self.attacks[0].config
+        phi = self.evaluation.threshold
+        if phi is None:
+            step = (
+                self.evaluation.threshold_step
+                if self.evaluation.threshold_step is not None
+                else first.eval_every
+            )
+            phi = threshold_from_base(curves[self.labels[0]], step)
+        stored = study.user_attrs.get("phi")
+        if stored is not None and abs(stored - phi) > 1e-6 * max(1.0, abs(stored)):
+            logger.warning(
+                "the study's phi %.6g differs from this run's %.6g: keeping the study's", stored, phi
+            )
+            phi = stored
+        study.set_user_attr("phi", phi)
+        scorer = self.attacks[0].scorer
+        from ..conditions import first_crossing
+
+        crossing = {
+            fam: any(first_crossing(c, phi, scorer.higher_is_better) for c in cs)
+            for fam, cs in curves.items()
+        }
+        if not any(crossing.values()):
+            raise ConfigError(
+                f"the base model never crosses phi={phi:.4g} under any attack family: no cost multiple can be "
+                "measured. Give a looser threshold or a longer attack budget."
+            )
+        for fam, crossed in crossing.items():
+            if not crossed:
+                logger.warning(
+                    "the base model never crosses phi under the %s attack: it cannot rank trials", fam
+                )
+        return phi
+
+    # -------------------------------------------------------------- one trial
+
+    def _evaluate(self, immunized, attack: HarmfulFineTuningAttack, reference, defense_record, name):
+        sets = ConditionDatasets(
+            attack_train=self.attack_train, attack_eval=self.attack_eval, reference=reference
+        )
+        return evaluate_conditions(
+            self.base,
+            immunized,
+            self.tokenizer,
+            sets,
+            attack=attack,
+            config=replace(self.evaluation, threshold=self._phi),
+            defense=defense_record,
+            progress=lambda m: logger.debug(m),
+            immunized_name=name,
+        )
+
+    def objective(self, trial):
+        """Immunize, attack, measure; the value(s) Optuna optimizes (see the module docstring)."""
+        import optuna
+
+        params = suggest(trial, self.space)
+        folder = self.out / "trials" / str(trial.number)
+        folder.mkdir(parents=True, exist_ok=True)
+        # The trial's model is kept in memory only: best.yaml retrains the best setting.
+        with tempfile.TemporaryDirectory(prefix="immune_trainer_sweep_") as tmp:
+            trainer = self.spec.trainer_class(
+                model=copy.deepcopy(self.base),
+                args=self._defense_config(params, tmp),
+                harmful_dataset=self.harmful,
+                retain_dataset=self.retain,
+                processing_class=self.tokenizer,
+            )
+            from transformers import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # the trial bar is the progress; no log dictionaries
+            trainer.train()
+            immunized = trainer.model
+            del trainer
+        immunized.eval()
+        record = {"name": self.spec.name, "config": {**self.defense_args, **params}}
+        name = f"{self.spec.name} trial {trial.number}"
+        outcome = TrialOutcome(report=str(folder / "immunization_report.json"))
+
+        if self.config.prune:
+            # The fastest attack first: the first family's highest learning rate, one run. Its runs are
+            # saved, so the full grid below reuses them.
+            first = self.attacks[0]
+            probe_cfg = replace(
+                first.config,
+                learning_rates=[max(first.config.learning_rates)],
+                num_samples=first.config.num_samples[:1],
+                seeds=first.config.seeds[:1],
+            )
+            probe = self._evaluate(
+                immunized, HarmfulFineTuningAttack(probe_cfg, scorer=first.scorer), None, record, name
+            )
+            r = probe.conditions.resistance
+            multiple, _ = _family_multiple(probe)
+            if not r.strong and (multiple is None or multiple <= self.config.prune_multiple):
+                outcome.pruned = True
+                outcome.cost_multiple = multiple
+                outcome.family_multiples = {probe_cfg.family: multiple}
+                outcome.notes.append(
+                    f"pruned: the fastest attack ({probe_cfg.family} lr={probe_cfg.learning_rates[0]:g}) crossed "
+                    f"phi at {multiple if multiple is None else round(multiple, 3)}x the base model's steps"
+                )
+                probe.extra["sweep"] = {"trial": trial.number, "params": params, "pruned": True}
+                probe.save(outcome.report)
+                self._record(trial, outcome)
+                if not self.config.multi_objective and multiple is not None:
+                    trial.report(multiple, step=0)
+                raise optuna.TrialPruned(outcome.notes[-1])
+
+        reports = []
+        for label, attack in zip(self.labels, self.attacks):
+            report = self._evaluate(immunized, attack, self.reference, record, name)
+            multiple, note = _family_multiple(report)
+            outcome.family_multiples[label] = multiple
+            if note:
+                outcome.notes.append(f"{label}: {note}")
+            reports.append((multiple, report, label))
+        ranked = [(m, r) for m, r, _ in reports if m is not None]
+        if not ranked:
+            # No family could rank this model (neither model crossed phi): it resisted every attack.
+            ranked = [(math.inf, reports[0][1])]
+            outcome.notes.append("no attack family crossed phi on either model: multiple taken as inf")
+        multiple, worst = min(ranked, key=lambda x: x[0])
+        outcome.cost_multiple = multiple
+        stab = worst.conditions.stability
+        degradation = stab.worst_degradation
+        judgeable = not math.isnan(degradation)
+        outcome.stability_degradation = degradation if judgeable else None
+        outcome.feasible = bool(stab.holds)
+        for _, report, label in reports:
+            if report is not worst:
+                report.save(folder / f"immunization_report_{label}.json")
+        worst.extra["sweep"] = {
+            "trial": trial.number,
+            "params": params,
+            "cost_multiple": multiple,
+            "family_multiples": outcome.family_multiples,
+        }
+        worst.save(outcome.report)
+        self._record(trial, outcome)
+        violation = degradation - self.evaluation.stability_tolerance if judgeable else _UNJUDGEABLE
+        trial.set_constraint("stability", violation)
+        if self.config.multi_objective:
+            return multiple, degradation if judgeable else _UNJUDGEABLE
+        return multiple
+
+    @staticmethod
+    def _record(trial, outcome: TrialOutcome) -> None:
+        from dataclasses import asdict
+
+        for key, value in asdict(outcome).items():
+            trial.set_user_attr(key, _json_safe(value))
+
+    # -------------------------------------------------------------- running
+
+    def run(self, n_trials: int | None = None) -> SweepResult:
+        """Run trials until the study holds ``n_trials`` finished ones (default ``config.n_trials``), then
+        write the table, the Pareto front, the frontier plot and best.yaml."""
+        import optuna
+        from optuna.trial import TrialState
+        from tqdm.auto import tqdm
+
+        target = n_trials or self.config.n_trials
+        self.out.mkdir(parents=True, exist_ok=True)
+        study = self._create_study()
+        self._phi = self._baseline(study)
+        finished = (TrialState.COMPLETE, TrialState.PRUNED)
+        done = len(study.get_trials(deepcopy=False, states=finished))
+        bar = tqdm(
+            total=target,
+            initial=min(done, target),
+            desc=f"sweep {self.spec.name}",
+            unit="trial",
+            disable=not self.progress,
+        )
+
+        def tick(study, trial):
+            if trial.state in finished:
+                bar.update(1)
+            value = trial.user_attrs.get("cost_multiple")
+            bar.set_postfix_str(f"#{trial.number} {trial.state.name.lower()} x{_fmt(value)}")
+
+        if done < target:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            try:
+                study.optimize(
+                    self.objective,
+                    n_trials=target - done,
+                    callbacks=[optuna.study.MaxTrialsCallback(target, states=finished), tick],
+                    catch=(DivergenceError,),
+                )
+            finally:
+                bar.close()
+        else:
+            bar.close()
+        return self.summarize(study)
+
+    # -------------------------------------------------------------- outputs
+
+    def summarize(self, study) -> SweepResult:
+        """Write the trial table (markdown + CSV), the Pareto front JSON, the plot and best.yaml."""
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        feasible = [t for t in complete if t.user_attrs.get("feasible")]
+        if self.config.multi_objective:
+            front = list(study.best_trials) if feasible else []
+        else:
+            points = {
+                t.number: (
+                    _num(t.user_attrs.get("cost_multiple")),
+                    _num(t.user_attrs.get("stability_degradation")),
+                )
+                for t in feasible
+            }
+            front = [
+                t for t in feasible if not any(_is_dominated(points[t.number], p) for p in points.values())
+            ]
+        front.sort(key=lambda t: _num(t.user_attrs.get("stability_degradation")))
+        best = None
+        if feasible:
+            best = (
+                study.best_trial
+                if not self.config.multi_objective
+                else max(front, key=lambda t: _num(t.user_attrs.get("cost_multiple")))
+            )
+
+        table, rows = _trial_table(trials, {t.number for t in front}, best)
+        table_path = self.out / "trials.md"
+        atomic_write(table_path, table + "\n")
+        csv_path = self.out / "trials.csv"
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(csv_path, buf.getvalue())
+
+        tolerance = self.evaluation.stability_tolerance
+        pareto = {
+            "study_name": self.config.resolved_study_name,
+            "defense": self.spec.name,
+            "phi": study.user_attrs.get("phi"),
+            "objective": "maximize worst-case attack-cost multiple (steps)"
+            + (", minimize stability degradation" if self.config.multi_objective else ""),
+            "constraint": f"worst stability degradation <= {tolerance}",
+            "best_trial": None if best is None else best.number,
+            "front": [_trial_dict(t) for t in front],
+        }
+        pareto_path = self.out / "pareto_front.json"
+        atomic_write(pareto_path, json.dumps(_json_safe(pareto), indent=2) + "\n")
+        plot_path = _plot_frontier(self.out, complete, front, best, self.evaluation, self.spec.name)
+
+        best_config_path = best_report_path = None
+        if best is not None:
+            best_config_path = _write_best_yaml(
+                self.out,
+                best,
+                defense=self.spec.name,
+                space=self.space,
+                data_specs=self.data_specs,
+                defense_args=self.defense_args,
+                study_name=self.config.resolved_study_name,
+            )
+            best_report_path = best.user_attrs.get("report")
+            if best_report_path and Path(best_report_path).is_file():
+                report = ImmunizationReport.load(best_report_path)
+                report.extra["sweep"] = {
+                    **report.extra.get("sweep", {}),
+                    "study_name": self.config.resolved_study_name,
+                    "trials": len(trials),
+                    "complete": len(complete),
+                    "feasible": len(feasible),
+                    "best_trial": best.number,
+                    "objective": pareto["objective"],
+                    "constraint": pareto["constraint"],
+                    "plot": None if plot_path is None else os.path.abspath(plot_path),
+                    "plot_relative": None
+                    if plot_path is None
+                    else os.path.relpath(plot_path, os.path.dirname(os.path.abspath(best_report_path))),
+                    "pareto_front": os.path.abspath(pareto_path),
+                    "table": os.path.abspath(table_path),
+                    "summary": (
+                        f"best of {len(complete)} completed trials ({len(feasible)} stable within "
+                        f"{tolerance:.0%}): worst-case attack-cost multiple "
+                        f"{_fmt(best.user_attrs.get('cost_multiple'))}x at stability change "
+                        f"{_pct(best.user_attrs.get('stability_degradation'))}"
+                    ),
+                }
+                report.save(best_report_path)
+        return SweepResult(
+            study=study,
+            best_trial=best,
+            pareto_front=front,
+            table_path=str(table_path),
+            csv_path=str(csv_path),
+            pareto_path=str(pareto_path),
+            plot_path=plot_path,
+            best_config_path=best_config_path,
+            best_report_path=best_report_path,
+            table=table,
+        )
