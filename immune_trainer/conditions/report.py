@@ -59,13 +59,18 @@ __all__ = [
     "report_json_schema",
 ]
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """Version of the report layout. Readers refuse versions they do not know (e.g. newer ones).
 
 1.1 (minor: new optional fields): ``datasets``, ``side_effects``, ``search``; per-seed crossing spread
-(``seed_spread`` / ``base_seed_spread``) in resistance results."""
+(``seed_spread`` / ``base_seed_spread``) in resistance results.
 
-_KNOWN_VERSIONS = ("1.0", "1.1")
+1.2 (minor: new optional fields): ``families`` and ``worst_family`` in resistance results, which are
+judged per attack family from this version on (no multiple pooled across families; a base that never
+reaches phi credits nothing). A 1.0 or 1.1 report keeps the verdicts it was written with; ``immune-trainer
+verify`` judges its curves again by the current rules."""
+
+_KNOWN_VERSIONS = ("1.0", "1.1", "1.2")
 
 
 
@@ -352,7 +357,7 @@ class ImmunizationReport:
     def from_dict(cls, d: dict[str, Any]) -> ImmunizationReport:
         """Validate and rebuild a report. Raises :class:`ReportError` naming the offending field.
 
-        A 1.0 report is read as 1.1 (its new fields empty; its ``extra['datasets']`` becomes
+        A 1.0 or 1.1 report is read as the current layout (its new fields empty; its ``extra['datasets']`` becomes
         ``datasets``)."""
         if not isinstance(d, dict):
             raise ReportError(f"report: expected a JSON object, got {type(d).__name__}.")
@@ -371,6 +376,7 @@ class ImmunizationReport:
             )
         if version == "1.0":
             d = _upgrade_1_0(d)
+        d = {**d, "schema_version": SCHEMA_VERSION}
         return S.validate(cls, d, "report")
 
     def to_json(self, indent: int | None = 2) -> str:
