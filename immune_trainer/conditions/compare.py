@@ -32,6 +32,10 @@ from .resistance import resistance_by_family
 
 __all__ = ["Comparison", "ComparisonRow", "cmd_compare", "compare_reports"]
 
+PHI_REL_TOL = 1e-3
+"""Two phi within 0.1% of each other are the same threshold (two runs of one evaluation read phi off the
+base model with float noise of this order); beyond it the reports are flagged as not comparable."""
+
 REPORT_FILE = "immunization_report.json"
 """The report's file name inside a model folder (as written by the model card commands)."""
 
@@ -344,8 +348,8 @@ def _measure_differences(report: ImmunizationReport, ref: ImmunizationReport) ->
     """What makes ``report``'s numbers incomparable with ``ref``'s whatever the attack: phi, scorer, base."""
     out = []
     tm, rt = report.threat_model, ref.threat_model
-    if not math.isclose(tm.threshold, rt.threshold, rel_tol=1e-6, abs_tol=1e-12):
-        out.append(f"different phi ({fmt_number(tm.threshold, 3)} vs {fmt_number(rt.threshold, 3)})")
+    if not math.isclose(tm.threshold, rt.threshold, rel_tol=PHI_REL_TOL, abs_tol=1e-12):
+        out.append(f"different phi ({fmt_number(tm.threshold, 6)} vs {fmt_number(rt.threshold, 6)})")
     if tm.scorer != rt.scorer or tm.higher_is_better != rt.higher_is_better:
         out.append(f"different scorer ({tm.scorer} vs {rt.scorer})")
     if report.models.get("base") != ref.models.get("base"):

@@ -40,6 +40,7 @@ from .schema import (
     AttackCurve,
     Bool,
     ConditionsResult,
+    FamilyResistance,
     Finite,
     FreeDict,
     Int,
@@ -433,6 +434,7 @@ class ImmunizationReport:
         tm = self.threat_model
         fmt = fmt_number
         rows: list[tuple[str, str, str, str]] = []
+        notes: list[str] = []
 
         def verdict(h):
             return {True: "PASS", False: "FAIL", None: "n/a"}[h]
@@ -458,6 +460,10 @@ class ImmunizationReport:
             if c.collapsed and r.holds:
                 kind += " (not credited)"
             rows.append((name, base, imm, verdict(r.holds) + kind))
+            if len(r.families) > 1 or (r.families and r.families[0].family != "full"):
+                for f in r.families:
+                    rows.append(_family_row(f, fmt))
+            notes.extend(f"{name}: {n}" for n in r.notes)
 
         res_row("resistance", c.resistance)
         s = c.stability
@@ -494,6 +500,7 @@ class ImmunizationReport:
                     verdict(t.holds),
                 )
             )
+            notes.extend(f"trainability: {n}" for n in t.notes)
         header = ("condition", "base", "immunized", "verdict")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 
@@ -516,10 +523,31 @@ class ImmunizationReport:
             final = f"VERDICT: {'IMMUNIZED' if c.immunized else 'NOT IMMUNIZED'}"
         out.append(final)
         out.append(c.summary)
+        if notes:
+            out.append("notes:")
+            out.extend(f"  - {n}" for n in notes)
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _family_row(f: FamilyResistance, fmt) -> tuple[str, str, str, str]:
+    """One attack family's row under a resistance row: its base crossing, the attacker's cost on the
+    immunized model and its own multiple and verdict."""
+    base = "never" if f.base_crossing is None else f"step {fmt(f.base_crossing.step)}"
+    if f.training_free:
+        imm = "past phi at step 0" if f.immunized_crossed else "not past phi at step 0"
+    elif f.immunized_cost is None:
+        imm = "-"
+    elif f.immunized_crossed:
+        imm = f"step {fmt(f.immunized_cost.step)}"
+    else:
+        imm = f"never in {fmt(f.immunized_cost.step)} steps"
+    if f.steps_multiple is not None:
+        imm += f" ({'>=' if f.multiple_is_lower_bound else ''}{fmt(f.steps_multiple, 3)}x)"
+    word = {True: "PASS", False: "FAIL", None: "undetermined"}[f.holds] + (" strong" if f.strong else "")
+    return (f"  {f.family}", base, imm, word)
 
 
 def _spread_text(spread: SeedSpread | None) -> str:

@@ -75,6 +75,13 @@ def trainability(
         notes.append("the immunized model never reaches the target.")
     if math.isnan(degr):
         notes.append("a final benign score is NaN.")
+    budget = min(base.points[-1].step, immunized.points[-1].step)
+    if budget > 0 and eps_steps >= budget / 2:
+        notes.append(
+            f"the speed window (eps = {fmt_number(eps_steps)} steps) is at least half the benign budget "
+            f"({fmt_number(budget)} steps): the speed part of trainability can hardly fail; use a longer "
+            "benign budget or a smaller eps."
+        )
     holds = (
         t1 is not None
         and t2 is not None

@@ -173,6 +173,18 @@ def _sweep_context(report: ImmunizationReport, folder) -> tuple[dict | None, str
     }, plot
 
 
+def families_run(report: ImmunizationReport) -> set[str]:
+    """The attack families the report ran: its threat model's (a comma-joined list), its grid's and its
+    search space's."""
+    tm = report.threat_model
+    ran = {f.strip() for f in (tm.attack_family or "").split(",") if f.strip()}
+    ran |= set((tm.grid or {}).get("families") or [])
+    space = (report.search or {}).get("space") if isinstance(report.search, dict) else None
+    if isinstance(space, dict):
+        ran |= set(space.get("family_choices") or [])
+    return ran
+
+
 def not_tested(report: ImmunizationReport, registered_attacks: Sequence[str] = ()) -> list[str]:
     """What the report lacks, as sentences for the card's "What was NOT tested" section
     (``registered_attacks``: the attack registry's names, for the families that were not run)."""
@@ -188,9 +200,10 @@ def not_tested(report: ImmunizationReport, registered_attacks: Sequence[str] = (
         out.append("Stability: capability on reference sets was not measured.")
     if c.trainability is None:
         out.append("Trainability: benign fine-tuning was not measured.")
-    others = [f for f in sorted(registered_attacks) if f != tm.attack_family]
+    ran = families_run(report)
+    others = [f for f in sorted(registered_attacks) if f not in ran]
     if "lora" in others:
-        out.append("No LoRA attacks (only the attack family above was run).")
+        out.append(f"No LoRA attacks (only {', '.join(sorted(ran))} were run).")
     if others:
         out.append(f"Other registered attack families: {', '.join(others)}.")
     out.append(
