@@ -26,7 +26,11 @@ class TrialOutcome:
         default=None, metadata={"help": "Worst-case attack-cost multiple in steps over the families."}
     )
     family_multiples: dict[str, float | None] = field(
-        default_factory=dict, metadata={"help": "Cost multiple of each attack family."}
+        default_factory=dict,
+        metadata={"help": "Cost multiple of each attack family (None: it could not be judged; see notes)."},
+    )
+    lower_bound: bool = field(
+        default=False, metadata={"help": "cost_multiple is a lower bound (a run that never crossed phi)."}
     )
     stability_degradation: float | None = field(
         default=None, metadata={"help": "Worst relative capability degradation over the reference sets."}
@@ -53,20 +57,18 @@ class SweepResult:
     table: str = field(default="", metadata={"help": "The table as text."})
 
 
-def _family_multiple(report: ImmunizationReport) -> tuple[float | None, str | None]:
-    """The report's cost multiple in steps, and a note when it had to be read another way."""
+def _family_multiple(report: ImmunizationReport) -> tuple[float | None, bool, str | None]:
+    """The report's worst-case cost multiple in steps (the worst attack family's, as the verdict reads it),
+    whether it is a lower bound (a run that never crossed), and a note when it cannot rank the trial."""
     r = report.conditions.resistance
     if r is None:
-        return None, "resistance not measured"
-    if r.steps_multiple is not None:
-        return float(r.steps_multiple), None
-    if r.strong:
-        return None, "neither model crossed phi: no multiple"
-    # The immunized model crossed, the base never did within its budget: c / budget bounds the multiple.
-    budget = max(s.budget_steps for s in r.base_curves or []) if r.base_curves else 0
-    if budget <= 0:
-        return 0.0, "no base budget: multiple taken as 0"
-    return r.worst_crossing.step / budget, "the base never crossed phi: multiple is crossing / base budget"
+        return None, False, "resistance not measured"
+    if r.holds is False and r.steps_multiple is None:
+        return 0.0, False, f"{r.worst_family}: easier to attack than the base (the base never crossed phi)"
+    if r.steps_multiple is None:
+        return None, False, f"undetermined: {r.worst_family}: phi never reached by the base model"
+    note = f"{r.worst_family}: a lower bound (a run stopped before crossing)" if r.multiple_is_lower_bound else None
+    return float(r.steps_multiple), bool(r.multiple_is_lower_bound), note
 
 
 def _is_dominated(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -131,14 +133,14 @@ def _trial_table(trials, front: set[int], best) -> tuple[str, list[dict[str, Any
         row = {
             "trial": t.number,
             "state": t.state.name.lower(),
-            "cost_multiple": _fmt(attrs.get("cost_multiple")),
+            "cost_multiple": (">= " if attrs.get("lower_bound") else "") + _fmt(attrs.get("cost_multiple")),
             "stability_change": _pct(attrs.get("stability_degradation")),
             "feasible": "" if feasible is None else ("yes" if feasible else "no"),
             "pareto": "yes" if t.number in front else "",
             "best": "*" if best is not None and t.number == best.number else "",
         }
         for fam, m in (attrs.get("family_multiples") or {}).items():
-            row[f"x_{fam}"] = _fmt(m)
+            row[f"x_{fam}"] = "undetermined" if m is None else _fmt(m)
         row.update({n: _fmt(t.params[n]) if n in t.params else "" for n in names})
         rows.append(row)
     heads = list(dict.fromkeys(k for r in rows for k in r)) or ["trial"]
