@@ -8,7 +8,8 @@ The modules:
 * :mod:`.loss`: the loss-based scorers, ``length_batches`` and ``scorer_options``.
 * :mod:`.generation`: ``generate_responses`` (greedy answers) and the generation-based scorers
   (``refusal_rate`` with ``ADVBENCH_REFUSAL_PREFIXES``, ``benign_accuracy`` with ``NORMALIZERS``).
-* :mod:`.judges`: the judge scorers (``classifier_judge``, ``offline_judge``).
+* :mod:`.judges`: the judge scorers (``classifier_judge``, ``offline_judge``) and :class:`JudgeScorer`,
+  the base of every judge scorer.
 * :mod:`.offline_judge`: the embedded offline harm judge (:class:`OfflineHarmJudge`), its training and
   loading.
 
@@ -37,7 +38,7 @@ from .generation import (
     generate_responses,
     normalize_whitespace,
 )
-from .judges import DEFAULT_HARM_CLASSIFIER, ClassifierJudgeScorer, OfflineJudgeScorer
+from .judges import DEFAULT_HARM_CLASSIFIER, ClassifierJudgeScorer, JudgeScorer, OfflineJudgeScorer
 from .loss import (
     CALL_COST_TOKENS,
     BenignLossScorer,
@@ -73,6 +74,7 @@ __all__ = [
     "HarmfulLossScorer",
     "ClassifierJudgeScorer",
     "OfflineJudgeScorer",
+    "JudgeScorer",
     "RefusalRateScorer",
     "PerplexityScorer",
     "BenignLossScorer",
