@@ -474,3 +474,14 @@ def test_side_effects_explain_an_unscored_answer(tok, lm):
     cfg = SideEffectsConfig(templates=["plain"], max_new_tokens=2, batch_size=3)
     with pytest.raises(ConfigError, match="could not score 3 of 3 answers"):
         measure_side_effects(lm, tok, PROMPTS, cfg, judge=scorer)
+
+
+def test_the_readme_documents_each_judge():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("**The judges the field reports with**") :]
+    table = section[section.index("\n|") :].split("\n\n")[0]
+    names = [m.group(1) for m in re.finditer(r"^\| `([a-z_]+)`", table, re.M)]
+    assert names == ["strongreject", "harmbench_classifier", "llama_guard"]
