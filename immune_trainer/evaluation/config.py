@@ -117,7 +117,8 @@ class EvaluationConfig:
     side_effects_judge: str | None = field(
         default=None,
         metadata={
-            "help": "Harm judge of the side-effects check (classifier_judge, offline_judge). None: the "
+            "help": "Harm judge of the side-effects check (a judge scorer: classifier_judge, offline_judge, "
+            "strongreject, harmbench_classifier, llama_guard). None: the "
             "attack's scorer if it is a judge, else refusal rate only."
         },
     )

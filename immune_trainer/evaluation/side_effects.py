@@ -34,8 +34,9 @@ class SideEffectsConfig:
         batch_size (`int`): prompts per generate call (and per judge call). The prompts of every template
             are answered together, sorted by length, so that batches are full and carry little padding.
         limit (`int` or `None`): use only the first `limit` prompts.
-        judge (`str` or `None`): harm judge scorer (`classifier_judge`, `offline_judge`); `None`
-            measures refusal only, unless a judge is passed to :func:`measure_side_effects`.
+        judge (`str` or `None`): harm judge scorer (`classifier_judge`, `offline_judge`, `strongreject`,
+            `harmbench_classifier`, `llama_guard`); `None` measures refusal only, unless a judge is passed
+            to :func:`measure_side_effects`.
         n_examples (`int`): generations kept per template and model in the measurement.
     """
 
@@ -68,7 +69,8 @@ class SideEffectsConfig:
     judge: str | None = field(
         default=None,
         metadata={
-            "help": "Harm judge scorer name (classifier_judge, offline_judge); None: refusal rate only."
+            "help": "Harm judge scorer name (classifier_judge, offline_judge, strongreject, "
+            "harmbench_classifier, llama_guard); None: refusal rate only."
         },
     )
     n_examples: int = field(default=3, metadata={"help": "Generations kept per template and model."})
@@ -150,7 +152,7 @@ def prompt_texts(prompts: Any, limit: int | None = None) -> list[str]:
 
 def _resolve_judge(judge: Any, batch_size: int):
     """(an object with score(prompts, responses), its identity) from a scorer name, scorer or judge."""
-    from ..scoring import ClassifierJudgeScorer, Scorer, get_scorer
+    from ..scoring import SCORERS, JudgeScorer, Scorer, get_scorer
 
     if judge is None:
         return None, None
@@ -165,10 +167,11 @@ def _resolve_judge(judge: Any, batch_size: int):
             f"judge must be a judge scorer name, a judge scorer, or an object with score(prompts, responses); "
             f"got {type(judge).__name__}."
         )
-    if not isinstance(scorer, ClassifierJudgeScorer):
+    if not isinstance(scorer, JudgeScorer):
+        judges = sorted(n for n, cls in SCORERS.items() if issubclass(cls, JudgeScorer))
         raise ConfigError(
-            f"The side-effects judge must score (prompt, response) pairs: use 'classifier_judge' or "
-            f"'offline_judge', not {scorer.name!r}."
+            f"The side-effects judge must score (prompt, response) pairs: use one of the judge scorers "
+            f"({', '.join(repr(n) for n in judges)}), not {scorer.name!r}."
         )
     # The judge object itself: the answers are generated here once and shared with the refusal check.
     loaded = scorer._load_judge()
@@ -182,7 +185,14 @@ def _judge_scores(judge, prompts: list[str], answers: list[str], template: str) 
             f"The judge returned {len(scores)} scores for {len(answers)} answers (template '{template}'); "
             "its score() must return one harm probability per (prompt, response)."
         )
-    if any(math.isnan(s) or not 0.0 <= s <= 1.0 for s in scores):
+    unscored = sum(math.isnan(s) for s in scores)
+    if unscored:
+        raise ConfigError(
+            f"The judge could not score {unscored} of {len(scores)} answers (template '{template}'): its grader's "
+            "output did not follow the expected format. The side-effects check needs every answer scored: "
+            "use a stronger grader, or a judge that reads probabilities (harmbench_classifier, llama_guard)."
+        )
+    if any(not 0.0 <= s <= 1.0 for s in scores):
         raise ConfigError(f"The judge must return harm probabilities in [0, 1] (template '{template}').")
     return scores
 

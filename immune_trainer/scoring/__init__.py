@@ -8,7 +8,10 @@ The modules:
 * :mod:`.loss`: the loss-based scorers, ``length_batches`` and ``scorer_options``.
 * :mod:`.generation`: ``generate_responses`` (greedy answers) and the generation-based scorers
   (``refusal_rate`` with ``ADVBENCH_REFUSAL_PREFIXES``, ``benign_accuracy`` with ``NORMALIZERS``).
-* :mod:`.judges`: the judge scorers (``classifier_judge``, ``offline_judge``).
+* :mod:`.judges`: the judge scorers (``classifier_judge``, ``offline_judge``) and :class:`JudgeScorer`,
+  the base of every judge scorer.
+* :mod:`.lm_judges`: the judges the field reports with, each a language model in its authors' format
+  (``strongreject``, ``harmbench_classifier``, ``llama_guard``), their prompts and parsers.
 * :mod:`.offline_judge`: the embedded offline harm judge (:class:`OfflineHarmJudge`), its training and
   loading.
 
@@ -20,6 +23,12 @@ Registered scorers (``import immune_trainer.scoring`` registers them):
   ``score(prompts, responses)``, over greedy answers to held-out harmful prompts.
 - ``offline_judge`` (f, lower is better): the same with the embedded offline judge
   (:class:`immune_trainer.scoring.offline_judge.OfflineHarmJudge`).
+- ``strongreject`` (f, lower is better): StrongREJECT's rubric (Souly et al. 2024) graded by any chat
+  model, ``(1 - refused) * (convincing + specific - 2) / 8``.
+- ``harmbench_classifier`` (f, lower is better): P("Yes") of HarmBench's classifier prompt
+  (``cais/HarmBench-Llama-2-13b-cls`` by default).
+- ``llama_guard`` (f, lower is better): P("unsafe") of Llama Guard through its own chat template
+  (``meta-llama/Llama-Guard-3-1B`` by default).
 - ``refusal_rate`` (f, higher is better): AdvBench/GCG keyword refusal rate of greedy answers.
 - ``perplexity`` (g, lower is better): token-weighted perplexity on a reference set.
 - ``benign_loss`` (g, lower is better): token-weighted mean NLL of benign responses.
@@ -37,7 +46,14 @@ from .generation import (
     generate_responses,
     normalize_whitespace,
 )
-from .judges import DEFAULT_HARM_CLASSIFIER, ClassifierJudgeScorer, OfflineJudgeScorer
+from .judges import DEFAULT_HARM_CLASSIFIER, ClassifierJudgeScorer, JudgeScorer, OfflineJudgeScorer
+from .lm_judges import (
+    DEFAULT_HARMBENCH_CLASSIFIER,
+    DEFAULT_LLAMA_GUARD,
+    HarmBenchClassifierScorer,
+    LlamaGuardScorer,
+    StrongRejectScorer,
+)
 from .loss import (
     CALL_COST_TOKENS,
     BenignLossScorer,
@@ -73,6 +89,12 @@ __all__ = [
     "HarmfulLossScorer",
     "ClassifierJudgeScorer",
     "OfflineJudgeScorer",
+    "JudgeScorer",
+    "StrongRejectScorer",
+    "HarmBenchClassifierScorer",
+    "LlamaGuardScorer",
+    "DEFAULT_HARMBENCH_CLASSIFIER",
+    "DEFAULT_LLAMA_GUARD",
     "RefusalRateScorer",
     "PerplexityScorer",
     "BenignLossScorer",

@@ -51,6 +51,32 @@ ADVBENCH_REFUSAL_PREFIXES: tuple[str, ...] = (
 )
 
 
+def greedy_generation_config(model, tokenizer, max_new_tokens: int):
+    """A copy of ``model``'s generation config set for greedy decoding of at most ``max_new_tokens``.
+
+    Sampling options are cleared, padding uses the tokenizer's pad token (set it first, e.g. inside
+    ``_tokenizer_settings``), and generation stops at the model's or the tokenizer's eos token.
+    """
+    config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+    eos = {
+        i for i in (config.eos_token_id, tokenizer.eos_token_id) for i in (i if isinstance(i, list) else [i])
+    }
+    eos.discard(None)
+    config.update(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        max_length=None,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(eos) or None,
+        use_cache=True,
+    )
+    return config
+
+
 def generate_responses(
     model,
     tokenizer,
@@ -85,25 +111,9 @@ def generate_responses(
         add_special_tokens = not getattr(tokenizer, "chat_template", None)
 
     device = _device(model)
-    config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
-    eos = {
-        i for i in (config.eos_token_id, tokenizer.eos_token_id) for i in (i if isinstance(i, list) else [i])
-    }
-    eos.discard(None)
     answers: list[str] = []
     with eval_mode(model), _tokenizer_settings(tokenizer, "left"), torch.inference_mode():
-        config.update(
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=max_new_tokens,
-            max_length=None,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=sorted(eos) or None,
-            use_cache=True,
-        )
+        config = greedy_generation_config(model, tokenizer, max_new_tokens)
         for start in range(0, len(prompts), batch_size):
             enc = tokenizer(
                 prompts[start : start + batch_size],
