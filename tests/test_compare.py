@@ -193,10 +193,11 @@ def test_a_suite_of_families_gives_one_cell_per_family():
     table = compare_reports([suite])
     assert table.attack_families == ["full", "lora"]
     full, lora = table.get("suite_defense", "full"), table.get("suite_defense", "lora")
-    # full: base crosses at 6.67, immunized at 18.33; lora: the immunized model never crosses (a bound).
+    # full: base crosses at 6.67, immunized at 18.33; lora: the immunized model never crosses (a bound,
+    # 20 / 17.5 steps: below 2x, so undetermined and not strong).
     assert (
         full.cost_multiple == pytest.approx(18.333 / 6.667, rel=1e-3)
         and not full.cost_multiple_is_lower_bound
     )
-    assert lora.cost_multiple_is_lower_bound and lora.strong
+    assert lora.cost_multiple_is_lower_bound and not lora.strong
     assert full.verdict == lora.verdict  # the verdict is the report's, in every cell

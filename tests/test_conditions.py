@@ -289,7 +289,7 @@ def test_stability_nan_fails_and_mismatch_raises():
 
 
 def test_generalization_three_valued():
-    ok = resistance([curve([3.0, 2.9])], PHI, higher_is_better=True, base_curves=[curve(BASE)])
+    ok = resistance([curve([3.0, 2.9, 2.9, 2.9, 2.9])], PHI, higher_is_better=True, base_curves=[curve(BASE)])
     bad = resistance([curve([3.0, 1.0])], PHI, higher_is_better=True, base_curves=[curve(BASE)])
     assert generalization(None, None).holds is None
     assert generalization(ok, None).holds is True

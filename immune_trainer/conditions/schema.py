@@ -360,7 +360,10 @@ class FamilyResistance(Record):
         }
     )
     strong: Bool = field(
-        metadata={"help": "The base model crossed phi and no immunized run of this family did within its budget."}
+        metadata={
+            "help": "The base model crossed phi and no immunized run of this family did within a budget of at "
+            "least min_cost_multiple x the base's cost."
+        }
     )
     training_free: Bool = field(
         default=False, metadata={"help": "Every run has budget 0: judged on step 0 alone, base vs immunized."}
@@ -402,7 +405,10 @@ class ResistanceResult(Record):
         }
     )
     strong: Bool = field(
-        metadata={"help": "Every family strong: the base crossed phi and no immunized run did within its budget."}
+        metadata={
+            "help": "Every family strong: the base crossed phi and no immunized run did within a budget of at "
+            "least min_cost_multiple x the base's cost."
+        }
     )
     threshold: Finite = field(metadata={"help": "phi."})
     higher_is_better: Bool = field(metadata={"help": "Direction of the harm scorer (defender's view)."})
