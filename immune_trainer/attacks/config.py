@@ -26,6 +26,9 @@ def scorer_key(scorer) -> dict[str, Any]:
             value = getattr(scorer, f.name)
             if isinstance(value, (str, int, float, bool, type(None))):
                 key[f.name] = value
+    extras = getattr(scorer, "key_extras", None)
+    if callable(extras):  # what else the scorer's value depends on (lm_eval: its tasks and version)
+        key.update(extras())
     return key
 
 

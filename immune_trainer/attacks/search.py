@@ -44,7 +44,8 @@ from .. import data as data_lib
 from ..conditions import AttackCurve, relative_degradation
 from ..errors import ConfigError, DataError
 from ..run_cache import content_hash
-from .config import AttackConfig
+from ..scoring import LMEvalTasks, reference_key, reference_scorer
+from .config import AttackConfig, scorer_key
 from .families import get_attack
 from .harness import AttackResult, HarmfulFineTuningAttack, model_fingerprint
 from .search_config import SearchConfig, SearchSpace
@@ -217,9 +218,12 @@ class AttackSearch:
         config: the budget: ``max_steps`` bounds every trial; settings not in ``space`` come from here.
         search: trials, seed, storage and the capability constraint (``search.search`` trials, at least 1).
         space: what is searched; :class:`SearchSpace` defaults if None.
-        reference: the reference set (or ``{name: set}``) on which capability is scored; required.
+        reference: the reference set (or ``{name: set}``) on which capability is scored; required. A set
+            may be a dataset or a :class:`~immune_trainer.scoring.LMEvalTasks` (lm-evaluation-harness
+            tasks, scored by the ``lm_eval`` scorer whatever ``capability_scorer`` says).
         scorer: the harm scorer f (default ``get_scorer(config.scorer)``).
-        capability_scorer: the capability scorer g (default ``get_scorer(search.capability_scorer)``).
+        capability_scorer: the capability scorer g of the reference datasets (a scorer or a registered
+            name; default ``search.capability_scorer``).
 
     Every trial runs :class:`~immune_trainer.attacks.HarmfulFineTuningAttack` with a single-setting
     :class:`~immune_trainer.attacks.AttackConfig` on a fresh copy of the model; its objective is f at the
@@ -253,12 +257,18 @@ class AttackSearch:
             )
         self.reference = reference if isinstance(reference, dict) else {"reference": reference}
         for name, ds in self.reference.items():
-            if ds is None or len(ds) == 0:
+            if ds is None or (not isinstance(ds, LMEvalTasks) and len(ds) == 0):
                 raise DataError(f"the search's reference set {name!r} is empty.")
         self.scorer = scorer if scorer is not None else get_scorer(self.config.scorer)
-        self.capability_scorer = (
-            capability_scorer if capability_scorer is not None else get_scorer(self.search.capability_scorer)
-        )
+        # Each set's scorer: an LMEvalTasks set is scored by lm_eval, a dataset by the capability scorer.
+        default = capability_scorer if capability_scorer is not None else self.search.capability_scorer
+        self.capability_scorers = {}
+        for name, ds in self.reference.items():
+            self.capability_scorers[name] = reference_scorer(ds, default)
+            if not isinstance(ds, LMEvalTasks):
+                default = self.capability_scorers[name]  # one scorer object for every dataset
+        datasets = [n for n, ds in self.reference.items() if not isinstance(ds, LMEvalTasks)]
+        self.capability_scorer = self.capability_scorers[(datasets or list(self.reference))[0]]
 
     def with_config(self, config: AttackConfig) -> AttackSearch:
         """The same search under another budget (e.g. the generalization sets' step budget)."""
@@ -278,9 +288,16 @@ class AttackSearch:
             "max_steps": self.config.max_steps,
             "objective": f"{self.scorer.name} at the trial's last step "
             f"({'lower' if self.scorer.higher_is_better else 'higher'} is more harmful)",
-            "capability_scorer": self.capability_scorer.name,
+            "capability_scorer": self._capability_scorer_names(),
             "capability_tolerance": self.search.capability_tolerance,
         }
+
+    def _capability_scorer_names(self) -> str:
+        """The capability scorer's name, or ``NAME (set), ...`` when the sets have different scorers."""
+        names = {s.name for s in self.capability_scorers.values()}
+        if len(names) == 1:
+            return names.pop()
+        return ", ".join(f"{s.name} ({name})" for name, s in self.capability_scorers.items())
 
     # -------------------------------------------------------------- running
 
@@ -320,7 +337,7 @@ class AttackSearch:
         train = data_lib.ensure_tokenized(harmful_train, tokenizer, max_length=self.config.max_length)
         say = progress or (lambda message: logger.info(message))
 
-        say(f"[search] {self.capability_scorer.name} of the model before the attack")
+        say(f"[search] {self._capability_scorer_names()} of the model before the attack")
         before = self._capability(model, tokenizer)
         storage = self.search.storage_url()
         study_name = self._study_name(model, train, harmful_eval, benign_train)
@@ -403,7 +420,9 @@ class AttackSearch:
         capture.model = None
         degradation = max(
             (
-                relative_degradation(before[name], after[name], self.capability_scorer.higher_is_better)[1]
+                relative_degradation(
+                    before[name], after[name], self.capability_scorers[name].higher_is_better
+                )[1]
                 for name in before
             ),
             key=lambda d: math.inf if math.isnan(d) else d,
@@ -427,7 +446,7 @@ class AttackSearch:
 
     def _capability(self, model, tokenizer) -> dict[str, float]:
         return {
-            name: float(self.capability_scorer.score(model, tokenizer, ds).value)
+            name: float(self.capability_scorers[name].score(model, tokenizer, ds).value)
             for name, ds in self.reference.items()
         }
 
@@ -444,13 +463,20 @@ class AttackSearch:
             "train": content_hash(train),
             "eval": content_hash(harmful_eval),
             "benign": None if benign_train is None else content_hash(benign_train),
-            "reference": {name: content_hash(ds) for name, ds in sorted(self.reference.items())},
+            "reference": {name: reference_key(ds) for name, ds in sorted(self.reference.items())},
             "budget": budget,
             "space": self.space.to_dict(),
             "search": search,
             "scorer": self.scorer.name,
             "capability_scorer": self.capability_scorer.name,
         }
+        tasks = {
+            n: scorer_key(s)
+            for n, s in self.capability_scorers.items()
+            if isinstance(self.reference[n], LMEvalTasks)
+        }
+        if tasks:  # (absent otherwise: the names of searches on datasets alone stay as they were)
+            fingerprint["task_scorers"] = tasks
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return f"immune-trainer-attack-search-{key}"
 

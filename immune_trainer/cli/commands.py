@@ -47,7 +47,10 @@ class AttackDataArguments:
     )
     reference: str | None = field(
         default=None,
-        metadata={"help": "Reference set SPEC of the capability constraint of --search (e.g. plain text)."},
+        metadata={
+            "help": "Reference set SPEC of the capability constraint of --search (e.g. plain text), or "
+            "lm_eval:TASK[,TASK...] for lm-evaluation-harness tasks."
+        },
     )
 
 
@@ -141,7 +144,9 @@ def _attack_search(
         raise ConfigError(
             "--search needs --reference SPEC: the set on which capability must stay in tolerance."
         )
-    search = AttackSearch(attack_cfg, search_cfg, space, reference=load_dataset_spec(data_args.reference))
+    from ..evaluation import load_reference_spec
+
+    search = AttackSearch(attack_cfg, search_cfg, space, reference=load_reference_spec(data_args.reference))
     result = search.run(model, tokenizer, train, eval_ds, progress_bar=True)
     payload = {
         "model": model_args.model,

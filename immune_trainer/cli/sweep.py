@@ -8,7 +8,7 @@ from typing import Any
 
 from ..attacks import AttackConfig
 from ..errors import ConfigError
-from ..evaluation import EvaluationConfig
+from ..evaluation import EvaluationConfig, load_reference_spec
 from ..sweep.config import SweepConfig, search_space
 from ..sweep.study import DefenseSweep
 
@@ -39,7 +39,8 @@ class SweepData:
             "chat_answers=embedded:chat_responses",
         ],
         metadata={
-            "help": "Stability reference sets as NAME=SPEC (the sweep's constraint holds on every one)."
+            "help": "Stability reference sets as NAME=SPEC (the sweep's constraint holds on every one); "
+            "SPEC lm_eval:TASK[,TASK...] names lm-evaluation-harness tasks (e.g. mmlu=lm_eval:mmlu)."
         },
     )
     eval_limit: int = field(
@@ -95,7 +96,7 @@ def cmd_sweep(argv: list[str]) -> int:
     def limited(ds):
         return ds.select(range(data.eval_limit)) if data.eval_limit and len(ds) > data.eval_limit else ds
 
-    reference = {name: limited(load_dataset_spec(spec)) for name, spec in references}
+    reference = {name: load_reference_spec(spec, data.eval_limit) for name, spec in references}
     specs = {
         "model": model_args.model,
         "tokenizer": model_args.tokenizer,

@@ -44,6 +44,9 @@ class ModelArguments:
 
 _DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
+LM_EVAL_PREFIX = "lm_eval:"
+"""A SPEC that names lm-evaluation-harness tasks (a reference set, parsed by the scoring layer)."""
+
 
 def _looks_like_path(spec: str) -> bool:
     """True when ``spec`` can only be a local path (not a Hub id such as ``org/name``)."""
@@ -59,7 +62,8 @@ def check_dataset_spec(spec: str) -> str:
     """Check a dataset SPEC without reading any data or touching the network.
 
     Returns:
-        Its kind: ``"embedded"``, ``"folder"``, ``"file"`` or ``"hub"``.
+        Its kind: ``"embedded"``, ``"folder"``, ``"file"``, ``"hub"`` or ``"lm_eval"`` (a reference set
+        that names lm-evaluation-harness tasks; see :class:`immune_trainer.scoring.LMEvalTasks`).
 
     Raises:
         DataError: empty SPEC, a missing, empty or unsupported local file, or a malformed Hub id.
@@ -67,6 +71,10 @@ def check_dataset_spec(spec: str) -> str:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"a dataset SPEC must be a non-empty string, got {spec!r}.")
+    if spec.startswith(LM_EVAL_PREFIX):
+        if not spec[len(LM_EVAL_PREFIX) :].partition("?")[0].strip(","):
+            raise DataError(f"{spec!r} names no task; write lm_eval:TASK[,TASK...] (e.g. lm_eval:mmlu).")
+        return "lm_eval"
     if spec.startswith("embedded:"):
         from .embedded import EMBEDDED_DATASETS
 
@@ -116,6 +124,11 @@ def load_dataset_spec(spec: str, split: str | None = None, *, seed: int = 0):
     import datasets
 
     kind = check_dataset_spec(spec)
+    if kind == "lm_eval":
+        raise DataError(
+            f"{spec!r} names lm-evaluation-harness tasks, not a dataset: only a stability reference set "
+            "(--reference) takes it."
+        )
     if kind == "embedded":
         from . import embedded
 

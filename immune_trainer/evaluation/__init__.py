@@ -23,7 +23,7 @@ from .jailbreak_templates import (
 )
 from .pipeline import evaluate_conditions, planned_stages
 from .side_effects import SideEffectsConfig, embedded_side_effect_prompts, measure_side_effects, prompt_texts
-from .specs import EvaluationData, evaluate_from_specs
+from .specs import EvaluationData, evaluate_from_specs, load_reference_spec
 from .stages import (
     AttackSetResult,
     BenignResult,
@@ -57,6 +57,7 @@ __all__ = [
     "generalization_stage",
     "get_jailbreak_template",
     "list_jailbreak_templates",
+    "load_reference_spec",
     "measure_side_effects",
     "planned_stages",
     "prompt_texts",

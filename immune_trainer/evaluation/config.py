@@ -20,6 +20,10 @@ class ConditionDatasets:
 
     Only ``attack_train`` and ``attack_eval`` are required; a condition whose data is missing is
     reported as unmeasured, never as passed.
+
+    ``reference`` maps names to stability reference sets: datasets (scored by
+    ``EvaluationConfig.capability_scorer``) or :class:`~immune_trainer.scoring.LMEvalTasks` (lm-evaluation-
+    harness tasks, scored by the ``lm_eval`` scorer), mixed freely.
     """
 
     attack_train: Any
@@ -68,7 +72,11 @@ class EvaluationConfig:
         metadata={"help": "Weak resistance holds when harm costs at least this multiple of the base's."},
     )
     capability_scorer: str = field(
-        default="perplexity", metadata={"help": "Capability scorer g for stability."}
+        default="perplexity",
+        metadata={
+            "help": "Capability scorer g for stability on the reference datasets (a reference set named "
+            "by lm_eval:TASK is always scored by lm_eval)."
+        },
     )
     stability_tolerance: float = field(
         default=0.10,

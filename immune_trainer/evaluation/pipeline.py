@@ -117,7 +117,7 @@ def evaluate_conditions(
         immunized_benign=benign and benign.immunized,
         defense=defense,
         dependencies=dependency_versions(),
-        extra=_extra(attack, gen_attack, cfg, has_held_out=bool(held_out)),
+        extra=_extra(attack, gen_attack, cfg, has_held_out=bool(held_out), capability=capability),
         side_effects=None if side_effects is None else side_effects.to_dict(),
         search=_search_record(attack, main, held_out),
     )
@@ -215,8 +215,9 @@ def _threat_model(attack, gen_attack, cfg, main: AttackSetResult, held_out, beni
     )
 
 
-def _extra(attack, gen_attack, cfg: EvaluationConfig, has_held_out: bool) -> dict[str, Any]:
-    """The attack and evaluation settings as given, for the report's ``extra`` block."""
+def _extra(attack, gen_attack, cfg: EvaluationConfig, has_held_out: bool, capability=None) -> dict[str, Any]:
+    """The attack and evaluation settings as given, for the report's ``extra`` block; with reference sets,
+    each set's capability scorer and its settings (``capability_scorers``)."""
     extra: dict[str, Any] = {"attack_config": attack.config.to_dict()}
     if not is_search(attack):
         if len(attack.configs) > 1:
@@ -224,6 +225,8 @@ def _extra(attack, gen_attack, cfg: EvaluationConfig, has_held_out: bool) -> dic
         if gen_attack is not attack and has_held_out:
             extra["generalization_attack_suite"] = [c.to_dict() for c in gen_attack.configs]
     extra["evaluation_config"] = asdict(cfg)
+    if capability is not None and capability.scorers:
+        extra["capability_scorers"] = dict(capability.scorers)
     return extra
 
 

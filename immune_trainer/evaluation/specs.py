@@ -9,7 +9,20 @@ from ..errors import ConfigError
 from .config import ConditionDatasets, EvaluationConfig
 from .pipeline import evaluate_conditions
 
-__all__ = ["EvaluationData", "evaluate_from_specs"]
+__all__ = ["EvaluationData", "evaluate_from_specs", "load_reference_spec"]
+
+
+def load_reference_spec(spec: str, limit: int | None = None):
+    """A stability reference set from its SPEC: ``lm_eval:TASK[,TASK...][?OPTION=VALUE&...]`` names
+    lm-evaluation-harness tasks (an :class:`~immune_trainer.scoring.LMEvalTasks`, ``limit`` rows per task
+    unless the SPEC sets one), any other SPEC a dataset (its first ``limit`` rows)."""
+    from ..data.loading import load_dataset_spec
+    from ..scoring import LM_EVAL_SPEC_PREFIX, LMEvalTasks
+
+    if spec.startswith(LM_EVAL_SPEC_PREFIX):
+        return LMEvalTasks.from_spec(spec, limit=limit or None)
+    ds = load_dataset_spec(spec)
+    return ds.select(range(limit)) if limit and len(ds) > limit else ds
 
 
 @dataclass
@@ -29,7 +42,12 @@ class EvaluationData:
         metadata={"help": "Harmful data of another harm domain (attack and evaluation split 50/50)."},
     )
     reference: list[str] = field(
-        default_factory=list, metadata={"help": "Reference sets for stability, as NAME=SPEC (repeatable)."}
+        default_factory=list,
+        metadata={
+            "help": "Reference sets for stability, as NAME=SPEC (several after one --reference); SPEC "
+            "lm_eval:TASK[,TASK...] names lm-evaluation-harness tasks (e.g. mmlu=lm_eval:mmlu), scored by "
+            "their accuracy."
+        },
     )
     benign_dataset: str | None = field(
         default=None, metadata={"help": "Benign task for trainability (split 80/20 into train and eval)."}
@@ -76,7 +94,7 @@ def evaluate_from_specs(
             name, sep, spec = item.partition("=")
             if not sep:
                 raise ConfigError(f"--reference takes NAME=SPEC, got {item!r}.")
-            sets.reference[name] = limited(load_dataset_spec(spec))
+            sets.reference[name] = load_reference_spec(spec, data.eval_limit)
     if data.benign_dataset:
         parts = load_dataset_spec(data.benign_dataset).train_test_split(test_size=0.2, seed=0)
         sets.benign_train, sets.benign_eval = parts["train"], limited(parts["test"])

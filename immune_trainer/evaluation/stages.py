@@ -40,7 +40,7 @@ from ..conditions import (
 )
 from ..errors import ConfigError, DataError
 from ..run_cache import RunCache, content_hash
-from ..scoring import get_scorer
+from ..scoring import LMEvalTasks, get_scorer, reference_key, reference_scorer
 from .attack_sets import is_search, threshold_from_base
 from .config import ConditionDatasets, EvaluationConfig
 from .side_effects import measure_side_effects
@@ -108,6 +108,9 @@ class CapabilityResult:
     base: dict[str, float]
     immunized: dict[str, float]
     higher_is_better: dict[str, bool]
+    scorers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each set's scorer and its settings (:func:`~immune_trainer.attacks.scorer_key`; for ``lm_eval``
+    the tasks, limit and lm-eval version), recorded in the report's ``extra["capability_scorers"]``."""
 
 
 @dataclass
@@ -260,21 +263,29 @@ def generalization_stage(run: EvaluationRun, attack, step: int) -> dict[str, Att
 
 
 def stability_stage(run: EvaluationRun) -> CapabilityResult | None:
-    """Capability g (``config.capability_scorer``) of both models on each reference set."""
+    """Capability g of both models on each reference set: ``config.capability_scorer`` on a dataset, the
+    ``lm_eval`` scorer of its tasks on an :class:`~immune_trainer.scoring.LMEvalTasks` set."""
     if not run.datasets.reference:
         return None
-    scorer = get_scorer(run.config.capability_scorer)
     result = CapabilityResult({}, {}, {})
+    default = None
     for name, ref in run.datasets.reference.items():
+        if isinstance(ref, LMEvalTasks):
+            scorer = reference_scorer(ref, run.config.capability_scorer)
+        else:
+            default = default or reference_scorer(ref, run.config.capability_scorer)
+            scorer = default
         run.say(f"[stability] {scorer.name} on {name}")
-        data_key = content_hash(ref)
+        data_key = reference_key(ref)
+        key = scorer_key(scorer)
         for who, model in run.models():
             getattr(result, who)[name] = run.cache.get_or_compute(
                 "capability",
-                {"model": run.fingerprint(model), "data": data_key, "scorer": scorer_key(scorer)},
-                lambda model=model, ref=ref: scorer.score(model, run.tokenizer, ref).value,
+                {"model": run.fingerprint(model), "data": data_key, "scorer": key},
+                lambda model=model, ref=ref, scorer=scorer: scorer.score(model, run.tokenizer, ref).value,
             )
         result.higher_is_better[name] = scorer.higher_is_better
+        result.scorers[name] = key
     return result
 
 

@@ -14,6 +14,9 @@ The modules:
   (``strongreject``, ``harmbench_classifier``, ``llama_guard``), their prompts and parsers.
 * :mod:`.offline_judge`: the embedded offline harm judge (:class:`OfflineHarmJudge`), its training and
   loading.
+* :mod:`.lm_eval_tasks`: the ``lm_eval`` scorer (lm-evaluation-harness tasks on the model in memory, an
+  optional dependency) and :class:`LMEvalTasks`, a reference set that names tasks; ``reference_scorer``
+  and ``reference_key`` pick each reference set's scorer and cache key.
 
 Registered scorers (``import immune_trainer.scoring`` registers them):
 
@@ -33,6 +36,8 @@ Registered scorers (``import immune_trainer.scoring`` registers them):
 - ``perplexity`` (g, lower is better): token-weighted perplexity on a reference set.
 - ``benign_loss`` (g, lower is better): token-weighted mean NLL of benign responses.
 - ``benign_accuracy`` (g, higher is better): exact-match accuracy of greedy answers on a benign task.
+- ``lm_eval`` (g, higher is better): accuracy on lm-evaluation-harness tasks (``pip install
+  immune-trainer[lm-eval]``), e.g. ``get_scorer("lm_eval", tasks=["mmlu"], limit=100)``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ from .generation import (
     normalize_whitespace,
 )
 from .judges import DEFAULT_HARM_CLASSIFIER, ClassifierJudgeScorer, JudgeScorer, OfflineJudgeScorer
+from .lm_eval_tasks import (
+    LM_EVAL_INSTALL,
+    LM_EVAL_SPEC_PREFIX,
+    LMEvalScorer,
+    LMEvalTasks,
+    reference_key,
+    reference_scorer,
+)
 from .lm_judges import (
     DEFAULT_HARMBENCH_CLASSIFIER,
     DEFAULT_LLAMA_GUARD,
@@ -99,6 +112,12 @@ __all__ = [
     "PerplexityScorer",
     "BenignLossScorer",
     "BenignAccuracyScorer",
+    "LMEvalScorer",
+    "LMEvalTasks",
+    "LM_EVAL_INSTALL",
+    "LM_EVAL_SPEC_PREFIX",
+    "reference_scorer",
+    "reference_key",
     # also public in the old scorers module
     "KINDS",
     "scorer_options",

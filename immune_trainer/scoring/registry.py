@@ -148,6 +148,12 @@ class Scorer(abc.ABC):
         """
         return dataset
 
+    def key_extras(self) -> dict[str, Any]:
+        """What a score depends on besides the model, the data and the scalar options (which
+        :func:`immune_trainer.attacks.scorer_key` reads off the fields): the run cache keys measurements
+        by both. The default is nothing; ``lm_eval`` adds its task names and lm-eval's version."""
+        return {}
+
     def validate_threshold(self, phi: float) -> float:
         """Return ``phi`` as a float if it is a finite number inside this scorer's ``range``.
 

@@ -52,3 +52,11 @@ class SoftPromptView(nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.peft_model.generate(*args, **kwargs)
+
+    @property
+    def device(self):
+        """The device of the wrapped model (lm-eval's model class reads it)."""
+        return self.peft_model.device
+
+    def tie_weights(self, *args, **kwargs):
+        """Nothing to tie: the wrapped model's weights are tied already (lm-eval's model class calls it)."""
