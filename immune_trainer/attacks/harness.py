@@ -40,7 +40,7 @@ from ..files import atomic_write
 from ..progress import StepBar
 from ..run_cache import CACHE_VERSION, content_hash
 from .config import GRID_FIELDS, AttackConfig, optimizer_arguments, scorer_key, setting_label
-from .families import check_4bit_available, get_attack
+from .families import carried_adapters, check_4bit_available, get_attack, merge_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,10 @@ class HarmfulFineTuningAttack:
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
+        Families with ``merges_adapters`` (``lora``, ``embedding``, ``refusal_ablation``) attack a model that
+        carries unmerged adapters (a defense's LoRA) with them merged into its weights; the curve's config
+        then lists them as ``merged_adapters``.
+
         Args:
             harmful_train: the attacker's harmful data (any supported format, or tokenized).
             harmful_eval: held-out harmful data on which the scorer measures f.
@@ -344,12 +348,18 @@ class HarmfulFineTuningAttack:
         value before it is kept in the config as ``value_before``."""
         attacked = copy.deepcopy(model)
         before = self._measure(attacked, tokenizer, eval_data)
+        merged = carried_adapters(attacked) if family.merges_adapters else []
+        if merged:
+            attacked = merge_adapters(attacked)
         attacked = family.apply(attacked, tokenizer, sources, setting, self.config)
         after = self._measure(attacked, tokenizer, eval_data)
         logger.info("%s: f = %.4f before, %.4f after", setting["family"], before, after)
         del attacked
+        config = {**setting, "value_before": before}
+        if merged:
+            config["merged_adapters"] = ",".join(merged)
         return AttackCurve(
-            config={**setting, "value_before": before},
+            config=config,
             points=[CurvePoint(step=0, tokens=0, flops=0.0, value=after)],
             scorer=self.scorer.name,
             higher_is_better=self.scorer.higher_is_better,
@@ -361,6 +371,11 @@ class HarmfulFineTuningAttack:
         cfg = self.config
         subset = family.training_set(data, setting)
         attacked = copy.deepcopy(model)
+        # A defense's unmerged adapters go into the weights before the family adds its own
+        # (AttackFamily.merges_adapters).
+        merged = carried_adapters(attacked) if family.merges_adapters else []
+        if merged:
+            attacked = merge_adapters(attacked)
         attacked.train()
         flops_per_token = family.flops_per_token(attacked, cfg)  # on the model before adapters are added
         attacked = family.prepare(attacked, cfg, setting)
@@ -440,6 +455,8 @@ class HarmfulFineTuningAttack:
             _STEP0[step0_key] = callback.points[0].value
         del trainer, attacked
         config = dict(setting)
+        if merged:
+            config["merged_adapters"] = ",".join(merged)
         if phi is not None:
             config["stopped_early"] = callback.stopped_early
         return AttackCurve(

@@ -395,7 +395,10 @@ class AttackSearch:
         curve = attack.run(
             model, tokenizer, train, harmful_eval, benign_train=benign_train, prepare_model=capture
         ).curves[0]
+        merged = curve.config.get("merged_adapters")
         curve.config = dict(settings, trial=trial.number)
+        if merged:
+            curve.config["merged_adapters"] = merged
         # Capability of the model as the attacker deploys it (e.g. with its soft prompt), as harm was measured.
         deployed = get_attack(settings["family"]).deployed(capture.model, curve.config)
         with (capture.measure or contextlib.nullcontext)(capture.model):
