@@ -638,3 +638,51 @@ def test_refusal_ablation_attack_records_the_merged_adapters(tokenizer, harmful,
     scorer = get_scorer("harmful_loss", max_length=64)
     before = scorer.score(defended, tokenizer, scorer.prepare(tokenizer, harmful_eval)).value
     assert curve.config["value_before"] == pytest.approx(before, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- the shared step-0 measurement
+
+
+def test_step0_key_tells_apart_precision_and_merged_adapters(model):
+    from immune_trainer.attacks.harness import _step0_key
+
+    fingerprint = {"model": "m", "eval": "e", "scorer": {"name": "harmful_loss"}}
+    plain = AttackConfig(families=["full", "lora"])
+    qlora = AttackConfig(families=["full", "lora"], load_in_4bit=True)
+    full, lora = get_attack("full"), get_attack("lora")
+    key = _step0_key(fingerprint, model, full, plain, [])
+    assert _step0_key(fingerprint, model, lora, plain, []) == key  # the same model, held the same way
+    assert _step0_key(fingerprint, model, full, qlora, []) == key  # full fine-tuning is never 4-bit
+    assert _step0_key(fingerprint, model, lora, qlora, []) != key  # an NF4 copy
+    assert _step0_key(fingerprint, model, lora, plain, ["default"]) != key  # a defense's adapter merged in
+    assert _step0_key(fingerprint, model.to(torch.bfloat16), full, plain, []) != key
+    assert _step0_key(fingerprint, model, full, AttackConfig(bf16=True), []) != key
+
+
+def test_qlora_runs_measure_their_own_step0(model, tokenizer, harmful, harmful_eval, monkeypatch):
+    """A QLoRA run starts from a 4-bit copy: it must not reuse the full-precision runs' step-0 value.
+    (Quantization is faked on CPU: weights rounded to a coarse grid.)"""
+    import copy
+
+    from immune_trainer.attacks import harness
+    from immune_trainer.attacks.families import lora
+
+    def fake_quantize(m):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_((p * 8).round() / 8)
+        return m
+
+    monkeypatch.setattr(harness, "check_4bit_available", lambda: None)
+    monkeypatch.setattr(lora, "quantize_4bit", fake_quantize)
+    full, qlora = (
+        _attack(families=["full", "lora"], load_in_4bit=True, max_steps=1, eval_every=1)
+        .run(model, tokenizer, harmful, harmful_eval)
+        .curves
+    )
+    scorer = get_scorer("harmful_loss", max_length=64)
+    data = scorer.prepare(tokenizer, harmful_eval)
+    quantized = scorer.score(fake_quantize(copy.deepcopy(model)), tokenizer, data).value
+    assert full.points[0].value == pytest.approx(scorer.score(model, tokenizer, data).value, rel=1e-5)
+    assert qlora.points[0].value == pytest.approx(quantized, rel=1e-5)
+    assert qlora.points[0].value != pytest.approx(full.points[0].value, rel=1e-4)

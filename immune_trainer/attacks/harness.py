@@ -44,9 +44,28 @@ from .families import carried_adapters, check_4bit_available, get_attack, merge_
 
 logger = logging.getLogger(__name__)
 
-# Step-0 harm of an unchanged model on an eval set, keyed by (model fingerprint, eval data, scorer): every
-# run of the grid that starts from that model shares it instead of measuring it again.
-_STEP0: dict[tuple[str, str, str], float] = {}
+# Step-0 harm of an unchanged model on an eval set, keyed by (model fingerprint, how the attacked copy is
+# held before step 0, eval data, scorer; see _step0_key): every run of the grid that starts from that model
+# shares it instead of measuring it again.
+_STEP0: dict[tuple[str, str, str, str], float] = {}
+
+
+def _step0_key(fingerprint: dict, model, family, config: AttackConfig, merged: list[str]) -> tuple:
+    """The key of a run's shared step-0 measurement: the model's fingerprint, what changes the model before
+    step 0 (the precision of its weights: the input model's dtype, NF4 for a QLoRA copy, bf16 autocast
+    while training; the adapters merged into it), the eval data and the scorer."""
+    dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "none")
+    start = {
+        "precision": family.start_precision(config) or dtype,
+        "bf16": bool(config.bf16),
+        "merged_adapters": list(merged),
+    }
+    return (
+        fingerprint["model"],
+        json.dumps(start, sort_keys=True),
+        fingerprint["eval"],
+        json.dumps(fingerprint["scorer"], sort_keys=True),
+    )
 
 
 class _AttackTrainer(Trainer):
@@ -378,6 +397,10 @@ class HarmfulFineTuningAttack:
             attacked = merge_adapters(attacked)
         attacked.train()
         flops_per_token = family.flops_per_token(attacked, cfg)  # on the model before adapters are added
+        step0_key = None
+        if family.same_at_start and prepare_model is None:
+            # run() has fingerprinted the model, the raw eval data and the scorer (its max_length included).
+            step0_key = _step0_key(fingerprint, attacked, family, cfg, merged)
         attacked = family.prepare(attacked, cfg, setting)
         if prepare_model is not None:
             attacked = prepare_model(attacked)
@@ -390,11 +413,8 @@ class HarmfulFineTuningAttack:
             with measure_context(m):
                 return self._measure(family.deployed(m, setting), tokenizer, eval_data)
 
-        # Every run of a family that starts from the unchanged model shares one step-0 measurement.
-        step0_key = None
-        if family.same_at_start and prepare_model is None:
-            # run() has fingerprinted the model, the raw eval data and the scorer (its max_length included).
-            step0_key = (fingerprint["model"], fingerprint["eval"], json.dumps(fingerprint["scorer"]))
+        # Every run of a family that starts from the unchanged model, held the same way (step0_key), shares
+        # one step-0 measurement.
         callback_initial = _STEP0.get(step0_key) if step0_key else None
 
         stop = None

@@ -57,6 +57,12 @@ class AttackFamily:
         """Return the model to train (``model`` is already a private copy)."""
         return model
 
+    def start_precision(self, config: AttackConfig) -> str | None:
+        """How the weights are stored when the attacked model is first measured, when :meth:`prepare`
+        changes it (``"nf4"`` for a QLoRA attack); None: as the input model stores them. It keys the step-0
+        measurement that runs of a grid share."""
+        return None
+
     def deployed(self, model, setting: dict[str, Any]):
         """The model as the attacker runs it when harm is measured (default: the trained model itself)."""
         return model

@@ -31,6 +31,9 @@ class LoRAFineTuning(AttackFamily):
     def axes(self, config):
         return {"lora_rank": list(config.lora_ranks or [config.lora_r])}
 
+    def start_precision(self, config):
+        return "nf4" if config.load_in_4bit else None
+
     def prepare(self, model, config, setting=None):
         from peft import LoraConfig, get_peft_model
 
