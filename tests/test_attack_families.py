@@ -435,6 +435,36 @@ def test_resume_matches_settings_on_the_new_axes(
     assert ran == ["adamw"]
 
 
+def test_saved_runs_tell_attack_time_hooks_apart(tmp_path, model, tokenizer, harmful, harmful_eval, monkeypatch):
+    """A security vector leaves the weights as they are: the same weights attacked with and without the
+    hook are different runs, so a saved run is reused only under the same hook (its cache_key); a hook
+    without a key is never saved nor reused."""
+    out = str(tmp_path / "attack")
+
+    def run(hook=None):
+        _attack(max_steps=2, eval_every=2, output_dir=out).run(
+            model, tokenizer, harmful, harmful_eval, prepare_model=hook
+        )
+
+    def keyed(m):
+        return m
+
+    def unkeyed(m):
+        return m
+
+    keyed.cache_key = {"vector": "abc"}
+    run()
+    ran = _record_runs(monkeypatch, "seed")
+    run(keyed)
+    assert ran == [0]  # not the saved run of the model without the hook
+    run(keyed)
+    run()
+    assert ran == [0]  # each reused under its own hook
+    run(unkeyed)
+    run(unkeyed)
+    assert ran == [0, 0, 0]
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 

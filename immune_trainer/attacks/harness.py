@@ -68,6 +68,15 @@ def _step0_key(fingerprint: dict, model, family, config: AttackConfig, merged: l
     )
 
 
+def hook_key(prepare_model) -> Any:
+    """What the harness records of an attack-time hook to tell saved runs apart: None without a hook, the
+    hook's ``cache_key`` (e.g. the hash of a security vector) when it has one, else ``False`` (a hook it
+    cannot identify: its runs are neither saved nor reused)."""
+    if prepare_model is None:
+        return None
+    return getattr(prepare_model, "cache_key", None) or False
+
+
 class _AttackTrainer(Trainer):
     """A plain Trainer that counts the tokens it trains on (attention-mask tokens), and whose output layer
     projects only the response positions (the loss is the same; see
@@ -249,7 +258,9 @@ class HarmfulFineTuningAttack:
                 ``refusal_ablation`` families (the latter uses its prompts as the harmless side).
             prepare_model: an attack-time hook applied to each copy before training (e.g. a defense that
                 protects only while something is attached during fine-tuning, such as Security Vectors).
-                Training-free families attack the model as deployed, without it.
+                Training-free families attack the model as deployed, without it. Runs are saved to and reused
+                from ``output_dir`` only when the hook has a ``cache_key`` naming what it applies (see
+                :func:`hook_key`).
             progress: called with a one-line message as each configuration starts and ends.
             stop_at_threshold: phi for early stopping (default: ``config.stop_at_threshold``): a run stops
                 at the first evaluation strictly on the harmful side of it, so its curve still brackets the
@@ -332,6 +343,8 @@ class HarmfulFineTuningAttack:
         }
         if needing:
             fingerprint["benign"] = content_hash(tokenized(benign_train))
+        if prepare_model is not None:  # a hook changes what is trained: runs with and without it differ
+            fingerprint["prepare_model"] = hook_key(prepare_model)
         curves = []
         for setting in grid:
             family = families[setting["family"]]
@@ -489,8 +502,8 @@ class HarmfulFineTuningAttack:
     # -------------------------------------------------------------- resume
 
     def _path(self, setting, fingerprint) -> Path | None:
-        if not self.config.output_dir:
-            return None
+        if not self.config.output_dir or fingerprint.get("prepare_model") is False:
+            return None  # nowhere to save, or a hook that cannot be told apart from another
         label = setting_label(setting).replace(" ", "_")
         # One file per (model, data, setting): attacks on the base and the immunized model do not collide.
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -46,7 +46,7 @@ from ..errors import ConfigError, DataError
 from ..run_cache import content_hash
 from .config import AttackConfig
 from .families import get_attack
-from .harness import AttackResult, HarmfulFineTuningAttack, model_fingerprint
+from .harness import AttackResult, HarmfulFineTuningAttack, hook_key, model_fingerprint
 from .search_config import SearchConfig, SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class AttackSearch:
         say(f"[search] {self.capability_scorer.name} of the model before the attack")
         before = self._capability(model, tokenizer)
         storage = self.search.storage_url()
-        study_name = self._study_name(model, train, harmful_eval, benign_train)
+        study_name = self._study_name(model, train, harmful_eval, benign_train, prepare_model)
         direction = "minimize" if self.scorer.higher_is_better else "maximize"
         study = optuna.create_study(
             storage=storage,
@@ -434,8 +434,10 @@ class AttackSearch:
             for name, ds in self.reference.items()
         }
 
-    def _study_name(self, model, train, harmful_eval, benign_train=None) -> str:
-        """A name derived from everything that makes trials comparable: model, data, budget and space."""
+    def _study_name(self, model, train, harmful_eval, benign_train=None, prepare_model=None) -> str:
+        """A name derived from everything that makes trials comparable: model, data, budget and space, and
+        the attack-time hook when there is one (its ``cache_key``; see
+        :func:`~immune_trainer.attacks.harness.hook_key`)."""
         budget = {k: v for k, v in self.config.to_dict().items() if k != "output_dir"}
         search = {
             k: v
@@ -454,6 +456,8 @@ class AttackSearch:
             "scorer": self.scorer.name,
             "capability_scorer": self.capability_scorer.name,
         }
+        if prepare_model is not None:  # a security vector: the same weights with it are another study
+            fingerprint["prepare_model"] = hook_key(prepare_model)
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return f"immune-trainer-attack-search-{key}"
 
