@@ -396,18 +396,24 @@ def test_a_lone_reference_run_stops_once_it_has_crossed_its_own_phi(
     assert values[2] < values[1] < values[0]  # the undefended model gets worse step by step
     phi = threshold_from_base([full], 1)
     out = str(tmp_path / "attack")
-    (lone,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    (lone,) = (
+        _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    )
     assert [p.step for p in lone.points] == [0, 1, 2] and lone.config["stopped_early"] is True
     assert threshold_from_base([lone], 1) == phi
     assert first_crossing(lone, phi, True).step == pytest.approx(first_crossing(full, phi, True).step)
     # The same request is served by the saved run; a full-curve request trains again.
     ran = _record_runs(monkeypatch, "family")
-    (again,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    (again,) = (
+        _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    )
     assert ran == [] and again.to_dict() == lone.to_dict()
     (whole,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval).curves
     assert ran == ["full"] and len(whole.points) == 10
     # A saved full curve serves the lone-reference request, cut where it would have stopped.
-    (cut,) = _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    (cut,) = (
+        _attack(**kw, output_dir=out).run(model, tokenizer, harmful, harmful_eval, phi_from_step=1).curves
+    )
     assert ran == ["full"] and cut.to_dict() == lone.to_dict()
     with pytest.raises(ConfigError, match="exactly one run"):
         _attack(max_steps=2, eval_every=1, learning_rates=[1e-3, 2e-3]).run(
@@ -427,6 +433,36 @@ def test_resume_matches_settings_on_the_new_axes(
         model, tokenizer, harmful, harmful_eval
     )
     assert ran == ["adamw"]
+
+
+def test_saved_runs_tell_attack_time_hooks_apart(tmp_path, model, tokenizer, harmful, harmful_eval, monkeypatch):
+    """A security vector leaves the weights as they are: the same weights attacked with and without the
+    hook are different runs, so a saved run is reused only under the same hook (its cache_key); a hook
+    without a key is never saved nor reused."""
+    out = str(tmp_path / "attack")
+
+    def run(hook=None):
+        _attack(max_steps=2, eval_every=2, output_dir=out).run(
+            model, tokenizer, harmful, harmful_eval, prepare_model=hook
+        )
+
+    def keyed(m):
+        return m
+
+    def unkeyed(m):
+        return m
+
+    keyed.cache_key = {"vector": "abc"}
+    run()
+    ran = _record_runs(monkeypatch, "seed")
+    run(keyed)
+    assert ran == [0]  # not the saved run of the model without the hook
+    run(keyed)
+    run()
+    assert ran == [0]  # each reused under its own hook
+    run(unkeyed)
+    run(unkeyed)
+    assert ran == [0, 0, 0]
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -479,3 +515,204 @@ def test_for_setting_narrows_a_config_to_one_run():
     assert cfg.for_setting({**cfg.grid()[0], "stopped_early": True}).grid() == [cfg.grid()[0]]
     with pytest.raises(ConfigError, match="not one run of a 'lora' grid"):
         cfg.for_setting({"family": "lora", "learning_rate": 1e-3, "num_samples": 0, "seed": 0})
+
+
+# ---------------------------------------------------------------------------- models that carry adapters
+
+
+def _defended(seed=0):
+    """``(base, defended)``: a tiny Llama and a copy carrying an unmerged LoRA named ``default`` (as rerouting
+    or any defense run with ``peft_config`` leaves it) that changes its outputs."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_causal_lm("llama", seed=seed)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    defended = get_peft_model(copy.deepcopy(base), lora)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in defended.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return base, defended
+
+
+def _logits(m, input_ids):
+    was_training = m.training
+    m.eval()
+    with torch.no_grad():
+        out = m(input_ids=input_ids).logits
+    m.train(was_training)
+    return out
+
+
+def test_lora_attack_on_a_model_with_an_adapter_starts_from_the_defended_model(
+    tokenizer, harmful, harmful_eval
+):
+    """The attacker's LoRA must not replace the defense's (both would be peft's ``default``): the defense's
+    adapter is merged into the attacked copy first, so step 0 is the defended model, and it stays frozen."""
+    from immune_trainer.attacks import merge_adapters
+
+    base, defended = _defended()
+    adapter = {n: p.detach().clone() for n, p in defended.named_parameters() if "lora_" in n}
+    ids = torch.tensor([tokenizer("Explain step 3 of the recipe.")["input_ids"]])
+    want, base_logits = _logits(defended, ids), _logits(base, ids)
+    assert not torch.allclose(want, base_logits, atol=1e-2)
+    prepared = []
+
+    def keep(m):  # called on the prepared copy, before any step
+        prepared.append((m, _logits(m, ids)))
+        return m
+
+    (curve,) = (
+        _attack(families=["lora"], learning_rates=[2e-2], max_steps=4, eval_every=2)
+        .run(defended, tokenizer, harmful, harmful_eval, prepare_model=keep)
+        .curves
+    )
+    ((attacked, at_start),) = prepared
+    torch.testing.assert_close(at_start, want, atol=1e-4, rtol=1e-4)  # the defended model, not the base
+    assert curve.config["merged_adapters"] == "default"
+    # The defense's weights, merged into the attacked copy, are frozen and unchanged by the attack; the
+    # attacker trains its own LoRA only.
+    merged = merge_adapters(_defended()[1]).state_dict()
+    after = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in attacked.state_dict().items()
+    }
+    assert all(torch.equal(after[k], v) for k, v in merged.items())
+    trained = [n for n, p in attacked.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_" in n for n in trained)
+    assert _values(curve)[-1] < _values(curve)[0]
+    # The input model keeps its adapter, unchanged.
+    assert all(torch.equal(p, adapter[n]) for n, p in defended.named_parameters() if n in adapter)
+    # Step 0 is f of the defended model.
+    scorer = get_scorer("harmful_loss", max_length=64)
+    data = scorer.prepare(tokenizer, harmful_eval)
+    assert curve.points[0].value == pytest.approx(scorer.score(defended, tokenizer, data).value, rel=1e-4)
+    assert curve.points[0].value != pytest.approx(scorer.score(base, tokenizer, data).value, rel=1e-3)
+
+
+def test_adapters_loaded_by_transformers_are_merged_too(tmp_path):
+    """``from_pretrained`` on a defense's adapter folder gives a transformers model with LoRA layers injected
+    (what ``verify`` loads): merging gives the defended model's logits and a plain model."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from immune_trainer.attacks import carried_adapters, drop_adapters, merge_adapters
+
+    base, defended = _defended()
+    base.save_pretrained(tmp_path / "base")
+    defended.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    defended.save_pretrained(tmp_path / "adapter")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", use_safetensors=True)
+    assert carried_adapters(loaded) == ["default"]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    merged = merge_adapters(copy.deepcopy(loaded))
+    assert carried_adapters(merged) == [] and not getattr(merged, "_hf_peft_config_loaded", False)
+    torch.testing.assert_close(_logits(merged, ids), _logits(defended, ids), atol=1e-4, rtol=1e-4)
+    dropped = drop_adapters(copy.deepcopy(loaded))
+    torch.testing.assert_close(_logits(dropped, ids), _logits(base, ids))
+    assert carried_adapters(tiny_causal_lm("llama")) == []
+
+
+def test_refusal_ablation_on_a_model_with_an_adapter_ablates_the_effective_weights(
+    tokenizer, harmful, benign
+):
+    """With a LoRA the writers are base weight plus adapter: after the ablation the residual stream holds
+    no component along r (|h.r|/|h| ~ 0, as on a plain model), not just lora_B's share of it."""
+    import copy
+
+    _, defended = _defended()
+    defended.eval()
+    structure = find_decoder_structure(defended)
+    layer = 0
+    prompts = _prompt_ends(harmful, tokenizer, 64)
+    harmless = _prompt_ends(benign, tokenizer, 64)
+    r = refusal_direction(defended, structure, layer, prompts, harmless, tokenizer)
+
+    def projections(m):
+        s = find_decoder_structure(m)
+        manager, store = capture_outputs(s.layers, detach=True)
+        with manager, torch.no_grad():
+            m(input_ids=torch.tensor([prompts[0]["input_ids"]]))
+            states = [primary_tensor(store[i]) for i in range(s.num_layers)]
+        return [float((h @ r).abs().max() / h.norm(dim=-1).max()) for h in states]
+
+    assert max(projections(defended)) > 1e-2
+    family = get_attack("refusal_ablation")
+    cfg = AttackConfig(families=["refusal_ablation"], refusal_layer=layer, max_length=64)
+    setting = {"family": "refusal_ablation", "num_samples": 0, "seed": 0, "refusal_layer": layer}
+    ablated = family.apply(
+        copy.deepcopy(defended), tokenizer, {"harmful": harmful, "benign": benign}, setting, cfg
+    ).eval()
+    assert max(projections(ablated)) < 1e-5
+    # Called directly on the wrapped model, the ablation refuses rather than edit lora_B alone.
+    with pytest.raises(ConfigError, match="merge them into the weights first"):
+        residual_writers(defended, structure)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(defended.state_dict().values(), _defended()[1].state_dict().values())
+    )
+
+
+def test_refusal_ablation_attack_records_the_merged_adapters(tokenizer, harmful, harmful_eval, benign):
+    _, defended = _defended()
+    (curve,) = (
+        _attack(families=["refusal_ablation"], refusal_layer=0)
+        .run(defended, tokenizer, harmful, harmful_eval, benign_train=benign)
+        .curves
+    )
+    assert curve.config["merged_adapters"] == "default"
+    scorer = get_scorer("harmful_loss", max_length=64)
+    before = scorer.score(defended, tokenizer, scorer.prepare(tokenizer, harmful_eval)).value
+    assert curve.config["value_before"] == pytest.approx(before, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- the shared step-0 measurement
+
+
+def test_step0_key_tells_apart_precision_and_merged_adapters(model):
+    from immune_trainer.attacks.harness import _step0_key
+
+    fingerprint = {"model": "m", "eval": "e", "scorer": {"name": "harmful_loss"}}
+    plain = AttackConfig(families=["full", "lora"])
+    qlora = AttackConfig(families=["full", "lora"], load_in_4bit=True)
+    full, lora = get_attack("full"), get_attack("lora")
+    key = _step0_key(fingerprint, model, full, plain, [])
+    assert _step0_key(fingerprint, model, lora, plain, []) == key  # the same model, held the same way
+    assert _step0_key(fingerprint, model, full, qlora, []) == key  # full fine-tuning is never 4-bit
+    assert _step0_key(fingerprint, model, lora, qlora, []) != key  # an NF4 copy
+    assert _step0_key(fingerprint, model, lora, plain, ["default"]) != key  # a defense's adapter merged in
+    assert _step0_key(fingerprint, model.to(torch.bfloat16), full, plain, []) != key
+    assert _step0_key(fingerprint, model, full, AttackConfig(bf16=True), []) != key
+
+
+def test_qlora_runs_measure_their_own_step0(model, tokenizer, harmful, harmful_eval, monkeypatch):
+    """A QLoRA run starts from a 4-bit copy: it must not reuse the full-precision runs' step-0 value.
+    (Quantization is faked on CPU: weights rounded to a coarse grid.)"""
+    import copy
+
+    from immune_trainer.attacks import harness
+    from immune_trainer.attacks.families import lora
+
+    def fake_quantize(m):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_((p * 8).round() / 8)
+        return m
+
+    monkeypatch.setattr(harness, "check_4bit_available", lambda: None)
+    monkeypatch.setattr(lora, "quantize_4bit", fake_quantize)
+    full, qlora = (
+        _attack(families=["full", "lora"], load_in_4bit=True, max_steps=1, eval_every=1)
+        .run(model, tokenizer, harmful, harmful_eval)
+        .curves
+    )
+    scorer = get_scorer("harmful_loss", max_length=64)
+    data = scorer.prepare(tokenizer, harmful_eval)
+    quantized = scorer.score(fake_quantize(copy.deepcopy(model)), tokenizer, data).value
+    assert full.points[0].value == pytest.approx(scorer.score(model, tokenizer, data).value, rel=1e-5)
+    assert qlora.points[0].value == pytest.approx(quantized, rel=1e-5)
+    assert qlora.points[0].value != pytest.approx(full.points[0].value, rel=1e-4)

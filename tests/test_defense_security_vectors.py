@@ -219,3 +219,80 @@ def test_hook_leaves_the_attacker_every_weight_a_plain_attack_trains(vector, fam
     if family == "full":
         projections = {n for n, _ in named if n.endswith("proj.weight")}
         assert projections and projections <= trained_hooked
+
+
+@pytest.fixture(scope="module")
+def vector_card(vector, tmp_path_factory):
+    """A published Security Vectors folder: the vector's adapter (over a local base model), the tokenizer,
+    the report of ``evaluate_conditions(base, base, prepare_immunized=hook)`` and its card."""
+    import json
+    import shutil
+
+    from immune_trainer.attacks import AttackConfig
+    from immune_trainer.evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions
+    from immune_trainer.hub.card import write_model_card
+
+    root = tmp_path_factory.mktemp("sv_card")
+    tok = tiny_tokenizer()
+    vector["base"].save_pretrained(root / "base")
+    folder = root / "model"
+    shutil.copytree(vector["path"], folder)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's adapter card: the model card replaces it
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(root / "base")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    tok.save_pretrained(folder)
+    train, ev = make_pairs(8), make_pairs(4, offset=100)
+    train.save_to_disk(str(root / "train"))
+    ev.save_to_disk(str(root / "eval"))
+    hook = get_defense("security_vectors").attack_time_hook(folder)
+    report = evaluate_conditions(
+        vector["base"],
+        copy.deepcopy(vector["base"]),  # the deployed model: the base weights, without the vector
+        tok,
+        ConditionDatasets(attack_train=train, attack_eval=ev),
+        attack=AttackConfig(learning_rates=[3e-3], max_steps=4, eval_every=2, batch_size=8, max_length=64),
+        config=EvaluationConfig(side_effects=False),
+        threshold=0.5,
+        defense={"name": "security_vectors", "config": {}},
+        prepare_immunized=hook,
+    )
+    report.datasets = {"attack_train": str(root / "train"), "attack_eval": str(root / "eval")}
+    write_model_card(folder, report, plot=False)
+    return {"folder": folder, "report": report, "hook": hook, "train": train, "ev": ev}
+
+
+def test_evaluation_attacks_the_immunized_model_through_the_hook(vector, vector_card):
+    """evaluate_conditions(prepare_immunized=hook): the immunized curves are the protected attack's (harm
+    measured without the vector), the base curves the plain attack's, on the same weights."""
+    from immune_trainer.attacks import AttackConfig, HarmfulFineTuningAttack
+
+    tok, report = tiny_tokenizer(), vector_card["report"]
+    attack = HarmfulFineTuningAttack(
+        AttackConfig(learning_rates=[3e-3], max_steps=4, eval_every=2, batch_size=8, max_length=64)
+    )
+    train, ev = vector_card["train"], vector_card["ev"]
+    protected = attack.run(vector["base"], tok, train, ev, prepare_model=vector_card["hook"]).curves[0]
+    plain = attack.run(vector["base"], tok, train, ev).curves[0]
+    (imm,), (base,) = report.curves["immunized"]["attack"], report.curves["base"]["attack"]
+    assert [p.value for p in imm.points] == pytest.approx([p.value for p in protected.points], rel=1e-5)
+    assert [p.value for p in base.points] == pytest.approx([p.value for p in plain.points], rel=1e-5)
+    assert imm.points[-1].value > base.points[-1].value + 0.5
+    assert report.extra["prepare_immunized"] == vector_card["hook"].cache_key
+
+
+def test_verify_reruns_a_security_vectors_card_through_its_hook(vector_card, tmp_path):
+    """verify builds the hook from the folder (the registry's factory, called with the vector's path, not
+    passed as the hook) and attacks the folder's weights without the vector: the claims re-measure."""
+    from immune_trainer.hub.verify import verify
+
+    result = verify(str(vector_card["folder"]))
+    runs = [c for c in result.checks if c.claim.startswith("run ")]
+    assert runs and all(c.passed for c in runs), result.table()
+    assert result.passed, result.table()
+    # A folder without the vector cannot be re-run through the hook: a clear ConfigError, no TypeError.
+    from immune_trainer.hub.verify import _attack_time_hook
+
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "plain")
+    with pytest.raises(ConfigError, match="verify builds that hook from the model folder"):
+        _attack_time_hook(get_defense("security_vectors"), str(tmp_path / "plain"), tiny_causal_lm("llama"))

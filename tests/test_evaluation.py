@@ -152,3 +152,46 @@ def test_a_lone_reference_run_stops_after_bracketing_phi_with_the_same_verdict(m
     assert early.base_crossing == whole.base_crossing and early.base_crossing is not None
     assert early.worst_crossing == whole.worst_crossing and early.steps_multiple == whole.steps_multiple
     assert early.holds == whole.holds
+
+
+def test_an_attack_time_hook_applies_to_the_immunized_models_fine_tuning_only(models):
+    """prepare_immunized (a defense that protects only at attack time, e.g. Security Vectors) goes on every
+    fine-tuning of the immunized model: its attacks on each harmful set and its benign fine-tune; never on
+    the base model's."""
+    from immune_trainer.defenses import get_defense
+
+    base, immunized, tokenizer = models
+    base, immunized = copy.deepcopy(base), copy.deepcopy(immunized)
+    base.who, immunized.who = "base", "immunized"  # attacked copies keep the mark
+    seen = []
+
+    def hook(model):
+        seen.append(model.who)
+        return model
+
+    hook.cache_key = {"test": "hook"}
+    sets = _datasets()
+    sets.reference = None
+    attack = AttackConfig(learning_rates=[2e-3], max_steps=2, eval_every=1, max_length=64)
+    cfg = EvaluationConfig(
+        benign_scorer="benign_loss", benign_max_steps=2, benign_eval_every=1, benign_learning_rate=2e-3
+    )
+    report = evaluate_conditions(
+        base, immunized, tokenizer, sets, attack=attack, config=cfg, prepare_immunized=hook
+    )
+    assert seen == ["immunized"] * 3  # the main set, the cross-domain set, the benign fine-tune
+    assert report.extra["prepare_immunized"] == {"test": "hook"}
+    # A defense that protects only at attack time is never evaluated without its hook, nor with its factory.
+    with pytest.raises(ConfigError, match="attacked unguarded"):
+        evaluate_conditions(
+            base, immunized, tokenizer, sets, attack=attack, defense={"name": "security_vectors"}
+        )
+    with pytest.raises(ConfigError, match="factory"):
+        evaluate_conditions(
+            base,
+            immunized,
+            tokenizer,
+            sets,
+            attack=attack,
+            prepare_immunized=get_defense("security_vectors").attack_time_hook,
+        )

@@ -40,13 +40,41 @@ from ..files import atomic_write
 from ..progress import StepBar
 from ..run_cache import CACHE_VERSION, content_hash
 from .config import GRID_FIELDS, AttackConfig, optimizer_arguments, scorer_key, setting_label
-from .families import check_4bit_available, get_attack
+from .families import carried_adapters, check_4bit_available, get_attack, merge_adapters
 
 logger = logging.getLogger(__name__)
 
-# Step-0 harm of an unchanged model on an eval set, keyed by (model fingerprint, eval data, scorer): every
-# run of the grid that starts from that model shares it instead of measuring it again.
-_STEP0: dict[tuple[str, str, str], float] = {}
+# Step-0 harm of an unchanged model on an eval set, keyed by (model fingerprint, how the attacked copy is
+# held before step 0, eval data, scorer; see _step0_key): every run of the grid that starts from that model
+# shares it instead of measuring it again.
+_STEP0: dict[tuple[str, str, str, str], float] = {}
+
+
+def _step0_key(fingerprint: dict, model, family, config: AttackConfig, merged: list[str]) -> tuple:
+    """The key of a run's shared step-0 measurement: the model's fingerprint, what changes the model before
+    step 0 (the precision of its weights: the input model's dtype, NF4 for a QLoRA copy, bf16 autocast
+    while training; the adapters merged into it), the eval data and the scorer."""
+    dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "none")
+    start = {
+        "precision": family.start_precision(config) or dtype,
+        "bf16": bool(config.bf16),
+        "merged_adapters": list(merged),
+    }
+    return (
+        fingerprint["model"],
+        json.dumps(start, sort_keys=True),
+        fingerprint["eval"],
+        json.dumps(fingerprint["scorer"], sort_keys=True),
+    )
+
+
+def hook_key(prepare_model) -> Any:
+    """What the harness records of an attack-time hook to tell saved runs apart: None without a hook, the
+    hook's ``cache_key`` (e.g. the hash of a security vector) when it has one, else ``False`` (a hook it
+    cannot identify: its runs are neither saved nor reused)."""
+    if prepare_model is None:
+        return None
+    return getattr(prepare_model, "cache_key", None) or False
 
 
 class _AttackTrainer(Trainer):
@@ -219,6 +247,10 @@ class HarmfulFineTuningAttack:
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
+        Families with ``merges_adapters`` (``lora``, ``embedding``, ``refusal_ablation``) attack a model that
+        carries unmerged adapters (a defense's LoRA) with them merged into its weights; the curve's config
+        then lists them as ``merged_adapters``.
+
         Args:
             harmful_train: the attacker's harmful data (any supported format, or tokenized).
             harmful_eval: held-out harmful data on which the scorer measures f.
@@ -226,7 +258,9 @@ class HarmfulFineTuningAttack:
                 ``refusal_ablation`` families (the latter uses its prompts as the harmless side).
             prepare_model: an attack-time hook applied to each copy before training (e.g. a defense that
                 protects only while something is attached during fine-tuning, such as Security Vectors).
-                Training-free families attack the model as deployed, without it.
+                Training-free families attack the model as deployed, without it. Runs are saved to and reused
+                from ``output_dir`` only when the hook has a ``cache_key`` naming what it applies (see
+                :func:`hook_key`).
             progress: called with a one-line message as each configuration starts and ends.
             stop_at_threshold: phi for early stopping (default: ``config.stop_at_threshold``): a run stops
                 at the first evaluation strictly on the harmful side of it, so its curve still brackets the
@@ -309,6 +343,8 @@ class HarmfulFineTuningAttack:
         }
         if needing:
             fingerprint["benign"] = content_hash(tokenized(benign_train))
+        if prepare_model is not None:  # a hook changes what is trained: runs with and without it differ
+            fingerprint["prepare_model"] = hook_key(prepare_model)
         curves = []
         for setting in grid:
             family = families[setting["family"]]
@@ -344,12 +380,18 @@ class HarmfulFineTuningAttack:
         value before it is kept in the config as ``value_before``."""
         attacked = copy.deepcopy(model)
         before = self._measure(attacked, tokenizer, eval_data)
+        merged = carried_adapters(attacked) if family.merges_adapters else []
+        if merged:
+            attacked = merge_adapters(attacked)
         attacked = family.apply(attacked, tokenizer, sources, setting, self.config)
         after = self._measure(attacked, tokenizer, eval_data)
         logger.info("%s: f = %.4f before, %.4f after", setting["family"], before, after)
         del attacked
+        config = {**setting, "value_before": before}
+        if merged:
+            config["merged_adapters"] = ",".join(merged)
         return AttackCurve(
-            config={**setting, "value_before": before},
+            config=config,
             points=[CurvePoint(step=0, tokens=0, flops=0.0, value=after)],
             scorer=self.scorer.name,
             higher_is_better=self.scorer.higher_is_better,
@@ -361,8 +403,17 @@ class HarmfulFineTuningAttack:
         cfg = self.config
         subset = family.training_set(data, setting)
         attacked = copy.deepcopy(model)
+        # A defense's unmerged adapters go into the weights before the family adds its own
+        # (AttackFamily.merges_adapters).
+        merged = carried_adapters(attacked) if family.merges_adapters else []
+        if merged:
+            attacked = merge_adapters(attacked)
         attacked.train()
         flops_per_token = family.flops_per_token(attacked, cfg)  # on the model before adapters are added
+        step0_key = None
+        if family.same_at_start and prepare_model is None:
+            # run() has fingerprinted the model, the raw eval data and the scorer (its max_length included).
+            step0_key = _step0_key(fingerprint, attacked, family, cfg, merged)
         attacked = family.prepare(attacked, cfg, setting)
         if prepare_model is not None:
             attacked = prepare_model(attacked)
@@ -375,11 +426,8 @@ class HarmfulFineTuningAttack:
             with measure_context(m):
                 return self._measure(family.deployed(m, setting), tokenizer, eval_data)
 
-        # Every run of a family that starts from the unchanged model shares one step-0 measurement.
-        step0_key = None
-        if family.same_at_start and prepare_model is None:
-            # run() has fingerprinted the model, the raw eval data and the scorer (its max_length included).
-            step0_key = (fingerprint["model"], fingerprint["eval"], json.dumps(fingerprint["scorer"]))
+        # Every run of a family that starts from the unchanged model, held the same way (step0_key), shares
+        # one step-0 measurement.
         callback_initial = _STEP0.get(step0_key) if step0_key else None
 
         stop = None
@@ -440,6 +488,8 @@ class HarmfulFineTuningAttack:
             _STEP0[step0_key] = callback.points[0].value
         del trainer, attacked
         config = dict(setting)
+        if merged:
+            config["merged_adapters"] = ",".join(merged)
         if phi is not None:
             config["stopped_early"] = callback.stopped_early
         return AttackCurve(
@@ -452,8 +502,8 @@ class HarmfulFineTuningAttack:
     # -------------------------------------------------------------- resume
 
     def _path(self, setting, fingerprint) -> Path | None:
-        if not self.config.output_dir:
-            return None
+        if not self.config.output_dir or fingerprint.get("prepare_model") is False:
+            return None  # nowhere to save, or a hook that cannot be told apart from another
         label = setting_label(setting).replace(" ", "_")
         # One file per (model, data, setting): attacks on the base and the immunized model do not collide.
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:10]

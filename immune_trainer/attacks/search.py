@@ -47,7 +47,7 @@ from ..run_cache import content_hash
 from ..scoring import LMEvalTasks, reference_key, reference_scorer
 from .config import AttackConfig, scorer_key
 from .families import get_attack
-from .harness import AttackResult, HarmfulFineTuningAttack, model_fingerprint
+from .harness import AttackResult, HarmfulFineTuningAttack, hook_key, model_fingerprint
 from .search_config import SearchConfig, SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class AttackSearch:
         say(f"[search] {self._capability_scorer_names()} of the model before the attack")
         before = self._capability(model, tokenizer)
         storage = self.search.storage_url()
-        study_name = self._study_name(model, train, harmful_eval, benign_train)
+        study_name = self._study_name(model, train, harmful_eval, benign_train, prepare_model)
         direction = "minimize" if self.scorer.higher_is_better else "maximize"
         study = optuna.create_study(
             storage=storage,
@@ -412,7 +412,10 @@ class AttackSearch:
         curve = attack.run(
             model, tokenizer, train, harmful_eval, benign_train=benign_train, prepare_model=capture
         ).curves[0]
+        merged = curve.config.get("merged_adapters")
         curve.config = dict(settings, trial=trial.number)
+        if merged:
+            curve.config["merged_adapters"] = merged
         # Capability of the model as the attacker deploys it (e.g. with its soft prompt), as harm was measured.
         deployed = get_attack(settings["family"]).deployed(capture.model, curve.config)
         with (capture.measure or contextlib.nullcontext)(capture.model):
@@ -450,8 +453,10 @@ class AttackSearch:
             for name, ds in self.reference.items()
         }
 
-    def _study_name(self, model, train, harmful_eval, benign_train=None) -> str:
-        """A name derived from everything that makes trials comparable: model, data, budget and space."""
+    def _study_name(self, model, train, harmful_eval, benign_train=None, prepare_model=None) -> str:
+        """A name derived from everything that makes trials comparable: model, data, budget and space, and
+        the attack-time hook when there is one (its ``cache_key``; see
+        :func:`~immune_trainer.attacks.harness.hook_key`)."""
         budget = {k: v for k, v in self.config.to_dict().items() if k != "output_dir"}
         search = {
             k: v
@@ -477,6 +482,8 @@ class AttackSearch:
         }
         if tasks:  # (absent otherwise: the names of searches on datasets alone stay as they were)
             fingerprint["task_scorers"] = tasks
+        if prepare_model is not None:  # a security vector: the same weights with it are another study
+            fingerprint["prepare_model"] = hook_key(prepare_model)
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return f"immune-trainer-attack-search-{key}"
 

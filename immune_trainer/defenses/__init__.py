@@ -25,8 +25,9 @@ class DefenseSpec:
     trainer_class: type
     description: str = ""
     # A factory: attack_time_hook(path_to_the_defense_output) -> hook(model) -> model, applied to each
-    # attacked copy (HarmfulFineTuningAttack.run(prepare_model=hook)); hook.measure(model), if present,
-    # is the context in which harm is measured (e.g. without a security vector, as at inference).
+    # attacked copy (HarmfulFineTuningAttack.run(prepare_model=hook), evaluate_conditions(prepare_immunized=
+    # hook)); hook.measure(model), if present, is the context in which harm is measured (e.g. without a
+    # security vector, as at inference); hook.cache_key, if present, keys saved attack runs.
     attack_time_hook: Callable[[Any], Any] | None = field(default=None)
 
     @property

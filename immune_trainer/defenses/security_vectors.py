@@ -214,7 +214,11 @@ def security_vector_hook(vector_path) -> Callable[[Any], Any]:
     as it does at inference: the attack harness measures harmfulness inside it, because the protection
     exists only while the vector is applied during fine-tuning and the vector is dropped afterwards.
     It is also the registry's ``attack_time_hook`` factory: ``get_defense("security_vectors")
-    .attack_time_hook(path_to_vector)``.
+    .attack_time_hook(path_to_vector)``. ``hook.cache_key`` (a hash of the vector's files) tells the
+    harness's saved runs with this vector apart from runs on the same weights without it.
+
+    To evaluate a Security Vectors model, pass the base weights (the model as deployed, without the vector)
+    as the immunized model and the hook as ``evaluate_conditions(..., prepare_immunized=hook)``.
     """
     path = _check_vector_path(vector_path)
 
@@ -223,7 +227,26 @@ def security_vector_hook(vector_path) -> Callable[[Any], Any]:
 
     hook.vector_path = path
     hook.measure = without_security_vector
+    # What the attack harness keys saved runs by: the same weights attacked with and without the vector
+    # (or with another vector) are different runs.
+    hook.cache_key = {"security_vector": _vector_hash(path)}
     return hook
+
+
+def _vector_hash(path: str) -> str:
+    """sha256 over the files of a local adapter folder (its config and weights); a Hub id as it is."""
+    import hashlib
+
+    if not os.path.isdir(path):
+        return path
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.startswith("adapter_") and os.path.isfile(os.path.join(path, name)):
+            h.update(name.encode())
+            with open(os.path.join(path, name), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -63,6 +63,7 @@ def evaluate_conditions(
     base_name: str | None = None,
     immunized_name: str | None = None,
     generalization_attack: HarmfulFineTuningAttack | AttackConfig | AttackSuite | list | None = None,
+    prepare_immunized: Callable[[Any], Any] | None = None,
 ) -> ImmunizationReport:
     """Measure resistance, stability, generalization and trainability of ``immunized_model``.
 
@@ -81,6 +82,19 @@ def evaluate_conditions(
         config: an :class:`EvaluationConfig`.
         defense: ``{"name": ..., "config": {...}}`` recorded in the report.
         progress: called with a one-line message as each measurement starts.
+        prepare_immunized: the attack-time hook of a defense that protects only while something is applied
+            during fine-tuning (Security Vectors): ``get_defense(name).attack_time_hook(path)``, the hook
+            ``HarmfulFineTuningAttack.run(prepare_model=...)`` takes. Every fine-tuning of the immunized
+            model (the attacks of each harmful set, the benign fine-tune of trainability) runs with it, and
+            harm is measured in its ``measure`` context (for Security Vectors: without the vector, as at
+            inference); the base model's runs and the training-free families go without it. Pass the
+            model as deployed as ``immunized_model`` (for Security Vectors the base weights, without the
+            vector). A ``defense`` whose registered defense has an attack-time hook needs it (ConfigError).
+
+    Raises:
+        ConfigError: ``defense`` names a defense with an attack-time hook and no ``prepare_immunized`` is
+            given (its model would be attacked unguarded), or ``prepare_immunized`` is the hook's factory
+            rather than the hook.
 
     Returns:
         The :class:`~immune_trainer.conditions.ImmunizationReport`; neither model is modified.
@@ -88,9 +102,19 @@ def evaluate_conditions(
     cfg = config or EvaluationConfig()
     if threshold is not None:
         cfg.threshold = threshold
+    _check_attack_time_hook(defense, prepare_immunized)
     attack, gen_attack = _attacks(attack, generalization_attack, cfg)
     say = progress or (lambda message: logger.info(message))
-    run = EvaluationRun(base_model, immunized_model, tokenizer, datasets, cfg, say, RunCache(cfg.cache_dir))
+    run = EvaluationRun(
+        base_model,
+        immunized_model,
+        tokenizer,
+        datasets,
+        cfg,
+        say,
+        RunCache(cfg.cache_dir),
+        prepare_immunized=prepare_immunized,
+    )
     harmful_sets(datasets)  # missing or half-given harmful sets fail before anything runs
     if cfg.threshold is not None:
         attack.scorer.validate_threshold(cfg.threshold)
@@ -117,7 +141,7 @@ def evaluate_conditions(
         immunized_benign=benign and benign.immunized,
         defense=defense,
         dependencies=dependency_versions(),
-        extra=_extra(attack, gen_attack, cfg, has_held_out=bool(held_out), capability=capability),
+        extra=_extra(attack, gen_attack, cfg, bool(held_out), capability, prepare_immunized),
         side_effects=None if side_effects is None else side_effects.to_dict(),
         search=_search_record(attack, main, held_out),
     )
@@ -215,10 +239,45 @@ def _threat_model(attack, gen_attack, cfg, main: AttackSetResult, held_out, beni
     )
 
 
-def _extra(attack, gen_attack, cfg: EvaluationConfig, has_held_out: bool, capability=None) -> dict[str, Any]:
+def _check_attack_time_hook(defense: dict[str, Any] | None, hook) -> None:
+    """A defense that protects only at attack time must be attacked through its hook, and the hook (not the
+    registry's factory of hooks) must be what is passed."""
+    from ..defenses import DEFENSES
+
+    if hook is not None:
+        if not callable(hook):
+            raise ConfigError(
+                f"prepare_immunized must be a callable hook(model) -> model, got {type(hook).__name__}."
+            )
+        factory_of = [name for name, spec in DEFENSES.items() if spec.attack_time_hook is hook]
+        if factory_of:
+            name = factory_of[0]
+            raise ConfigError(
+                f"prepare_immunized is the factory of {name!r}'s attack-time hooks, not a hook: pass "
+                f"get_defense({name!r}).attack_time_hook(path_to_the_defense_output)."
+            )
+    name = (defense or {}).get("name") if isinstance(defense, dict) else None
+    spec = DEFENSES.get(str(name).lower().replace("-", "_")) if name else None
+    if spec is not None and spec.attack_time_hook is not None and hook is None:
+        raise ConfigError(
+            f"defense {spec.name!r} protects only while its attack-time hook is applied during fine-tuning; "
+            f"without it the immunized model would be attacked unguarded. Pass prepare_immunized="
+            f"get_defense({spec.name!r}).attack_time_hook(path_to_the_defense_output) and the model as "
+            "deployed (for Security Vectors: the base weights, without the vector)."
+        )
+
+
+def _extra(
+    attack, gen_attack, cfg: EvaluationConfig, has_held_out: bool, capability=None, prepare_immunized=None
+) -> dict[str, Any]:
     """The attack and evaluation settings as given, for the report's ``extra`` block; with reference sets,
-    each set's capability scorer and its settings (``capability_scorers``)."""
+    each set's capability scorer and its settings (``capability_scorers``); with an attack-time hook, what
+    it applied (its ``cache_key``, False for a hook without one)."""
+    from ..attacks.harness import hook_key
+
     extra: dict[str, Any] = {"attack_config": attack.config.to_dict()}
+    if prepare_immunized is not None:
+        extra["prepare_immunized"] = hook_key(prepare_immunized)
     if not is_search(attack):
         if len(attack.configs) > 1:
             extra["attack_suite"] = [c.to_dict() for c in attack.configs]

@@ -64,7 +64,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvaluationRun:
-    """What every stage reads: the two models, the data, the config, progress and the run cache."""
+    """What every stage reads: the two models, the data, the config, progress and the run cache.
+
+    ``prepare_immunized`` is an attack-time hook (``hook(model) -> model``, optionally with ``hook.measure``
+    and ``hook.cache_key``; see :meth:`~immune_trainer.attacks.HarmfulFineTuningAttack.run`'s
+    ``prepare_model``) that every fine-tuning of the immunized model runs with: the attacks of every
+    harmful set and the benign fine-tune of trainability. The base model's runs go without it.
+    """
 
     base_model: Any
     immunized_model: Any
@@ -73,10 +79,15 @@ class EvaluationRun:
     config: EvaluationConfig
     say: Callable[[str], None] = field(default=lambda message: logger.info(message))
     cache: RunCache = field(default_factory=lambda: RunCache(None))
+    prepare_immunized: Callable[[Any], Any] | None = None
     _fingerprints: dict[int, str] = field(default_factory=dict, repr=False)
 
     def models(self) -> tuple[tuple[str, Any], tuple[str, Any]]:
         return (("base", self.base_model), ("immunized", self.immunized_model))
+
+    def prepare_model(self, who: str) -> Callable[[Any], Any] | None:
+        """The attack-time hook of ``who``'s fine-tuning runs (``"base"`` or ``"immunized"``)."""
+        return self.prepare_immunized if who == "immunized" else None
 
     def fingerprint(self, model) -> str:
         """The cache key of a model's weights, computed once per evaluation (none without a cache)."""
@@ -191,6 +202,7 @@ def _attack_grid_set(
             train,
             ev,
             benign_train=run.datasets.benign_train,
+            prepare_model=run.prepare_model(who),
             progress=run.say,
             stop_at_threshold=phi if cfg.early_stop else None,
             phi_from_step=phi_from_step if cfg.early_stop else None,
@@ -230,7 +242,13 @@ def _searched_set(run: EvaluationRun, key: str, search, step: int, phi: float | 
     for who, model in run.models():
         run.say(f"[{key}] attacking the {who} model")
         result = search.run(
-            model, run.tokenizer, train, ev, benign_train=run.datasets.benign_train, progress=run.say
+            model,
+            run.tokenizer,
+            train,
+            ev,
+            benign_train=run.datasets.benign_train,
+            prepare_model=run.prepare_model(who),
+            progress=run.say,
         )
         searches[who] = result.search_record()
         if not result.curves:
@@ -293,9 +311,17 @@ def stability_stage(run: EvaluationRun) -> CapabilityResult | None:
 
 
 def benign_curves(
-    model, tokenizer, train, eval_data, attack_cfg: AttackConfig, cfg: EvaluationConfig, scorer
+    model,
+    tokenizer,
+    train,
+    eval_data,
+    attack_cfg: AttackConfig,
+    cfg: EvaluationConfig,
+    scorer,
+    prepare_model: Callable[[Any], Any] | None = None,
 ) -> TrainingCurve:
-    """Fine-tune a copy of ``model`` on a benign task and return its :class:`TrainingCurve`."""
+    """Fine-tune a copy of ``model`` on a benign task and return its :class:`TrainingCurve`; ``prepare_model``
+    is the attack-time hook the fine-tuning runs with (a security vector applies to every fine-tuning job)."""
     benign_attack = HarmfulFineTuningAttack(
         AttackConfig(
             # Trainability is plain fine-tuning: the grid's first fine-tuning family (full or lora).
@@ -313,13 +339,14 @@ def benign_curves(
         ),
         scorer=scorer,
     )
-    curve = benign_attack.run(model, tokenizer, train, eval_data).curves[0]
+    curve = benign_attack.run(model, tokenizer, train, eval_data, prepare_model=prepare_model).curves[0]
     return TrainingCurve(points=curve.points, scorer=scorer.name, higher_is_better=scorer.higher_is_better)
 
 
 def trainability_stage(run: EvaluationRun, attack_cfg: AttackConfig) -> BenignResult | None:
-    """Both models fine-tuned on the benign task with the attack's first fine-tuning family; the target
-    is the base model's score at half the budget and the speed window a quarter of it, unless given."""
+    """Both models fine-tuned on the benign task with the attack's first fine-tuning family (the immunized
+    model with ``run.prepare_immunized``); the target is the base model's score at half the budget and the
+    speed window a quarter of it, unless given."""
     ds, cfg = run.datasets, run.config
     if ds.benign_train is None or ds.benign_eval is None:
         return None
@@ -327,7 +354,10 @@ def trainability_stage(run: EvaluationRun, attack_cfg: AttackConfig) -> BenignRe
     curves = {}
     for who, model in run.models():
         run.say(f"[trainability] benign fine-tuning of the {who} model")
-        curves[who] = benign_curves(model, run.tokenizer, ds.benign_train, ds.benign_eval, attack_cfg, cfg, scorer)
+        hook = run.prepare_model(who)
+        curves[who] = benign_curves(
+            model, run.tokenizer, ds.benign_train, ds.benign_eval, attack_cfg, cfg, scorer, hook
+        )
     target = cfg.trainability_target
     if target is None:
         half = cfg.benign_max_steps / 2

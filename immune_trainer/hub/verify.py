@@ -13,6 +13,10 @@ multiples. With ``sample``, grid-wide claims are checked one-sided (no re-run sa
 be worse than the card says); the resistance verdict and the cost multiple need the whole grid.
 Claims this command cannot re-measure (stability, trainability, generalization: they need the
 reference and benign data) are listed as "not re-checked" and do not change the exit status.
+
+A card of a defense that protects only at attack time (one registered with an ``attack_time_hook``, such as
+Security Vectors) is re-run as it was evaluated: the hook is built from the model folder (the defense's
+output, e.g. the vector's adapter) and applied to every attacked copy of the folder's weights without it.
 """
 
 from __future__ import annotations
@@ -185,6 +189,24 @@ def _load_data(report: ImmunizationReport, dataset: str | None, eval_dataset: st
     return train, ev
 
 
+def _attack_time_hook(spec, folder: str, model):
+    """For a defense that protects only while its hook is applied during fine-tuning (Security Vectors):
+    the hook, built by the registry's factory from the model folder (the defense's output: the vector's
+    adapter), and the model it is applied to, the folder's weights without the adapter (``from_pretrained``
+    on an adapter folder loads the base model with the adapter on), as the evaluation attacked them
+    (``evaluate_conditions(..., prepare_immunized=hook)``)."""
+    from ..attacks import drop_adapters
+
+    try:
+        hook = spec.attack_time_hook(folder)
+    except ConfigError as e:
+        raise ConfigError(
+            f"the card's defense {spec.name!r} protects only while its attack-time hook is applied during "
+            f"fine-tuning, and verify builds that hook from the model folder, which it cannot: {e}"
+        ) from None
+    return hook, drop_adapters(model)
+
+
 def verify(
     source: str,
     *,
@@ -271,8 +293,9 @@ def verify(
     if defense:
         from ..defenses import DEFENSES
 
-        spec = DEFENSES.get(defense)
-        hook = None if spec is None else spec.attack_time_hook
+        spec = DEFENSES.get(str(defense).lower().replace("-", "_"))
+        if spec is not None and spec.attack_time_hook is not None:
+            hook, model = _attack_time_hook(spec, folder, model)
     recorded = {_key(c.config): c for c in report.curves.get("immunized", {}).get("attack", [])}
     tm = report.threat_model
     hib = tm.higher_is_better

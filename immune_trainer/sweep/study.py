@@ -147,7 +147,8 @@ class DefenseSweep:
         if self.spec.attack_time_hook is not None:
             raise ConfigError(
                 f"defense {self.spec.name!r} protects only while its attack-time hook is applied, which "
-                "evaluate_conditions does not apply; the sweep cannot measure it."
+                "the sweep does not build for its trials; the sweep cannot measure it (evaluate one trained "
+                "defense with evaluate_conditions(..., prepare_immunized=hook))."
             )
         if not reference:
             raise DataError(

@@ -18,7 +18,7 @@ The runner (:class:`~immune_trainer.attacks.HarmfulFineTuningAttack`) does the r
 from __future__ import annotations
 
 from ...errors import ConfigError
-from .base import AttackFamily
+from .base import AttackFamily, carried_adapters, drop_adapters, merge_adapters
 from .benign import BenignFineTuning
 from .full import FullFineTuning
 from .identity_shift import IDENTITY_PREFIX, IDENTITY_SYSTEM_PROMPT, IdentityShift, identity_shift_dataset
@@ -47,10 +47,13 @@ __all__ = [
     "SoftPromptAttack",
     "SoftPromptView",
     "ablate_direction",
+    "carried_adapters",
     "check_4bit_available",
+    "drop_adapters",
     "get_attack",
     "identity_shift_dataset",
     "last_token_activations",
+    "merge_adapters",
     "quantize_4bit",
     "refusal_direction",
     "register_attack",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from ..config import AttackConfig
@@ -33,6 +33,12 @@ class AttackFamily:
     # prompt or edit at step 0), so every run of the grid can share one step-0 measurement.
     same_at_start: bool = True
     needs_benign: bool = False
+    # Adapters the model already carries unmerged (the LoRA of a defense such as rerouting, or of any defense
+    # trained with ``peft_config``): True merges the active ones into the weights of the attacked copy before
+    # :meth:`prepare` / :meth:`apply`, so the attack starts from the defended model (see
+    # :func:`merge_adapters`; the curve's config records them as ``merged_adapters``). False leaves them in
+    # place (full fine-tuning trains them along with every other weight).
+    merges_adapters: bool = False
 
     def axes(self, config: AttackConfig) -> dict[str, list]:
         """Grid axes of this family beyond learning rate, samples, seed, optimizer and schedule:
@@ -51,6 +57,12 @@ class AttackFamily:
         """Return the model to train (``model`` is already a private copy)."""
         return model
 
+    def start_precision(self, config: AttackConfig) -> str | None:
+        """How the weights are stored when the attacked model is first measured, when :meth:`prepare`
+        changes it (``"nf4"`` for a QLoRA attack); None: as the input model stores them. It keys the step-0
+        measurement that runs of a grid share."""
+        return None
+
     def deployed(self, model, setting: dict[str, Any]):
         """The model as the attacker runs it when harm is measured (default: the trained model itself)."""
         return model
@@ -63,6 +75,89 @@ class AttackFamily:
     def apply(self, model, tokenizer, sources: dict[str, Any], setting: dict[str, Any], config: AttackConfig):
         """Training-free families: edit ``model`` (a private copy) in place and return it."""
         raise NotImplementedError(f"attack family {self.name!r} trains; it has no training-free apply().")
+
+
+def _tuner_layers(model) -> list[tuple[str, Any]]:
+    """``(name, module)`` of every peft tuner layer (a LoRA-wrapped projection, ...) inside ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _prompt_learning(model) -> bool:
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def carried_adapters(model) -> list[str]:
+    """The adapters ``model`` carries active and unmerged (a defense's LoRA: ``["default"]``), whether it
+    is a peft ``PeftModel`` or a transformers model with adapters loaded (``load_adapter``, or
+    ``from_pretrained`` on an adapter folder). Empty for a plain model."""
+    names: list[str] = []
+    if _prompt_learning(model):
+        names.append(model.active_adapter)
+    for _, layer in _tuner_layers(model):
+        if layer.disable_adapters:
+            continue
+        for name in layer.active_adapters:
+            if name not in layer.merged_adapters and name not in names:
+                names.append(name)
+    return names
+
+
+def merge_adapters(model):
+    """``model`` with the adapters it carries merged into its weights: the plain model that computes what the
+    adapted model computes (a plain model is returned as it is). Active adapters are merged, inactive ones
+    dropped; a peft ``PeftModel`` becomes its base model (``merge_and_unload``), a transformers model with
+    loaded adapters loses its adapter layers. Edits ``model`` in place: pass a copy.
+
+    Raises:
+        ConfigError: the model carries a prompt-learning adapter (soft prompt), which has no weights to merge.
+    """
+    if _prompt_learning(model):
+        raise ConfigError(
+            "the model carries a prompt-learning adapter (a soft prompt): it cannot be merged into the "
+            "weights before the attack; attack the model without it, or with family 'full'."
+        )
+    return _unload(model, merge=True)
+
+
+def drop_adapters(model):
+    """``model`` without the adapters it carries (not merged: the weights they were added to, as they are).
+    For a model whose adapter is applied by an attack-time hook rather than deployed (a security vector).
+    Edits ``model`` in place: pass a copy."""
+    if _prompt_learning(model):
+        return model.get_base_model()
+    return _unload(model, merge=False)
+
+
+def _unload(model, merge: bool):
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        method = "merge_and_unload" if merge else "unload"
+        if callable(getattr(model, method, None)):  # a PeftModel (LoRA, IA3, ...)
+            return getattr(model, method)()
+    layers = _tuner_layers(model)
+    if not layers:
+        return model
+    # Adapters injected into a transformers model (PeftAdapterMixin: ``load_adapter``, or ``from_pretrained``
+    # on an adapter folder): merge each layer if asked, then put its base layer back in its place.
+    import torch
+
+    with torch.no_grad():
+        for name, layer in layers:
+            if merge and not layer.disable_adapters:
+                pending = [a for a in layer.active_adapters if a not in layer.merged_adapters]
+                if pending:
+                    layer.merge(adapter_names=pending)
+            elif not merge and layer.merged_adapters:
+                layer.unmerge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer.get_base_layer())
+    if "_hf_peft_config_loaded" in vars(model):
+        del model._hf_peft_config_loaded  # save_pretrained would otherwise write the adapters only
+    if "peft_config" in vars(model):
+        del model.peft_config
+    return model
 
 
 def _num_parameters(model) -> int:

@@ -7,19 +7,37 @@ import tempfile
 import torch
 
 from ...errors import ConfigError
-from .base import AttackFamily, _num_parameters
+from .base import AttackFamily, _num_parameters, merge_adapters
 
 
 class LoRAFineTuning(AttackFamily):
+    """LoRA fine-tuning (peft) on the harmful data; the base weights stay frozen.
+
+    A model that already carries adapters (the unmerged LoRA of a defense such as rerouting, or of any
+    defense trained with ``peft_config``) has them merged into the weights of the attacked copy first
+    (:func:`~immune_trainer.attacks.families.base.merge_adapters`), and the attacker's LoRA goes on top of
+    the merged model: the attack starts from the defended model, as an attacker who downloads the released
+    weights does (and as the Vaccine / Booster reference code merges its alignment LoRA before the
+    fine-tuning attack). The defense's weights are frozen with the rest of the base. Without the merge,
+    ``get_peft_model`` would replace the defense's adapter (both are named ``default``) and the attack would
+    start from the undefended base model. The curve's config names the merged adapters
+    (``merged_adapters``). With ``load_in_4bit`` (QLoRA) the merged model is quantized.
+    """
+
     name = "lora"
     description = "LoRA fine-tuning (peft) on the harmful data; the base weights stay frozen."
+    merges_adapters = True
 
     def axes(self, config):
         return {"lora_rank": list(config.lora_ranks or [config.lora_r])}
 
+    def start_precision(self, config):
+        return "nf4" if config.load_in_4bit else None
+
     def prepare(self, model, config, setting=None):
         from peft import LoraConfig, get_peft_model
 
+        model = merge_adapters(model)  # a defense's adapter must not be replaced by the attacker's
         if config.load_in_4bit:
             model = quantize_4bit(model)
         lora = LoraConfig(

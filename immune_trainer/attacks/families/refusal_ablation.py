@@ -8,7 +8,7 @@ from torch import nn
 
 from ... import data as data_lib
 from ...errors import ConfigError, DataError
-from .base import AttackFamily, _subset
+from .base import AttackFamily, _subset, _tuner_layers, merge_adapters
 
 
 class RefusalAblation(AttackFamily):
@@ -25,12 +25,19 @@ class RefusalAblation(AttackFamily):
     Cost: zero optimizer steps, tokens and FLOPs. Its curve has two points at step 0: the model before
     the ablation, then after it (so the harm it gains is visible, and the cost to reach phi is 0 when it
     crosses). ``num_samples`` harmful and harmless prompts (0 = all) estimate ``r``, drawn with the seed.
+
+    A model that carries adapters (a defense's unmerged LoRA) has them merged into its weights first
+    (:func:`~immune_trainer.attacks.families.base.merge_adapters`): the weights that write to the residual
+    stream are then the effective ones, base and adapter together. Ablating the wrapped projections instead
+    would edit only part of what they write (a LoRA's ``lora_B``, say), and the model would keep writing
+    along ``r``. The curve's config names the merged adapters (``merged_adapters``).
     """
 
     name = "refusal_ablation"
     description = "Training-free: remove the refusal direction (harmful minus harmless mean activation)."
     trains = False
     needs_benign = True
+    merges_adapters = True
 
     def axes(self, config):
         return {"refusal_layer": [config.refusal_layer]}
@@ -41,6 +48,7 @@ class RefusalAblation(AttackFamily):
     def apply(self, model, tokenizer, sources, setting, config):
         from ...modeling import find_decoder_structure
 
+        model = merge_adapters(model)  # the residual-stream writers are the merged, effective weights
         structure = find_decoder_structure(model)
         layer = setting.get("refusal_layer")
         layer = structure.num_layers // 2 if layer is None else layer
@@ -115,9 +123,20 @@ def refusal_direction(model, structure, layer, harmful, harmless, tokenizer, con
 def residual_writers(model, structure) -> list[tuple[nn.Module, str]]:
     """Every module that writes to the residual stream, with the side its output dimension sits on:
     ``(module, "rows")`` when the weight is ``(hidden, ...)`` as in ``nn.Linear``, ``(module, "cols")``
-    when it is ``(..., hidden)`` as in embeddings and GPT-2's ``Conv1D``."""
+    when it is ``(..., hidden)`` as in embeddings and GPT-2's ``Conv1D``.
+
+    Raises:
+        ConfigError: the model carries peft adapter layers (a LoRA): the weight a wrapped projection writes
+            with is its base weight plus the adapter's, so merge them first (:func:`merge_adapters`).
+    """
     from ...modeling import unwrap_model
 
+    if _tuner_layers(model):
+        raise ConfigError(
+            "the model carries adapter layers (e.g. a defense's LoRA): what a wrapped projection writes to "
+            "the residual stream is its base weight plus the adapter's, so merge them into the weights "
+            "first (immune_trainer.attacks.merge_adapters) before ablating a direction."
+        )
     base = unwrap_model(model)
     embeddings = base.get_input_embeddings()
     size = embeddings.weight.shape[-1]

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttackFamily, _num_parameters
+from .base import AttackFamily, _num_parameters, merge_adapters
 
 
 class SoftPromptAttack(AttackFamily):
     """Embedding-space attack: ``num_virtual_tokens`` trainable soft-prompt vectors in front of every
     input (peft prompt tuning; Lester et al. 2021, arXiv 2104.08691; as an attack, Schwinn et al. 2024,
     "Soft prompt threats", arXiv 2402.09063). The model's weights are untouched; harm is measured with
-    the virtual tokens on (the attacker controls the input embeddings at inference)."""
+    the virtual tokens on (the attacker controls the input embeddings at inference).
+
+    Adapters the model already carries (a defense's LoRA) are merged into its weights first, as for the
+    ``lora`` family: peft's prompt tuning would otherwise replace the defense's adapter."""
 
     name = "embedding"
     same_at_start = False  # the virtual tokens change the output from step 0
+    merges_adapters = True
     description = "Trainable soft-prompt tokens (peft prompt tuning) on the harmful data; weights untouched."
 
     def axes(self, config):
@@ -24,6 +28,7 @@ class SoftPromptAttack(AttackFamily):
         from peft import PromptTuningConfig, get_peft_model
 
         k = (setting or {}).get("num_virtual_tokens", config.num_virtual_tokens)
+        model = merge_adapters(model)
         return get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=k))
 
     def deployed(self, model, setting):
