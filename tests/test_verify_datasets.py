@@ -159,7 +159,10 @@ def test_the_demo_record_describes_every_set_it_measured(monkeypatch):
     built = condition_datasets(record)
     ds = built.datasets
     assert not built.missing
-    assert len(ds.attack_train) == 10 and ds.attack_eval["prompt"] == ["harmful_qa in_domain 3 0", "harmful_qa in_domain 3 1"]
+    assert len(ds.attack_train) == 10 and ds.attack_eval["prompt"] == [
+        "harmful_qa in_domain 3 0",
+        "harmful_qa in_domain 3 1",
+    ]
     cross = fake_load_embedded("harmful_qa", "cross_domain", seed=3).shuffle(seed=3)["prompt"]
     assert ds.cross_domain_train["prompt"] == cross[:5] and ds.cross_domain_eval["prompt"] == cross[5:7]
     assert {k: len(v) for k, v in ds.reference.items()} == {"shakespeare": 6, "chat_answers": 6}
@@ -171,3 +174,13 @@ def test_the_demo_record_describes_every_set_it_measured(monkeypatch):
     assert old.datasets.cross_domain_train is None and "cross_domain_split" in old.missing["cross_domain"]
     with pytest.raises(DataError, match="cross_domain_split"):
         condition_datasets(record)
+
+
+def test_an_older_demo_record_without_the_prompt_count_leaves_the_prompts_out():
+    """The demo once recorded the embedded side-effect prompts without how many it drew: not guessed."""
+    built = condition_datasets(
+        {"harmful_prompts": "embedded:side_effect_prompts", "eval_limit": 8}, strict=False
+    )
+    assert (
+        built.datasets.harmful_prompts is None and "harmful_prompts_rows" in built.missing["harmful_prompts"]
+    )

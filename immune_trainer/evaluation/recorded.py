@@ -17,7 +17,7 @@ re-measures is, row for row, what was measured. The record's keys (every one opt
 * ``harmful_prompts``: a SPEC of the side-effects prompts cut to ``harmful_prompts_rows`` (default:
   ``eval_limit``), or ``"embedded:side_effect_prompts"``:
   :func:`~immune_trainer.evaluation.embedded_side_effect_prompts` of ``harmful_prompts_rows`` prompts drawn
-  with ``split_seed``;
+  with ``split_seed`` (without ``harmful_prompts_rows`` the draw is unknown and the set is not rebuilt);
 * ``split_seed``: the seed every SPEC is loaded with (it draws the embedded harmful splits and the
   embedded arithmetic task); ``eval_limit``: every evaluation set keeps its first ``eval_limit`` rows
   (0: all).
@@ -170,6 +170,7 @@ def condition_datasets(
         def build_prompts():
             n = _int(record, "harmful_prompts_rows", limit)
             if prompts == SIDE_EFFECT_PROMPTS:
+                n = _int(record, "harmful_prompts_rows")  # no default: eval_limit says nothing of this draw
                 if not n:
                     raise DataError(
                         f"the report records {SIDE_EFFECT_PROMPTS!r} without harmful_prompts_rows: how many "
