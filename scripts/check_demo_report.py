@@ -41,6 +41,14 @@ def problems(report: ImmunizationReport) -> list[str]:
         out.append("side effects (stability's second half) were not measured")
     if report.datasets is None or "attack_train" not in report.datasets:
         out.append("the report does not record the data specs verify needs")
+    else:
+        # verify rebuilds every set from the record (immune_trainer.evaluation.recorded): PASSED needs all
+        from immune_trainer.evaluation.recorded import condition_datasets
+
+        missing = condition_datasets(report.datasets, strict=False).missing
+        out += [f"verify cannot rebuild the {part} data: {why}" for part, why in missing.items()]
+    if report.extra.get("base_model_source") != "embedded":
+        out.append("the report does not name the embedded base model (extra['base_model_source']) for verify")
     families = set(report.threat_model.attack_family.split(","))
     if len(families) < 2:
         out.append(f"the attack grid holds one family only ({report.threat_model.attack_family})")

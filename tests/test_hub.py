@@ -462,10 +462,14 @@ def _copy(src, tmp_path):
     return dst
 
 
-def test_verify_true_card_passes(verified_folder, capsys):
-    assert hub_cli.cmd_verify([str(verified_folder)]) == 0
+def test_verify_without_a_loadable_base_is_partial(verified_folder, capsys):
+    """The report names a base model that cannot be loaded: the immunized model's whole grid is re-run and
+    its harm claims checked; what needs the base is not re-checked, so PARTIAL (exit 3), never PASSED."""
+    assert hub_cli.cmd_verify([str(verified_folder)]) == 3
     out = capsys.readouterr().out
-    assert "VERIFY PASSED" in out and "resistance.worst_value" in out and "weights sha256" in out
+    assert "VERIFY PARTIAL" in out and "weights sha256" in out
+    assert re.search(r"^resistance\.worst_value .*PASS", out, re.M)
+    assert re.search(r"^card: resistance verdict .*not re-checked .*base model 'tiny-base' cannot be loaded", out, re.M)
 
 
 def test_verify_edited_card_fails(verified_folder, tmp_path, capsys):
@@ -496,11 +500,12 @@ def test_verify_without_recorded_data_says_so(verified_folder, tmp_path):
     data = json.loads((d / M.REPORT_FILE).read_text())
     data["extra"].pop("datasets")
     (d / M.REPORT_FILE).write_text(json.dumps(data))
-    from immune_trainer.errors import DataError
     from immune_trainer.hub.verify import verify
 
-    with pytest.raises(DataError, match="cannot be re-run on the recorded data"):
-        verify(str(d))
+    result = verify(str(d))
+    assert result.status == "PARTIAL" and result.exit_code == 3
+    assert all(c.passed is None for c in result.checks[2:])
+    assert "no 'attack_train' and 'attack_eval' SPECs" in result.checks[-1].note
 
 
 def test_card_states_the_search_budget_and_how_a_sweep_chose_the_setting(tmp_path):

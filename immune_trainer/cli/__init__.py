@@ -85,7 +85,7 @@ commands:
   assets     prepare and list the embedded offline assets
   card       write the model card of an immunized model folder
   push       push an immunized model folder and its card to the Hub
-  verify     re-run the recorded attack of a card/report and check each claim
+  verify     re-measure every claim of a model card (both models, the recorded data): PASSED, PARTIAL, FAILED
   compare    put reports side by side (defenses x attack families): table, CSV, heatmap
   schema     print the JSON Schema of the immunization report
   defenses | scorers | attacks   list what is registered

@@ -52,15 +52,39 @@ class PushArguments:
 
 @dataclass
 class VerifyArguments:
-    """Options of ``immune-trainer verify DIR_OR_REPO``."""
+    """Options of ``immune-trainer verify DIR_OR_REPO``: re-measure every claim of the card.
+
+    verify checks the weights' sha256 and that the card states its report's numbers, reloads the immunized
+    weights and the base model, rebuilds the recorded data (report.datasets) and settings, and re-runs the
+    evaluation on both models without a cache: the attack grid (phi read off the base model again when the
+    report did), generalization, stability, side effects and trainability. It then re-judges every verdict
+    and compares each number: harm values within TOLERANCE x |base f at step 0 - phi| of each harmful set;
+    crossing steps and cost multiples within the range the re-measured curves give when moved by that much;
+    capability, benign and side-effect numbers within TOLERANCE x their condition's tolerance; verdicts
+    exactly. Exit status: 0 PASSED (every claim re-measured and matched), 3 PARTIAL (none mismatched, some
+    could not be re-checked: their data or base model is not recorded, or --sample), 1 FAILED (a mismatch,
+    named).
+    """
 
     sample: int | None = field(
-        default=None, metadata={"help": "Re-run only N configurations of the attack grid (default: all)."}
+        default=None,
+        metadata={
+            "help": "Re-run only N settings of the main attack grid, on both models, and compare their curves "
+            "(a spot check: claims over the whole grid are not re-checked, so the result is PARTIAL at best)."
+        },
     )
-    sample_seed: int = field(default=0, metadata={"help": "Seed choosing the sampled configurations."})
-    abs_tol: float = field(default=0.05, metadata={"help": "Absolute tolerance (on f's scale)."})
-    rel_tol: float = field(
-        default=0.05, metadata={"help": "Relative tolerance (fraction of the card's value)."}
+    sample_seed: int = field(default=0, metadata={"help": "Seed choosing the sampled settings."})
+    tolerance: float = field(
+        default=0.25,
+        metadata={
+            "help": "Fraction of each number's margin a re-measured value may differ by: of |base f at step 0 "
+            "- phi| for harm values (crossings and multiples: what curves moved by that much give), of the "
+            "condition's tolerance for capability, benign and side-effect numbers. Verdicts must match exactly."
+        },
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "The base model (folder, Hub id or 'embedded') if the one the report names cannot be loaded."},
     )
     dataset: str | None = field(
         default=None, metadata={"help": "Replace the recorded attack training data (SPEC)."}
@@ -146,24 +170,26 @@ def cmd_push(argv: list[str]) -> int:
 
 
 def cmd_verify(argv: list[str]) -> int:
-    """``immune-trainer verify DIR_OR_REPO``: exit 0 iff every re-checked claim passes."""
+    """``immune-trainer verify DIR_OR_REPO``: exit 0 PASSED (every claim re-measured and matched), 3 PARTIAL
+    (no mismatch, some claims not re-checked), 1 FAILED (a mismatch)."""
     from ..hub.verify import verify
 
     (source,), rest = _split(argv, ["DIR_OR_REPO"], "verify", VerifyArguments)
     args = _parse(VerifyArguments, rest, "verify", ["DIR_OR_REPO"])
     from ..data.loading import validate_sources
 
-    validate_sources(datasets=[args.dataset, args.eval_dataset])  # the source is checked by verify()
+    # the source is checked by verify(); a base model that cannot be loaded leaves its claims unchecked
+    validate_sources(models=[args.base_model], datasets=[args.dataset, args.eval_dataset])
     result = verify(
         source,
         sample=args.sample,
         sample_seed=args.sample_seed,
-        abs_tol=args.abs_tol,
-        rel_tol=args.rel_tol,
+        tolerance=args.tolerance,
         dataset=args.dataset,
         eval_dataset=args.eval_dataset,
+        base_model=args.base_model,
         progress=lambda m: print(m, flush=True),
     )
     print(result.table())
     sys.stdout.flush()
-    return 0 if result.passed else 1
+    return result.exit_code

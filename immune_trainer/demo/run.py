@@ -75,7 +75,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from ..data import assets, embedded
     from ..defenses import get_defense
-    from ..evaluation import ConditionDatasets, EvaluationConfig, embedded_side_effect_prompts
+    from ..evaluation import EvaluationConfig
+    from ..evaluation.recorded import SIDE_EFFECT_PROMPTS, condition_datasets
 
     datasets.disable_progress_bars()
     # peft asks transformers for a renamed attribute on every LoRA wrap; not the user's concern
@@ -97,51 +98,33 @@ def run_demo(cfg: DemoConfig) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
 
     splits = embedded.harmful_splits(cfg.seed)
-    n_eval = cfg.eval_pairs
-    cross = splits["cross_domain"].shuffle(seed=cfg.seed)
-    half = len(cross) // 2
-    held_out = splits["in_domain"].select(range(min(n_eval, len(splits["in_domain"]))))
-    arithmetic_train = embedded.load_embedded("arithmetic", "train")
-    sets = ConditionDatasets(
-        # Resistance: the attacker trains on the defender's own harmful data.
-        attack_train=splits["defense"],
-        attack_eval=held_out,
-        # In-domain generalization: disjoint pairs of the same harm categories.
-        in_domain_train=splits["attack"],
-        in_domain_eval=held_out,
-        # Cross-domain generalization: harm categories the defense never saw.
-        cross_domain_train=cross.select(range(half)),
-        cross_domain_eval=cross.select(range(half, min(len(cross), half + n_eval))),
-        reference={
-            "shakespeare": embedded.load_embedded("shakespeare", "eval").select(range(cfg.reference_rows)),
-            "chat_answers": embedded.load_embedded("chat_responses").select(range(cfg.reference_rows)),
-        },
-        benign_train=arithmetic_train,
-        benign_eval=embedded.load_embedded("arithmetic", "eval").select(range(n_eval)),
-        harmful_prompts=(
-            embedded_side_effect_prompts(cfg.side_effect_prompts, seed=cfg.seed)
-            if cfg.side_effect_prompts
-            else None
-        ),
-    )
+    # The data is built from the record the report keeps (report.datasets), so that `immune-trainer verify`
+    # rebuilds exactly these rows from the report alone (immune_trainer.evaluation.recorded).
     data_specs = {
+        # Resistance: the attacker trains on the defender's own harmful data.
         "attack_train": "embedded:harmful_qa/defense",
         "attack_eval": "embedded:harmful_qa/in_domain",
+        # In-domain generalization: disjoint pairs of the same harm categories.
         "in_domain_train": "embedded:harmful_qa/attack",
         "in_domain_eval": "embedded:harmful_qa/in_domain",
+        # Cross-domain generalization: harm categories the defense never saw (shuffled, cut in halves).
         "cross_domain": "embedded:harmful_qa/cross_domain",
+        "cross_domain_split": "halves",
         "benign_train": "embedded:arithmetic/train",
         "benign_eval": "embedded:arithmetic/eval",
         "reference": ["shakespeare=embedded:shakespeare/eval", "chat_answers=embedded:chat_responses"],
-        "harmful_prompts": "embedded:side_effect_prompts" if cfg.side_effect_prompts else None,
+        "harmful_prompts": SIDE_EFFECT_PROMPTS if cfg.side_effect_prompts else None,
+        "harmful_prompts_rows": cfg.side_effect_prompts or None,
         "split_seed": cfg.seed,
-        "eval_limit": n_eval,
+        "eval_limit": cfg.eval_pairs,
         "reference_rows": cfg.reference_rows,
     }
+    sets = condition_datasets(data_specs).datasets
     _say(
         f"      harmful pairs: defense {len(splits['defense'])} (also the resistance attack's data), "
         f"in-domain attack {len(splits['attack'])}, held-out {len(splits['in_domain'])} (scored on "
-        f"{len(sets.attack_eval)}), cross-domain {len(cross)} ({', '.join(splits.categories['cross_domain'])})"
+        f"{len(sets.attack_eval)}), cross-domain {len(splits['cross_domain'])} "
+        f"({', '.join(splits.categories['cross_domain'])})"
     )
 
     from ..attacks import AttackSuite
@@ -262,6 +245,8 @@ def _defend_and_evaluate(
         "source": "pyrit==1.1.0 many-shot pairs with a 'Harmful' verdict (see immune_trainer.data.embedded)",
     }
     report.datasets = dict(data_specs)
+    # The model the report names as base is the embedded default: `immune-trainer verify` loads it from there.
+    report.extra["base_model_source"] = "embedded"
     report_path = report.save(out / "immunization_report.json")
     report.save(immunized_dir / "immunization_report.json")
     plot_path = card_path = None

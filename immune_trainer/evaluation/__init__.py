@@ -7,6 +7,8 @@
 * ``attack_sets``: phi read off the base model, the generalization attack, the threat model's grid record;
 * ``side_effects`` and ``jailbreak_templates``: the step-0 side-effects measurement and its templates;
 * ``specs``: ``immune-trainer evaluate`` (models and datasets named by SPEC strings).
+* ``recorded``: the data record a report keeps (``report.datasets``) and the datasets it describes
+  (:func:`~immune_trainer.evaluation.recorded.condition_datasets`), which ``verify`` rebuilds.
 
 The verdict arithmetic and the report live one layer down, in :mod:`immune_trainer.conditions`.
 """

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from ..attacks import AttackConfig
 from ..errors import ConfigError
-from .config import ConditionDatasets, EvaluationConfig
+from .config import EvaluationConfig
 from .pipeline import evaluate_conditions
+from .recorded import condition_datasets
 
 __all__ = ["EvaluationData", "evaluate_from_specs", "load_reference_spec"]
 
@@ -70,36 +71,28 @@ def evaluate_from_specs(
     """The ``immune-trainer evaluate`` command: load everything from SPECs and run :func:`evaluate_conditions`."""
     from dataclasses import replace
 
-    from ..data.loading import load_dataset_spec, load_model_and_tokenizer
+    from ..data.loading import load_model_and_tokenizer
 
+    for item in data.reference:
+        if "=" not in item:
+            raise ConfigError(f"--reference takes NAME=SPEC, got {item!r}.")
+    # What data is used, written first and the datasets built from it, so that `immune-trainer verify`
+    # rebuilds the same rows from the report alone (immune_trainer.evaluation.recorded): eval sets keep
+    # their first eval_limit rows; cross-domain and benign data are cut by train_test_split with seed 0.
+    record = {
+        "attack_train": data.dataset,
+        "attack_eval": data.eval_dataset,
+        "eval_limit": data.eval_limit,
+        "split_seed": 0,
+        "cross_domain": data.cross_domain_dataset,
+        "cross_domain_split": "train_test_split" if data.cross_domain_dataset else None,
+        "reference": list(data.reference),
+        "benign": data.benign_dataset,
+        "harmful_prompts": data.harmful_prompts,
+    }
     immunized, tokenizer = load_model_and_tokenizer(model_args)
     base, _ = load_model_and_tokenizer(replace(model_args, model=data.base_model, tokenizer=None))
-
-    def limited(ds):
-        return ds.select(range(data.eval_limit)) if data.eval_limit and len(ds) > data.eval_limit else ds
-
-    def halves(ds):
-        parts = ds.train_test_split(test_size=0.5, seed=0)
-        return parts["train"], limited(parts["test"])
-
-    sets = ConditionDatasets(
-        attack_train=load_dataset_spec(data.dataset),
-        attack_eval=limited(load_dataset_spec(data.eval_dataset)),
-    )
-    if data.cross_domain_dataset:
-        sets.cross_domain_train, sets.cross_domain_eval = halves(load_dataset_spec(data.cross_domain_dataset))
-    if data.reference:
-        sets.reference = {}
-        for item in data.reference:
-            name, sep, spec = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--reference takes NAME=SPEC, got {item!r}.")
-            sets.reference[name] = load_reference_spec(spec, data.eval_limit)
-    if data.benign_dataset:
-        parts = load_dataset_spec(data.benign_dataset).train_test_split(test_size=0.2, seed=0)
-        sets.benign_train, sets.benign_eval = parts["train"], limited(parts["test"])
-    if data.harmful_prompts:
-        sets.harmful_prompts = limited(load_dataset_spec(data.harmful_prompts))
+    sets = condition_datasets(record).datasets
     report = evaluate_conditions(
         base,
         immunized,
@@ -111,16 +104,5 @@ def evaluate_from_specs(
         base_name=data.base_model,
         immunized_name=model_args.model,
     )
-    # What data was used, so that `immune-trainer verify` can re-run the attack. Embedded harmful
-    # splits are drawn with load_dataset_spec's default seed (0); eval sets keep their first eval_limit rows.
-    report.datasets = {
-        "attack_train": data.dataset,
-        "attack_eval": data.eval_dataset,
-        "eval_limit": data.eval_limit,
-        "split_seed": 0,
-        "cross_domain": data.cross_domain_dataset,
-        "reference": list(data.reference),
-        "benign": data.benign_dataset,
-        "harmful_prompts": data.harmful_prompts,
-    }
+    report.datasets = record
     return report

@@ -2,7 +2,7 @@
 
 The card itself (condition badges, the attack-curve plot, the claims) is rendered by
 :mod:`immune_trainer.model_card`; :mod:`.card` names the registered defense it describes, :mod:`.push`
-publishes a model folder and :mod:`.verify` re-measures a card's claims
+publishes a model folder and :mod:`.verify` re-measures a card's claims (:mod:`.recheck` compares them)
 (``from immune_trainer.hub.verify import verify``). The commands are :mod:`immune_trainer.cli.hub`.
 Imported lazily so that ``import immune_trainer.hub`` stays cheap (matplotlib, torch and huggingface_hub
 load only when used).
