@@ -235,6 +235,7 @@ def vector_card(vector, tmp_path_factory):
     root = tmp_path_factory.mktemp("sv_card")
     tok = tiny_tokenizer()
     vector["base"].save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
     folder = root / "model"
     shutil.copytree(vector["path"], folder)
     (folder / "README.md").unlink(missing_ok=True)  # peft's adapter card: the model card replaces it
@@ -259,7 +260,7 @@ def vector_card(vector, tmp_path_factory):
     )
     report.datasets = {"attack_train": str(root / "train"), "attack_eval": str(root / "eval")}
     write_model_card(folder, report, plot=False)
-    return {"folder": folder, "report": report, "hook": hook, "train": train, "ev": ev}
+    return {"folder": folder, "report": report, "hook": hook, "train": train, "ev": ev, "base": root / "base"}
 
 
 def test_evaluation_attacks_the_immunized_model_through_the_hook(vector, vector_card):
@@ -286,9 +287,9 @@ def test_verify_reruns_a_security_vectors_card_through_its_hook(vector_card, tmp
     passed as the hook) and attacks the folder's weights without the vector: the claims re-measure."""
     from immune_trainer.hub.verify import verify
 
-    result = verify(str(vector_card["folder"]))
-    runs = [c for c in result.checks if c.claim.startswith("run ")]
-    assert runs and all(c.passed for c in runs), result.table()
+    result = verify(str(vector_card["folder"]), base_model=str(vector_card["base"]))
+    curves = [c for c in result.checks if c.claim.endswith("attack curves")]
+    assert len(curves) == 2 and all(c.passed for c in curves), result.table()
     assert result.passed, result.table()
     # A folder without the vector cannot be re-run through the hook: a clear ConfigError, no TypeError.
     from immune_trainer.hub.verify import _attack_time_hook
