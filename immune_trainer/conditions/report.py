@@ -459,7 +459,7 @@ class ImmunizationReport:
             kind = " strong" if r.strong else ""
             if c.collapsed and r.holds:
                 kind += " (not credited)"
-            rows.append((name, base, imm, verdict(r.holds) + kind))
+            rows.append((name, base, imm, ("undetermined" if r.holds is None else verdict(r.holds)) + kind))
             if len(r.families) > 1 or (r.families and r.families[0].family != "full"):
                 for f in r.families:
                     rows.append(_family_row(f, fmt))
