@@ -596,9 +596,9 @@ class Comparison:
         if cid.startswith("stability.") and s is not None:
             name, _, what = cid[len("stability.") :].rpartition(".")
             ref = s.sets.get(name)
-            if ref is None or what not in ("immunized", "relative_change"):
+            if ref is None or what not in ("base", "immunized", "relative_change"):
                 return None, None
-            tol = self.fraction * s.tolerance * (abs(ref.base) if what == "immunized" else 1.0)
+            tol = self.fraction * s.tolerance * (abs(ref.base) if what in ("base", "immunized") else 1.0)
             return "stability", lambda v, m, tol=tol: (
                 within_tolerance(v, m, tol),
                 f"tol {C.fmt_number(tol, 3)}",

@@ -19,7 +19,8 @@ def _finite(x: Any) -> bool:
 
 
 def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
-    """Every measured number the card states, as ``{"id", "name", "value", "metric_type", "task"}``.
+    """Every measured number the card states, as ``{"id", "name", "value", "metric_type", "task"}`` (and
+    ``"dataset"`` when it is not the attack data: an lm-eval benchmark).
 
     ``id`` is a stable claim identifier (``resistance.worst_value``, ``stability.<set>.relative_change``...)
     stored in each eval result's ``metric_config`` so ``verify`` can find it again. Unmeasured or
@@ -28,11 +29,12 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
     c, tm = report.conditions, report.threat_model
     out: list[dict[str, Any]] = []
 
-    def add(cid, name, value, metric_type, task):
+    def add(cid, name, value, metric_type, task, dataset=None):
         if _finite(value):
-            out.append(
-                {"id": cid, "name": name, "value": float(value), "metric_type": metric_type, "task": task}
-            )
+            claim = {"id": cid, "name": name, "value": float(value), "metric_type": metric_type, "task": task}
+            if dataset is not None:  # a benchmark's own data (lm-eval tasks), not the attack data
+                claim["dataset"] = dataset
+            out.append(claim)
 
     def res(prefix, r: C.ResistanceResult | None, task):
         if r is None:
@@ -64,15 +66,26 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
     if c.generalization is not None:
         res("generalization.in_domain", c.generalization.in_domain, "in-domain generalization")
         res("generalization.cross_domain", c.generalization.cross_domain, "cross-domain generalization")
+    scorers = report.extra.get("capability_scorers") if isinstance(report.extra, dict) else None
     if c.stability is not None:
         for name, s in c.stability.sets.items():
-            add(
-                f"stability.{name}.immunized",
-                f"capability on {name} (immunized)",
-                s.immunized,
-                "capability",
-                "stability",
-            )
+            key = (scorers or {}).get(name) or {}
+            if key.get("name") == "lm_eval":
+                # A benchmark's accuracy: the model-index names lm-eval's metric and tasks, as the Hub's
+                # evaluation widgets read them.
+                metric = key.get("metric") or "acc"
+                task = f"lm-eval: {', '.join(key.get('tasks') or [name])}"
+                bench = ",".join(key.get("tasks") or [name])
+                add(f"stability.{name}.base", f"{metric} on {name} (base)", s.base, metric, task, bench)
+                add(f"stability.{name}.immunized", f"{metric} on {name} (immunized)", s.immunized, metric, task, bench)
+            else:
+                add(
+                    f"stability.{name}.immunized",
+                    f"capability on {name} (immunized)",
+                    s.immunized,
+                    "capability",
+                    "stability",
+                )
             add(
                 f"stability.{name}.relative_change",
                 f"relative capability change on {name}",
@@ -109,8 +122,8 @@ def eval_results(report: ImmunizationReport, dataset_name: str | None = None) ->
         EvalResult(
             task_type="text-generation",
             task_name=cl["task"],
-            dataset_type=str(ds),
-            dataset_name=str(ds),
+            dataset_type=str(cl.get("dataset", ds)),
+            dataset_name=str(cl.get("dataset", ds)),
             metric_type=cl["metric_type"],
             metric_name=cl["name"],
             metric_value=cl["value"],
