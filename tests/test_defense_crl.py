@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -165,3 +166,28 @@ def test_cli_help_lists_the_crl_options(capsys):
     assert all(
         f"--{name}" in text for name in ("margin_harmful", "margin_benign", "gamma", "representation_layers")
     )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_default_lora_architectures_and_gradient_accumulation(tmp_path, arch):
+    trainer = CRLTrainer(
+        model=tiny_causal_lm(arch, num_layers=3, seed=0),
+        args=_config(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2),
+        harmful_dataset=make_pairs(8),
+        retain_dataset=make_benign(8),
+        processing_class=tiny_tokenizer(),
+    )
+    assert trainer.representation_layers == default_representation_layers(3) == [1]
+    # The default LoRA covers every decoder layer (the KL reads the logits).
+    lora_layers = {
+        re.search(r"\.(?:h|layers)\.(\d+)\.", n).group(1)
+        for n, _ in trainer.model.named_parameters()
+        if "lora_A" in n
+    }
+    assert lora_layers == {"0", "1", "2"}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], params[n]) for n in before)
+    assert all(torch.equal(frozen[n], params[n]) for n in frozen)
