@@ -148,10 +148,24 @@ register_defense(
     "retain loss on every layer up to the last target layer.",
 )
 
+# --- CRL (contrastive representation learning, triplet) ---
+from .crl import CRLConfig, CRLTrainer  # noqa: E402
+
+register_defense(
+    "crl",
+    CRLConfig,
+    CRLTrainer,
+    "Contrastive representation learning: LoRA triplet losses on response-token hidden states (harmful pushed "
+    "from the original and toward the harmful centroid, cosine margins) + KL to the original on benign data "
+    "(Simko et al. 2025).",
+)
+
 __all__ = [
     "DEFENSES",
     "BoosterConfig",
     "BoosterTrainer",
+    "CRLConfig",
+    "CRLTrainer",
     "DefenseSpec",
     "GradientAscentConfig",
     "GradientAscentTrainer",
