@@ -84,6 +84,7 @@ def assess(
     base_capability: dict[str, float] | None = None,
     immunized_capability: dict[str, float] | None = None,
     capability_higher_is_better: dict[str, bool] | None = None,
+    capability_rows: dict[str, dict[str, Any]] | None = None,
     base_benign: TrainingCurve | None = None,
     immunized_benign: TrainingCurve | None = None,
     trainability_target: float | None = None,
@@ -144,6 +145,7 @@ def assess(
             immunized_capability,
             higher_is_better=capability_higher_is_better,
             tolerance=stability_tolerance,
+            rows=capability_rows,
         )
 
     train = None
