@@ -130,3 +130,18 @@ def test_attack_trainer_loss_is_the_plain_trainers(tmp_path, tokenizer):
             model, dict(inputs), num_items_in_batch=items
         )
         assert float(ours.detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
+
+
+def test_per_token_losses_sum_to_the_mean_and_follow_the_mask(monkeypatch):
+    from immune_trainer.losses import response_prediction_mask
+
+    input_ids, attention_mask, labels = _batch()
+    model = tiny_causal_lm("llama", seed=0)
+    n = int(response_prediction_mask(labels).sum())
+    with torch.no_grad():
+        mean, _ = response_loss(model, input_ids, attention_mask, labels)
+        nll, _ = response_loss(model, input_ids, attention_mask, labels, per_token=True)
+        assert nll.shape == (n,) and float(nll.mean()) == pytest.approx(float(mean), rel=1e-5)
+        monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)  # the full-logits path
+        full, _ = response_loss(model, input_ids, attention_mask, labels, per_token=True)
+    torch.testing.assert_close(full, nll, rtol=1e-4, atol=1e-5)

@@ -471,7 +471,9 @@ class ImmunizationReport:
             rows.append(("stability", "-", "-", "not measured"))
         else:
             for i, (k, v) in enumerate(s.sets.items()):
-                change = f" ({fmt_percent(v.relative_change)})"
+                ci = v.change_interval
+                ci = f", 95% {fmt_percent(ci[0])}..{fmt_percent(ci[1])}" if ci else ""
+                change = f" ({fmt_percent(v.relative_change)}{ci})"
                 rows.append(
                     (
                         "stability" if i == 0 else "",
@@ -596,6 +598,7 @@ def build_report(
     base_capability: dict[str, float] | None = None,
     immunized_capability: dict[str, float] | None = None,
     capability_higher_is_better: dict[str, bool] | None = None,
+    capability_rows: dict[str, dict[str, Any]] | None = None,
     base_benign: TrainingCurve | None = None,
     immunized_benign: TrainingCurve | None = None,
     defense: dict[str, Any] | None = None,
@@ -623,6 +626,7 @@ def build_report(
         base_capability=base_capability,
         immunized_capability=immunized_capability,
         capability_higher_is_better=capability_higher_is_better,
+        capability_rows=capability_rows,
         base_benign=base_benign,
         immunized_benign=immunized_benign,
         trainability_target=threat_model.trainability_target,

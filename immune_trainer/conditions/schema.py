@@ -485,7 +485,18 @@ class StabilitySet(Record):
     higher_is_better: Bool = field(metadata={"help": "Direction of this capability score."})
     relative_change: Num = field(metadata={"help": "(immunized - base) / |base|."})
     relative_degradation: Num = field(metadata={"help": "Relative change signed so that positive is worse."})
-    holds: Bool = field(metadata={"help": "Degradation <= tolerance (NaN never holds)."})
+    holds: Bool = field(
+        metadata={
+            "help": "Degradation <= tolerance (NaN never holds); with change_interval, the whole interval's."
+        }
+    )
+    change_interval: list[Num] | None = field(
+        default=None,
+        metadata={
+            "help": "Paired bootstrap 95% percentile interval [low, high] of relative_change, from per-row "
+            "token NLLs of both models (perplexity); None when rows were not given."
+        },
+    )
 
 
 @dataclass

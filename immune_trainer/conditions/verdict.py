@@ -84,6 +84,7 @@ def assess(
     base_capability: dict[str, float] | None = None,
     immunized_capability: dict[str, float] | None = None,
     capability_higher_is_better: dict[str, bool] | None = None,
+    capability_rows: dict[str, dict[str, Any]] | None = None,
     base_benign: TrainingCurve | None = None,
     immunized_benign: TrainingCurve | None = None,
     trainability_target: float | None = None,
@@ -99,6 +100,9 @@ def assess(
     Curve sets are keyed ``"attack"`` (the main resistance grid), ``"in_domain"`` (held-out in-domain
     attacks) and ``"cross_domain"``. ``set_thresholds`` gives a set its own phi (a loss-based f is on
     a different scale on another harm domain); sets not in it use ``threshold``. A part with no measurements is ``None`` (unmeasured), never a pass.
+    ``capability_rows`` (per perplexity set, each model's per-row NLLs and token counts) gives stability
+    its paired bootstrap interval and the rule that a set passes only when the whole interval does
+    (:func:`~immune_trainer.conditions.stability`).
 
     Collapse rule: when stability was measured and fails, ``collapsed=True`` and resistance is not
     credited (``immunized=False`` whatever resistance says): a defense can look resistant only because
@@ -144,6 +148,7 @@ def assess(
             immunized_capability,
             higher_is_better=capability_higher_is_better,
             tolerance=stability_tolerance,
+            rows=capability_rows,
         )
 
     train = None

@@ -137,6 +137,7 @@ def evaluate_conditions(
         base_capability=capability and capability.base,
         immunized_capability=capability and capability.immunized,
         capability_higher_is_better=capability and capability.higher_is_better,
+        capability_rows=capability and capability.rows,
         base_benign=benign and benign.base,
         immunized_benign=benign and benign.immunized,
         defense=defense,

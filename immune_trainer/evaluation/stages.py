@@ -122,6 +122,10 @@ class CapabilityResult:
     scorers: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Each set's scorer and its settings (:func:`~immune_trainer.attacks.scorer_key`; for ``lm_eval``
     the tasks, limit and lm-eval version), recorded in the report's ``extra["capability_scorers"]``."""
+    rows: dict[str, dict[str, tuple[list[float], list[int]]]] = field(default_factory=dict)
+    """Per perplexity set, each model's per-row ``(row_nll, row_tokens)``, ``{set: {"base": ..., "immunized":
+    ...}}``: what :func:`~immune_trainer.conditions.stability` bootstraps its interval from. A set is
+    absent when its scorer gives no rows (not perplexity)."""
 
 
 @dataclass
@@ -252,11 +256,15 @@ def _searched_set(run: EvaluationRun, key: str, search, step: int, phi: float | 
         )
         searches[who] = result.search_record()
         if not result.curves:
-            raise ConfigError(f"[{key}] the attack on the {who} model gave no curve to judge: {result.summary()}")
+            raise ConfigError(
+                f"[{key}] the attack on the {who} model gave no curve to judge: {result.summary()}"
+            )
         curves[who] = result.curves
     derived = phi is None
     if derived:
-        phi = threshold_from_base(curves["base"], step if key == "attack" else min(step, search.config.eval_every))
+        phi = threshold_from_base(
+            curves["base"], step if key == "attack" else min(step, search.config.eval_every)
+        )
     return AttackSetResult(key, curves["base"], curves["immunized"], phi, derived, searches)
 
 
@@ -280,6 +288,27 @@ def generalization_stage(run: EvaluationRun, attack, step: int) -> dict[str, Att
     return {key: _attack_set(run, key, attack, step) for key in harmful_sets(run.datasets) if key != "attack"}
 
 
+def _capability_entry(run: EvaluationRun, key: dict[str, Any], score, wants_rows: bool) -> dict[str, Any]:
+    """One model's capability on one set from the run cache, else scored and cached: ``{"value": ...}``,
+    with ``row_nll`` and ``row_tokens`` when the scorer gives them (perplexity). An entry of an older
+    version (a bare number) is used as is, unless rows are wanted: then the set is scored again."""
+    stored = run.cache.get("capability", key)
+    if isinstance(stored, dict) and "value" in stored:
+        run.cache.hits += 1
+        return stored
+    if isinstance(stored, (int, float)) and not isinstance(stored, bool) and not wants_rows:
+        run.cache.hits += 1
+        return {"value": stored}
+    run.cache.misses += 1
+    result = score()
+    entry: dict[str, Any] = {"value": result.value}
+    if "row_nll" in result.details and "row_tokens" in result.details:
+        entry["row_nll"] = [float(v) for v in result.details["row_nll"]]
+        entry["row_tokens"] = [int(v) for v in result.details["row_tokens"]]
+    run.cache.put("capability", key, entry)
+    return entry
+
+
 def stability_stage(run: EvaluationRun) -> CapabilityResult | None:
     """Capability g of both models on each reference set: ``config.capability_scorer`` on a dataset, the
     ``lm_eval`` scorer of its tasks on an :class:`~immune_trainer.scoring.LMEvalTasks` set."""
@@ -296,12 +325,19 @@ def stability_stage(run: EvaluationRun) -> CapabilityResult | None:
         run.say(f"[stability] {scorer.name} on {name}")
         data_key = reference_key(ref)
         key = scorer_key(scorer)
+        set_rows = {}
         for who, model in run.models():
-            getattr(result, who)[name] = run.cache.get_or_compute(
-                "capability",
+            entry = _capability_entry(
+                run,
                 {"model": run.fingerprint(model), "data": data_key, "scorer": key},
-                lambda model=model, ref=ref, scorer=scorer: scorer.score(model, run.tokenizer, ref).value,
+                lambda model=model, ref=ref, scorer=scorer: scorer.score(model, run.tokenizer, ref),
+                wants_rows=scorer.name == "perplexity",
             )
+            getattr(result, who)[name] = entry["value"]
+            if "row_nll" in entry:
+                set_rows[who] = (entry["row_nll"], entry["row_tokens"])
+        if len(set_rows) == 2:
+            result.rows[name] = set_rows
         result.higher_is_better[name] = scorer.higher_is_better
         result.scorers[name] = key
     return result

@@ -212,6 +212,8 @@ def response_loss(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
+    *,
+    per_token: bool = False,
     **forward_kwargs,
 ) -> tuple[torch.Tensor, Any]:
     """The causal LM loss of ``labels`` (``-100`` ignored), with the output layer applied only where a
@@ -228,6 +230,10 @@ def response_loss(
     least :data:`SHARED_PREFIX_MIN_ROWS` rows when it saves at least :data:`SHARED_PREFIX_MIN_SAVING` of
     the tokens, and only where it cannot change what is computed (see :func:`_can_share_prefix`);
     :func:`sharing_prompt_prefix` turns it off.
+
+    With ``per_token=True`` the loss is not reduced: one float32 NLL per labelled target, in the order of
+    ``response_prediction_mask(labels)`` read row by row (``num_items_in_batch`` is then ignored); ``None``
+    when the model's logits do not line up with ``labels`` (a soft prompt prepended inside its forward).
 
     Returns:
         ``(loss, outputs)``; ``outputs.logits`` holds the selected rows only when the hook applied; after a
@@ -272,6 +278,11 @@ def response_loss(
         logits, outputs = logits_at(
             model, predict, input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs
         )
+    if logits is None and per_token:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+        if tuple(outputs.logits.shape[:2]) != tuple(predict.shape):
+            return None, outputs  # the logits do not line up with the labels: no per-token losses
+        logits = outputs.logits[predict]
     if logits is None:
         outputs = model(
             input_ids=input_ids,
@@ -282,6 +293,8 @@ def response_loss(
         )
         return outputs.loss, outputs
     targets = labels[:, 1:][predict[:, :-1]]
+    if per_token:
+        return F.cross_entropy(logits.float(), targets, reduction="none"), outputs
     if num_items_in_batch is None:
         return F.cross_entropy(logits.float(), targets, reduction="mean"), outputs
     total = F.cross_entropy(logits.float(), targets, reduction="sum")

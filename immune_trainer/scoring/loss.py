@@ -65,9 +65,10 @@ def length_batches(
     return runs[::-1]
 
 
-def _batches(ds, batch_size: int, tokenizer) -> Iterator[dict]:
+def _batches(ds, batch_size: int, tokenizer) -> Iterator[tuple[list[int], dict]]:
     """Right-padded tensor batches from :class:`immune_trainer.data.SupervisedCollator`, rows grouped by
-    length (longest first, :func:`length_batches`) so that a batch carries little padding."""
+    length (longest first, :func:`length_batches`) so that a batch carries little padding; each with the
+    dataset indices of its rows."""
     from ..data.tokenization import SupervisedCollator
 
     collate = SupervisedCollator(tokenizer)
@@ -75,33 +76,70 @@ def _batches(ds, batch_size: int, tokenizer) -> Iterator[dict]:
         rows = ds.select(indices)
         if any(len(r["input_ids"]) != len(r.get("labels", r["input_ids"])) for r in rows):
             raise DataError("Each example's labels must have the same length as its input_ids.")
-        yield collate(list(rows))
+        yield indices, collate(list(rows))
 
 
-def _response_nll(model, ds, batch_size: int, tokenizer) -> tuple[float, int]:
-    """Sum of next-token NLLs over all labelled tokens, and their count (no batch averaging)."""
+@dataclass
+class ResponseNLL:
+    """Summed next-token NLL over the labelled tokens of a set, overall and per row (dataset order)."""
+
+    total: float
+    count: int
+    row_nll: list[float] | None  # None when the model's logits do not line up with its labels
+    row_tokens: list[int] | None
+
+    def rows(self) -> dict[str, list]:
+        """``{"row_nll": ..., "row_tokens": ...}`` for a scorer's details, or nothing without rows."""
+        if self.row_nll is None:
+            return {}
+        return {"row_nll": self.row_nll, "row_tokens": self.row_tokens}
+
+
+def _response_nll(model, ds, batch_size: int, tokenizer) -> ResponseNLL:
+    """Sum of next-token NLLs over all labelled tokens, and their count (no batch averaging); the same
+    per row of ``ds`` (a row with no labelled token has 0 and 0)."""
     import torch
 
+    from ..losses import response_prediction_mask
     from ..modeling import response_loss
 
     device = _device(model)
-    total, count = 0.0, 0
+    total, count, per_row = 0.0, 0, True
+    row_nll, row_tokens = [0.0] * len(ds), [0] * len(ds)
     with eval_mode(model), _tokenizer_settings(tokenizer, "right"), torch.inference_mode():
-        for batch in _batches(ds, batch_size, tokenizer):
+        for indices, batch in _batches(ds, batch_size, tokenizer):
             batch = {k: v.to(device) for k, v in batch.items()}
-            # position t predicts token t + 1: count the labelled, unpadded targets
-            n = int(((batch["labels"][:, 1:] != -100) & (batch["attention_mask"][:, 1:] != 0)).sum())
+            # position t predicts token t + 1: the labelled, unpadded targets (as response_loss masks them)
+            labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+            predict = response_prediction_mask(labels)
+            n = int(predict.sum())
             if n == 0:
                 continue
-            mean, _ = response_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            total += float(mean) * n
+            nll, _ = response_loss(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"], per_token=True
+            )
+            if nll is None:  # logits that do not line up (a soft prompt): the model's own mean, no rows
+                mean, _ = response_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                total += float(mean) * n
+                count += n
+                per_row = False
+                continue
+            rows = predict.nonzero()[:, 0]
+            sums = torch.zeros(len(indices), dtype=torch.float64, device=nll.device)
+            sums.index_add_(0, rows.to(nll.device), nll.double())
+            tokens = predict.sum(dim=1)
+            for j, i in enumerate(indices):
+                row_nll[i], row_tokens[i] = float(sums[j]), int(tokens[j])
+            total += float(nll.mean()) * n
             count += n
     if count == 0:
         raise DataError(
             "No response tokens to score: every label is -100. Check that the dataset has responses and "
             "that max_length does not cut them off."
         )
-    return total, count
+    if not per_row:
+        return ResponseNLL(total, count, None, None)
+    return ResponseNLL(total, count, row_nll, row_tokens)
 
 
 def scorer_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -146,14 +184,15 @@ class _ResponseLossScorer(Scorer):
         """Token-weighted mean response NLL: sum of NLLs over all response tokens / their count."""
         ds = _limited(_as_dataset(dataset), self.limit)
         tokenized = _tokenized_supervised(ds, tokenizer, self.max_length, self.column_map)
-        total, count = _response_nll(model, tokenized, self.batch_size, tokenizer)
+        r = _response_nll(model, tokenized, self.batch_size, tokenizer)
         return self._result(
-            total / count,
+            r.total / r.count,
             {
                 "dataset": _dataset_name(ds, self.dataset_name),
                 "n": len(tokenized),
-                "tokens": count,
+                "tokens": r.count,
                 "reduction": "token-weighted mean over response tokens",
+                **r.rows(),
             },
         )
 
@@ -220,16 +259,18 @@ class PerplexityScorer(_ResponseLossScorer):
         else:
             tokenized = _tokenized_supervised(ds, tokenizer, self.max_length, self.column_map)
             source = "chat responses"
-        total, count = _response_nll(model, tokenized, self.batch_size, tokenizer)
-        mean = total / count
+        r = _response_nll(model, tokenized, self.batch_size, tokenizer)
+        mean = r.total / r.count
         return self._result(
             math.exp(mean),
             {
                 "dataset": _dataset_name(ds, self.dataset_name),
                 "source": source,
                 "n": len(ds),
-                "tokens": count,
+                "tokens": r.count,
                 "mean_nll": mean,
+                # per scored row (a plain-text chunk for text): summed NLL and target tokens
+                **r.rows(),
             },
         )
 
