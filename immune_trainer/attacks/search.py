@@ -46,7 +46,7 @@ from ..errors import ConfigError, DataError
 from ..run_cache import content_hash
 from ..scoring import LMEvalTasks, reference_key, reference_scorer
 from .config import AttackConfig, scorer_key
-from .families import get_attack
+from .families import DEFAULT_JAILBREAK_VARIANT, get_attack
 from .harness import AttackResult, HarmfulFineTuningAttack, hook_key, model_fingerprint
 from .search_config import SearchConfig, SearchSpace
 
@@ -460,6 +460,8 @@ class AttackSearch:
         the attack-time hook when there is one (its ``cache_key``; see
         :func:`~immune_trainer.attacks.harness.hook_key`)."""
         budget = {k: v for k, v in self.config.to_dict().items() if k != "output_dir"}
+        if budget.get("jailbreak_variants") == [DEFAULT_JAILBREAK_VARIANT]:
+            del budget["jailbreak_variants"]  # the default: searches stored before the field keep their names
         search = {
             k: v
             for k, v in asdict(self.search).items()
