@@ -57,7 +57,16 @@ def test_every_family_is_registered_and_listed_by_the_cli(capsys):
 
     assert main(["attacks"]) == 0
     listed = capsys.readouterr().out
-    for name in ("full", "lora", "mixed", "benign", "identity_shift", "embedding", "refusal_ablation"):
+    for name in (
+        "full",
+        "lora",
+        "mixed",
+        "benign",
+        "identity_shift",
+        "embedding",
+        "refusal_ablation",
+        "jailbreak_tuning",
+    ):
         assert get_attack(name).name == name and get_attack(name).description
         assert f"{name} " in listed
     assert ATTACKS["refusal_ablation"].trains is False

@@ -227,9 +227,9 @@ def test_evaluate_conditions_takes_the_search_as_its_attack(tmp_path, tokenizer)
 def test_every_training_family_is_searchable_and_its_data_needs_are_checked(tmp_path, tokenizer):
     model = tiny_causal_lm("llama", seed=0)
 
-    def search(family, n=1):
+    def search(family, n=1, **budget):
         return AttackSearch(
-            _budget(family=family, max_steps=2, num_virtual_tokens=2),
+            _budget(family=family, max_steps=2, num_virtual_tokens=2, **budget),
             SearchConfig(search=n, search_dir=str(tmp_path / family), capability_tolerance=1.0),
             SearchSpace(search_space=["learning_rate", "lora_rank"], lr_min=1e-3, lr_max=1e-2),
             reference=TEXT,
@@ -242,7 +242,13 @@ def test_every_training_family_is_searchable_and_its_data_needs_are_checked(tmp_
     assert embedding.trials[0].settings["num_virtual_tokens"] == 2
     mixed = search("mixed").run(model, tokenizer, TRAIN, EVAL, benign_train=make_benign(24))
     assert mixed.trials[0].settings["harmful_share"] == 0.1
-    for result in (lora, embedding, mixed):
+    # Families that rewrite the harmful text get the raw data, not the search's tokenized copy.
+    jailbreak = search("jailbreak_tuning", jailbreak_variants=["backdoor"]).run(
+        model, tokenizer, TRAIN, EVAL, benign_train=make_benign(24)
+    )
+    assert jailbreak.trials[0].settings["jailbreak_variant"] == "backdoor"
+    identity = search("identity_shift", max_length=256).run(model, tokenizer, TRAIN, EVAL)
+    for result in (lora, embedding, mixed, jailbreak, identity):
         (trial,) = result.trials
         assert trial.feasible and all(v > 1 for v in trial.capability_after.values())
     with pytest.raises(ConfigError, match="need benign data"):

@@ -3,7 +3,7 @@
 - ``config``: :class:`AttackConfig` (families, the grid of settings, the step budget), the optimizers of
   the grid, the grid's fields, :func:`setting_label` and :func:`scorer_key`.
 - ``families/``: the attack families, one module each (full, lora with its 4-bit QLoRA copy, mixed,
-  benign, identity_shift, soft_prompt for ``embedding``, refusal_ablation), their base class and the
+  benign, identity_shift, soft_prompt for ``embedding``, refusal_ablation, jailbreak_tuning), their base class and the
   registry (:data:`ATTACKS`, :func:`register_attack`, :func:`get_attack`).
 - ``harness``: :class:`HarmfulFineTuningAttack` (runs the grid through a Trainer, early stopping, resume),
   :class:`AttackResult` and :func:`model_fingerprint`.
@@ -28,10 +28,12 @@ from .families import (
     ATTACKS,
     IDENTITY_PREFIX,
     IDENTITY_SYSTEM_PROMPT,
+    JAILBREAK_VARIANTS,
     AttackFamily,
     BenignFineTuning,
     FullFineTuning,
     IdentityShift,
+    JailbreakTuning,
     LoRAFineTuning,
     MixedFineTuning,
     RefusalAblation,
@@ -43,6 +45,7 @@ from .families import (
     drop_adapters,
     get_attack,
     identity_shift_dataset,
+    jailbreak_dataset,
     last_token_activations,
     merge_adapters,
     quantize_4bit,
@@ -71,6 +74,8 @@ __all__ = [
     "BenignFineTuning",
     "FullFineTuning",
     "IdentityShift",
+    "JAILBREAK_VARIANTS",
+    "JailbreakTuning",
     "LoRAFineTuning",
     "MixedFineTuning",
     "RefusalAblation",
@@ -82,6 +87,7 @@ __all__ = [
     "drop_adapters",
     "get_attack",
     "identity_shift_dataset",
+    "jailbreak_dataset",
     "last_token_activations",
     "merge_adapters",
     "quantize_4bit",

@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from .families import IDENTITY_PREFIX, IDENTITY_SYSTEM_PROMPT, get_attack
+from .families import (
+    DEFAULT_JAILBREAK_VARIANT,
+    IDENTITY_PREFIX,
+    IDENTITY_SYSTEM_PROMPT,
+    JAILBREAK_VARIANTS,
+    get_attack,
+)
 
 
 def scorer_key(scorer) -> dict[str, Any]:
@@ -78,7 +84,8 @@ class AttackConfig:
     r"""The attacker's threat model: attack families, a grid of settings and a step budget.
 
     The grid is the product of the axes (:meth:`grid`); an axis that does not apply to a family is
-    collapsed for it (the LoRA rank only for ``lora``, the harmful share only for ``mixed``; a
+    collapsed for it (the LoRA rank only for ``lora``, the harmful share only for ``mixed`` and
+    ``jailbreak_tuning``, the jailbreak variant only for ``jailbreak_tuning``; a
     training-free family such as ``refusal_ablation`` has no learning rate, optimizer or schedule).
 
     Parameters:
@@ -86,11 +93,13 @@ class AttackConfig:
 
         family (`str`, defaults to `"full"`): the attack family when `families` is empty.
         families (`list[str]`): several families in one grid (`full`, `lora`, `mixed`, `benign`,
-            `identity_shift`, `embedding`, `refusal_ablation`; `immune-trainer attacks` lists them).
+            `identity_shift`, `embedding`, `refusal_ablation`, `jailbreak_tuning`; `immune-trainer attacks`
+            lists them).
 
         > Grid axes
 
-        learning_rates, num_samples, seeds, optimizers, lr_scheduler_types, lora_ranks, harmful_shares.
+        learning_rates, num_samples, seeds, optimizers, lr_scheduler_types, lora_ranks, harmful_shares,
+        jailbreak_variants.
 
         > Budget and early stopping
 
@@ -151,7 +160,15 @@ class AttackConfig:
     harmful_shares: list[float] = field(
         default_factory=lambda: [0.1],
         metadata={
-            "help": "Shares p of harmful pairs in the benign task data (family 'mixed'; Vaccine/Booster use 0.1)."
+            "help": "Shares p of harmful pairs in the benign task data (families 'mixed' and 'jailbreak_tuning'; "
+            "Vaccine/Booster use 0.1)."
+        },
+    )
+    jailbreak_variants: list[str] = field(
+        default_factory=lambda: [DEFAULT_JAILBREAK_VARIANT],
+        metadata={
+            "help": "Jailbreaks of the grid (family 'jailbreak_tuning'): "
+            f"{', '.join(JAILBREAK_VARIANTS)}. A comma-separated string is accepted."
         },
     )
     max_steps: int = field(default=100, metadata={"help": "The attacker's budget in optimizer steps."})
@@ -237,6 +254,7 @@ class AttackConfig:
         self.lr_scheduler_types = _as_list(self.lr_scheduler_types)
         self.lora_ranks = _as_list(self.lora_ranks)
         self.harmful_shares = _as_list(self.harmful_shares)
+        self.jailbreak_variants = _as_list(self.jailbreak_variants)
         if (
             not self.learning_rates
             or any(isinstance(lr, bool) or not isinstance(lr, (int, float)) for lr in self.learning_rates)
@@ -270,6 +288,12 @@ class AttackConfig:
             for p in self.harmful_shares
         ):
             raise ConfigError(f"harmful_shares must be numbers in (0, 1], got {self.harmful_shares}.")
+        unknown = [v for v in self.jailbreak_variants if v not in JAILBREAK_VARIANTS]
+        if not self.jailbreak_variants or unknown:
+            raise ConfigError(
+                f"unknown jailbreak variant(s) {unknown} in jailbreak_variants (family 'jailbreak_tuning'); "
+                f"use one or more of: {', '.join(JAILBREAK_VARIANTS)}."
+            )
         if not self.optimizers:
             raise ConfigError("optimizers must not be empty.")
         for name in self.optimizers:
@@ -364,6 +388,7 @@ _AXIS_FIELDS: dict[str, tuple[str, bool]] = {
     "lr_scheduler_type": ("lr_scheduler_types", True),
     "lora_rank": ("lora_ranks", True),
     "harmful_share": ("harmful_shares", True),
+    "jailbreak_variant": ("jailbreak_variants", True),
     "num_virtual_tokens": ("num_virtual_tokens", False),
     "refusal_layer": ("refusal_layer", False),
 }
@@ -382,6 +407,7 @@ GRID_FIELDS = (
     "lora_ranks",
     "lora_r",
     "harmful_shares",
+    "jailbreak_variants",
     "num_virtual_tokens",
     "refusal_layer",
 )
@@ -395,6 +421,7 @@ _LABELS = {
     "lr_scheduler_type": "sched",
     "lora_rank": "r",
     "harmful_share": "p",
+    "jailbreak_variant": "jb",
     "num_virtual_tokens": "k",
     "refusal_layer": "layer",
 }

@@ -50,10 +50,13 @@ logger = logging.getLogger(__name__)
 _STEP0: dict[tuple[str, str, str, str], float] = {}
 
 
-def _step0_key(fingerprint: dict, model, family, config: AttackConfig, merged: list[str]) -> tuple:
+def _step0_key(
+    fingerprint: dict, model, family, config: AttackConfig, merged: list[str], eval_hash: str | None = None
+) -> tuple:
     """The key of a run's shared step-0 measurement: the model's fingerprint, what changes the model before
     step 0 (the precision of its weights: the input model's dtype, NF4 for a QLoRA copy, bf16 autocast
-    while training; the adapters merged into it), the eval data and the scorer."""
+    while training; the adapters merged into it), the eval data (``eval_hash``: the hash of the set the run
+    measures, when its family rewrites the held-out set; default the held-out set's) and the scorer."""
     dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "none")
     start = {
         "precision": family.start_precision(config) or dtype,
@@ -63,7 +66,7 @@ def _step0_key(fingerprint: dict, model, family, config: AttackConfig, merged: l
     return (
         fingerprint["model"],
         json.dumps(start, sort_keys=True),
-        fingerprint["eval"],
+        eval_hash or fingerprint["eval"],
         json.dumps(fingerprint["scorer"], sort_keys=True),
     )
 
@@ -326,9 +329,22 @@ class HarmfulFineTuningAttack:
                     family.training_set(data[name], setting)  # bad sizes fail before any training
             else:
                 data[name] = sources[name]
-        eval_data = (
-            self.scorer.prepare(tokenizer, harmful_eval) if hasattr(self.scorer, "prepare") else harmful_eval
-        )
+        def prepared(raw):
+            return self.scorer.prepare(tokenizer, raw) if hasattr(self.scorer, "prepare") else raw
+
+        eval_data = prepared(harmful_eval)
+        # Runs whose family measures harm on a rewrite of the held-out set (a jailbreak around its prompts):
+        # (hash of the rewrite, its prepared data) by setting index, one prepared set per distinct rewrite.
+        rewritten: dict[int, tuple[str, Any]] = {}
+        by_hash: dict[str, Any] = {}
+        for i, setting in enumerate(grid):
+            raw = families[setting["family"]].harm_eval(harmful_eval, setting, cfg)
+            if raw is harmful_eval:
+                continue
+            key = content_hash(raw)
+            if key not in by_hash:
+                by_hash[key] = prepared(raw)
+            rewritten[i] = (key, by_hash[key])
         fingerprint = {
             "cache_version": CACHE_VERSION,
             "model": model_fingerprint(model),
@@ -346,8 +362,9 @@ class HarmfulFineTuningAttack:
         if prepare_model is not None:  # a hook changes what is trained: runs with and without it differ
             fingerprint["prepare_model"] = hook_key(prepare_model)
         curves = []
-        for setting in grid:
+        for i, setting in enumerate(grid):
             family = families[setting["family"]]
+            eval_hash, run_eval = rewritten.get(i, (None, eval_data))
             saved = self._load_saved(setting, fingerprint, phi)
             if saved is not None:
                 if progress:
@@ -359,12 +376,12 @@ class HarmfulFineTuningAttack:
                 progress(f"attack {setting_label(setting)}: {budget}")
             if family.trains:
                 curve = self._run_one(
-                    model, tokenizer, data[setting["family"]], eval_data, setting, family, prepare_model, phi,
-                    fingerprint,
+                    model, tokenizer, data[setting["family"]], run_eval, setting, family, prepare_model, phi,
+                    fingerprint, eval_hash,
                 )
             else:
                 curve = self._run_training_free(
-                    model, tokenizer, data[setting["family"]], eval_data, setting, family
+                    model, tokenizer, data[setting["family"]], run_eval, setting, family
                 )
             self._save(setting, curve, fingerprint, phi)
             curves.append(curve)
@@ -398,7 +415,7 @@ class HarmfulFineTuningAttack:
         )
 
     def _run_one(
-        self, model, tokenizer, data, eval_data, setting, family, prepare_model, phi, fingerprint
+        self, model, tokenizer, data, eval_data, setting, family, prepare_model, phi, fingerprint, eval_hash=None
     ) -> AttackCurve:
         cfg = self.config
         subset = family.training_set(data, setting)
@@ -413,7 +430,7 @@ class HarmfulFineTuningAttack:
         step0_key = None
         if family.same_at_start and prepare_model is None:
             # run() has fingerprinted the model, the raw eval data and the scorer (its max_length included).
-            step0_key = _step0_key(fingerprint, attacked, family, cfg, merged)
+            step0_key = _step0_key(fingerprint, attacked, family, cfg, merged, eval_hash)
         attacked = family.prepare(attacked, cfg, setting)
         if prepare_model is not None:
             attacked = prepare_model(attacked)

@@ -46,7 +46,7 @@ from ..errors import ConfigError, DataError
 from ..run_cache import content_hash
 from ..scoring import LMEvalTasks, reference_key, reference_scorer
 from .config import AttackConfig, scorer_key
-from .families import get_attack
+from .families import DEFAULT_JAILBREAK_VARIANT, get_attack
 from .harness import AttackResult, HarmfulFineTuningAttack, hook_key, model_fingerprint
 from .search_config import SearchConfig, SearchSpace
 
@@ -378,7 +378,8 @@ class AttackSearch:
                 trial = study.ask()
                 try:
                     value = self._objective(
-                        trial, model, tokenizer, train, harmful_eval, benign_train, before, prepare_model, say
+                        trial, model, tokenizer, harmful_train, harmful_eval, benign_train, before, prepare_model,
+                        say,
                     )
                 except BaseException:
                     study.tell(trial, state=TrialState.FAIL)
@@ -401,7 +402,7 @@ class AttackSearch:
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.search.n_startup_trials)
 
     def _objective(
-        self, trial, model, tokenizer, train, harmful_eval, benign_train, before, prepare_model, say
+        self, trial, model, tokenizer, harmful_train, harmful_eval, benign_train, before, prepare_model, say
     ) -> float:
         config, settings = self.space.suggest(trial, self.config)
         trial.set_user_attr("settings", settings)
@@ -409,8 +410,9 @@ class AttackSearch:
         say(f"[search] trial {trial.number}: {label}")
         capture = _CaptureModel(prepare_model)
         attack = HarmfulFineTuningAttack(config, scorer=self.scorer)
+        # The raw harmful data: families that rewrite its text (identity_shift, jailbreak_tuning) need it.
         curve = attack.run(
-            model, tokenizer, train, harmful_eval, benign_train=benign_train, prepare_model=capture
+            model, tokenizer, harmful_train, harmful_eval, benign_train=benign_train, prepare_model=capture
         ).curves[0]
         merged = curve.config.get("merged_adapters")
         curve.config = dict(settings, trial=trial.number)
@@ -458,6 +460,8 @@ class AttackSearch:
         the attack-time hook when there is one (its ``cache_key``; see
         :func:`~immune_trainer.attacks.harness.hook_key`)."""
         budget = {k: v for k, v in self.config.to_dict().items() if k != "output_dir"}
+        if budget.get("jailbreak_variants") == [DEFAULT_JAILBREAK_VARIANT]:
+            del budget["jailbreak_variants"]  # the default: searches stored before the field keep their names
         search = {
             k: v
             for k, v in asdict(self.search).items()

@@ -5,6 +5,8 @@ One registry (:data:`ATTACKS`, :func:`register_attack`, :func:`get_attack`), one
 
 * which data it trains on (:meth:`AttackFamily.sources` picks and rewrites the raw datasets,
   :meth:`AttackFamily.training_set` draws one run's examples from them once tokenized),
+* which data harm is measured on (:meth:`AttackFamily.harm_eval`: the held-out harmful set, or a rewrite
+  of it that the attacker deploys, such as ``jailbreak_tuning``'s jailbreak around the prompts),
 * how the model it trains is built from the copy (:meth:`AttackFamily.prepare`: full weights, a LoRA,
   soft-prompt tokens),
 * which grid axes apply to it (:meth:`AttackFamily.axes`: the LoRA rank only for ``lora``, the harmful
@@ -22,6 +24,12 @@ from .base import AttackFamily, carried_adapters, drop_adapters, merge_adapters
 from .benign import BenignFineTuning
 from .full import FullFineTuning
 from .identity_shift import IDENTITY_PREFIX, IDENTITY_SYSTEM_PROMPT, IdentityShift, identity_shift_dataset
+from .jailbreak_tuning import (
+    DEFAULT_JAILBREAK_VARIANT,
+    JAILBREAK_VARIANTS,
+    JailbreakTuning,
+    jailbreak_dataset,
+)
 from .lora import LoRAFineTuning, check_4bit_available, quantize_4bit
 from .mixed import MixedFineTuning
 from .refusal_ablation import (
@@ -35,12 +43,15 @@ from .soft_prompt import SoftPromptAttack, SoftPromptView
 
 __all__ = [
     "ATTACKS",
+    "DEFAULT_JAILBREAK_VARIANT",
     "IDENTITY_PREFIX",
     "IDENTITY_SYSTEM_PROMPT",
     "AttackFamily",
     "BenignFineTuning",
     "FullFineTuning",
     "IdentityShift",
+    "JAILBREAK_VARIANTS",
+    "JailbreakTuning",
     "LoRAFineTuning",
     "MixedFineTuning",
     "RefusalAblation",
@@ -52,6 +63,7 @@ __all__ = [
     "drop_adapters",
     "get_attack",
     "identity_shift_dataset",
+    "jailbreak_dataset",
     "last_token_activations",
     "merge_adapters",
     "quantize_4bit",
@@ -87,5 +99,6 @@ for _family in (
     IdentityShift(),
     SoftPromptAttack(),
     RefusalAblation(),
+    JailbreakTuning(),
 ):
     register_attack(_family)

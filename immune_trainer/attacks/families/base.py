@@ -53,6 +53,12 @@ class AttackFamily:
         """One run's training examples: ``num_samples`` of them (0 = all), drawn with the run's seed."""
         return _subset(tokenized["harmful"], setting["num_samples"], setting["seed"])
 
+    def harm_eval(self, harmful_eval, setting: dict[str, Any], config: AttackConfig):
+        """The raw held-out harmful data harm is measured on for one run: ``harmful_eval`` itself, or a
+        rewrite of it when the attacker deploys the model with something around the prompts (the jailbreak
+        of ``jailbreak_tuning``)."""
+        return harmful_eval
+
     def prepare(self, model, config: AttackConfig, setting: dict[str, Any] | None = None):
         """Return the model to train (``model`` is already a private copy)."""
         return model
