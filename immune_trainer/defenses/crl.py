@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..modeling import capture_outputs, find_decoder_structure
+from ..modeling import capture_outputs, find_decoder_structure, resolve_layer_indices
 from ..trainer import ImmunizationConfig, ImmunizationTrainer
 from .rerouting import _is_peft, _linear_names
 
@@ -274,15 +274,7 @@ class CRLTrainer(ImmunizationTrainer):
     def _resolve_layers(cfg, num_layers: int) -> list[int]:
         if cfg.representation_layers is None:
             return default_representation_layers(num_layers)
-        resolved = []
-        for layer in cfg.representation_layers:
-            if not -num_layers <= layer < num_layers:
-                raise ConfigError(
-                    f"representation_layers contains {layer}, but the model has {num_layers} decoder layers "
-                    f"(valid: 0..{num_layers - 1} or negative from the end)."
-                )
-            resolved.append(layer % num_layers)
-        return sorted(set(resolved))
+        return resolve_layer_indices(cfg.representation_layers, num_layers, "representation_layers")
 
     # ------------------------------------------------------------------ forwards
 

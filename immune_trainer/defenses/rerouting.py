@@ -38,7 +38,7 @@ import torch
 
 from ..errors import ConfigError
 from ..losses import rerouting_loss, retain_l2
-from ..modeling import capture_outputs, find_decoder_structure
+from ..modeling import capture_outputs, find_decoder_structure, resolve_layer_indices
 from ..trainer import ImmunizationConfig, ImmunizationTrainer
 
 logger = logging.getLogger(__name__)
@@ -211,15 +211,7 @@ class ReroutingTrainer(ImmunizationTrainer):
     def _resolve_layers(cfg, num_layers: int) -> list[int]:
         if cfg.target_layers is None:
             return default_target_layers(num_layers)
-        resolved = []
-        for layer in cfg.target_layers:
-            if not -num_layers <= layer < num_layers:
-                raise ConfigError(
-                    f"target_layers contains {layer}, but the model has {num_layers} decoder layers "
-                    f"(valid: 0..{num_layers - 1} or negative from the end)."
-                )
-            resolved.append(layer % num_layers)
-        return sorted(set(resolved))
+        return resolve_layer_indices(cfg.target_layers, num_layers, "target_layers")
 
     # ------------------------------------------------------------------ schedule
 

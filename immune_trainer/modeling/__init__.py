@@ -39,6 +39,7 @@ from .structure import (
     DecoderStructure,
     find_decoder_structure,
     hidden_states_via_unembedding,
+    resolve_layer_indices,
     unembed,
     unwrap_model,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "add_to_outputs",
     "capture_outputs",
     "find_decoder_structure",
+    "resolve_layer_indices",
     "hidden_states_via_unembedding",
     "logits_at",
     "primary_tensor",

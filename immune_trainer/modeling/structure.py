@@ -21,6 +21,7 @@ __all__ = [
     "MLP_NAMES",
     "DecoderStructure",
     "find_decoder_structure",
+    "resolve_layer_indices",
     "hidden_states_via_unembedding",
     "unembed",
     "unwrap_model",
@@ -384,3 +385,17 @@ def hidden_states_via_unembedding(
 def _unembed_normed(structure: DecoderStructure, hidden: torch.Tensor) -> torch.Tensor:
     no_norm = DecoderStructure(**{**structure.__dict__, "final_norm": None})
     return unembed(no_norm, hidden)
+
+
+def resolve_layer_indices(layers, num_layers: int, option: str) -> list[int]:
+    """Decoder-layer indices from a user's list (negative counts from the end), sorted and unique; an
+    index outside the model is a ConfigError naming ``option`` (the config field it came from)."""
+    resolved = []
+    for layer in layers:
+        if not -num_layers <= layer < num_layers:
+            raise ConfigError(
+                f"{option} contains {layer}, but the model has {num_layers} decoder layers "
+                f"(valid: 0..{num_layers - 1} or negative from the end)."
+            )
+        resolved.append(layer % num_layers)
+    return sorted(set(resolved))
