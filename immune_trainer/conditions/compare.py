@@ -301,13 +301,20 @@ def _rows(report: ImmunizationReport, source: str) -> list[ComparisonRow]:
     row = _row(report, source)
     if len(families) <= 1:
         return [row]
-    by_family = resistance_by_family(
-        curves,
-        tm.threshold,
-        higher_is_better=tm.higher_is_better,
-        base_curves=report.curves.get("base", {}).get("attack", []),
-        min_cost_multiple=tm.min_cost_multiple,
-    )
+    base_curves = report.curves.get("base", {}).get("attack", [])
+    judged = report.conditions.resistance
+    if judged is not None and judged.families:
+        # The report's own per-family judgement (schema 1.2); families the base was not attacked with are left out.
+        attacked = {c.config.get("family", "full") for c in base_curves}
+        by_family = {f.family: f for f in judged.families if f.family in attacked}
+    else:  # a report of an older schema: judge its curves family by family now
+        by_family = resistance_by_family(
+            curves,
+            tm.threshold,
+            higher_is_better=tm.higher_is_better,
+            base_curves=base_curves,
+            min_cost_multiple=tm.min_cost_multiple,
+        )
     rows = []
     for family, r in by_family.items():
         rows.append(

@@ -269,20 +269,6 @@ def _summarize_curves(
     return out
 
 
-def _earliest(summaries: Sequence[CurveSummary], hib: bool) -> CurveSummary:
-    """The worst run: earliest crossing (by steps; ties by worst value); if none crosses, worst value."""
-
-    def badness(v: float) -> float:
-        if math.isnan(v):
-            return math.inf
-        return -v if hib else v
-
-    crossed = [s for s in summaries if s.crossing is not None]
-    if crossed:
-        return min(crossed, key=lambda s: (s.crossing.step, -badness(s.worst_value)))
-    return max(summaries, key=lambda s: badness(s.worst_value))
-
-
 def seed_spread(summaries: Sequence[CurveSummary]) -> list[SeedSpread]:
     """Group runs by their setting (config without ``seed``) and, for every setting run with at least two
     seeds, the min / max / mean crossing step over the seeds whose run crossed phi.

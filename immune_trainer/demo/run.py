@@ -369,18 +369,13 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
 
 def family_multiples(report) -> dict[str, str]:
     """The resistance cost multiple of each attack family of the main grid, as printed by the demo."""
-    from ..conditions import resistance_by_family
-
-    tm = report.threat_model
-    by_family = resistance_by_family(
-        report.curves["immunized"].get("attack", []),
-        tm.threshold,
-        higher_is_better=tm.higher_is_better,
-        base_curves=report.curves["base"].get("attack", []),
-        min_cost_multiple=tm.min_cost_multiple,
-    )
+    attacked = {c.config.get("family", "full") for c in report.curves["base"].get("attack", [])}
+    families = report.conditions.resistance.families  # the report's own per-family judgement
     out = {}
-    for family, r in by_family.items():
+    for r in families:
+        family = r.family
+        if family not in attacked:
+            continue
         if r.base_crossing is None:
             out[family] = "base never crossed phi within the budget: no multiple" + (
                 "" if r.strong else " (the immunized model did)"
