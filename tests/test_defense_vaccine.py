@@ -165,7 +165,11 @@ def test_t_vaccine_redraws_on_schedule_and_freezes_undrawn_layers(tmp_path):
     class Snapshot(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             snapshots[state.global_step] = [
-                [p.detach().clone() for p in layer.parameters()] for layer in layers
+                {
+                    part: [p.detach().clone() for p in getattr(layer, part).parameters()]
+                    for part in ("self_attn", "mlp")
+                }
+                for layer in layers
             ]
 
     trainer.add_callback(Snapshot())
@@ -175,11 +179,13 @@ def test_t_vaccine_redraws_on_schedule_and_freezes_undrawn_layers(tmp_path):
     assert trainer.probability_refreshes == [0, 6]
     assert [step for step, _ in trainer.layer_draws] == [0, 3, 6]
     assert all(len(drawn) == 2 for _, drawn in trainer.layer_draws)
-    # Over the interval [0, 3) only the drawn layers change; the others are exactly as they were.
+    # Over the interval [0, 3) only the drawn layers' attention blocks change, the others' are exactly as they
+    # were; every layer's MLP keeps training (the reference freezes only the undrawn attention).
     drawn = trainer.layer_draws[0][1]
     for idx in range(4):
-        same = all(torch.equal(a, b) for a, b in zip(snapshots[0][idx], snapshots[3][idx]))
-        assert same == (idx not in drawn), (idx, drawn)
+        for part in ("self_attn", "mlp"):
+            same = all(torch.equal(a, b) for a, b in zip(snapshots[0][idx][part], snapshots[3][idx][part]))
+            assert same == (part == "self_attn" and idx not in drawn), (idx, part, drawn)
     # After training every parameter is trainable again.
     assert all(p.requires_grad for p in model.parameters())
 
@@ -254,4 +260,51 @@ def test_t_vaccine_with_lora_trains_only_the_drawn_layers_adapters(tmp_path):
     (drawn,) = trainer.layer_draws[0][1]
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
     assert changed and all("lora_" in n and f"layers.{drawn}." in n for n in changed)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in trainer.model.named_parameters())
+
+
+def test_t_vaccine_keeps_training_the_mlp_adapters_of_undrawn_layers(tmp_path):
+    """The reference (Lslland/T-Vaccine, LoRA on q/k/v/o and gate/up/down) freezes only the LoRA of the undrawn
+    layers' ATTENTION modules: an undrawn layer's MLP adapter gets a gradient and moves at every step, its
+    attention adapter gets none and stays put."""
+    model = tiny_causal_lm("llama", num_layers=4, seed=2)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    trainer = VaccineTrainer(
+        model=model,
+        args=_config(tmp_path, layer_sampling=True, num_sampled_layers=1, resample_steps=5, max_steps=3),
+        harmful_dataset=make_pairs(8),
+        processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=targets),
+    )
+    grads = []
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            # lora_A's first gradient is zero (lora_B starts at zero): "a gradient" means one was computed.
+            grads.append({n: p.grad is not None for n, p in model.named_parameters()})
+
+    trainer.add_callback(Grads())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    (drawn,) = trainer.layer_draws[0][1]
+    undrawn = next(i for i in range(4) if i != drawn)
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+
+    def adapters(layer, kind):
+        names = [
+            n
+            for n in before
+            if "lora_" in n and f"layers.{layer}." in n and (".self_attn." in n) == (kind == "attention")
+        ]
+        assert names
+        return names
+
+    assert len(grads) == 3
+    for name in adapters(undrawn, "mlp"):
+        assert all(g[name] for g in grads), name  # a gradient at every step
+        assert name in changed, name
+    for name in adapters(undrawn, "attention"):
+        assert not any(g[name] for g in grads), name
+        assert name not in changed, name
+    assert set(adapters(drawn, "attention")) & changed  # the drawn layer's attention adapter trains
     assert all(p.requires_grad == ("lora_" in n) for n, p in trainer.model.named_parameters())

@@ -15,12 +15,15 @@ layers:
   HARMFUL side of the batch: ``p_l = ||dL_harm/dh_l|| / sum_j ||dL_harm/dh_j||`` at each attention output;
 - every ``resample_steps`` steps (reference: 20) ``num_sampled_layers`` layers are drawn without replacement
   with probabilities ``p``; until the next draw only they are perturbed (the norm of ``eps`` is taken over
-  them) and only they are trained: every parameter of the other decoder layers is frozen
-  (``requires_grad=False``, so the optimizer leaves them untouched). The reference freezes the LoRA inside
-  the attention blocks of the undrawn layers, the whole of their trainable weights in its LoRA-on-attention
-  setting; here the whole decoder layer is frozen, which is the same in that setting. Parameters outside the
-  decoder layers (embeddings, head) keep their trainability. Under DDP set
-  ``ddp_find_unused_parameters=True`` (frozen layers produce no gradient).
+  them), and the ATTENTION blocks of the other layers are frozen (``requires_grad=False``, so the optimizer
+  leaves them untouched). Everything else keeps training: the MLPs (and norms) of every layer, drawn or not,
+  and the parameters outside the decoder layers (embeddings, head). This is the reference's rule: its
+  ``unfreeze_activate_layers`` freezes the parameters inside the attention modules of the undrawn layers and
+  re-enables the LoRA of the drawn ones, while its LoRA also sits on ``gate_proj``/``up_proj``/``down_proj``,
+  whose adapters train at every step. Under full fine-tuning the same rule freezes the undrawn attention
+  blocks' weights. Under DDP set ``ddp_find_unused_parameters=True`` (frozen blocks produce no gradient).
+  Departure: on models deeper than 26 layers the reference also passes the layer before each drawn one to its
+  patched modeling files; that is not reproduced.
 
 The harmful side of the pairs is not used (Vaccine is an alignment-stage defense). A retain set, when
 given, adds an unperturbed CE term in pass 2 (its batch shape differs from the perturbations').
@@ -64,11 +67,12 @@ class VaccineConfig(ImmunizationConfig):
             T-Vaccine: perturb only a subset of layers drawn each step with probability proportional to
             their gradient norm.
         num_sampled_layers (`int`, defaults to `8`):
-            Number of layers T-Vaccine perturbs and trains (capped at the model's depth).
+            Number of layers T-Vaccine perturbs and whose attention blocks train (capped at the depth).
         probability_refresh_steps (`int`, defaults to `200`):
             T-Vaccine: re-measure the layer probabilities (gradient norms on a harmful batch) every N steps.
         resample_steps (`int`, defaults to `20`):
-            T-Vaccine: draw a new set of layers every N steps; the others stay frozen until then.
+            T-Vaccine: draw a new set of layers every N steps; the attention blocks of the others stay frozen
+            until then (their MLPs keep training, as in the reference).
     """
 
     rho: float | None = field(
@@ -88,7 +92,8 @@ class VaccineConfig(ImmunizationConfig):
     num_sampled_layers: int = field(
         default=8,
         metadata={
-            "help": "Number of layers T-Vaccine perturbs and trains between draws (capped at the depth)."
+            "help": "Number of layers T-Vaccine perturbs and whose attention blocks train between draws (capped "
+            "at the depth)."
         },
     )
     probability_refresh_steps: int = field(
@@ -101,8 +106,8 @@ class VaccineConfig(ImmunizationConfig):
     resample_steps: int = field(
         default=20,
         metadata={
-            "help": "T-Vaccine: draw a new set of layers every N steps; the undrawn layers stay frozen until the "
-            "next draw (reference: 20)."
+            "help": "T-Vaccine: draw a new set of layers every N steps; the undrawn layers' attention blocks stay "
+            "frozen until the next draw, their MLPs keep training (reference: 20)."
         },
     )
 
@@ -209,12 +214,14 @@ class VaccineTrainer(ImmunizationTrainer):
         )
 
     def _freeze_undrawn(self, model) -> None:
-        """Only the drawn decoder layers keep their trainable parameters trainable until the next draw."""
-        layers = self.decoder_structure(model).layers
+        """Freeze the attention blocks of the undrawn layers until the next draw (the reference's rule): the
+        drawn layers' attention blocks get back the trainability they had; MLPs, norms, embeddings and head
+        are left as they are."""
+        attention = self.decoder_structure(model).attention
         if self._trainable_ids is None:
             self._trainable_ids = {id(p) for p in model.parameters() if p.requires_grad}
-        for idx, layer in enumerate(layers):
-            for param in layer.parameters():
+        for idx, block in enumerate(attention):
+            for param in block.parameters():
                 param.requires_grad_(idx in self.active_layers and id(param) in self._trainable_ids)
 
     def update_layer_sampling(self, model, inputs) -> None:
