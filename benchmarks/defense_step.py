@@ -125,7 +125,8 @@ def flops_floor(name: str, model, args, batch_size: int, seq_len: int, prompt_le
     benchmark's batch of ``b`` pairs):
 
     - ``gradient_ascent``: harmful + harmless forward-backward: ``2``.
-    - ``repnoise``: ``2`` plus, for each logit-lens layer, the unembedding of the ``R`` response positions
+    - ``repnoise``: ``2`` plus, for each logit-lens term (the selected layers' inputs and, by default, the last
+      hidden state), the unembedding of the ``R`` response positions
       forward and backward, ``6 R d V``: ``2 + n_lens 6 R d V / 3 F`` (MMD terms are negligible).
     - ``booster``: three forward-backward passes: ``3``.
     - ``vaccine``: forward + input-gradient backward to the attention outputs, then a forward-backward under
@@ -166,7 +167,10 @@ def flops_floor(name: str, model, args, batch_size: int, seq_len: int, prompt_le
     if base_name == "repnoise":
         from immune_trainer.defenses.repnoise import selected_layers
 
-        lens = len(selected_layers(n_layers, args.layer_stride))
+        # The selected layers' inputs (h_0 left out by lens_skip_embedding) and, in the reference's average,
+        # the last hidden state normed again.
+        lens = len(selected_layers(n_layers, args.layer_stride)) - int(args.lens_skip_embedding)
+        lens += int(not args.lens_output_once)
         rows = batch_size * (seq_len - prompt_len)
         return 2.0 + lens * 6 * rows * d * vocab / plain
     if base_name == "tar":

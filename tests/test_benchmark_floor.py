@@ -48,12 +48,17 @@ def test_repnoise_floor_matches_a_count_from_the_config(bench, tmp_path):
     tokens = b * s
     forward = 2 * tokens * (c.num_hidden_layers * per_layer + c.vocab_size * d) + 2 * tokens * 3 * s * d
     lens = 6 * b * (s - prompt) * d * c.vocab_size  # one logit lens, forward + backward
-    expected = 2 + c.num_hidden_layers * lens / (3 * forward)
+    # The lens of all N + 1 hidden states (the reference's average; the output logits are in the 2 passes).
+    expected = 2 + (c.num_hidden_layers + 1) * lens / (3 * forward)
     got = bench.flops_floor("repnoise", model, _args("repnoise", tmp_path), b, s, prompt)
     assert got == pytest.approx(expected, rel=1e-12)
     # Every other layer (plus the last) halves the lens work, roughly; the pass counts are fixed.
     strided = bench.flops_floor("repnoise", model, _args("repnoise", tmp_path, layer_stride=2), b, s, prompt)
-    assert strided == pytest.approx(2 + 2 * lens / (3 * forward), rel=1e-12)
+    assert strided == pytest.approx(2 + 3 * lens / (3 * forward), rel=1e-12)
+    once = _args("repnoise", tmp_path, lens_output_once=True, lens_skip_embedding=True)
+    assert bench.flops_floor("repnoise", model, once, b, s, prompt) == pytest.approx(
+        2 + (c.num_hidden_layers - 1) * lens / (3 * forward), rel=1e-12
+    )
     assert bench.flops_floor("booster", model, _args("booster", tmp_path), b, s, prompt) == 3.0
     assert (
         bench.flops_floor("repnoise:lens_chunk_size=-1", model, _args("repnoise", tmp_path), b, s, prompt)

@@ -44,11 +44,15 @@ def _ref_mmd(x, y):
     return k[:nx, :nx].mean() + k[nx:, nx:].mean() - 2 * k[:nx, nx:].mean()
 
 
-def _ref_repnoise(model, batch, alpha, beta, arch, skip_embedding=False):
-    """RepNoise written from the formula with the model's own module names (not modeling.py).
+def _ref_repnoise(model, batch, alpha, beta, arch, skip_embedding=False, output_once=False):
+    """RepNoise written from the reference's ``rep_noise_loss`` (domenicrosati/representation-noising,
+    ``representation_noising/loss.py``) with the model's own module names (not modeling.py):
+    ``harmful_losses = CE(logits) + sum over ALL hidden states h of CE(lm_head(norm(h)))``, then
+    ``harmful_losses / len(hidden_states) + 1`` under the log (the last hidden state, already normed by
+    transformers, normed a second time).
 
-    ``skip_embedding``: the ascent averages the lens CE of the layer inputs 1..N-1 and the final logits only
-    (N terms instead of N + 1)."""
+    ``skip_embedding``: hidden_states[0] left out of the sum and of the divisor. ``output_once``: the library's
+    earlier form, the mean of the lens CEs of hidden_states[0..N-1] and the output CE."""
     if arch == "gpt2":
         blocks, norm = model.transformer.h, model.transformer.ln_f
     else:
@@ -67,9 +71,15 @@ def _ref_repnoise(model, batch, alpha, beta, arch, skip_embedding=False):
     labels = batch["harmful_labels"]
     m = (labels != -100).unsqueeze(-1).float()
     noise = torch.stack([_ref_mmd(a * m, torch.randn_like(a) * m) for a in acts]).mean()
-    lens_states = out.hidden_states[1:-1] if skip_embedding else out.hidden_states[:-1]
-    ces = [_ref_ce(model.lm_head(norm(h)), labels) for h in lens_states] + [_ref_ce(out.logits, labels)]
-    ascent = torch.log(sum(ces) / len(ces) + 1)
+    states = out.hidden_states[1:] if skip_embedding else out.hidden_states
+    if output_once:
+        ces = [_ref_ce(model.lm_head(norm(h)), labels) for h in states[:-1]] + [_ref_ce(out.logits, labels)]
+        ascent = torch.log(sum(ces) / len(ces) + 1)
+    else:
+        harmful_losses = _ref_ce(out.logits, labels)
+        for h in states:
+            harmful_losses = harmful_losses + _ref_ce(model.lm_head(norm(h)), labels)
+        ascent = torch.log(harmful_losses / len(states) + 1)
     harmless = model(
         input_ids=batch["harmless_input_ids"],
         attention_mask=batch["harmless_attention_mask"],
@@ -83,10 +93,21 @@ def _ref_repnoise(model, batch, alpha, beta, arch, skip_embedding=False):
     }
 
 
+def _random_norms(model):
+    """Norm weights (and biases) away from 1 (0): the reference's second norm of the last hidden state then
+    changes its lens CE, and the output CE is not simply counted twice."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and ("norm" in name or "ln_" in name):
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    return model
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_loss_matches_independent_reference(tmp_path, arch):
     tok = tiny_tokenizer()
-    model = tiny_causal_lm(arch, num_layers=3, seed=1)
+    model = _random_norms(tiny_causal_lm(arch, num_layers=3, seed=1))
     trainer = RepNoiseTrainer(
         model=model,
         args=_config(tmp_path, alpha=0.7, beta=0.5),
@@ -163,30 +184,37 @@ def test_layer_stride_and_config_errors(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_lens_skip_embedding_matches_independent_reference(tmp_path, arch):
-    """lens_skip_embedding=True leaves hidden_states[0] out of the ascent mean (N terms, not N + 1); the
-    noise term and the harmless loss are unchanged."""
+def test_lens_options_match_independent_reference(tmp_path, arch):
+    """lens_skip_embedding=True leaves hidden_states[0] out of the ascent's sum and divisor;
+    lens_output_once=True is the library's earlier average (N + 1 distinct CEs); the noise term and the
+    harmless loss are unchanged by either."""
     tok = tiny_tokenizer()
-    model = tiny_causal_lm(arch, num_layers=3, seed=1)
+    model = _random_norms(tiny_causal_lm(arch, num_layers=3, seed=1))
     model.eval()
     results = {}
     for skip in (False, True):
-        trainer = RepNoiseTrainer(
-            model=model,
-            args=_config(tmp_path, alpha=0.7, beta=0.5, lens_skip_embedding=skip),
-            harmful_dataset=make_pairs(8),
-            processing_class=tok,
-        )
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        torch.manual_seed(5)
-        ours = trainer.compute_defense_loss(model, batch)
-        torch.manual_seed(5)
-        ref = _ref_repnoise(model, batch, alpha=0.7, beta=0.5, arch=arch, skip_embedding=skip)
-        for name in ("noise", "ascent", "harmless", "loss"):
-            torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"{name} skip={skip}")
-        results[skip] = ours
-    assert not torch.allclose(results[True]["ascent"], results[False]["ascent"])
-    torch.testing.assert_close(results[True]["noise"], results[False]["noise"])
+        for once in (False, True):
+            trainer = RepNoiseTrainer(
+                model=model,
+                args=_config(tmp_path, alpha=0.7, beta=0.5, lens_skip_embedding=skip, lens_output_once=once),
+                harmful_dataset=make_pairs(8),
+                processing_class=tok,
+            )
+            batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+            torch.manual_seed(5)
+            ours = trainer.compute_defense_loss(model, batch)
+            torch.manual_seed(5)
+            ref = _ref_repnoise(
+                model, batch, alpha=0.7, beta=0.5, arch=arch, skip_embedding=skip, output_once=once
+            )
+            for name in ("noise", "ascent", "harmless", "loss"):
+                torch.testing.assert_close(
+                    ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"{name} skip={skip} once={once}"
+                )
+            results[skip, once] = ours
+    ascents = [float(r["ascent"].detach()) for r in results.values()]
+    assert len({round(a, 5) for a in ascents}) == 4  # four different averages
+    torch.testing.assert_close(results[True, True]["noise"], results[False, False]["noise"])
 
 
 def test_authors_demo_preset(tmp_path):
@@ -194,7 +222,7 @@ def test_authors_demo_preset(tmp_path):
     assert (cfg.learning_rate, cfg.lr_scheduler_type, cfg.per_device_train_batch_size) == (1e-4, "cosine", 4)
     assert (cfg.alpha, cfg.beta, cfg.max_steps) == (1.0, 0.001, 250)
     assert cfg.get_warmup_steps(cfg.max_steps) == 25  # 10% warm-up
-    assert cfg.lens_skip_embedding is False  # the preset is the reference, departures are opt-in
+    assert cfg.lens_skip_embedding is False and cfg.lens_output_once is False  # departures are opt-in
     overridden = RepNoiseConfig.authors_demo(
         output_dir=str(tmp_path), report_to="none", alpha=2.0, max_steps=-1
     )

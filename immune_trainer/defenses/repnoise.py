@@ -2,16 +2,27 @@
 
     L = w_h CE(harmless) + w_r CE(retain)
         + beta * (1/|S|) sum_{l in S} MMD(m * a_l^harm, m * eps_l)
-        - alpha * log(1 + mean([CE(logits^harm)] + [CE(W_U norm(h_l^harm)) for l in 0..N-1]))
+        - alpha * log(1 + [CE(logits^harm) + sum_{l=0..N} CE(W_U norm(h_l^harm))] / (N + 1))
+
+as in the reference's ``rep_noise_loss`` (domenicrosati/representation-noising,
+``representation_noising/loss.py``):
 
 - ``a_l^harm``: output of decoder layer ``l``'s MLP on the harmful batch; ``eps_l ~ N(0, I)`` of the
-  same shape; ``m``: the response tokens (``labels != -100``). As in the reference, each example's
-  masked activations are flattened into one vector and the Gaussian-kernel MMD (5 bandwidths) is
-  taken across the batch (:func:`immune_trainer.losses.gaussian_kernel_mmd`): use batches of >= 2.
-- ``h_l^harm``: hidden states (``h_0`` = embeddings) read through the final norm and the unembedding
-  ("logit lens"). transformers returns the last hidden state already normed, so its logit-lens CE *is*
-  the final-logits CE: it is counted once, giving ``N + 1`` cross-entropies in the mean.
-  ``lens_skip_embedding=True`` (a departure from the reference) leaves ``h_0`` out: ``N`` terms.
+  same shape; ``m``: the response tokens (``labels != -100``; the reference takes the tokens where the paired
+  harmful and refusal ids differ and zeroes logits instead of masking labels: proper label masking here). As in
+  the reference, each example's masked activations are flattened into one vector and the Gaussian-kernel MMD
+  (5 bandwidths) is taken across the batch (:func:`immune_trainer.losses.gaussian_kernel_mmd`): use batches
+  of >= 2.
+- ``h_l^harm``: the ``N + 1`` hidden states transformers returns (``h_0`` = embeddings, ``h_N`` the last),
+  each read through the final norm and the unembedding ("logit lens"). The reference adds the output CE to
+  the sum of these ``N + 1`` lens CEs and divides by ``N + 1`` (``len(hidden_states)``): ``N + 2`` terms over
+  ``N + 1``. transformers returns ``h_N`` already normed, so the output is counted twice: once as the logits,
+  once as ``W_U norm(h_N)`` (the final norm applied a second time, as the reference does).
+- ``lens_output_once=True`` is the average this library used before (a departure from the reference): the
+  mean of ``N + 1`` distinct CEs, the lens of ``h_0..h_{N-1}`` and the output CE counted once.
+- ``lens_skip_embedding=True`` (a departure from the reference) leaves ``h_0`` out: one term fewer in the sum
+  and in the divisor. ``layer_stride`` > 1 (a departure) keeps the lens of the selected layers' inputs and
+  ``h_N``, the divisor their count.
 
 Everything on the harmful side comes from ONE forward (``output_hidden_states=True`` plus MLP hooks that
 exist only during that forward); the harmless side is a second forward, the retain set a third.
@@ -51,10 +62,15 @@ class RepNoiseConfig(ImmunizationConfig):
             Leave the embedding layer (``hidden_states[0]``) out of the averaged ascent term. A departure
             from the reference, which averages over the embeddings too: on a tied-embedding model the
             embeddings' logit lens has a huge CE (about 114 on SmolLM2-135M, against 2.05 at the output)
-            that dominates the mean, so at equal ``alpha`` the push on the output loss is ~70x weaker
-            than plain bounded ascent. The noise (MMD) term is unchanged.
+            that dominates the mean, so at equal ``alpha`` the push on the output loss is far weaker than
+            plain bounded ascent (~70x, measured with the earlier average that counted the output CE once;
+            the reference's average counts it twice). The noise (MMD) term is unchanged.
         learning_rate (`float`, defaults to `2e-5`):
             The paper's defense learning rate.
+        lens_output_once (`bool`, defaults to `False`):
+            Average the ascent term over ``N + 1`` distinct CEs (the lens of ``h_0..h_{N-1}`` and the output CE
+            once), as this library did before. A departure from the reference, which sums the output CE and
+            the lens of all ``N + 1`` hidden states (the output thus twice) and divides by ``N + 1``.
         lens_chunk_size (`int`, defaults to `0`):
             Rows per chunk of the fused logit-lens cross-entropy
             (:func:`immune_trainer.losses.fused_linear_cross_entropy`), which never holds more than one
@@ -91,6 +107,14 @@ class RepNoiseConfig(ImmunizationConfig):
             "help": "Leave the embedding layer (hidden_states[0]) out of the averaged logit-lens ascent term. "
             "A departure from the reference (which includes it): on tied-embedding models the embeddings' "
             "lens CE (~114 on SmolLM2 vs ~2 at the output) dominates the mean and weakens the ascent ~70x."
+        },
+    )
+    lens_output_once: bool = field(
+        default=False,
+        metadata={
+            "help": "Average the ascent over N+1 distinct CEs (lens of h_0..h_{N-1}, output CE once), this "
+            "library's earlier form. A departure: the reference sums the output CE and the lens of all N+1 "
+            "hidden states (the output twice) and divides by N+1."
         },
     )
     learning_rate: float = field(default=2e-5, metadata={"help": "Defense learning rate (paper: 2e-5)."})
@@ -208,22 +232,29 @@ class RepNoiseTrainer(ImmunizationTrainer):
         ]
         noise_term = torch.stack(noise_terms).mean()
 
-        # Ascent term over the logit lens: embeddings and selected layers' inputs, plus final logits.
-        # hidden_states[i] is the input of layer i (0: the embeddings); the last entry is normed already
-        # and its logit lens is outputs.logits, reused. Only the positions that predict a response token
-        # are unembedded, and each layer's (positions x vocab) logits are recomputed in the backward pass
-        # instead of being stored: with a 50k vocabulary and 30 layers, storing them all would take
-        # gigabytes.
-        # lens_skip_embedding leaves hidden_states[0] (the embeddings) out of the mean.
+        # Ascent term over the logit lens: the selected layers' inputs (hidden_states[i] is the input of layer
+        # i, 0: the embeddings) and, as in the reference, the last hidden state (already normed by
+        # transformers, normed again here as the reference does) beside the output CE. Only the positions that
+        # predict a response token are unembedded, and each layer's (positions x vocab) logits are recomputed in
+        # the backward pass instead of being stored: with a 50k vocabulary and 30 layers, storing them all
+        # would take gigabytes.
+        # lens_skip_embedding leaves hidden_states[0] (the embeddings) out.
         lens_layers = [i for i in layers if i > 0] if args.lens_skip_embedding else layers
         predict = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][predict]
-        lens_ces = [
-            _lens_ce(structure, outputs.hidden_states[i][:, :-1][predict], targets, args.lens_chunk_size)
-            for i in lens_layers
-        ]
-        lens_ces.append(harmful_ce)
-        ascent = torch.log1p(torch.stack(lens_ces).mean())
+
+        def lens(i):
+            return _lens_ce(
+                structure, outputs.hidden_states[i][:, :-1][predict], targets, args.lens_chunk_size
+            )
+
+        lens_ces = [lens(i) for i in lens_layers]
+        if args.lens_output_once:  # N + 1 distinct terms, the output CE once (a departure)
+            mean_ce = torch.stack([*lens_ces, harmful_ce]).mean()
+        else:  # the reference: (output CE + the lens of every hidden state incl. the last) / their count
+            lens_ces.append(lens(len(outputs.hidden_states) - 1))
+            mean_ce = (harmful_ce + torch.stack(lens_ces).sum()) / len(lens_ces)
+        ascent = torch.log1p(mean_ce)
         return {
             "harmful": harmful_ce,
             "noise": noise_term,
