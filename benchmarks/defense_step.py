@@ -131,9 +131,10 @@ def flops_floor(name: str, model, args, batch_size: int, seq_len: int, prompt_le
     - ``booster``: three forward-backward passes: ``3``.
     - ``vaccine``: forward + input-gradient backward to the attention outputs, then a forward-backward under
       the perturbation: ``(2 + 3) / 3``.
-    - ``tar``: ``K`` attacker passes and ``K / tr_every`` tamper-resistance passes on half the batch each,
+    - ``tar``: ``K`` attacker passes and ``K / tr_every`` tamper-resistance passes on half the batch each
+      (two halves each with the default ``dpo`` tamper loss, plus the starting model's forward of both halves),
       the retain forward-backward, and a forward of the starting model for the representation term:
-      ``(K + K/tr_every) / 2 + 1 + 1/3``.
+      ``(K + K/tr_every) / 2 + 1 + 1/3`` for ``max_entropy``, ``(K + 2 K/tr_every) / 2 + 1 + 2/3`` for ``dpo``.
     - ``security_vectors``: a LoRA step, forward + input-gradient backward: ``2 / 3``.
     - ``rerouting``: LoRA; forward + input-gradient backward up to the last target layer on the harmful and
       the harmless side, and a frozen forward of both: ``6 f F_layers / 3 F`` with ``f`` the depth reached.
@@ -175,8 +176,10 @@ def flops_floor(name: str, model, args, batch_size: int, seq_len: int, prompt_le
         return 2.0 + lens * 6 * rows * d * vocab / plain
     if base_name == "tar":
         half = forward(batch_size * seq_len) / 2
-        inner = args.inner_steps + args.inner_steps // args.tr_every
-        return (3 * half * inner + 3 * forward(batch_size * seq_len) + forward(batch_size * seq_len)) / plain
+        dpo = args.tamper_loss == "dpo"  # two sides per tamper-resistance pass, two reference forwards
+        inner = args.inner_steps + (2 if dpo else 1) * (args.inner_steps // args.tr_every)
+        full = forward(batch_size * seq_len)
+        return (3 * half * inner + 3 * full + full + (2 * half if dpo else 0)) / plain
     if base_name == "rerouting":
         from immune_trainer.defenses.rerouting import default_target_layers
 

@@ -60,6 +60,14 @@ def test_repnoise_floor_matches_a_count_from_the_config(bench, tmp_path):
         2 + (c.num_hidden_layers - 1) * lens / (3 * forward), rel=1e-12
     )
     assert bench.flops_floor("booster", model, _args("booster", tmp_path), b, s, prompt) == 3.0
+    # TAR, K = 8, tr_every = 4: (8 + 2) / 2 + 1 + 1/3 with max_entropy; the default dpo adds a second side to
+    # each of the 2 tamper-resistance passes and the starting model's forward of both sides.
+    tar = {
+        loss: bench.flops_floor("tar", model, _args("tar", tmp_path, tamper_loss=loss), b, s, prompt)
+        for loss in ("max_entropy", "dpo")
+    }
+    assert tar["max_entropy"] == pytest.approx((8 + 2) / 2 + 1 + 1 / 3, rel=1e-12)
+    assert tar["dpo"] == pytest.approx((8 + 4) / 2 + 1 + 2 / 3, rel=1e-12)
     assert (
         bench.flops_floor("repnoise:lens_chunk_size=-1", model, _args("repnoise", tmp_path), b, s, prompt)
         == got

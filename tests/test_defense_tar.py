@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -45,8 +46,14 @@ def test_step_weights_and_cost():
     assert spec.trainer_class is TARTrainer and spec.paper["id"] == "2408.00761"
     cfg = TARConfig(output_dir="/tmp/unused", report_to="none")
     assert (cfg.inner_steps, cfg.tr_every, cfg.lambda_tr, cfg.lambda_retain) == (8, 4, 4.0, 1.0)
-    assert cfg.adversary_learning_rates == [3e-5, 6e-5, 8e-5]  # the attack grid
-    assert cfg.tamper_loss == "max_entropy" and cfg.dpo_beta == 0.1
+    # The reference's adversaries (tar.py, run_tar_bio.sh) and its loss for refusal.
+    assert cfg.adversary_learning_rates == [2e-6, 2e-5, 4e-5]
+    assert (cfg.warmup_adversary_probability, cfg.adversary_warmup_steps) == (
+        0.2,
+        2,
+    )  # 20 of 64 steps, at K = 8
+    assert TARConfig(output_dir="/tmp/unused", report_to="none", inner_steps=64).adversary_warmup_steps == 20
+    assert cfg.tamper_loss == "dpo" and cfg.dpo_beta == 0.1
     assert "64" in TARConfig.__dataclass_fields__["inner_steps"].metadata["help"]  # the reference's K
     with pytest.raises(ConfigError, match="inner_steps|K="):
         TARConfig(output_dir="/tmp/unused", report_to="none", inner_steps=2, tr_every=4)
@@ -56,6 +63,40 @@ def test_step_weights_and_cost():
         TARConfig(output_dir="/tmp/unused", report_to="none", dpo_beta=0.0)
     with pytest.raises(ConfigError, match="adversary_fraction"):
         TARConfig(output_dir="/tmp/unused", report_to="none", adversary_fraction=1.0)
+    with pytest.raises(ConfigError, match="warmup_adversary_probability"):
+        TARConfig(output_dir="/tmp/unused", report_to="none", warmup_adversary_probability=1.5)
+    with pytest.raises(ConfigError, match="adversary_warmup_steps"):
+        TARConfig(output_dir="/tmp/unused", report_to="none", adversary_warmup_steps=0)
+
+
+def test_default_adversary_rates_are_disjoint_from_the_evaluation_attacks():
+    """A defense trained against exactly the attack it is scored on is over-credited: the simulated attacker's
+    default rates share no value with the attack rates the evaluation and the demo use by default, and the
+    warm-up adversary never goes above the drawn rate."""
+    from immune_trainer.attacks import AttackConfig
+    from immune_trainer.demo.presets import PRESETS, DemoConfig
+
+    adversary = set(TARConfig(output_dir="/tmp/unused", report_to="none").adversary_learning_rates)
+    evaluation = set(AttackConfig().learning_rates)
+    for preset in PRESETS.values():
+        evaluation |= set(preset["attack_learning_rates"]) | {preset["lora_learning_rate"]}
+    demo = DemoConfig()
+    evaluation |= set(demo.attack_learning_rates or []) | ({demo.lora_learning_rate} - {None})
+    assert {3e-5, 6e-5, 8e-5} <= evaluation
+    assert adversary == {2e-6, 2e-5, 4e-5} and not adversary & evaluation
+
+
+def test_warmup_adversaries_are_drawn_and_ramp_their_rate(tmp_path):
+    trainer = _trainer(tmp_path, tiny_causal_lm("llama"), inner_steps=4, tr_every=2, adversary_warmup_steps=3)
+    draws = [trainer.is_warmup_adversary_step(s) for s in range(3000)]
+    assert 0.17 < sum(draws) / len(draws) < 0.23  # the default probability 0.2
+    assert draws[:50] == [trainer.is_warmup_adversary_step(s) for s in range(50)]  # seeded by the step
+    benign = [random.Random(0 * 7_000_003 + s).random() < 0.2 for s in range(3000)]
+    assert draws != benign  # not the benign adversaries' draw
+    assert trainer.adversary_lr_factors(True) == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert trainer.adversary_lr_factors(False) == [1.0] * 4
+    off = _trainer(tmp_path / "off", tiny_causal_lm("llama"), warmup_adversary_probability=0.0)
+    assert not any(off.is_warmup_adversary_step(s) for s in range(500))
 
 
 def test_adversary_learning_rate_draws_cover_the_configured_list(tmp_path):
@@ -103,17 +144,19 @@ def _ref_tr_loss(model, held, kind, ref_logps=None, beta=0.1):
     return torch.mean(torch.log1p(torch.exp(-beta * margin)))
 
 
-@pytest.mark.parametrize("kind", ["max_entropy", "dpo"])
-def test_first_order_gradient_matches_a_manual_computation(tmp_path, kind):
+@pytest.mark.parametrize("kind,warmup", [("max_entropy", False), ("dpo", False), ("dpo", True)])
+def test_first_order_gradient_matches_a_manual_computation(tmp_path, kind, warmup):
     model = tiny_causal_lm("llama", seed=0)
-    trainer = _trainer(tmp_path, model, lambda_tr=4.0, tamper_loss=kind, inner_batch_size=2)
+    trainer = _trainer(
+        tmp_path, model, lambda_tr=4.0, tamper_loss=kind, inner_batch_size=2, adversary_warmup_steps=2
+    )
     trainer.model.eval()  # no dropout in either computation
     held = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     K = 2
     adversary = [trainer.next_adversary_batch() for _ in range(K)]
     assert not torch.equal(adversary[0]["input_ids"], adversary[1]["input_ids"])  # a fresh batch per step
     before = [p.detach().clone() for p in model.parameters()]
-    grads, terms = trainer.tamper_resistance_grads(trainer.model, adversary, held, lr=1e-2)
+    grads, terms = trainer.tamper_resistance_grads(trainer.model, adversary, held, lr=1e-2, warmup=warmup)
 
     # Manual: a deep copy attacked by torch AdamW through ordinary forward/backward calls.
     ref_logps = None
@@ -135,12 +178,15 @@ def test_first_order_gradient_matches_a_manual_computation(tmp_path, kind):
             )
     attacked = copy.deepcopy(model)
     opt = torch.optim.AdamW(attacked.parameters(), lr=1e-2, weight_decay=0.0)
+    # The warm-up adversary: a linear ramp over 2 steps (rates 5e-3 then 1e-2), torch's own LambdaLR.
+    ramp = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 2) if warmup else 1.0)
     expected = [torch.zeros_like(p) for p in attacked.parameters()]
     values = []
     for k in range(K):
         opt.zero_grad()
         attacked(**adversary[k]).loss.backward()
         opt.step()
+        ramp.step()
         opt.zero_grad()
         tr = _ref_tr_loss(attacked, held, kind, ref_logps)
         tr.backward()
@@ -181,6 +227,12 @@ def test_dpo_loss_against_an_independent_computation():
         / 3
     )
     assert float(dpo_preference_loss(pc, pr, rc, rr, beta)) == pytest.approx(expected, rel=1e-6)
+    # By hand: log-probs chosen -3 (reference -4), rejected -5 (reference -4), beta 0.5: the margin is
+    # (1) - (-1) = 2, so the loss is -log sigmoid(1) = log(1 + e^-1) = 0.31326...
+    one = torch.ones(1)
+    assert float(dpo_preference_loss(-3 * one, -5 * one, -4 * one, -4 * one, 0.5)) == pytest.approx(
+        0.3132616875182228, rel=1e-6
+    )
     # Preferring the chosen response more than the reference does lowers the loss.
     assert dpo_preference_loss(pc + 1, pr, rc, rr, beta) < dpo_preference_loss(pc, pr, rc, rr, beta)
 
@@ -258,8 +310,11 @@ def test_training_step_architectures_lora_and_accumulation(tmp_path, arch, lora)
     if lora:
         assert all("lora_" in n for n in changed)
     logged = [h for h in trainer.state.log_history if "loss/tamper_resistance" in h]
-    assert logged and {"loss/representation", "loss/harmless", "loss/retain"} <= set(logged[-1])
-    assert trainer.plain_steps_per_step == pytest.approx(2 + 2 + 2 + 2 / 3)
+    assert logged and {"loss/representation", "loss/harmless", "loss/retain", "loss/warmup_adversary"} <= set(
+        logged[-1]
+    )
+    # K = 2, two DPO tamper-resistance passes of two sides, two retain batches, the starting model's forwards.
+    assert trainer.plain_steps_per_step == pytest.approx(2 + 2 * 2 + 2 + 2 / 3 + 2 / 3)
 
 
 def _post_attack_entropy(model, batch, steps=4, lr=1e-2):
@@ -293,7 +348,9 @@ def test_training_raises_post_attack_entropy(tmp_path):
     control = copy.deepcopy(model)
     tar = TARTrainer(
         model=model,
-        args=_config(tmp_path, max_steps=8, inner_steps=4, tr_every=2, learning_rate=3e-3),
+        args=_config(
+            tmp_path, max_steps=8, inner_steps=4, tr_every=2, learning_rate=3e-3, tamper_loss="max_entropy"
+        ),
         harmful_dataset=make_pairs(8),
         processing_class=tok,
     )

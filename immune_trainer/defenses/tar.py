@@ -6,24 +6,42 @@ Per outer step (one held-out paired batch):
 
 1. A simulated attacker copies the trainable weights and fine-tunes the copy for ``K`` steps with its own
    AdamW, drawing a FRESH adversary batch at every inner step (as the reference's inner loop does), with a
-   learning rate drawn from ``adversary_learning_rates``. With ``benign_adversary_probability`` (the
-   reference mixes 35% benign adversaries) the attacker of a step fine-tunes on the retain set instead. After every ``tr_every``-th step it evaluates the
+   learning rate drawn from ``adversary_learning_rates``: by default the reference's own
+   ``2e-6, 2e-5, 4e-5`` (``tar.py`` and ``run_tar_bio.sh``), which share no value with the rates the
+   evaluation attacks with (``AttackConfig``'s 3e-5, 6e-5, 8e-5; the demo's 3e-5, 8e-5 and LoRA 1e-3): a
+   defense trained against exactly the attack it is scored on would be over-credited. With
+   ``warmup_adversary_probability`` (0.2, the reference loop's scheduler weights ``constant:1.0,
+   linear_warmup:0.25``) the attacker of a step warms its rate up linearly over ``adversary_warmup_steps``
+   inner steps. With ``benign_adversary_probability`` (the reference mixes 35% benign adversaries) the
+   attacker of a step fine-tunes on the retain set instead. After every ``tr_every``-th step it evaluates the
    tamper-resistance loss ``L_TR`` at the adapted weights on the held-out batch and accumulates
    ``lambda_tr * w_k * grad L_TR`` with ``w_k = exp(0.0625 (k - (K - 1)))`` (first-order: the gradient at
    the adapted weights is applied to the outer weights).
    ``L_TR`` (``tamper_loss``) is either
+   - ``"dpo"`` (the default): a DPO preference loss preferring the refusal (chosen) over the harmful
+     response (rejected) of each held-out prompt, ``-log sigmoid(beta [(log pi(y_r|x) - log pi_0(y_r|x)) -
+     (log pi(y_h|x) - log pi_0(y_h|x))])`` with summed response log-probabilities and ``pi_0`` the starting
+     model: the reference's loss for harmful-request refusal (``dpo_loss_obj``, sigmoid, beta 0.1), the
+     setting of this library's paired data; or
    - ``"max_entropy"``: the negated entropy of the next-token distribution on the held-out responses (the
-     reference's loss for knowledge restriction), or
-   - ``"dpo"``: a DPO preference loss preferring the refusal (chosen) over the harmful response (rejected)
-     of each held-out prompt, ``-log sigmoid(beta [(log pi(y_r|x) - log pi_0(y_r|x)) - (log pi(y_h|x) -
-     log pi_0(y_h|x))])`` with summed response log-probabilities and ``pi_0`` the starting model (the
-     reference's loss for harmful-request refusal, beta 0.1).
+     reference's loss for knowledge restriction, its bio/cyber scripts).
 2. The outer loss ``lambda_retain * [LM loss on harmless/retain data + mean_l ||h_l(theta) - h_l(theta_0)||_2]``
    (``theta_0``: the starting model, a frozen copy for full fine-tuning, the adapters disabled for LoRA) is
    back-propagated together with the accumulated tamper-resistance gradient, through the Trainer's own
    optimizer, scaler and DDP synchronisation.
 
 The inner adversary never touches the real weights nor the Trainer's optimizer state.
+
+Departures from the reference (rishub-tamirisa/tamper-resistance, ``modules/training.py``):
+
+- its ``linear_warmup`` adversary schedule is ``LambdaLR(lambda step: K / inner_optimizer_warmup_steps)``, a
+  constant factor (3.2 at K = 64, 20 warm-up steps) rather than a ramp; here the warm-up adversary ramps
+  linearly, ``lr (k + 1) / W`` up to the drawn rate, so its rates never exceed the drawn ones;
+- ``K`` is 8 by default (reference 64) and ``adversary_warmup_steps`` is scaled with it (the reference's 20
+  of 64 steps);
+- benign adversaries are off by default (a retain set is optional here), and the reference's
+  ``retain_forget_switch`` adversary (benign data up to a Beta(6, 3)-drawn step, then harmful) is not
+  implemented.
 """
 
 from __future__ import annotations
@@ -77,10 +95,19 @@ class TARConfig(ImmunizationConfig):
             The cost grows linearly with `K`.
         tr_every (`int`, defaults to `4`):
             The tamper-resistance gradient is accumulated after every `tr_every`-th inner step.
-        adversary_learning_rates (`list[float]`, defaults to `[3e-5, 6e-5, 8e-5]`):
-            The attacker's learning rate is drawn from this list at each outer step. The default covers the
-            attack grid the defense is evaluated against (RepNoise's 3e-5, 6e-5, 8e-5); the reference code
-            samples from 2e-5, 4e-5, 1e-4. Match it to the attacks you will measure.
+        adversary_learning_rates (`list[float]`, defaults to `[2e-6, 2e-5, 4e-5]`):
+            The attacker's learning rate is drawn from this list at each outer step. The default is the
+            reference's (``tar.py``'s ``--adversary_lr_samples`` and ``run_tar_bio.sh``; its cyber script uses
+            2e-5, 4e-5 and its training loop's own default is 2e-5, 4e-5, 1e-4). It shares no value with the
+            evaluation's attack rates (3e-5, 6e-5, 8e-5): do not train against the very attack you will be
+            scored on, or the defense is over-credited.
+        warmup_adversary_probability (`float`, defaults to `0.2`):
+            Probability that an outer step's attacker warms its learning rate up linearly over
+            `adversary_warmup_steps` inner steps (the reference's warm-up adversary: scheduler weights
+            constant 1.0, linear_warmup 0.25 in its training loop). 0 turns it off.
+        adversary_warmup_steps (`int` or `None`, defaults to `None`):
+            Inner steps of the warm-up adversary's linear ramp; `None` scales the reference's 20 of 64 steps to
+            `inner_steps` (`max(1, round(20 K / 64))`, 2 at K = 8).
         adversary_weight_decay (`float`, defaults to `0.0`): AdamW weight decay of the simulated attacker.
         inner_batch_size (`int` or `None`, defaults to `None`):
             Rows of each fresh adversary batch (one per inner step); `None` uses `per_device_train_batch_size`.
@@ -91,9 +118,10 @@ class TARConfig(ImmunizationConfig):
             Probability that an outer step's attacker fine-tunes on benign data (the retain set) instead of
             harmful rows. The reference mixes adversaries 65% harmful / 35% benign (0.35); 0 by default because
             a retain set is optional here.
-        tamper_loss (`str`, defaults to `"max_entropy"`):
-            `"max_entropy"` (the reference's loss for knowledge restriction) or `"dpo"` (its loss for refusal of
-            harmful requests: prefer the refusal over the harmful response after the attack).
+        tamper_loss (`str`, defaults to `"dpo"`):
+            `"dpo"` (the reference's loss for refusal of harmful requests, the setting of paired harmful /
+            refusal data: prefer the refusal over the harmful response after the attack) or `"max_entropy"`
+            (its loss for knowledge restriction).
         dpo_beta (`float`, defaults to `0.1`): beta of the DPO tamper-resistance loss (reference: 0.1).
         lambda_tr (`float`, defaults to `4.0`): weight of the tamper-resistance gradient.
         lambda_retain (`float`, defaults to `1.0`): weight of the retain loss (LM + representation).
@@ -114,10 +142,24 @@ class TARConfig(ImmunizationConfig):
         default=4, metadata={"help": "Accumulate the tamper-resistance gradient every N inner steps."}
     )
     adversary_learning_rates: list[float] = field(
-        default_factory=lambda: [3e-5, 6e-5, 8e-5],
+        default_factory=lambda: [2e-6, 2e-5, 4e-5],
         metadata={
-            "help": "Learning rates the simulated attacker draws from at each outer step; the default covers "
-            "the attack grid (3e-5, 6e-5, 8e-5). The reference samples 2e-5, 4e-5, 1e-4."
+            "help": "Learning rates the simulated attacker draws from at each outer step; the default is the "
+            "reference's (2e-6, 2e-5, 4e-5), disjoint from the evaluation's attack rates (3e-5, 6e-5, 8e-5)."
+        },
+    )
+    warmup_adversary_probability: float = field(
+        default=0.2,
+        metadata={
+            "help": "Probability that an outer step's simulated attacker warms its learning rate up linearly "
+            "(the reference's warm-up adversary, weight 0.25 against 1.0 for a constant rate)."
+        },
+    )
+    adversary_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Inner steps of the warm-up adversary's linear ramp; None: the reference's 20 of 64 steps "
+            "scaled to inner_steps."
         },
     )
     adversary_weight_decay: float = field(
@@ -144,10 +186,10 @@ class TARConfig(ImmunizationConfig):
         },
     )
     tamper_loss: str = field(
-        default="max_entropy",
+        default="dpo",
         metadata={
-            "help": "Tamper-resistance loss: 'max_entropy' (reference, knowledge restriction) or 'dpo' "
-            "(reference, harmful-request refusal: prefer the refusal over the harmful response)."
+            "help": "Tamper-resistance loss: 'dpo' (reference, harmful-request refusal: prefer the refusal over "
+            "the harmful response) or 'max_entropy' (reference, knowledge restriction)."
         },
     )
     dpo_beta: float = field(
@@ -196,6 +238,20 @@ class TARConfig(ImmunizationConfig):
             raise ConfigError(f"inner_batch_size must be positive or None, got {self.inner_batch_size}.")
         if self.tamper_loss not in TAMPER_LOSSES:
             raise ConfigError(f"tamper_loss must be one of {TAMPER_LOSSES}, got {self.tamper_loss!r}.")
+        if not 0 <= self.warmup_adversary_probability <= 1:
+            raise ConfigError(
+                f"warmup_adversary_probability must be in [0, 1], got {self.warmup_adversary_probability}."
+            )
+        if self.adversary_warmup_steps is None:
+            self.adversary_warmup_steps = max(1, round(20 * self.inner_steps / 64))
+        if isinstance(self.adversary_warmup_steps, bool) or not isinstance(self.adversary_warmup_steps, int):
+            raise ConfigError(
+                f"adversary_warmup_steps must be a positive integer, got {self.adversary_warmup_steps!r}."
+            )
+        if self.adversary_warmup_steps < 1:
+            raise ConfigError(
+                f"adversary_warmup_steps must be a positive integer, got {self.adversary_warmup_steps}."
+            )
         if not 0 <= self.benign_adversary_probability <= 1:
             raise ConfigError(
                 f"benign_adversary_probability must be in [0, 1], got {self.benign_adversary_probability}."
@@ -314,6 +370,21 @@ class TARTrainer(ImmunizationTrainer):
         p = self.args.benign_adversary_probability
         return p > 0 and random.Random(self.args.seed * 7_000_003 + step).random() < p
 
+    def is_warmup_adversary_step(self, step: int) -> bool:
+        """Whether the simulated attacker of outer step ``step`` warms its learning rate up (linearly over
+        ``adversary_warmup_steps`` inner steps): drawn with ``warmup_adversary_probability``, seeded by the step
+        (the same on every process, replayable after a resume) and independent of the benign draw."""
+        p = self.args.warmup_adversary_probability
+        # A string seed of its own: an integer seed of seed * c + step would give, at seed 0, the very stream of
+        # the benign draw and of the learning-rate draw.
+        return p > 0 and random.Random(f"tar-warmup-adversary:{self.args.seed}:{step}").random() < p
+
+    def adversary_lr_factors(self, warmup: bool) -> list[float]:
+        """The factor on the drawn learning rate at each inner step ``k = 0..K-1``: 1, or for the warm-up
+        adversary ``min(1, (k + 1) / adversary_warmup_steps)``."""
+        W = self.args.adversary_warmup_steps
+        return [min(1.0, (k + 1) / W) if warmup else 1.0 for k in range(self.args.inner_steps)]
+
     def _inner_loader_for(self, source: str, epoch: int):
         dataset = self.adversary_dataset if source == "harmful" else self.retain_dataset
         generator = torch.Generator()
@@ -409,12 +480,15 @@ class TARTrainer(ImmunizationTrainer):
         adversary: Sequence[dict[str, torch.Tensor]] | Callable[[], dict[str, torch.Tensor]],
         held_out: dict[str, torch.Tensor],
         lr: float | None = None,
+        warmup: bool | None = None,
     ) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]:
         """Run the simulated attacker and return the accumulated first-order tamper-resistance gradient.
 
         ``adversary`` gives the attacker's batch of each inner step: a list of ``K`` batches, or a function
         returning the next batch (``next_adversary_batch`` in training). ``held_out`` is a paired batch
-        (``harmful_*`` and ``harmless_*`` keys).
+        (``harmful_*`` and ``harmless_*`` keys). ``lr`` (drawn from ``adversary_learning_rates`` when None)
+        and ``warmup`` (drawn with ``warmup_adversary_probability`` when None) set the attacker's rate at each
+        inner step: ``lr * adversary_lr_factors(warmup)[k]``.
 
         Returns ``(grads, terms)``: ``grads[i]`` is ``sum_k lambda_tr * w_k * grad L_TR(theta_k)`` for the
         i-th trainable parameter of ``model`` (in ``named_parameters()`` order; ``None`` where ``L_TR`` does
@@ -431,11 +505,16 @@ class TARTrainer(ImmunizationTrainer):
         fast = {n: p.detach().clone().requires_grad_(True) for n, p in named}
         tensors = list(fast.values())
         lr = self._adversary_lr() if lr is None else lr
+        if warmup is None:
+            warmup = self.is_warmup_adversary_step(self.state.global_step)
+        factors = self.adversary_lr_factors(warmup)
         inner_opt = torch.optim.AdamW(tensors, lr=lr, weight_decay=self.args.adversary_weight_decay)
         reference = self._reference_logps(held_out) if self.args.tamper_loss == "dpo" else None
         acc: list[torch.Tensor | None] = [None] * len(tensors)
         tr_values, adv_loss = [], None
-        for weight in self.step_weights:
+        for weight, factor in zip(self.step_weights, factors):
+            for group in inner_opt.param_groups:
+                group["lr"] = lr * factor
             batch = adversary()
             with self.compute_loss_context_manager():
                 out = functional_call(
@@ -504,6 +583,7 @@ class TARTrainer(ImmunizationTrainer):
             model, lambda: self.next_adversary_batch(source), inputs
         )
         terms["benign_adversary"] = torch.tensor(float(source == "benign"))
+        terms["warmup_adversary"] = torch.tensor(float(self.is_warmup_adversary_step(self.state.global_step)))
 
         with self.compute_loss_context_manager():
             batches = []
