@@ -358,6 +358,55 @@ def test_training_raises_post_attack_entropy(tmp_path):
     assert _post_attack_entropy(model, harm) > _post_attack_entropy(control, harm) + 0.1
 
 
+def _post_attack_preference(model, harm, refusal, steps=4, lr=1e-2):
+    """Mean summed log-prob of the refusal minus that of the harmful response, after an attack on harm."""
+    attacked = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(attacked.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        attacked(**harm).loss.backward()
+        opt.step()
+    attacked.eval()
+    with torch.no_grad():
+        sides = [
+            _ref_sequence_logp(
+                attacked(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+            )
+            for b in (refusal, harm)
+        ]
+    return float((sides[0] - sides[1]).mean())
+
+
+@pytest.mark.slow
+def test_dpo_training_keeps_the_refusal_preferred_after_an_attack(tmp_path):
+    """The default (DPO) tamper loss: after TAR, an attacked copy still prefers the refusal over the harmful
+    response by more than an attacked copy of the model before TAR (measured about 16.7 nats more)."""
+    model = tiny_causal_lm("llama", seed=0)
+    probe = _trainer(tmp_path / "probe", model, per_device_train_batch_size=8)
+    batch = probe._prepare_inputs(next(iter(probe.get_train_dataloader())))
+    harm, refusal = probe.side(batch, "harmful"), probe.side(batch, "harmless")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(15):  # a "capable" starting model that writes the harmful responses
+        opt.zero_grad()
+        model(**harm).loss.backward()
+        opt.step()
+    control = copy.deepcopy(model)
+    tar = TARTrainer(
+        model=model,
+        args=_config(tmp_path, max_steps=8, inner_steps=4, tr_every=2, learning_rate=3e-3),
+        harmful_dataset=make_pairs(8),
+        processing_class=tiny_tokenizer(),
+    )
+    assert tar.args.tamper_loss == "dpo"
+    tar.train()
+    defended, before = (
+        _post_attack_preference(model, harm, refusal),
+        _post_attack_preference(control, harm, refusal),
+    )
+    print(f"post-attack preference (nats): before TAR {before:.2f}, after {defended:.2f}")
+    assert defended > before + 5.0
+
+
 def test_too_few_pairs_or_attacker_rows_are_data_errors(tmp_path):
     from immune_trainer.errors import DataError
 
