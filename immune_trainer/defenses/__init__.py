@@ -129,8 +129,9 @@ register_defense(
     "tar",
     TARConfig,
     TARTrainer,
-    "Tamper-resistant training: first-order meta-learning against a simulated fine-tuning attacker (max-entropy "
-    "or DPO refusal-preference tamper-resistance loss) with LM and representation retain losses.",
+    "Tamper-resistant training: first-order meta-learning against simulated fine-tuning attackers (the "
+    "reference's learning rates and warm-up adversary; a DPO refusal-preference tamper-resistance loss by "
+    "default, or max-entropy) with LM and representation retain losses.",
 )
 register_defense(
     "security_vectors",
