@@ -39,9 +39,13 @@ Departures from the reference (rishub-tamirisa/tamper-resistance, ``modules/trai
   linearly, ``lr (k + 1) / W`` up to the drawn rate, so its rates never exceed the drawn ones;
 - ``K`` is 8 by default (reference 64) and ``adversary_warmup_steps`` is scaled with it (the reference's 20
   of 64 steps);
-- benign adversaries are off by default (a retain set is optional here), and the reference's
-  ``retain_forget_switch`` adversary (benign data up to a Beta(6, 3)-drawn step, then harmful) is not
-  implemented.
+- in the reference's refusal (DPO) setting (``get_tar_dpo_dataloaders``) the attacker trains on the harmful
+  (rejected) completions of the very loader the held-out DPO batches come from; here the two are disjoint
+  rows (``adversary_fraction``);
+- benign adversaries are off by default, as in that setting, whose only adversary is the harmful-completion
+  one (its loop's default mixes 35% benign adversaries: ``benign_adversary_probability``, with a retain set);
+  the ``retain_forget_switch`` adversary of its bio/cyber scripts (benign data up to a Beta(6, 3)-drawn step,
+  then harmful) is not implemented.
 """
 
 from __future__ import annotations
