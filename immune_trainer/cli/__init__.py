@@ -67,6 +67,7 @@ COMMANDS = (
     "push",
     "verify",
     "compare",
+    "leaderboard",
     "schema",
     "defenses",
     "scorers",
@@ -87,6 +88,7 @@ commands:
   push       push an immunized model folder and its card to the Hub
   verify     re-measure every claim of a model card (both models, the recorded data): PASSED, PARTIAL, FAILED
   compare    put reports side by side (defenses x attack families): table, CSV, heatmap
+  leaderboard  every defense on the embedded default under one attack, ranked (or --reports R...)
   schema     print the JSON Schema of the immunization report
   defenses | scorers | attacks   list what is registered
 
@@ -141,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             from ..conditions.compare import cmd_compare
 
             return cmd_compare(rest)
+        if command == "leaderboard":
+            from .leaderboard import cmd_leaderboard
+
+            return cmd_leaderboard(rest)
         if command == "schema":
             import argparse
 

