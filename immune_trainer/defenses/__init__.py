@@ -160,6 +160,18 @@ register_defense(
     "(Simko et al. 2025).",
 )
 
+# --- SEAM, CTRAP, SDD (self-destructive defenses and SDD) ---
+from .seam import SEAMConfig, SEAMTrainer  # noqa: E402
+
+register_defense(
+    "seam",
+    SEAMConfig,
+    SEAMTrainer,
+    "Self-destructive model: harmful and benign gradients coupled to point in opposite directions "
+    "(cos(g_harmful, g_benign), Hessian-free estimate) with bounded ascent on harmful data and refusal CE "
+    "(Wang et al. 2025); needs a retain (benign) set.",
+)
+
 __all__ = [
     "DEFENSES",
     "BoosterConfig",
@@ -173,6 +185,8 @@ __all__ = [
     "RepNoiseTrainer",
     "ReroutingConfig",
     "ReroutingTrainer",
+    "SEAMConfig",
+    "SEAMTrainer",
     "SecurityVectorConfig",
     "SecurityVectorTrainer",
     "TARConfig",
