@@ -171,12 +171,23 @@ register_defense(
     "(cos(g_harmful, g_benign), Hessian-free estimate) with bounded ascent on harmful data and refusal CE "
     "(Wang et al. 2025); needs a retain (benign) set.",
 )
+from .ctrap import CTRAPConfig, CTRAPTrainer  # noqa: E402
+
+register_defense(
+    "ctrap",
+    CTRAPConfig,
+    CTRAPTrainer,
+    "Collapse trap: alignment + lambda x collapse loss (predict one fixed token) after a simulated harmful "
+    "update, so that harmful fine-tuning collapses the model (Yi, Huang et al. 2025).",
+)
 
 __all__ = [
     "DEFENSES",
     "BoosterConfig",
     "BoosterTrainer",
     "CRLConfig",
+    "CTRAPConfig",
+    "CTRAPTrainer",
     "CRLTrainer",
     "DefenseSpec",
     "GradientAscentConfig",
