@@ -180,6 +180,15 @@ register_defense(
     "Collapse trap: alignment + lambda x collapse loss (predict one fixed token) after a simulated harmful "
     "update, so that harmful fine-tuning collapses the model (Yi, Huang et al. 2025).",
 )
+from .sdd import SDDConfig, SDDTrainer, sdd_dataset  # noqa: E402
+
+register_defense(
+    "sdd",
+    SDDConfig,
+    SDDTrainer,
+    "Self-degraded defense: supervised fine-tuning on harmful prompts answered by high-quality but irrelevant "
+    "benign responses (Chen et al. 2025, TamperBench's defenses/sdd); needs a retain (benign) set.",
+)
 
 __all__ = [
     "DEFENSES",
@@ -196,6 +205,8 @@ __all__ = [
     "RepNoiseTrainer",
     "ReroutingConfig",
     "ReroutingTrainer",
+    "SDDConfig",
+    "SDDTrainer",
     "SEAMConfig",
     "SEAMTrainer",
     "SecurityVectorConfig",
@@ -209,6 +220,7 @@ __all__ = [
     "get_defense",
     "list_defenses",
     "register_defense",
+    "sdd_dataset",
     "security_vector_hook",
     "without_security_vector",
 ]
