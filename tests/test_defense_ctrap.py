@@ -153,3 +153,80 @@ def test_registry_defaults_and_bad_input(tmp_path):
             harmful_dataset=make_pairs(4),
             processing_class=tiny_tokenizer(),
         )
+
+
+def _train_identical(out_dir, ga, peft_config=None):
+    """SGD on one repeated harmful row and one repeated benign row: every micro-batch is the same, so correct
+    gradient accumulation gives the same weights for any number of accumulation steps."""
+    import datasets
+
+    row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
+    args = CTRAPConfig(
+        output_dir=str(out_dir),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=ga,
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        refusal_column="refusal",
+        max_length=64,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        lamb=1.0,
+        alpha=0.5,
+    )
+    trainer = CTRAPTrainer(
+        model=tiny_causal_lm("qwen2", seed=1),
+        args=args,
+        harmful_dataset=datasets.Dataset.from_list([row] * 16),
+        retain_dataset=datasets.Dataset.from_list([{"prompt": "What is 2 + 2?", "completion": "4."}] * 16),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    return trainer.model, before
+
+
+def test_gradient_accumulation_and_lora(tmp_path):
+    from peft import LoraConfig
+
+    (one, _), (two, _) = (_train_identical(tmp_path / f"ga{ga}", ga) for ga in (1, 2))
+    torch.testing.assert_close(
+        torch.cat([p.detach().flatten() for p in one.parameters()]),
+        torch.cat([p.detach().flatten() for p in two.parameters()]),
+        atol=1e-6,
+        rtol=1e-5,
+    )
+    lora, before = _train_identical(
+        tmp_path / "lora", 1, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    changed = {n for n, p in lora.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_weights_restored_when_the_lookahead_pass_fails(tmp_path):
+    model = tiny_causal_lm("llama", seed=4)
+    trainer = CTRAPTrainer(
+        model=model,
+        args=_config(tmp_path, alpha=0.5),
+        harmful_dataset=make_pairs(4),
+        retain_dataset=make_benign(4),
+        processing_class=tiny_tokenizer(),
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory at the look-ahead weights")
+
+    trainer.collapse_of = failing
+    with pytest.raises(RuntimeError, match="look-ahead"):
+        trainer.training_step(model, batch)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=1e-6, msg=n)
