@@ -50,9 +50,11 @@ def test_collapse_loss_by_hand():
         collapse_loss(logits, labels, 3)
 
 
-def test_gradient_is_align_plus_lambda_collapse_at_the_lookahead(tmp_path):
-    """One step's gradient = grad L_align(theta) + lambda grad L_collapse(theta - alpha grad L_harm(theta)),
-    computed here independently (first-order, as documented), and the weights are put back."""
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradient_is_align_plus_lambda_collapse_at_the_lookahead(tmp_path, normalize):
+    """One step's gradient = grad L_align(theta) + lambda grad L_collapse(theta + d) with the step
+    d = -alpha g/||g|| (or -alpha g), g = grad L_harm(theta), computed here independently (first-order, as
+    documented); the weights are put back."""
     model = tiny_causal_lm("gpt2", hidden_size=16, num_layers=2, seed=3).double()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -60,7 +62,7 @@ def test_gradient_is_align_plus_lambda_collapse_at_the_lookahead(tmp_path):
     lamb, alpha = 2.0, 0.3
     trainer = CTRAPTrainer(
         model=model,
-        args=_config(tmp_path, lamb=lamb, alpha=alpha),
+        args=_config(tmp_path, lamb=lamb, alpha=alpha, normalize_step=normalize),
         harmful_dataset=make_pairs(4),
         retain_dataset=make_benign(4),
         processing_class=tiny_tokenizer(),
@@ -80,9 +82,10 @@ def test_gradient_is_align_plus_lambda_collapse_at_the_lookahead(tmp_path):
     g = torch.autograd.grad(_ce(model, trainer.side(batch, "harmful")), params)
     align = _ce(model, trainer.side(batch, "harmless")) + _ce(model, retain)
     expected = list(torch.autograd.grad(align, params))
+    norm = torch.sqrt(sum((x**2).sum() for x in g)) if normalize else 1.0
     with torch.no_grad():
         for p, w, x in zip(params, w0, g):
-            p.copy_(w - alpha * x)
+            p.copy_(w - alpha * x / norm)
     logits = model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
     shifted = torch.autograd.grad(collapse_loss(logits, retain["labels"], e), params)
     with torch.no_grad():
@@ -97,7 +100,7 @@ def test_a_harmful_step_springs_the_trap_a_benign_step_does_not(tmp_path):
     """After CTRAP, the simulated harmful step raises log p(e) on general data (lowers the collapse loss)
     more than a benign step of the same length does, and more than on the undefended model."""
     undefended = tiny_causal_lm("llama", seed=0)
-    alpha = 0.3  # a step of length ~0.5 on this model: 0.1 moves it too little to set a trap in 10 steps
+    alpha = 0.5  # the step's length; 0.1 moves this tiny model too little to set a trap in 10 steps
     trainer = CTRAPTrainer(
         model=tiny_causal_lm("llama", seed=0),
         args=_config(tmp_path, lamb=1.0, alpha=alpha, max_steps=10),
@@ -125,10 +128,7 @@ def test_a_harmful_step_springs_the_trap_a_benign_step_does_not(tmp_path):
         return before - after, float(norm)
 
     model = trainer.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    length = alpha * float(
-        torch.sqrt(sum((x**2).sum() for x in torch.autograd.grad(_ce(model, harmful), params)))
-    )
+    length = alpha  # the simulated harmful step of training: length alpha along -g/||g||
     harmful_drop, _ = collapse_drop(model, harmful, length)
     benign_drop, _ = collapse_drop(model, other_benign, length)
     base_drop, _ = collapse_drop(undefended, harmful, length)
@@ -141,7 +141,7 @@ def test_registry_defaults_and_bad_input(tmp_path):
     spec = get_defense("ctrap")
     assert spec.trainer_class is CTRAPTrainer and spec.paper["id"] == "2505.16559"
     cfg = CTRAPConfig(output_dir=str(tmp_path), report_to="none")
-    assert (cfg.lamb, cfg.alpha, cfg.normalize_step, cfg.collapse_token) == (0.1, 0.1, False, None)
+    assert (cfg.lamb, cfg.alpha, cfg.normalize_step, cfg.collapse_token) == (0.1, 0.1, True, None)
     with pytest.raises(ConfigError, match="lamb"):
         _config(tmp_path, lamb=0.0)
     with pytest.raises(ConfigError, match="alpha"):

@@ -10,7 +10,7 @@ fine-tuning. Collapse means predicting one fixed token ``e`` whatever the contex
 and the trap is set during alignment by asking that the collapse loss be LOW after a simulated harmful
 update, while the unperturbed model keeps its alignment and utility::
 
-    L(theta) = L_align(theta) + lambda * L_collapse(theta - alpha * grad L_harm(theta); D)
+    L(theta) = L_align(theta) + lambda * L_collapse(theta - alpha * g / ||g||; D),   g = grad L_harm(theta)
 
 with ``L_align`` the CE of the refusals to the harmful prompts (``harmless_weight``) plus the CE of the
 retain set (``retain_weight``), and ``L_harm`` the CE of the harmful responses (the attacker's loss). Its
@@ -20,8 +20,9 @@ the identity. Three passes per step:
 
 1. harmful forward at ``theta``: ``g = grad L_harm(theta)`` (``torch.autograd.grad``, nothing written to
    ``.grad``);
-2. the weights moved to ``theta - alpha g``, collapse forward on ``D``, backward ``lambda L_collapse``
-   (local, no sync), the weights put back (``(theta - alpha g) + alpha g``, exact to float rounding);
+2. the weights moved by the step ``d = -alpha g / ||g||``, collapse forward on ``D``, backward
+   ``lambda L_collapse`` (local, no sync), the weights put back (``(theta + d) - d``, exact to float
+   rounding);
 3. alignment forward at ``theta`` (refusals + retain set), the synchronised backward on top.
 
 Memory: one parameter-sized buffer (``g``) beyond a plain step.
@@ -30,8 +31,10 @@ What comes from the paper and what does not. No reference code was found on GitH
 was released on an anonymous host, not reachable here); the collapse loss above is the paper's. The
 following are our reading or our choice, and are configurable:
 
-- the look-ahead step is a plain gradient step ``alpha * grad L_harm`` (``normalize_step=True`` makes it
-  ``alpha * g / ||g||``, Booster's normalised step);
+- the look-ahead step is normalised, ``alpha * g / ||g||`` (Booster's step, the same group's): the length
+  of a plain step ``alpha * g`` follows the gradient norm, which differs by orders of magnitude between
+  models and between full and LoRA training, so one ``alpha`` would not mean the same step on two
+  models; ``normalize_step=False`` takes the plain step ``alpha * grad L_harm``;
 - ``D``, the data the collapse is asked on: the retain set when one is given (the general capability the
   trap should destroy), else the harmful pairs themselves;
 - the collapse token ``e``: the tokenizer's eos token unless ``collapse_token`` names another (one
@@ -102,9 +105,9 @@ class CTRAPConfig(ImmunizationConfig):
         lamb (`float`, defaults to `0.1`):
             Weight ``lambda`` of the collapse loss at the look-ahead weights.
         alpha (`float`, defaults to `0.1`):
-            Step size of the simulated harmful update ``theta - alpha * grad L_harm``.
-        normalize_step (`bool`, defaults to `False`):
-            Take the step along ``grad L_harm / ||grad L_harm||`` (length ``alpha``) instead.
+            Length of the simulated harmful update ``theta - alpha * g / ||g||``, ``g = grad L_harm``.
+        normalize_step (`bool`, defaults to `True`):
+            Normalise the step as above; `False` takes the plain step ``theta - alpha * g``.
         collapse_token (`str` or `None`, defaults to `None`):
             The token a collapsed model predicts everywhere (one token of the tokenizer); `None` is the eos
             token.
@@ -116,11 +119,15 @@ class CTRAPConfig(ImmunizationConfig):
     )
     alpha: float = field(
         default=0.1,
-        metadata={"help": "Step size alpha of the simulated harmful update theta - alpha * grad L_harm."},
+        metadata={
+            "help": "Length alpha of the simulated harmful update theta - alpha * g/||g|| (g = grad L_harm)."
+        },
     )
     normalize_step: bool = field(
-        default=False,
-        metadata={"help": "Step along grad L_harm / ||grad L_harm|| (length alpha) instead of alpha * grad."},
+        default=True,
+        metadata={
+            "help": "Normalise the simulated harmful step (length alpha); False: the plain step alpha * g."
+        },
     )
     collapse_token: str | None = field(
         default=None,

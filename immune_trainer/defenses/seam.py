@@ -236,10 +236,15 @@ class SEAMTrainer(ImmunizationTrainer):
         structure = self.decoder_structure(model)
         terms: dict[str, torch.Tensor] = {}
         # Pass 5's weights: alpha (harmless_weight) on the refusals, retain_weight on the same benign batch.
-        final_sync = args.harmless_weight > 0 or args.retain_weight > 0  # else pass 4 is the synced backward
+        final_sync = args.harmless_weight > 0 or args.retain_weight > 0
+        # The last backward of the step synchronises gradients under DDP: pass 5, else pass 4, else pass 1.
+        sync_first = not final_sync and args.beta == 0
 
         # Pass 1 (local): L_ul's backward, and g_a = grad L_a from the same forward (L_a = its output CE).
-        with self.no_sync(model), self.compute_loss_context_manager():
+        with (
+            contextlib.nullcontext() if sync_first else self.no_sync(model),
+            self.compute_loss_context_manager(),
+        ):
             ascent, harm = logit_lens_ascent(model, structure, harmful)
             g_a = list(torch.autograd.grad(harm, params, retain_graph=True, allow_unused=True))
             self.accelerator.backward(-ascent * scale)
