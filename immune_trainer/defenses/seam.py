@@ -26,7 +26,7 @@ estimate against autograd's exact gradient of ``cos(g_a, g_b)`` within this boun
 Formula, weights and defaults from the reference code (ZJUWYH/seam, ``src/core/trainer.py`` and
 ``config/train.yaml``): alpha 1, beta 0.01, eps 1e-3; full fine-tuning at lr 2e-5, batch 4, cosine
 schedule with 10% warm-up, no gradient clipping, one epoch over 8000 harmful examples. Set
-``lr_scheduler_type``, ``warmup_ratio``, ``max_grad_norm`` and the budget for that setting
+``lr_scheduler_type``, ``warmup_steps`` (0.1: a ratio), ``max_grad_norm`` and the budget for that setting
 (``SEAMConfig.reference()`` does).
 
 Cost per step: five forwards and backwards (the reference runs six): the harmful forward gives both
