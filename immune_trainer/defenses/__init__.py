@@ -161,11 +161,43 @@ register_defense(
     "(Simko et al. 2025).",
 )
 
+# --- SEAM, CTRAP, SDD (self-destructive defenses and SDD) ---
+from .seam import SEAMConfig, SEAMTrainer  # noqa: E402
+
+register_defense(
+    "seam",
+    SEAMConfig,
+    SEAMTrainer,
+    "Self-destructive model: harmful and benign gradients coupled to point in opposite directions "
+    "(cos(g_harmful, g_benign), Hessian-free estimate) with bounded ascent on harmful data and refusal CE "
+    "(Wang et al. 2025); needs a retain (benign) set.",
+)
+from .ctrap import CTRAPConfig, CTRAPTrainer  # noqa: E402
+
+register_defense(
+    "ctrap",
+    CTRAPConfig,
+    CTRAPTrainer,
+    "Collapse trap: alignment + lambda x collapse loss (predict one fixed token) after a simulated harmful "
+    "update, so that harmful fine-tuning collapses the model (Yi, Huang et al. 2025).",
+)
+from .sdd import SDDConfig, SDDTrainer, sdd_dataset  # noqa: E402
+
+register_defense(
+    "sdd",
+    SDDConfig,
+    SDDTrainer,
+    "Self-degraded defense: supervised fine-tuning on harmful prompts answered by high-quality but irrelevant "
+    "benign responses (Chen et al. 2025, TamperBench's defenses/sdd); needs a retain (benign) set.",
+)
+
 __all__ = [
     "DEFENSES",
     "BoosterConfig",
     "BoosterTrainer",
     "CRLConfig",
+    "CTRAPConfig",
+    "CTRAPTrainer",
     "CRLTrainer",
     "DefenseSpec",
     "GradientAscentConfig",
@@ -174,6 +206,10 @@ __all__ = [
     "RepNoiseTrainer",
     "ReroutingConfig",
     "ReroutingTrainer",
+    "SDDConfig",
+    "SDDTrainer",
+    "SEAMConfig",
+    "SEAMTrainer",
     "SecurityVectorConfig",
     "SecurityVectorTrainer",
     "TARConfig",
@@ -185,6 +221,7 @@ __all__ = [
     "get_defense",
     "list_defenses",
     "register_defense",
+    "sdd_dataset",
     "security_vector_hook",
     "without_security_vector",
 ]
