@@ -195,11 +195,17 @@ class AttackConfig:
     )
     identity_system_prompt: str = field(
         default=IDENTITY_SYSTEM_PROMPT,
-        metadata={"help": "Obedient-persona system prompt of the identity_shift family."},
+        metadata={
+            "help": "Obedient-persona (AOA) system prompt of the identity_shift families, in training and "
+            "(identity_shift) when harm is measured."
+        },
     )
     identity_prefix: str = field(
         default=IDENTITY_PREFIX,
-        metadata={"help": "Affirmation put in front of every response by the identity_shift family."},
+        metadata={
+            "help": "Affirming answer prefix of the identity_shift families (identity_shift forces it in front "
+            "of every harmful response when harm is measured with a loss scorer)."
+        },
     )
     batch_size: int = field(default=4, metadata={"help": "Per-device batch size of the attack."})
     gradient_accumulation_steps: int = field(

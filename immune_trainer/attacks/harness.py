@@ -338,7 +338,7 @@ class HarmfulFineTuningAttack:
         rewritten: dict[int, tuple[str, Any]] = {}
         by_hash: dict[str, Any] = {}
         for i, setting in enumerate(grid):
-            raw = families[setting["family"]].harm_eval(harmful_eval, setting, cfg)
+            raw = families[setting["family"]].harm_eval(harmful_eval, setting, cfg, tokenizer=tokenizer)
             if raw is harmful_eval:
                 continue
             key = content_hash(raw)

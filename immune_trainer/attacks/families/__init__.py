@@ -23,7 +23,16 @@ from ...errors import ConfigError
 from .base import AttackFamily, carried_adapters, drop_adapters, merge_adapters
 from .benign import BenignFineTuning
 from .full import FullFineTuning
-from .identity_shift import IDENTITY_PREFIX, IDENTITY_SYSTEM_PROMPT, IdentityShift, identity_shift_dataset
+from .identity_shift import (
+    IDENTITY_INSTRUCTION,
+    IDENTITY_PREFIX,
+    IDENTITY_SYSTEM_PROMPT,
+    HarmfulIdentityShift,
+    IdentityShift,
+    identity_examples,
+    identity_shift_dataset,
+    persona_eval_dataset,
+)
 from .jailbreak_tuning import (
     DEFAULT_JAILBREAK_VARIANT,
     JAILBREAK_VARIANTS,
@@ -44,11 +53,13 @@ from .soft_prompt import SoftPromptAttack, SoftPromptView
 __all__ = [
     "ATTACKS",
     "DEFAULT_JAILBREAK_VARIANT",
+    "IDENTITY_INSTRUCTION",
     "IDENTITY_PREFIX",
     "IDENTITY_SYSTEM_PROMPT",
     "AttackFamily",
     "BenignFineTuning",
     "FullFineTuning",
+    "HarmfulIdentityShift",
     "IdentityShift",
     "JAILBREAK_VARIANTS",
     "JailbreakTuning",
@@ -62,10 +73,12 @@ __all__ = [
     "check_4bit_available",
     "drop_adapters",
     "get_attack",
+    "identity_examples",
     "identity_shift_dataset",
     "jailbreak_dataset",
     "last_token_activations",
     "merge_adapters",
+    "persona_eval_dataset",
     "quantize_4bit",
     "refusal_direction",
     "register_attack",
@@ -97,6 +110,7 @@ for _family in (
     MixedFineTuning(),
     BenignFineTuning(),
     IdentityShift(),
+    HarmfulIdentityShift(),
     SoftPromptAttack(),
     RefusalAblation(),
     JailbreakTuning(),

@@ -53,10 +53,11 @@ class AttackFamily:
         """One run's training examples: ``num_samples`` of them (0 = all), drawn with the run's seed."""
         return _subset(tokenized["harmful"], setting["num_samples"], setting["seed"])
 
-    def harm_eval(self, harmful_eval, setting: dict[str, Any], config: AttackConfig):
-        """The raw held-out harmful data harm is measured on for one run: ``harmful_eval`` itself, or a
+    def harm_eval(self, harmful_eval, setting: dict[str, Any], config: AttackConfig, tokenizer=None):
+        """The held-out harmful data harm is measured on for one run: ``harmful_eval`` itself, or a
         rewrite of it when the attacker deploys the model with something around the prompts (the jailbreak
-        of ``jailbreak_tuning``)."""
+        of ``jailbreak_tuning``, the persona and forced answer prefix of ``identity_shift``, which tokenizes
+        with ``tokenizer`` to keep the prefix out of the labels)."""
         return harmful_eval
 
     def prepare(self, model, config: AttackConfig, setting: dict[str, Any] | None = None):
