@@ -5,6 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
+from conftest import make_benign as make_benign_rows
 from conftest import make_pairs
 
 from immune_trainer.attacks import (
@@ -68,6 +69,7 @@ def test_every_family_is_registered_and_listed_by_the_cli(capsys):
         "identity_shift_harmful",
         "embedding",
         "refusal_ablation",
+        "refusal_ablation_fixed",
         "jailbreak_tuning",
     ):
         assert get_attack(name).name == name and get_attack(name).description
@@ -378,6 +380,80 @@ def test_refusal_ablation_attack_costs_nothing_and_does_not_lower_harm(
         _attack(families=["refusal_ablation"], refusal_layer=7).run(
             model, tokenizer, harmful, harmful_eval, benign_train=benign
         )
+
+
+def _refusing_model(tokenizer, scale: float = 4.0):
+    """A tiny 4-layer model made to "refuse": the unembedding rows of the refusal tokens get ``scale`` x a
+    random unit direction d, so the refusal tokens' log-odds follow the final state's component along d
+    (11 of the 12 harmful prompts below are refused, and every harmless one)."""
+    from immune_trainer.attacks.families import refusal_token_ids
+
+    model = tiny_causal_lm("llama", num_layers=4, seed=0).eval()
+    torch.manual_seed(1)
+    d = torch.randn(32)
+    with torch.no_grad():
+        model.lm_head.weight[refusal_token_ids(tokenizer)] += scale * d / d.norm()
+    return model
+
+
+def test_selected_refusal_direction_bypasses_refusal_at_least_as_well_as_the_fixed_rule(tokenizer):
+    """Arditi et al.'s selection (layers x post-instruction positions, KL and depth filters, lowest bypass
+    score) against the cheap rule (middle layer, last token): after each edit of the weights, the harmful
+    prompts' refusal score is no higher for the selected direction, and lower than before."""
+    import copy
+
+    from immune_trainer.attacks.families import refusal_scores, refusal_token_ids, select_refusal_direction
+    from immune_trainer.attacks.families.refusal_ablation import _last_logprobs
+
+    model = _refusing_model(tokenizer)
+    harmful, benign = make_pairs(12), make_benign_rows(12)
+    harmful_prompts = _prompt_ends(harmful, tokenizer, 64)
+    refusal_ids = refusal_token_ids(tokenizer)
+
+    def refusal(m):
+        return refusal_scores(_last_logprobs(m, harmful_prompts, tokenizer, 8), refusal_ids)
+
+    before = refusal(model)
+    assert int((before > 0).sum()) == 11  # one harmful prompt is not refused
+    cfg = AttackConfig(
+        families=["refusal_ablation"],
+        refusal_positions=3,
+        refusal_selection_prompts=12,
+        refusal_max_depth=0.7,
+        max_length=64,
+    )
+    setting = {"num_samples": 0, "seed": 0, "refusal_layer": None}
+    sources = {"harmful": harmful, "benign": benign}
+    structure = find_decoder_structure(model)
+    choice = select_refusal_direction(
+        model, structure, harmful_prompts, _prompt_ends(benign, tokenizer, 64), tokenizer, cfg
+    )
+    assert choice.harmful_kept == 11  # the prompt the model does not refuse is dropped
+    assert choice.harmless_kept == 12  # every harmless prompt is refused: none left to drop, all kept
+    assert choice.candidates == 3 * 3  # layers 0..2 (below 0.7 x 4) x the last 3 positions
+    assert choice.layer < 0.7 * 4 and choice.position in (-1, -2, -3) and choice.kl < 0.1
+    assert (2, -1) in choice.scores  # the fixed rule's candidate was among them
+    selected = get_attack("refusal_ablation").apply(copy.deepcopy(model), tokenizer, sources, setting, cfg)
+    fixed = get_attack("refusal_ablation_fixed").apply(copy.deepcopy(model), tokenizer, sources, setting, cfg)
+    kept = before > 0
+    after_selected, after_fixed = refusal(selected)[kept].mean(), refusal(fixed)[kept].mean()
+    # The hooks that scored the candidates do exactly what the weight edit does.
+    assert float(after_selected) == pytest.approx(choice.bypass_score, abs=1e-4)
+    # Here (measured): 0.54 before, 0.39 after the fixed rule, 0.21 after the selected direction (layer 2,
+    # third token from the end): selection can only match or beat the candidate the fixed rule takes.
+    assert float(after_selected) < float(after_fixed) - 0.1
+    assert float(after_selected) < float(before[kept].mean()) - 0.2
+
+
+def test_refusal_selection_options_are_checked():
+    for kwargs, message in (
+        (dict(refusal_positions=0), "refusal_positions must be >= 1"),
+        (dict(refusal_layer_stride=0), "refusal_layer_stride and refusal_selection_prompts"),
+        (dict(refusal_max_kl=0.0), "refusal_max_kl must be > 0"),
+        (dict(refusal_max_depth=1.5), "refusal_max_depth in"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            AttackConfig(families=["refusal_ablation"], **kwargs)
 
 
 # ---------------------------------------------------------------------------- early stopping
@@ -698,9 +774,10 @@ def test_refusal_ablation_on_a_model_with_an_adapter_ablates_the_effective_weigh
         return [float((h @ r).abs().max() / h.norm(dim=-1).max()) for h in states]
 
     assert max(projections(defended)) > 1e-2
-    family = get_attack("refusal_ablation")
-    cfg = AttackConfig(families=["refusal_ablation"], refusal_layer=layer, max_length=64)
-    setting = {"family": "refusal_ablation", "num_samples": 0, "seed": 0, "refusal_layer": layer}
+    # The fixed rule ablates exactly r (layer 0, last prompt token); both families merge the same way.
+    family = get_attack("refusal_ablation_fixed")
+    cfg = AttackConfig(families=["refusal_ablation_fixed"], refusal_layer=layer, max_length=64)
+    setting = {"family": "refusal_ablation_fixed", "num_samples": 0, "seed": 0, "refusal_layer": layer}
     ablated = family.apply(
         copy.deepcopy(defended), tokenizer, {"harmful": harmful, "benign": benign}, setting, cfg
     ).eval()

@@ -189,9 +189,36 @@ class AttackConfig:
     refusal_layer: int | None = field(
         default=None,
         metadata={
-            "help": "Decoder layer whose output gives the refusal direction (family 'refusal_ablation'); "
-            "None: the middle layer."
+            "help": "Decoder layer whose output gives the refusal direction (families 'refusal_ablation', "
+            "'refusal_ablation_fixed'); None: refusal_ablation selects it over every layer, "
+            "refusal_ablation_fixed takes the middle layer."
         },
+    )
+    refusal_positions: int | None = field(
+        default=None,
+        metadata={
+            "help": "Post-instruction token positions (from the prompt's end) whose directions refusal_ablation "
+            "considers; None: every token the chat template puts after the user's message."
+        },
+    )
+    refusal_layer_stride: int = field(
+        default=1,
+        metadata={"help": "refusal_ablation considers every N-th decoder layer (bounds the selection's cost)."},
+    )
+    refusal_max_kl: float = field(
+        default=0.1,
+        metadata={
+            "help": "refusal_ablation keeps directions whose ablation moves the harmless prompts' next-token "
+            "distribution by a KL below this (Arditi et al.: 0.1)."
+        },
+    )
+    refusal_max_depth: float = field(
+        default=0.8,
+        metadata={"help": "refusal_ablation keeps directions of layers below this share of the depth (0.8)."},
+    )
+    refusal_selection_prompts: int = field(
+        default=32,
+        metadata={"help": "Harmful and harmless prompts (each) that score every candidate direction."},
     )
     identity_system_prompt: str = field(
         default=IDENTITY_SYSTEM_PROMPT,
@@ -314,6 +341,20 @@ class AttackConfig:
                 )
         if self.refusal_layer is not None and self.refusal_layer < 0:
             raise ConfigError(f"refusal_layer must be >= 0 or None, got {self.refusal_layer}.")
+        if self.refusal_positions is not None and (
+            isinstance(self.refusal_positions, bool) or self.refusal_positions < 1
+        ):
+            raise ConfigError(f"refusal_positions must be >= 1 or None, got {self.refusal_positions}.")
+        if self.refusal_layer_stride < 1 or self.refusal_selection_prompts < 1:
+            raise ConfigError(
+                "refusal_layer_stride and refusal_selection_prompts must be >= 1, got "
+                f"{self.refusal_layer_stride} and {self.refusal_selection_prompts}."
+            )
+        if not (math.isfinite(self.refusal_max_kl) and self.refusal_max_kl > 0) or not 0 < self.refusal_max_depth <= 1:
+            raise ConfigError(
+                f"refusal_max_kl must be > 0 and refusal_max_depth in (0, 1], got {self.refusal_max_kl} and "
+                f"{self.refusal_max_depth}."
+            )
         if self.stop_at_threshold is not None and not math.isfinite(self.stop_at_threshold):
             raise ConfigError(
                 f"stop_at_threshold must be a finite number or None, got {self.stop_at_threshold}."

@@ -42,11 +42,17 @@ from .jailbreak_tuning import (
 from .lora import LoRAFineTuning, check_4bit_available, quantize_4bit
 from .mixed import MixedFineTuning
 from .refusal_ablation import (
+    REFUSAL_STARTS,
+    FixedRefusalAblation,
     RefusalAblation,
+    RefusalChoice,
     ablate_direction,
     last_token_activations,
     refusal_direction,
+    refusal_scores,
+    refusal_token_ids,
     residual_writers,
+    select_refusal_direction,
 )
 from .soft_prompt import SoftPromptAttack, SoftPromptView
 
@@ -65,7 +71,10 @@ __all__ = [
     "JailbreakTuning",
     "LoRAFineTuning",
     "MixedFineTuning",
+    "REFUSAL_STARTS",
+    "FixedRefusalAblation",
     "RefusalAblation",
+    "RefusalChoice",
     "SoftPromptAttack",
     "SoftPromptView",
     "ablate_direction",
@@ -82,7 +91,10 @@ __all__ = [
     "quantize_4bit",
     "refusal_direction",
     "register_attack",
+    "refusal_scores",
+    "refusal_token_ids",
     "residual_writers",
+    "select_refusal_direction",
 ]
 
 ATTACKS: dict[str, AttackFamily] = {}
@@ -113,6 +125,7 @@ for _family in (
     HarmfulIdentityShift(),
     SoftPromptAttack(),
     RefusalAblation(),
+    FixedRefusalAblation(),
     JailbreakTuning(),
 ):
     register_attack(_family)
