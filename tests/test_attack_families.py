@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import datasets
 import pytest
 import torch
@@ -68,6 +70,7 @@ def test_every_family_is_registered_and_listed_by_the_cli(capsys):
         "identity_shift",
         "identity_shift_harmful",
         "embedding",
+        "embedding_universal",
         "refusal_ablation",
         "refusal_ablation_fixed",
         "jailbreak_tuning",
@@ -303,14 +306,14 @@ def test_identity_shift_harmful_attack_makes_the_model_more_harmful(model, token
 # ---------------------------------------------------------------------------- soft prompt
 
 
-def test_embedding_attack_trains_virtual_tokens_only(model, tokenizer, harmful, harmful_eval):
+def test_universal_embedding_attack_trains_virtual_tokens_only(model, tokenizer, harmful, harmful_eval):
     trained = []
 
     def keep(m):
         trained.append(m)
         return m
 
-    result = _attack(families=["embedding"], learning_rates=[0.3], num_virtual_tokens=4).run(
+    result = _attack(families=["embedding_universal"], learning_rates=[0.3], num_virtual_tokens=4).run(
         model, tokenizer, harmful, harmful_eval, prepare_model=keep
     )
     (curve,) = result.curves
@@ -325,11 +328,82 @@ def test_embedding_attack_trains_virtual_tokens_only(model, tokenizer, harmful, 
     scorer = get_scorer("harmful_loss")
     eval_data = scorer.prepare(tokenizer, harmful_eval)
     with_prompt = scorer.score(
-        get_attack("embedding").deployed(peft_model, curve.config), tokenizer, eval_data
+        get_attack("embedding_universal").deployed(peft_model, curve.config), tokenizer, eval_data
     )
     without = scorer.score(model, tokenizer, eval_data)
     assert with_prompt.value == pytest.approx(curve.points[-1].value, rel=1e-5)
     assert with_prompt.value < without.value
+
+
+def _steerable_model():
+    """A tiny llama whose outputs depend enough on its input for a soft suffix to steer them (random
+    weights with the unembedding scaled up: the plain tiny model predicts almost uniformly whatever it
+    reads)."""
+    model = tiny_causal_lm("llama", hidden_size=64, num_layers=4, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+_SECRETS = ["zebra quartz violin", "maple orbit seven", "copper lantern fog", "velvet canyon nine"]
+
+
+def _distinct_answers():
+    """Held-out pairs whose answers differ from prompt to prompt (as harmful answers do)."""
+    return datasets.Dataset.from_list(
+        [{"prompt": f"Tell me secret {i}.", "completion": f"Sure: {w}."} for i, w in enumerate(_SECRETS)]
+    )
+
+
+def test_per_prompt_suffix_beats_the_universal_soft_prompt_at_equal_budget(tokenizer, harmful):
+    """Schwinn et al.'s attack (a suffix optimised for each held-out prompt) against one universal soft
+    prompt trained on the harmful training pairs, 10 steps each: the per-prompt suffix reaches the lower
+    harmful loss when every prompt wants its own answer."""
+    model, held_out = _steerable_model(), _distinct_answers()
+    common = dict(num_virtual_tokens=8, max_length=64)
+    (per_prompt,) = HarmfulFineTuningAttack(
+        AttackConfig(
+            families=["embedding"], embedding_steps=10, embedding_lr=3e-2, embedding_suffix_init="x x x x", **common
+        )
+    ).run(model, tokenizer, harmful, held_out).curves
+    (universal,) = _attack(
+        families=["embedding_universal"], learning_rates=[1.0], max_steps=10, eval_every=5, **common
+    ).run(model, tokenizer, harmful, held_out).curves
+    (point,) = per_prompt.points
+    assert (point.step, point.tokens, point.flops) == (0, 0, 0.0)  # no weight is trained
+    # Measured (CPU): 15.86 before; 11.36 with the per-prompt suffixes; 12.95 with the universal prompt.
+    assert point.value < per_prompt.config["value_before"] - 3.0
+    assert point.value < _values(universal)[-1] - 1.0
+
+
+def test_per_prompt_suffix_sits_in_the_user_turn_and_serves_its_own_prompt_only(tokenizer):
+    from immune_trainer import data as data_lib
+    from immune_trainer.attacks.families import SuffixView, optimise_suffixes
+
+    model, held_out = _steerable_model().eval(), _distinct_answers()
+    rows = data_lib.ensure_tokenized(held_out, tokenizer, max_length=64)
+    suffixes = optimise_suffixes(model, tokenizer, rows, num_tokens=4, steps=5, lr=3e-2, init="x")
+    assert len(suffixes) == len(rows)
+    for key, (insert, suffix) in suffixes.items():
+        assert suffix.shape == (4, 64)
+        before, after = tokenizer.decode(list(key[:insert])), tokenizer.decode(list(key[insert:]))
+        assert re.search(r"user\nTell me secret \d\.$", before)  # right after the user's message...
+        assert after == "<|im_end|>\n<|im_start|>assistant\n"  # ...before the end of turn and the header
+    scorer = get_scorer("harmful_loss", max_length=64)
+    attacked = scorer.score(SuffixView(model, suffixes), tokenizer, rows).value
+    plain = scorer.score(model, tokenizer, rows).value
+    assert attacked < plain - 0.5
+    # Each prompt is measured with its own suffix: handing every prompt the suffix of another is weaker.
+    keys = list(suffixes)
+    swapped = {k: suffixes[keys[(i + 1) % len(keys)]] for i, k in enumerate(keys)}
+    assert scorer.score(SuffixView(model, swapped), tokenizer, rows).value > attacked + 0.1
+    # A prompt the attack did not optimise runs without a suffix.
+    other = data_lib.ensure_tokenized(make_pairs(2), tokenizer, max_length=64)
+    assert scorer.score(SuffixView(model, suffixes), tokenizer, other).value == pytest.approx(
+        scorer.score(model, tokenizer, other).value, rel=1e-5
+    )
+    with pytest.raises(ConfigError, match="embedding_universal"):
+        SuffixView(model, suffixes).generate(torch.tensor([[1, 2]]))
 
 
 # ---------------------------------------------------------------------------- refusal ablation

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import ConfigError
 from .families import (
     DEFAULT_JAILBREAK_VARIANT,
+    EMBEDDING_SUFFIX_INIT,
     IDENTITY_PREFIX,
     IDENTITY_SYSTEM_PROMPT,
     JAILBREAK_VARIANTS,
@@ -184,7 +185,31 @@ class AttackConfig:
         default=False, metadata={"help": "Run the whole budget even when stop_at_threshold is crossed."}
     )
     num_virtual_tokens: int = field(
-        default=10, metadata={"help": "Trainable soft-prompt tokens (family 'embedding')."}
+        default=10,
+        metadata={
+            "help": "Soft tokens the attacker optimises: the per-prompt suffix (family 'embedding') or the "
+            "universal prompt (family 'embedding_universal')."
+        },
+    )
+    embedding_steps: int = field(
+        default=200,
+        metadata={
+            "help": "Signed gradient steps per held-out prompt of the embedding attack (TamperBench: 200)."
+        },
+    )
+    embedding_lr: float = field(
+        default=1e-3, metadata={"help": "Step size of the embedding attack's signed gradient steps (1e-3)."}
+    )
+    embedding_suffix_init: str = field(
+        default=EMBEDDING_SUFFIX_INIT,
+        metadata={"help": "Text whose token embeddings start the embedding attack's suffix (cycled to length)."},
+    )
+    embedding_target_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Response tokens the embedding attack optimises towards (its first N; 0 = the whole "
+            "held-out harmful response)."
+        },
     )
     refusal_layer: int | None = field(
         default=None,
@@ -341,6 +366,13 @@ class AttackConfig:
                 )
         if self.refusal_layer is not None and self.refusal_layer < 0:
             raise ConfigError(f"refusal_layer must be >= 0 or None, got {self.refusal_layer}.")
+        if self.embedding_steps < 1 or self.embedding_target_tokens < 0:
+            raise ConfigError(
+                f"embedding_steps must be >= 1 and embedding_target_tokens >= 0, got {self.embedding_steps} and "
+                f"{self.embedding_target_tokens}."
+            )
+        if not (math.isfinite(self.embedding_lr) and self.embedding_lr > 0):
+            raise ConfigError(f"embedding_lr must be a positive number, got {self.embedding_lr}.")
         if self.refusal_positions is not None and (
             isinstance(self.refusal_positions, bool) or self.refusal_positions < 1
         ):

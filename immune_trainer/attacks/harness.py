@@ -380,9 +380,10 @@ class HarmfulFineTuningAttack:
                     fingerprint, eval_hash,
                 )
             else:
-                curve = self._run_training_free(
-                    model, tokenizer, data[setting["family"]], run_eval, setting, family
-                )
+                family_sources = data[setting["family"]]
+                if family.attacks_prompts:  # optimised on the prompts it is measured on (embedding)
+                    family_sources = {**family_sources, "eval": family.harm_eval(harmful_eval, setting, cfg)}
+                curve = self._run_training_free(model, tokenizer, family_sources, run_eval, setting, family)
             self._save(setting, curve, fingerprint, phi)
             curves.append(curve)
         return AttackResult(curves=curves, config=cfg)

@@ -54,16 +54,25 @@ from .refusal_ablation import (
     residual_writers,
     select_refusal_direction,
 )
-from .soft_prompt import SoftPromptAttack, SoftPromptView
+from .soft_prompt import (
+    EMBEDDING_SUFFIX_INIT,
+    EmbeddingSuffixAttack,
+    SoftPromptAttack,
+    SoftPromptView,
+    SuffixView,
+    optimise_suffixes,
+)
 
 __all__ = [
     "ATTACKS",
     "DEFAULT_JAILBREAK_VARIANT",
+    "EMBEDDING_SUFFIX_INIT",
     "IDENTITY_INSTRUCTION",
     "IDENTITY_PREFIX",
     "IDENTITY_SYSTEM_PROMPT",
     "AttackFamily",
     "BenignFineTuning",
+    "EmbeddingSuffixAttack",
     "FullFineTuning",
     "HarmfulIdentityShift",
     "IdentityShift",
@@ -77,6 +86,7 @@ __all__ = [
     "RefusalChoice",
     "SoftPromptAttack",
     "SoftPromptView",
+    "SuffixView",
     "ablate_direction",
     "carried_adapters",
     "check_4bit_available",
@@ -87,6 +97,7 @@ __all__ = [
     "jailbreak_dataset",
     "last_token_activations",
     "merge_adapters",
+    "optimise_suffixes",
     "persona_eval_dataset",
     "quantize_4bit",
     "refusal_direction",
@@ -123,6 +134,7 @@ for _family in (
     BenignFineTuning(),
     IdentityShift(),
     HarmfulIdentityShift(),
+    EmbeddingSuffixAttack(),
     SoftPromptAttack(),
     RefusalAblation(),
     FixedRefusalAblation(),

@@ -33,6 +33,10 @@ class AttackFamily:
     # prompt or edit at step 0), so every run of the grid can share one step-0 measurement.
     same_at_start: bool = True
     needs_benign: bool = False
+    # An inference-time attack that optimises on the very prompts harm is measured on (the per-prompt soft
+    # suffix of ``embedding``): the runner hands a training-free family the run's raw held-out set as
+    # ``sources["eval"]``.
+    attacks_prompts: bool = False
     # Adapters the model already carries unmerged (the LoRA of a defense such as rerouting, or of any defense
     # trained with ``peft_config``): True merges the active ones into the weights of the attacked copy before
     # :meth:`prepare` / :meth:`apply`, so the attack starts from the defended model (see
