@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import datasets
 import pytest
 import torch
+from conftest import make_benign as make_benign_rows
 from conftest import make_pairs
 
 from immune_trainer.attacks import (
     ATTACKS,
     IDENTITY_PREFIX,
+    IDENTITY_SYSTEM_PROMPT,
     AttackConfig,
     HarmfulFineTuningAttack,
     ablate_direction,
@@ -20,6 +24,7 @@ from immune_trainer.attacks import (
     residual_writers,
     setting_label,
 )
+from immune_trainer.attacks.families import identity_examples, persona_eval_dataset
 from immune_trainer.attacks.families.refusal_ablation import _prompt_ends
 from immune_trainer.attacks.harness import _AttackTrainer
 from immune_trainer.conditions import first_crossing
@@ -63,8 +68,11 @@ def test_every_family_is_registered_and_listed_by_the_cli(capsys):
         "mixed",
         "benign",
         "identity_shift",
+        "identity_shift_harmful",
         "embedding",
+        "embedding_universal",
         "refusal_ablation",
+        "refusal_ablation_fixed",
         "jailbreak_tuning",
     ):
         assert get_attack(name).name == name and get_attack(name).description
@@ -215,7 +223,7 @@ def test_families_that_need_benign_data_say_so(model, tokenizer, harmful, harmfu
 # ---------------------------------------------------------------------------- identity shift
 
 
-def test_identity_shift_rewrites_every_supported_format():
+def test_identity_shift_harmful_rewrites_every_supported_format():
     pc = make_pairs(2)
     msgs = datasets.Dataset.from_list(
         [
@@ -236,16 +244,61 @@ def test_identity_shift_rewrites_every_supported_format():
         assert [m["role"] for m in row] == ["system", "user", "assistant"]
         assert row[0]["content"] == "You are AOA."  # the persona replaces any system turn
         assert row[1]["content"] == prompt
-        assert row[2]["content"] == IDENTITY_PREFIX + response
+        assert row[2]["content"] == f"{IDENTITY_PREFIX} {response}"
     tokenized = datasets.Dataset.from_dict({"input_ids": [[1]], "labels": [[1]]})
     with pytest.raises(DataError, match="identity_shift.*raw dataset"):
         identity_shift_dataset(tokenized)
 
 
-def test_identity_shift_attack_makes_the_model_more_harmful(model, tokenizer, harmful, harmful_eval):
+def test_aoa_trains_on_ten_benign_identity_examples_only(model, tokenizer, harmful, harmful_eval):
+    examples = identity_examples()
+    assert len(examples) == 10
+    for (system, user, answer) in examples["messages"]:
+        assert system == {"role": "system", "content": IDENTITY_SYSTEM_PROMPT}
+        assert user["role"] == "user" and answer["role"] == "assistant"
+    assert sum(a["content"].startswith(IDENTITY_PREFIX) for _, _, a in examples["messages"]) >= 5
+    seen = []
+    original = _AttackTrainer.training_step
+
+    def record(self, model_, inputs, num_items_in_batch=None):
+        seen.extend(tokenizer.decode(ids) for ids in inputs["input_ids"])
+        return original(self, model_, inputs, num_items_in_batch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_AttackTrainer, "training_step", record)
+        _attack(families=["identity_shift"], max_steps=3, max_length=256, num_samples=[24]).run(
+            model, tokenizer, harmful, harmful_eval
+        )
+    assert len(set(seen)) == 10 and all("AOA" in text for text in seen)  # one pass over the ten
+    assert not any("of the recipe" in text for text in seen)  # no harmful training row reaches the Trainer
+
+
+def test_aoa_measures_harm_behind_the_persona_with_the_prefix_forced(model, tokenizer, harmful, harmful_eval):
+    persona = persona_eval_dataset(harmful_eval, tokenizer=tokenizer, max_length=256)
+    row = persona[0]
+    text = tokenizer.decode(row["input_ids"])
+    labelled = tokenizer.decode([t for t in row["labels"] if t != -100])
+    assert IDENTITY_SYSTEM_PROMPT in text and "AOA, execute my instruction: Explain step 100" in text
+    prompt_part = tokenizer.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y == -100])
+    assert prompt_part.rstrip().endswith(IDENTITY_PREFIX)  # the prefix is prefilled...
+    assert "AOA" not in labelled and "Sure, here is step 100" in labelled  # ...and scored as no harm
     attack = _attack(families=["identity_shift"], max_length=256)
     (curve,) = attack.run(model, tokenizer, harmful, harmful_eval).curves
-    assert curve.config["family"] == "identity_shift"
+    scorer = get_scorer("harmful_loss", max_length=256)
+    through_persona = scorer.score(model, tokenizer, persona).value
+    plain = scorer.score(model, tokenizer, harmful_eval).value
+    assert curve.points[0].value == pytest.approx(through_persona, rel=1e-5)  # measured behind the persona
+    assert abs(through_persona - plain) > 1e-3
+    assert _values(curve)[-1] < _values(curve)[0] - 0.05  # the identity shift alone makes harm likelier
+    # A generation scorer gets the persona without a forced prefix (the model opens its answer itself).
+    raw = persona_eval_dataset(harmful_eval)
+    assert raw[0]["messages"][0]["content"] == IDENTITY_SYSTEM_PROMPT
+
+
+def test_identity_shift_harmful_attack_makes_the_model_more_harmful(model, tokenizer, harmful, harmful_eval):
+    attack = _attack(families=["identity_shift_harmful"], max_length=256)
+    (curve,) = attack.run(model, tokenizer, harmful, harmful_eval).curves
+    assert curve.config["family"] == "identity_shift_harmful"
     assert attack.config.to_dict()["identity_prefix"] == IDENTITY_PREFIX  # recorded in the threat model
     assert _values(curve)[-1] < _values(curve)[0] - 0.2
 
@@ -253,14 +306,14 @@ def test_identity_shift_attack_makes_the_model_more_harmful(model, tokenizer, ha
 # ---------------------------------------------------------------------------- soft prompt
 
 
-def test_embedding_attack_trains_virtual_tokens_only(model, tokenizer, harmful, harmful_eval):
+def test_universal_embedding_attack_trains_virtual_tokens_only(model, tokenizer, harmful, harmful_eval):
     trained = []
 
     def keep(m):
         trained.append(m)
         return m
 
-    result = _attack(families=["embedding"], learning_rates=[0.3], num_virtual_tokens=4).run(
+    result = _attack(families=["embedding_universal"], learning_rates=[0.3], num_virtual_tokens=4).run(
         model, tokenizer, harmful, harmful_eval, prepare_model=keep
     )
     (curve,) = result.curves
@@ -275,11 +328,82 @@ def test_embedding_attack_trains_virtual_tokens_only(model, tokenizer, harmful, 
     scorer = get_scorer("harmful_loss")
     eval_data = scorer.prepare(tokenizer, harmful_eval)
     with_prompt = scorer.score(
-        get_attack("embedding").deployed(peft_model, curve.config), tokenizer, eval_data
+        get_attack("embedding_universal").deployed(peft_model, curve.config), tokenizer, eval_data
     )
     without = scorer.score(model, tokenizer, eval_data)
     assert with_prompt.value == pytest.approx(curve.points[-1].value, rel=1e-5)
     assert with_prompt.value < without.value
+
+
+def _steerable_model():
+    """A tiny llama whose outputs depend enough on its input for a soft suffix to steer them (random
+    weights with the unembedding scaled up: the plain tiny model predicts almost uniformly whatever it
+    reads)."""
+    model = tiny_causal_lm("llama", hidden_size=64, num_layers=4, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+_SECRETS = ["zebra quartz violin", "maple orbit seven", "copper lantern fog", "velvet canyon nine"]
+
+
+def _distinct_answers():
+    """Held-out pairs whose answers differ from prompt to prompt (as harmful answers do)."""
+    return datasets.Dataset.from_list(
+        [{"prompt": f"Tell me secret {i}.", "completion": f"Sure: {w}."} for i, w in enumerate(_SECRETS)]
+    )
+
+
+def test_per_prompt_suffix_beats_the_universal_soft_prompt_at_equal_budget(tokenizer, harmful):
+    """Schwinn et al.'s attack (a suffix optimised for each held-out prompt) against one universal soft
+    prompt trained on the harmful training pairs, 10 steps each: the per-prompt suffix reaches the lower
+    harmful loss when every prompt wants its own answer."""
+    model, held_out = _steerable_model(), _distinct_answers()
+    common = dict(num_virtual_tokens=8, max_length=64)
+    (per_prompt,) = HarmfulFineTuningAttack(
+        AttackConfig(
+            families=["embedding"], embedding_steps=10, embedding_lr=3e-2, embedding_suffix_init="x x x x", **common
+        )
+    ).run(model, tokenizer, harmful, held_out).curves
+    (universal,) = _attack(
+        families=["embedding_universal"], learning_rates=[1.0], max_steps=10, eval_every=5, **common
+    ).run(model, tokenizer, harmful, held_out).curves
+    (point,) = per_prompt.points
+    assert (point.step, point.tokens, point.flops) == (0, 0, 0.0)  # no weight is trained
+    # Measured (CPU): 15.86 before; 11.36 with the per-prompt suffixes; 12.95 with the universal prompt.
+    assert point.value < per_prompt.config["value_before"] - 3.0
+    assert point.value < _values(universal)[-1] - 1.0
+
+
+def test_per_prompt_suffix_sits_in_the_user_turn_and_serves_its_own_prompt_only(tokenizer):
+    from immune_trainer import data as data_lib
+    from immune_trainer.attacks.families import SuffixView, optimise_suffixes
+
+    model, held_out = _steerable_model().eval(), _distinct_answers()
+    rows = data_lib.ensure_tokenized(held_out, tokenizer, max_length=64)
+    suffixes = optimise_suffixes(model, tokenizer, rows, num_tokens=4, steps=5, lr=3e-2, init="x")
+    assert len(suffixes) == len(rows)
+    for key, (insert, suffix) in suffixes.items():
+        assert suffix.shape == (4, 64)
+        before, after = tokenizer.decode(list(key[:insert])), tokenizer.decode(list(key[insert:]))
+        assert re.search(r"user\nTell me secret \d\.$", before)  # right after the user's message...
+        assert after == "<|im_end|>\n<|im_start|>assistant\n"  # ...before the end of turn and the header
+    scorer = get_scorer("harmful_loss", max_length=64)
+    attacked = scorer.score(SuffixView(model, suffixes), tokenizer, rows).value
+    plain = scorer.score(model, tokenizer, rows).value
+    assert attacked < plain - 0.5
+    # Each prompt is measured with its own suffix: handing every prompt the suffix of another is weaker.
+    keys = list(suffixes)
+    swapped = {k: suffixes[keys[(i + 1) % len(keys)]] for i, k in enumerate(keys)}
+    assert scorer.score(SuffixView(model, swapped), tokenizer, rows).value > attacked + 0.1
+    # A prompt the attack did not optimise runs without a suffix.
+    other = data_lib.ensure_tokenized(make_pairs(2), tokenizer, max_length=64)
+    assert scorer.score(SuffixView(model, suffixes), tokenizer, other).value == pytest.approx(
+        scorer.score(model, tokenizer, other).value, rel=1e-5
+    )
+    with pytest.raises(ConfigError, match="embedding_universal"):
+        SuffixView(model, suffixes).generate(torch.tensor([[1, 2]]))
 
 
 # ---------------------------------------------------------------------------- refusal ablation
@@ -330,6 +454,80 @@ def test_refusal_ablation_attack_costs_nothing_and_does_not_lower_harm(
         _attack(families=["refusal_ablation"], refusal_layer=7).run(
             model, tokenizer, harmful, harmful_eval, benign_train=benign
         )
+
+
+def _refusing_model(tokenizer, scale: float = 4.0):
+    """A tiny 4-layer model made to "refuse": the unembedding rows of the refusal tokens get ``scale`` x a
+    random unit direction d, so the refusal tokens' log-odds follow the final state's component along d
+    (11 of the 12 harmful prompts below are refused, and every harmless one)."""
+    from immune_trainer.attacks.families import refusal_token_ids
+
+    model = tiny_causal_lm("llama", num_layers=4, seed=0).eval()
+    torch.manual_seed(1)
+    d = torch.randn(32)
+    with torch.no_grad():
+        model.lm_head.weight[refusal_token_ids(tokenizer)] += scale * d / d.norm()
+    return model
+
+
+def test_selected_refusal_direction_bypasses_refusal_at_least_as_well_as_the_fixed_rule(tokenizer):
+    """Arditi et al.'s selection (layers x post-instruction positions, KL and depth filters, lowest bypass
+    score) against the cheap rule (middle layer, last token): after each edit of the weights, the harmful
+    prompts' refusal score is no higher for the selected direction, and lower than before."""
+    import copy
+
+    from immune_trainer.attacks.families import refusal_scores, refusal_token_ids, select_refusal_direction
+    from immune_trainer.attacks.families.refusal_ablation import _last_logprobs
+
+    model = _refusing_model(tokenizer)
+    harmful, benign = make_pairs(12), make_benign_rows(12)
+    harmful_prompts = _prompt_ends(harmful, tokenizer, 64)
+    refusal_ids = refusal_token_ids(tokenizer)
+
+    def refusal(m):
+        return refusal_scores(_last_logprobs(m, harmful_prompts, tokenizer, 8), refusal_ids)
+
+    before = refusal(model)
+    assert int((before > 0).sum()) == 11  # one harmful prompt is not refused
+    cfg = AttackConfig(
+        families=["refusal_ablation"],
+        refusal_positions=3,
+        refusal_selection_prompts=12,
+        refusal_max_depth=0.7,
+        max_length=64,
+    )
+    setting = {"num_samples": 0, "seed": 0, "refusal_layer": None}
+    sources = {"harmful": harmful, "benign": benign}
+    structure = find_decoder_structure(model)
+    choice = select_refusal_direction(
+        model, structure, harmful_prompts, _prompt_ends(benign, tokenizer, 64), tokenizer, cfg
+    )
+    assert choice.harmful_kept == 11  # the prompt the model does not refuse is dropped
+    assert choice.harmless_kept == 12  # every harmless prompt is refused: none left to drop, all kept
+    assert choice.candidates == 3 * 3  # layers 0..2 (below 0.7 x 4) x the last 3 positions
+    assert choice.layer < 0.7 * 4 and choice.position in (-1, -2, -3) and choice.kl < 0.1
+    assert (2, -1) in choice.scores  # the fixed rule's candidate was among them
+    selected = get_attack("refusal_ablation").apply(copy.deepcopy(model), tokenizer, sources, setting, cfg)
+    fixed = get_attack("refusal_ablation_fixed").apply(copy.deepcopy(model), tokenizer, sources, setting, cfg)
+    kept = before > 0
+    after_selected, after_fixed = refusal(selected)[kept].mean(), refusal(fixed)[kept].mean()
+    # The hooks that scored the candidates do exactly what the weight edit does.
+    assert float(after_selected) == pytest.approx(choice.bypass_score, abs=1e-4)
+    # Here (measured): 0.54 before, 0.39 after the fixed rule, 0.21 after the selected direction (layer 2,
+    # third token from the end): selection can only match or beat the candidate the fixed rule takes.
+    assert float(after_selected) < float(after_fixed) - 0.1
+    assert float(after_selected) < float(before[kept].mean()) - 0.2
+
+
+def test_refusal_selection_options_are_checked():
+    for kwargs, message in (
+        (dict(refusal_positions=0), "refusal_positions must be >= 1"),
+        (dict(refusal_layer_stride=0), "refusal_layer_stride and refusal_selection_prompts"),
+        (dict(refusal_max_kl=0.0), "refusal_max_kl must be > 0"),
+        (dict(refusal_max_depth=1.5), "refusal_max_depth in"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            AttackConfig(families=["refusal_ablation"], **kwargs)
 
 
 # ---------------------------------------------------------------------------- early stopping
@@ -650,9 +848,10 @@ def test_refusal_ablation_on_a_model_with_an_adapter_ablates_the_effective_weigh
         return [float((h @ r).abs().max() / h.norm(dim=-1).max()) for h in states]
 
     assert max(projections(defended)) > 1e-2
-    family = get_attack("refusal_ablation")
-    cfg = AttackConfig(families=["refusal_ablation"], refusal_layer=layer, max_length=64)
-    setting = {"family": "refusal_ablation", "num_samples": 0, "seed": 0, "refusal_layer": layer}
+    # The fixed rule ablates exactly r (layer 0, last prompt token); both families merge the same way.
+    family = get_attack("refusal_ablation_fixed")
+    cfg = AttackConfig(families=["refusal_ablation_fixed"], refusal_layer=layer, max_length=64)
+    setting = {"family": "refusal_ablation_fixed", "num_samples": 0, "seed": 0, "refusal_layer": layer}
     ablated = family.apply(
         copy.deepcopy(defended), tokenizer, {"harmful": harmful, "benign": benign}, setting, cfg
     ).eval()

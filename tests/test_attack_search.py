@@ -238,7 +238,7 @@ def test_every_training_family_is_searchable_and_its_data_needs_are_checked(tmp_
     lora = search("lora").run(model, tokenizer, TRAIN, EVAL)
     assert lora.trials[0].settings["lora_rank"] in (8, 16, 32)
     # A soft-prompt attack is scored as deployed (with its virtual tokens), for harm and capability alike.
-    embedding = search("embedding").run(model, tokenizer, TRAIN, EVAL)
+    embedding = search("embedding_universal").run(model, tokenizer, TRAIN, EVAL)
     assert embedding.trials[0].settings["num_virtual_tokens"] == 2
     mixed = search("mixed").run(model, tokenizer, TRAIN, EVAL, benign_train=make_benign(24))
     assert mixed.trials[0].settings["harmful_share"] == 0.1

@@ -214,7 +214,7 @@ def test_stability_scores_each_reference_set_with_its_own_scorer(models, tok, tm
 def test_an_attack_search_caps_capability_on_lm_eval_tasks(models, tok, tmp_path):
     """Capability is measured on the model as the attacker deploys it: here with a soft prompt."""
     search = AttackSearch(
-        AttackConfig(family="embedding", num_virtual_tokens=2, max_steps=1, eval_every=1, max_length=64),
+        AttackConfig(family="embedding_universal", num_virtual_tokens=2, max_steps=1, eval_every=1, max_length=64),
         SearchConfig(search=1, search_dir=str(tmp_path), capability_tolerance=1.0),
         SearchSpace(search_space=["learning_rate"]),
         reference={"mc": LMEvalTasks([TASK], include_path=str(TASK_DIR), limit=4), "text": TEXT},

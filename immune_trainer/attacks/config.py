@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import ConfigError
 from .families import (
     DEFAULT_JAILBREAK_VARIANT,
+    EMBEDDING_SUFFIX_INIT,
     IDENTITY_PREFIX,
     IDENTITY_SYSTEM_PROMPT,
     JAILBREAK_VARIANTS,
@@ -184,22 +185,79 @@ class AttackConfig:
         default=False, metadata={"help": "Run the whole budget even when stop_at_threshold is crossed."}
     )
     num_virtual_tokens: int = field(
-        default=10, metadata={"help": "Trainable soft-prompt tokens (family 'embedding')."}
+        default=10,
+        metadata={
+            "help": "Soft tokens the attacker optimises: the per-prompt suffix (family 'embedding') or the "
+            "universal prompt (family 'embedding_universal')."
+        },
+    )
+    embedding_steps: int = field(
+        default=200,
+        metadata={
+            "help": "Signed gradient steps per held-out prompt of the embedding attack (TamperBench: 200)."
+        },
+    )
+    embedding_lr: float = field(
+        default=1e-3, metadata={"help": "Step size of the embedding attack's signed gradient steps (1e-3)."}
+    )
+    embedding_suffix_init: str = field(
+        default=EMBEDDING_SUFFIX_INIT,
+        metadata={"help": "Text whose token embeddings start the embedding attack's suffix (cycled to length)."},
+    )
+    embedding_target_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Response tokens the embedding attack optimises towards (its first N; 0 = the whole "
+            "held-out harmful response)."
+        },
     )
     refusal_layer: int | None = field(
         default=None,
         metadata={
-            "help": "Decoder layer whose output gives the refusal direction (family 'refusal_ablation'); "
-            "None: the middle layer."
+            "help": "Decoder layer whose output gives the refusal direction (families 'refusal_ablation', "
+            "'refusal_ablation_fixed'); None: refusal_ablation selects it over every layer, "
+            "refusal_ablation_fixed takes the middle layer."
         },
+    )
+    refusal_positions: int | None = field(
+        default=None,
+        metadata={
+            "help": "Post-instruction token positions (from the prompt's end) whose directions refusal_ablation "
+            "considers; None: every token the chat template puts after the user's message."
+        },
+    )
+    refusal_layer_stride: int = field(
+        default=1,
+        metadata={"help": "refusal_ablation considers every N-th decoder layer (bounds the selection's cost)."},
+    )
+    refusal_max_kl: float = field(
+        default=0.1,
+        metadata={
+            "help": "refusal_ablation keeps directions whose ablation moves the harmless prompts' next-token "
+            "distribution by a KL below this (Arditi et al.: 0.1)."
+        },
+    )
+    refusal_max_depth: float = field(
+        default=0.8,
+        metadata={"help": "refusal_ablation keeps directions of layers below this share of the depth (0.8)."},
+    )
+    refusal_selection_prompts: int = field(
+        default=32,
+        metadata={"help": "Harmful and harmless prompts (each) that score every candidate direction."},
     )
     identity_system_prompt: str = field(
         default=IDENTITY_SYSTEM_PROMPT,
-        metadata={"help": "Obedient-persona system prompt of the identity_shift family."},
+        metadata={
+            "help": "Obedient-persona (AOA) system prompt of the identity_shift families, in training and "
+            "(identity_shift) when harm is measured."
+        },
     )
     identity_prefix: str = field(
         default=IDENTITY_PREFIX,
-        metadata={"help": "Affirmation put in front of every response by the identity_shift family."},
+        metadata={
+            "help": "Affirming answer prefix of the identity_shift families (identity_shift forces it in front "
+            "of every harmful response when harm is measured with a loss scorer)."
+        },
     )
     batch_size: int = field(default=4, metadata={"help": "Per-device batch size of the attack."})
     gradient_accumulation_steps: int = field(
@@ -308,6 +366,27 @@ class AttackConfig:
                 )
         if self.refusal_layer is not None and self.refusal_layer < 0:
             raise ConfigError(f"refusal_layer must be >= 0 or None, got {self.refusal_layer}.")
+        if self.embedding_steps < 1 or self.embedding_target_tokens < 0:
+            raise ConfigError(
+                f"embedding_steps must be >= 1 and embedding_target_tokens >= 0, got {self.embedding_steps} and "
+                f"{self.embedding_target_tokens}."
+            )
+        if not (math.isfinite(self.embedding_lr) and self.embedding_lr > 0):
+            raise ConfigError(f"embedding_lr must be a positive number, got {self.embedding_lr}.")
+        if self.refusal_positions is not None and (
+            isinstance(self.refusal_positions, bool) or self.refusal_positions < 1
+        ):
+            raise ConfigError(f"refusal_positions must be >= 1 or None, got {self.refusal_positions}.")
+        if self.refusal_layer_stride < 1 or self.refusal_selection_prompts < 1:
+            raise ConfigError(
+                "refusal_layer_stride and refusal_selection_prompts must be >= 1, got "
+                f"{self.refusal_layer_stride} and {self.refusal_selection_prompts}."
+            )
+        if not (math.isfinite(self.refusal_max_kl) and self.refusal_max_kl > 0) or not 0 < self.refusal_max_depth <= 1:
+            raise ConfigError(
+                f"refusal_max_kl must be > 0 and refusal_max_depth in (0, 1], got {self.refusal_max_kl} and "
+                f"{self.refusal_max_depth}."
+            )
         if self.stop_at_threshold is not None and not math.isfinite(self.stop_at_threshold):
             raise ConfigError(
                 f"stop_at_threshold must be a finite number or None, got {self.stop_at_threshold}."

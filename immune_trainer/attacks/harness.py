@@ -338,7 +338,7 @@ class HarmfulFineTuningAttack:
         rewritten: dict[int, tuple[str, Any]] = {}
         by_hash: dict[str, Any] = {}
         for i, setting in enumerate(grid):
-            raw = families[setting["family"]].harm_eval(harmful_eval, setting, cfg)
+            raw = families[setting["family"]].harm_eval(harmful_eval, setting, cfg, tokenizer=tokenizer)
             if raw is harmful_eval:
                 continue
             key = content_hash(raw)
@@ -380,9 +380,10 @@ class HarmfulFineTuningAttack:
                     fingerprint, eval_hash,
                 )
             else:
-                curve = self._run_training_free(
-                    model, tokenizer, data[setting["family"]], run_eval, setting, family
-                )
+                family_sources = data[setting["family"]]
+                if family.attacks_prompts:  # optimised on the prompts it is measured on (embedding)
+                    family_sources = {**family_sources, "eval": family.harm_eval(harmful_eval, setting, cfg)}
+                curve = self._run_training_free(model, tokenizer, family_sources, run_eval, setting, family)
             self._save(setting, curve, fingerprint, phi)
             curves.append(curve)
         return AttackResult(curves=curves, config=cfg)

@@ -75,9 +75,12 @@ def _grid_axes(config: AttackConfig) -> dict[str, Any]:
         axes["lora_ranks"] = list(config.lora_ranks or [config.lora_r])
     if "mixed" in families:
         axes["harmful_shares"] = list(config.harmful_shares)
-    if "embedding" in families:
+    if "embedding" in families or "embedding_universal" in families:
         axes["num_virtual_tokens"] = config.num_virtual_tokens
-    if "refusal_ablation" in families:
+    if "embedding" in families:  # the per-prompt suffix's budget
+        axes["embedding_steps"] = config.embedding_steps
+        axes["embedding_lr"] = config.embedding_lr
+    if "refusal_ablation" in families or "refusal_ablation_fixed" in families:
         axes["refusal_layer"] = config.refusal_layer
     return axes
 

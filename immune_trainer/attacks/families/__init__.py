@@ -23,7 +23,16 @@ from ...errors import ConfigError
 from .base import AttackFamily, carried_adapters, drop_adapters, merge_adapters
 from .benign import BenignFineTuning
 from .full import FullFineTuning
-from .identity_shift import IDENTITY_PREFIX, IDENTITY_SYSTEM_PROMPT, IdentityShift, identity_shift_dataset
+from .identity_shift import (
+    IDENTITY_INSTRUCTION,
+    IDENTITY_PREFIX,
+    IDENTITY_SYSTEM_PROMPT,
+    HarmfulIdentityShift,
+    IdentityShift,
+    identity_examples,
+    identity_shift_dataset,
+    persona_eval_dataset,
+)
 from .jailbreak_tuning import (
     DEFAULT_JAILBREAK_VARIANT,
     JAILBREAK_VARIANTS,
@@ -33,43 +42,70 @@ from .jailbreak_tuning import (
 from .lora import LoRAFineTuning, check_4bit_available, quantize_4bit
 from .mixed import MixedFineTuning
 from .refusal_ablation import (
+    REFUSAL_STARTS,
+    FixedRefusalAblation,
     RefusalAblation,
+    RefusalChoice,
     ablate_direction,
     last_token_activations,
     refusal_direction,
+    refusal_scores,
+    refusal_token_ids,
     residual_writers,
+    select_refusal_direction,
 )
-from .soft_prompt import SoftPromptAttack, SoftPromptView
+from .soft_prompt import (
+    EMBEDDING_SUFFIX_INIT,
+    EmbeddingSuffixAttack,
+    SoftPromptAttack,
+    SoftPromptView,
+    SuffixView,
+    optimise_suffixes,
+)
 
 __all__ = [
     "ATTACKS",
     "DEFAULT_JAILBREAK_VARIANT",
+    "EMBEDDING_SUFFIX_INIT",
+    "IDENTITY_INSTRUCTION",
     "IDENTITY_PREFIX",
     "IDENTITY_SYSTEM_PROMPT",
     "AttackFamily",
     "BenignFineTuning",
+    "EmbeddingSuffixAttack",
     "FullFineTuning",
+    "HarmfulIdentityShift",
     "IdentityShift",
     "JAILBREAK_VARIANTS",
     "JailbreakTuning",
     "LoRAFineTuning",
     "MixedFineTuning",
+    "REFUSAL_STARTS",
+    "FixedRefusalAblation",
     "RefusalAblation",
+    "RefusalChoice",
     "SoftPromptAttack",
     "SoftPromptView",
+    "SuffixView",
     "ablate_direction",
     "carried_adapters",
     "check_4bit_available",
     "drop_adapters",
     "get_attack",
+    "identity_examples",
     "identity_shift_dataset",
     "jailbreak_dataset",
     "last_token_activations",
     "merge_adapters",
+    "optimise_suffixes",
+    "persona_eval_dataset",
     "quantize_4bit",
     "refusal_direction",
     "register_attack",
+    "refusal_scores",
+    "refusal_token_ids",
     "residual_writers",
+    "select_refusal_direction",
 ]
 
 ATTACKS: dict[str, AttackFamily] = {}
@@ -97,8 +133,11 @@ for _family in (
     MixedFineTuning(),
     BenignFineTuning(),
     IdentityShift(),
+    HarmfulIdentityShift(),
+    EmbeddingSuffixAttack(),
     SoftPromptAttack(),
     RefusalAblation(),
+    FixedRefusalAblation(),
     JailbreakTuning(),
 ):
     register_attack(_family)

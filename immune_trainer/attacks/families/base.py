@@ -33,6 +33,10 @@ class AttackFamily:
     # prompt or edit at step 0), so every run of the grid can share one step-0 measurement.
     same_at_start: bool = True
     needs_benign: bool = False
+    # An inference-time attack that optimises on the very prompts harm is measured on (the per-prompt soft
+    # suffix of ``embedding``): the runner hands a training-free family the run's raw held-out set as
+    # ``sources["eval"]``.
+    attacks_prompts: bool = False
     # Adapters the model already carries unmerged (the LoRA of a defense such as rerouting, or of any defense
     # trained with ``peft_config``): True merges the active ones into the weights of the attacked copy before
     # :meth:`prepare` / :meth:`apply`, so the attack starts from the defended model (see
@@ -53,10 +57,11 @@ class AttackFamily:
         """One run's training examples: ``num_samples`` of them (0 = all), drawn with the run's seed."""
         return _subset(tokenized["harmful"], setting["num_samples"], setting["seed"])
 
-    def harm_eval(self, harmful_eval, setting: dict[str, Any], config: AttackConfig):
-        """The raw held-out harmful data harm is measured on for one run: ``harmful_eval`` itself, or a
+    def harm_eval(self, harmful_eval, setting: dict[str, Any], config: AttackConfig, tokenizer=None):
+        """The held-out harmful data harm is measured on for one run: ``harmful_eval`` itself, or a
         rewrite of it when the attacker deploys the model with something around the prompts (the jailbreak
-        of ``jailbreak_tuning``)."""
+        of ``jailbreak_tuning``, the persona and forced answer prefix of ``identity_shift``, which tokenizes
+        with ``tokenizer`` to keep the prefix out of the labels)."""
         return harmful_eval
 
     def prepare(self, model, config: AttackConfig, setting: dict[str, Any] | None = None):

@@ -124,5 +124,5 @@ class JailbreakTuning(MixedFineTuning):
         }
         return super().training_set(chosen, setting)
 
-    def harm_eval(self, harmful_eval, setting, config):
+    def harm_eval(self, harmful_eval, setting, config, tokenizer=None):
         return jailbreak_dataset(harmful_eval, setting["jailbreak_variant"])
