@@ -250,3 +250,15 @@ def test_a_real_attack_run_records_per_row_harm(model, tokenizer, harmful, harmf
     phi = result.curves[0].points[1].value + 1e-3
     r = resistance(result.curves, phi, higher_is_better=True, base_curves=result.curves)
     assert r.families[0].multiple_interval is not None
+
+
+def test_the_card_shows_the_intervals_and_a_within_noise_badge():
+    from immune_trainer.model_card import condition_badges, generate_model_card
+
+    report = _report(0.3)
+    text = str(generate_model_card(report, defense="gradient_ascent"))
+    full = report.conditions.resistance.families[0]
+    assert f"5x, 95% {full.multiple_interval[0]:.3g}x..{full.multiple_interval[1]:.3g}x" in text
+    assert "within noise" in text
+    badge = next(b for b in condition_badges(report) if b.key == "resistance")
+    assert "within noise" in badge.message
