@@ -146,13 +146,14 @@ def test_a_resample_where_the_base_never_crosses_counts_against_the_defense():
     assert f.within_noise and f.holds is None
 
 
-def test_rows_that_do_not_give_the_value_are_refused():
+def test_rows_that_do_not_give_the_value_give_no_interval_and_malformed_rows_are_refused():
     effects = _effects(0.1)
     imm = _curve(IMM_STEPS, IMM_MEANS, effects)
-    imm.points[2].value += 0.3  # an edited value, its rows left as measured
+    imm.points[3].value += 0.3  # an edited value, its rows left as measured
     base = [_curve(BASE_STEPS, BASE_MEANS, effects)]
-    with pytest.raises(ConfigError, match="step 4.*rows' token-weighted mean"):
-        resistance([imm], PHI, higher_is_better=True, base_curves=base)
+    r = resistance([imm], PHI, higher_is_better=True, base_curves=base)
+    assert r.families[0].multiple_interval is None and r.families[0].holds is True  # the point rule
+    assert any("value at step 6" in n and "no interval" in n for n in r.notes)
     short = _curve(IMM_STEPS, IMM_MEANS, effects)
     short.points[1].row_tokens = short.points[1].row_tokens[:-1]
     with pytest.raises(ConfigError, match="same eval rows"):

@@ -194,6 +194,7 @@ def resistance(
             threshold,
             higher_is_better=hib,
             min_cost_multiple=min_cost_multiple,
+            notes=notes,
         )
     worst = _worst_family(families)
     holds_values = [f.holds for f in families]
@@ -284,7 +285,7 @@ def _curve_rows(curve: AttackCurve) -> tuple[np.ndarray, np.ndarray] | None:
     (the same number at every step); None when a point has none (an older report, a scorer without rows).
 
     Raises:
-        ConfigError: rows of different lengths, no token, or a value that its rows do not give.
+        ConfigError: rows of different lengths or without a token.
     """
     pts = list(curve.points)
     if not pts or any(p.row_nll is None or p.row_tokens is None for p in pts):
@@ -297,16 +298,19 @@ def _curve_rows(curve: AttackCurve) -> tuple[np.ndarray, np.ndarray] | None:
             f"attack run {curve.config}: every point's row_nll and row_tokens must list the same eval rows "
             f"(got lengths {[len(a) for a in nll]} and {[len(t) for t in tokens]})."
         )
-    for p, a, t in zip(pts, nll, tokens):
+    for p, t in zip(pts, tokens):
         if t.sum() <= 0 or np.any(t < 0):
             raise ConfigError(f"attack run {curve.config}, step {p.step}: row_tokens must be >= 0 with a positive sum.")
-        mean = a.sum() / t.sum()
-        if not math.isnan(p.value) and not math.isclose(mean, p.value, rel_tol=1e-4, abs_tol=1e-6):
-            raise ConfigError(
-                f"attack run {curve.config}, step {p.step}: the value {p.value!r} is not its rows' token-weighted "
-                f"mean {mean!r}: the rows and the value come from different measurements (or were edited)."
-            )
     return np.stack(nll), np.stack(tokens)
+
+
+def _mismatch(curve: AttackCurve, nll: np.ndarray, tokens: np.ndarray) -> int | None:
+    """The first step whose value is not its rows' token-weighted mean (the value was edited, or measured
+    apart from its rows), else None."""
+    for p, mean in zip(curve.points, nll.sum(axis=1) / tokens.sum(axis=1)):
+        if not math.isnan(p.value) and not math.isclose(mean, p.value, rel_tol=1e-4, abs_tol=1e-6):
+            return p.step
+    return None
 
 
 def crossing_steps(
@@ -350,6 +354,7 @@ def family_interval(
     draws: int = BOOTSTRAP_DRAWS,
     seed: int = BOOTSTRAP_SEED,
     level: float = CROSSING_LEVEL,
+    notes: list[str] | None = None,
 ) -> FamilyResistance:
     """Add to ``result`` (one family, judged by :func:`_family_resistance`) a bootstrap interval of its
     crossing and multiple, and withdraw a pass that is within noise. Returns ``result``.
@@ -372,6 +377,12 @@ def family_interval(
     interpolation between draws). A family the point rule credits (``holds``) whose multiple interval's
     lower end is below ``min_cost_multiple`` is *within noise*: ``holds`` becomes None, ``strong`` False,
     ``within_noise`` True. A failing family stays failed.
+
+    Curves whose values are not their rows' means (edited by hand, or shifted by a caller) get no interval:
+    the family keeps the point rule's judgement, with a note appended to ``notes``.
+
+    Raises:
+        ConfigError: malformed rows (lengths that differ between the points of a curve, no token).
     """
     if result.training_free or result.steps_multiple is None or not curves or not base_curves:
         return result
@@ -379,6 +390,14 @@ def family_interval(
     for c in [*curves, *base_curves]:
         r = _curve_rows(c)
         if r is None:
+            return result
+        step = _mismatch(c, *r)
+        if step is not None:
+            if notes is not None:
+                notes.append(
+                    f"{result.family}: the value at step {step} of run {c.config} is not its eval rows' mean (the "
+                    "report was edited, or the rows were measured apart): no interval, judged on the values alone."
+                )
             return result
         rows[id(c)] = r
     rng = np.random.default_rng(seed)
