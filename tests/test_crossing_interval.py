@@ -263,3 +263,11 @@ def test_the_card_shows_the_intervals_and_a_within_noise_badge():
     assert "within noise" in text
     badge = next(b for b in condition_badges(report) if b.key == "resistance")
     assert "within noise" in badge.message
+
+
+def test_a_family_with_rows_on_some_runs_only_gets_no_interval_and_a_note():
+    imm = [_curve(IMM_STEPS, IMM_MEANS, _noise(0.3, 5, 0))]
+    base = [_curve(BASE_STEPS, BASE_MEANS, _noise(0.3, 3, 10), rows=False)]  # e.g. from an older run cache
+    r = resistance(imm, PHI, higher_is_better=True, base_curves=base)
+    assert r.families[0].multiple_interval is None and r.families[0].holds is True
+    assert any("no per-row harm" in n for n in r.notes)

@@ -137,7 +137,10 @@ def _point_rows(details: dict) -> dict[str, list]:
     nll, tokens = details.get("row_nll"), details.get("row_tokens")
     if nll is None or tokens is None:
         return {}
-    return {"row_nll": [float(x) for x in nll], "row_tokens": [int(x) for x in tokens]}
+    nll = [float(x) for x in nll]
+    if not all(math.isfinite(x) for x in nll):
+        return {}  # a failed row (NaN, overflow): no rows rather than a report that cannot be read back
+    return {"row_nll": nll, "row_tokens": [int(x) for x in tokens]}
 
 
 class _CurveCallback(TrainerCallback):

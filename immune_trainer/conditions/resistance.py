@@ -390,6 +390,11 @@ def family_interval(
     for c in [*curves, *base_curves]:
         r = _curve_rows(c)
         if r is None:
+            if notes is not None and any(p.row_nll is not None for x in [*curves, *base_curves] for p in x.points):
+                notes.append(
+                    f"{result.family}: run {c.config} has no per-row harm (reused from an older run cache, or a "
+                    "failed row) while others have: no interval, judged on the values alone."
+                )
             return result
         step = _mismatch(c, *r)
         if step is not None:
