@@ -271,3 +271,12 @@ def test_a_family_with_rows_on_some_runs_only_gets_no_interval_and_a_note():
     r = resistance(imm, PHI, higher_is_better=True, base_curves=base)
     assert r.families[0].multiple_interval is None and r.families[0].holds is True
     assert any("no per-row harm" in n for n in r.notes)
+
+
+def test_compare_shows_each_familys_interval_and_within_noise():
+    from immune_trainer.conditions.compare import compare_reports
+
+    comparison = compare_reports([_report(0.3)])
+    cells = {row.attack_family: row.cell() for row in comparison.rows}
+    assert "within noise" in cells["full"] and "95% " in cells["full"]
+    assert "95% " in cells["lora"] and "within noise" not in cells["lora"]
