@@ -155,6 +155,10 @@ def resistance(
     * A family holds when its multiple reaches ``min_cost_multiple``: a crossing, or a lower bound (it is
       then strong: no immunized run crossed within a budget of at least that multiple of the base's cost).
       A lower bound below it is undetermined (the budget was too short to decide); a crossing below it fails.
+    * Where every curve of a family carries per-row harm (:attr:`CurvePoint.row_nll`), the family gets a
+      bootstrap 95% interval of its crossings and multiple (:func:`family_interval`); a pass then needs the
+      interval's lower end to reach ``min_cost_multiple``, else the family is *within noise* (undetermined,
+      not credited). Without rows (older reports) the point rule above is the whole judgement.
 
     Over the grid: ``holds`` is False when any family fails, None when any is undetermined, else True;
     ``strong`` when every family is; the multiples are those of the worst family (``worst_family``: a
