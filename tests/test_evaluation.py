@@ -90,6 +90,13 @@ def test_every_condition_gets_a_number_and_the_report_round_trips(models, tmp_pa
     )
     assert set(report.capability["base"]) == {"plain_text", "chat"}
     assert all(math.isfinite(v) for v in report.capability["immunized"].values())
+    # Every harm point keeps its eval rows, which the families' crossing intervals are drawn from; the
+    # defaulted speed window of trainability is noted.
+    for who in ("base", "immunized"):
+        assert all(len(p.row_nll) == len(p.row_tokens) == 6 for cv in report.curves[who]["attack"] for p in cv.points)
+    family = c.resistance.families[0]
+    assert (family.multiple_interval is not None) == (family.steps_multiple is not None)
+    assert any("speed window eps defaulted to 1 steps" in n for n in report.notes)
     path = tmp_path / "immunization_report.json"
     report.save(path)
     loaded = ImmunizationReport.load(path)

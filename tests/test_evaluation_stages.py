@@ -111,7 +111,11 @@ def test_trainability_stage_fine_tunes_both_models_and_sets_the_target(models):
     result = trainability_stage(run, ATTACK)
     assert [p.step for p in result.base.points] == [0, 2, 4] == [p.step for p in result.immunized.points]
     assert result.target == next(p.value for p in result.base.points if p.step >= 2)  # half the budget
-    assert result.eps_steps == 2  # max(eval_every, budget / 4)
+    assert result.eps_steps == 1  # a quarter of the budget: under half of it, so the speed part can fail
+    assert result.notes == [
+        "trainability: the speed window eps defaulted to 1 steps, a quarter of the benign budget of 4 steps "
+        "(under half of it, so that the speed part can fail)."
+    ]
     assert said == [
         "[trainability] benign fine-tuning of the base model",
         "[trainability] benign fine-tuning of the immunized model",

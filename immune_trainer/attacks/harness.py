@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 # Step-0 harm of an unchanged model on an eval set, keyed by (model fingerprint, how the attacked copy is
 # held before step 0, eval data, scorer; see _step0_key): every run of the grid that starts from that model
 # shares it instead of measuring it again.
-_STEP0: dict[tuple[str, str, str, str], float] = {}
+_STEP0: dict[tuple[str, str, str, str], tuple[float, dict[str, list]]] = {}
 
 
 def _step0_key(
@@ -131,16 +131,32 @@ class _OwnPhi:
         return {"own_value_at_step": self.step}
 
 
+def _point_rows(details: dict) -> dict[str, list]:
+    """The per-row harm of a score's details (``row_nll``, ``row_tokens``: a loss-based scorer's), as a
+    :class:`CurvePoint`'s fields; nothing when the scorer gives no rows."""
+    nll, tokens = details.get("row_nll"), details.get("row_tokens")
+    if nll is None or tokens is None:
+        return {}
+    nll = [float(x) for x in nll]
+    if not all(math.isfinite(x) for x in nll):
+        return {}  # a failed row (NaN, overflow): no rows rather than a report that cannot be read back
+    return {"row_nll": nll, "row_tokens": [int(x) for x in tokens]}
+
+
 class _CurveCallback(TrainerCallback):
-    """Measures f at step 0 and every ``eval_every`` steps; stops training once ``stop(f)`` is true."""
+    """Measures f at step 0 and every ``eval_every`` steps; stops training once ``stop(f)`` is true.
+
+    ``measure(model)`` returns f, or ``(f, rows)`` with the point's per-row values (``{"row_nll": ...,
+    "row_tokens": ...}``, see :func:`_point_rows`), which the point keeps for the crossing's bootstrap
+    interval. ``initial`` (a shared step-0 measurement) is likewise a value or ``(value, rows)``."""
 
     def __init__(
         self,
-        measure: Callable[[Any], float],
+        measure: Callable[[Any], float | tuple[float, dict]],
         eval_every: int,
         flops_per_token: float,
         stop: Callable[[float], bool] | None = None,
-        initial: float | None = None,
+        initial: float | tuple[float, dict] | None = None,
     ):
         self.measure = measure
         self.initial = initial
@@ -153,9 +169,10 @@ class _CurveCallback(TrainerCallback):
 
     def _record(self, step: int, model) -> float:
         tokens = self.trainer.tokens_seen if self.trainer is not None else 0
-        value = self.initial if step == 0 and self.initial is not None else self.measure(model)
+        measured = self.initial if step == 0 and self.initial is not None else self.measure(model)
+        value, rows = measured if isinstance(measured, tuple) else (measured, {})
         self.points.append(
-            CurvePoint(step=step, tokens=tokens, flops=tokens * self.flops_per_token, value=value)
+            CurvePoint(step=step, tokens=tokens, flops=tokens * self.flops_per_token, value=value, **rows)
         )
         logger.debug("attack step %d: f = %.4f", step, value)
         return value
@@ -391,7 +408,12 @@ class HarmfulFineTuningAttack:
     # -------------------------------------------------------------- one configuration
 
     def _measure(self, model, tokenizer, eval_data) -> float:
-        return float(self.scorer.score(model, tokenizer, eval_data).value)
+        return self._measure_rows(model, tokenizer, eval_data)[0]
+
+    def _measure_rows(self, model, tokenizer, eval_data) -> tuple[float, dict[str, list]]:
+        """f and its per-row values (:func:`_point_rows`; empty when the scorer gives none)."""
+        result = self.scorer.score(model, tokenizer, eval_data)
+        return float(result.value), _point_rows(getattr(result, "details", None) or {})
 
     def _run_training_free(self, model, tokenizer, sources, eval_data, setting, family) -> AttackCurve:
         """A training-free attack: one point at step 0 (no steps, tokens or FLOPs), after the edit; the
@@ -402,7 +424,7 @@ class HarmfulFineTuningAttack:
         if merged:
             attacked = merge_adapters(attacked)
         attacked = family.apply(attacked, tokenizer, sources, setting, self.config)
-        after = self._measure(attacked, tokenizer, eval_data)
+        after, rows = self._measure_rows(attacked, tokenizer, eval_data)
         logger.info("%s: f = %.4f before, %.4f after", setting["family"], before, after)
         del attacked
         config = {**setting, "value_before": before}
@@ -410,7 +432,7 @@ class HarmfulFineTuningAttack:
             config["merged_adapters"] = ",".join(merged)
         return AttackCurve(
             config=config,
-            points=[CurvePoint(step=0, tokens=0, flops=0.0, value=after)],
+            points=[CurvePoint(step=0, tokens=0, flops=0.0, value=after, **rows)],
             scorer=self.scorer.name,
             higher_is_better=self.scorer.higher_is_better,
         )
@@ -438,11 +460,11 @@ class HarmfulFineTuningAttack:
 
         measure_context = getattr(prepare_model, "measure", None) or contextlib.nullcontext
 
-        def measure(m) -> float:
+        def measure(m) -> tuple[float, dict[str, list]]:
             # An attack-time hook may say how the model runs at inference (e.g. without a security vector);
             # the family says what the attacker deploys (e.g. the model with its soft prompt).
             with measure_context(m):
-                return self._measure(family.deployed(m, setting), tokenizer, eval_data)
+                return self._measure_rows(family.deployed(m, setting), tokenizer, eval_data)
 
         # Every run of a family that starts from the unchanged model, held the same way (step0_key), shares
         # one step-0 measurement.
@@ -503,7 +525,9 @@ class HarmfulFineTuningAttack:
             callback.trainer = trainer
             trainer.train()
         if step0_key and callback.points:
-            _STEP0[step0_key] = callback.points[0].value
+            first = callback.points[0]
+            rows = _point_rows({"row_nll": first.row_nll, "row_tokens": first.row_tokens})
+            _STEP0[step0_key] = (first.value, rows)
         del trainer, attacked
         config = dict(setting)
         if merged:

@@ -17,6 +17,7 @@ from .. import data as data_lib
 from ..attacks import AttackConfig, HarmfulFineTuningAttack
 from ..conditions import AttackCurve, TrainingCurve, relative_degradation
 from ..conditions.report import ImmunizationReport, ThreatModel, build_report
+from ..conditions.trainability import default_eps_steps
 from ..errors import ConfigError, DataError
 from ..evaluation import EvaluationConfig, benign_curves, dependency_versions, threshold_from_base
 from ..scoring import get_scorer
@@ -414,7 +415,7 @@ class ConditionsCallback(TrainerCallback, ExportableState):
             imm_benign = TrainingCurve.from_dict(self.last["benign"])
             half = cfg.benign_steps / 2
             target = next(p.value for p in base_benign.points if p.step >= half)
-            eps = max(1.0, cfg.benign_steps / 4)
+            eps = default_eps_steps(cfg.benign_steps)
         cap_dir = (
             {name: self.cap_scorer.higher_is_better for name in self.reference}
             if self.base.get("capability")

@@ -71,6 +71,14 @@ class ComparisonRow:
         metadata={"help": "The immunized model never crossed phi: the multiple is a lower bound."},
     )
     strong: bool = field(default=False, metadata={"help": "Strong resistance: no run crossed phi."})
+    cost_multiple_interval: list[float] | None = field(
+        default=None,
+        metadata={"help": "Bootstrap 95% interval of the multiple (eval rows and seeds); None: no per-row harm."},
+    )
+    within_noise: bool = field(
+        default=False,
+        metadata={"help": "The multiple reaches the required one, its interval does not: not credited."},
+    )
     stability_change: float | None = field(
         default=None,
         metadata={"help": "Relative capability change of the worst reference set; None: not measured."},
@@ -97,7 +105,11 @@ class ComparisonRow:
 
     def cell(self) -> str:
         """The cell text: cost multiple, stability change, cross-domain multiple and verdict."""
-        parts = [f"cost {_multiple(self.cost_multiple, self.cost_multiple_is_lower_bound, self.strong)}"]
+        cost = f"cost {_multiple(self.cost_multiple, self.cost_multiple_is_lower_bound, self.strong)}"
+        if self.cost_multiple_interval is not None:
+            low, high = self.cost_multiple_interval
+            cost += f" (95% {fmt_number(low, 3)}x..{fmt_number(high, 3)}x{', within noise' if self.within_noise else ''})"
+        parts = [cost]
         stab = f"stability {fmt_percent(self.stability_change)}"
         parts.append(stab + (f" ({self.stability_set})" if self.stability_set else ""))
         parts.append(f"cross-domain {_multiple(self.cross_domain_multiple, False, False)}")
@@ -324,6 +336,8 @@ def _rows(report: ImmunizationReport, source: str) -> list[ComparisonRow]:
                 cost_multiple=r.steps_multiple,
                 cost_multiple_is_lower_bound=r.multiple_is_lower_bound,
                 strong=r.strong,
+                cost_multiple_interval=getattr(r, "multiple_interval", None),
+                within_noise=bool(getattr(r, "within_noise", False)),
             )
         )
     return rows
@@ -336,6 +350,7 @@ def _row(report: ImmunizationReport, source: str) -> ComparisonRow:
     worst_set = None if stab is None else stab.worst_set
     cross = None if c.generalization is None else c.generalization.cross_domain
     verdict = "COLLAPSED" if c.collapsed else ("IMMUNIZED" if c.immunized else "NOT IMMUNIZED")
+    worst = None if r is None else next((f for f in r.families if f.family == r.worst_family), None)
     return ComparisonRow(
         defense=_defense_label(report),
         attack_family=report.threat_model.attack_family,
@@ -343,6 +358,8 @@ def _row(report: ImmunizationReport, source: str) -> ComparisonRow:
         cost_multiple=None if r is None else r.steps_multiple,
         cost_multiple_is_lower_bound=bool(r is not None and r.multiple_is_lower_bound),
         strong=bool(r is not None and r.strong),
+        cost_multiple_interval=None if worst is None else worst.multiple_interval,
+        within_noise=bool(worst is not None and worst.within_noise),
         stability_change=None if worst_set is None else stab.sets[worst_set].relative_change,
         stability_set=worst_set,
         cross_domain_multiple=None if cross is None else cross.steps_multiple,

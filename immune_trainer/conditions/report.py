@@ -60,7 +60,7 @@ __all__ = [
     "report_json_schema",
 ]
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 """Version of the report layout. Readers refuse versions they do not know (e.g. newer ones).
 
 1.1 (minor: new optional fields): ``datasets``, ``side_effects``, ``search``; per-seed crossing spread
@@ -69,9 +69,14 @@ SCHEMA_VERSION = "1.2"
 1.2 (minor: new optional fields): ``families`` and ``worst_family`` in resistance results, which are
 judged per attack family from this version on (no multiple pooled across families; a base that never
 reaches phi credits nothing). A 1.0 or 1.1 report keeps the verdicts it was written with; ``immune-trainer
-verify`` judges its curves again by the current rules."""
+verify`` judges its curves again by the current rules.
 
-_KNOWN_VERSIONS = ("1.0", "1.1", "1.2")
+1.3 (minor: new optional fields): per-row harm (``row_nll``, ``row_tokens``) on attack curve points, and a
+bootstrap interval of each family's crossing and multiple (``multiple_interval``, ``crossing_interval``,
+``base_crossing_interval``, ``within_noise``) in resistance results. Older reports load without them and
+are judged by the point rule."""
+
+_KNOWN_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 
 
 
@@ -454,12 +459,22 @@ class ImmunizationReport:
             imm = "never" if r.worst_crossing is None else f"step {fmt(r.worst_crossing.step)}"
             if r.worst_crossing is not None:
                 imm += _spread_text(r.spread_of(r.worst_config))
+            worst = next((f for f in r.families if f.family == r.worst_family), None)
+            if worst is not None and worst.base_crossing_interval is not None and r.base_curves is not None:
+                low, high = worst.base_crossing_interval
+                base += f" (95% {fmt(low, 3)}..{fmt(high, 3)})"
+            if worst is not None and worst.crossing_interval is not None and r.worst_crossing is not None:
+                imm += f" (95% {fmt(worst.crossing_interval[0], 3)}..{fmt(worst.crossing_interval[1], 3)})"
             if r.steps_multiple is not None:
-                imm += f" ({'>=' if r.multiple_is_lower_bound else ''}{fmt(r.steps_multiple, 3)}x)"
+                imm += f" ({'>=' if r.multiple_is_lower_bound else ''}{fmt(r.steps_multiple, 3)}x"
+                imm += f"{_interval_suffix(worst)})"
             kind = " strong" if r.strong else ""
             if c.collapsed and r.holds:
                 kind += " (not credited)"
-            rows.append((name, base, imm, ("undetermined" if r.holds is None else verdict(r.holds)) + kind))
+            word = "undetermined" if r.holds is None else verdict(r.holds)
+            if r.holds is None and worst is not None and worst.within_noise:
+                word = "within noise"
+            rows.append((name, base, imm, word + kind))
             if len(r.families) > 1 or (r.families and r.families[0].family != "full"):
                 for f in r.families:
                     rows.append(_family_row(f, fmt))
@@ -538,6 +553,8 @@ def _family_row(f: FamilyResistance, fmt) -> tuple[str, str, str, str]:
     """One attack family's row under a resistance row: its base crossing, the attacker's cost on the
     immunized model and its own multiple and verdict."""
     base = "never" if f.base_crossing is None else f"step {fmt(f.base_crossing.step)}"
+    if f.base_crossing_interval is not None:
+        base += f" (95% {fmt(f.base_crossing_interval[0], 3)}..{fmt(f.base_crossing_interval[1], 3)})"
     if f.training_free:
         imm = "past phi at step 0" if f.immunized_crossed else "not past phi at step 0"
     elif f.immunized_cost is None:
@@ -546,10 +563,22 @@ def _family_row(f: FamilyResistance, fmt) -> tuple[str, str, str, str]:
         imm = f"step {fmt(f.immunized_cost.step)}"
     else:
         imm = f"never in {fmt(f.immunized_cost.step)} steps"
+    if f.crossing_interval is not None and f.immunized_cost is not None:
+        imm += f" (95% {fmt(f.crossing_interval[0], 3)}..{fmt(f.crossing_interval[1], 3)})"
     if f.steps_multiple is not None:
-        imm += f" ({'>=' if f.multiple_is_lower_bound else ''}{fmt(f.steps_multiple, 3)}x)"
+        imm += f" ({'>=' if f.multiple_is_lower_bound else ''}{fmt(f.steps_multiple, 3)}x{_interval_suffix(f)})"
     word = {True: "PASS", False: "FAIL", None: "undetermined"}[f.holds] + (" strong" if f.strong else "")
+    if f.within_noise:
+        word = "within noise"
     return (f"  {f.family}", base, imm, word)
+
+
+def _interval_suffix(f: FamilyResistance | None) -> str:
+    """``", 95% 1.3x..3.1x"``: a family's bootstrap interval of its multiple, or ``""`` without one."""
+    if f is None or f.multiple_interval is None:
+        return ""
+    low, high = f.multiple_interval
+    return f", 95% {fmt_number(low, 3)}x..{fmt_number(high, 3)}x"
 
 
 def _spread_text(spread: SeedSpread | None) -> str:

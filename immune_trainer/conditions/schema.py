@@ -263,6 +263,16 @@ class CurvePoint(Record):
     value: Num = field(
         default=math.nan, metadata={"help": "The score measured at this point (NaN: the measurement failed)."}
     )
+    row_nll: list[Finite] | None = field(
+        default=None,
+        metadata={
+            "help": "Per eval row, the summed next-token NLL of its response (loss-based harm scorers): value = "
+            "sum(row_nll) / sum(row_tokens). What the crossing's bootstrap interval resamples. (1.3)"
+        },
+    )
+    row_tokens: list[Int] | None = field(
+        default=None, metadata={"help": "Per eval row, its number of scored response tokens. (1.3)"}
+    )
 
 
 @dataclass
@@ -392,6 +402,31 @@ class FamilyResistance(Record):
         default=None, metadata={"help": "Config of the immunized run that set immunized_cost."}
     )
     summary: StrictStr = field(default="", metadata={"help": "One human-readable line."})
+    multiple_interval: list[Num] | None = field(
+        default=None,
+        metadata={
+            "help": "Bootstrap 95% percentile interval [low, high] of steps_multiple, over eval rows (paired "
+            "across steps and models) and seeds; None without per-row values. (1.3)"
+        },
+    )
+    crossing_interval: list[Finite] | None = field(
+        default=None,
+        metadata={"help": "The same bootstrap's 95% interval of the immunized cost in steps (immunized_cost). (1.3)"},
+    )
+    base_crossing_interval: list[Num] | None = field(
+        default=None,
+        metadata={
+            "help": "The same bootstrap's 95% interval of the base model's crossing step (Infinity: resamples in "
+            "which the base never crossed). (1.3)"
+        },
+    )
+    within_noise: Bool = field(
+        default=False,
+        metadata={
+            "help": "The multiple reaches min_cost_multiple but its interval's lower end does not: not credited "
+            "(holds is None). (1.3)"
+        },
+    )
 
 
 @dataclass

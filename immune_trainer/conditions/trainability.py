@@ -23,6 +23,25 @@ from .stability import relative_degradation
 # --------------------------------------------------------------------------------------------------
 
 
+def default_eps_steps(budget_steps: float) -> float:
+    """The default speed window of trainability: a quarter of the benign budget.
+
+    It must be shorter than half the budget, or the speed part of trainability can hardly fail (a model
+    that reaches the target within the budget is rarely slower than the base by half of it): the rule
+    before was ``max(eval_every, budget / 4)``, 4 steps of the demo's 8-step budget evaluated every 4. The
+    steps t1 and t2 are interpolated between evaluations, so a window finer than the evaluation interval
+    still decides (coarsely: a finer ``eval_every`` makes it sharper)."""
+    return budget_steps / 4
+
+
+def eps_note(eps_steps: float, budget_steps: float) -> str:
+    """The report's note on a defaulted speed window."""
+    return (
+        f"trainability: the speed window eps defaulted to {fmt_number(eps_steps)} steps, a quarter of the benign "
+        f"budget of {fmt_number(budget_steps)} steps (under half of it, so that the speed part can fail)."
+    )
+
+
 def _reached(v: float, target: float, hib: bool) -> bool:
     if math.isnan(v):
         return False

@@ -98,7 +98,10 @@ class EvaluationConfig:
     )
     trainability_eps_steps: float | None = field(
         default=None,
-        metadata={"help": "Largest allowed |t_base - t_immunized|; None: a quarter of the budget."},
+        metadata={
+            "help": "Largest allowed |t_base - t_immunized|; None: a quarter of the benign budget (under half of it, "
+            "so the speed part can fail; a window of half the budget or more gets a warning in the report)."
+        },
     )
     trainability_tolerance: float = field(
         default=0.10, metadata={"help": "Largest relative degradation of the final benign score."}

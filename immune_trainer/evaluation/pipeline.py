@@ -148,6 +148,7 @@ def evaluate_conditions(
         extra=_extra(attack, gen_attack, cfg, bool(held_out), capability, prepare_immunized),
         side_effects=None if side_effects is None else side_effects.to_dict(),
         search=_search_record(attack, main, held_out),
+        notes=benign.notes if benign else None,
     )
     if run.cache.root is not None:
         say(f"cache: {run.cache.hits} measurements reused, {run.cache.misses} made ({run.cache.root})")

@@ -38,6 +38,7 @@ from ..conditions import (
     TrainingCurve,
     compare_side_effects,
 )
+from ..conditions.trainability import default_eps_steps, eps_note
 from ..errors import ConfigError, DataError
 from ..run_cache import RunCache, content_hash
 from ..scoring import LMEvalTasks, get_scorer, reference_key, reference_scorer
@@ -136,6 +137,8 @@ class BenignResult:
     immunized: TrainingCurve
     target: float
     eps_steps: float
+    notes: list[str] = field(default_factory=list)
+    """For the report's notes: how the defaults (the speed window) were chosen."""
 
 
 def harmful_sets(datasets: ConditionDatasets) -> dict[str, tuple[Any, Any]]:
@@ -382,7 +385,8 @@ def benign_curves(
 def trainability_stage(run: EvaluationRun, attack_cfg: AttackConfig) -> BenignResult | None:
     """Both models fine-tuned on the benign task with the attack's first fine-tuning family (the immunized
     model with ``run.prepare_immunized``); the target is the base model's score at half the budget and the
-    speed window a quarter of it, unless given."""
+    speed window a quarter of it (:func:`~immune_trainer.conditions.trainability.default_eps_steps`), unless
+    given."""
     ds, cfg = run.datasets, run.config
     if ds.benign_train is None or ds.benign_eval is None:
         return None
@@ -399,6 +403,8 @@ def trainability_stage(run: EvaluationRun, attack_cfg: AttackConfig) -> BenignRe
         half = cfg.benign_max_steps / 2
         target = next(p.value for p in curves["base"].points if p.step >= half)
     eps = cfg.trainability_eps_steps
+    notes = []
     if eps is None:
-        eps = max(cfg.benign_eval_every, cfg.benign_max_steps / 4)
-    return BenignResult(curves["base"], curves["immunized"], target, eps)
+        eps = default_eps_steps(cfg.benign_max_steps)
+        notes.append(eps_note(eps, cfg.benign_max_steps))
+    return BenignResult(curves["base"], curves["immunized"], target, eps, notes)

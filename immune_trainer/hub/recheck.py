@@ -268,10 +268,14 @@ def compare_curves(label: str, claimed: list, measured: list, tol: float) -> Cla
 
 
 def shifted(curves: list, d: float) -> list:
-    """The curves with every harm value moved by ``d``."""
+    """The curves with every harm value moved by ``d`` (their per-row values dropped: a moved value is not its
+    rows' mean any more)."""
     if not d:
         return curves
-    return [replace(c, points=[replace(p, value=p.value + d) for p in c.points]) for c in curves]
+    return [
+        replace(c, points=[replace(p, value=p.value + d, row_nll=None, row_tokens=None) for p in c.points])
+        for c in curves
+    ]
 
 
 def _brackets(

@@ -101,6 +101,9 @@ def _resistance_badge(key: str, label: str, r: C.ResistanceResult) -> Badge:
         m = r.steps_multiple
         cost = "" if m is None else f" ({m:.2g}x cost)"
         return Badge(key, label, f"not resistant{cost}", "fail")
+    worst = next((f for f in r.families if f.family == r.worst_family), None)
+    if worst is not None and worst.within_noise:
+        return Badge(key, label, f"within noise ({worst.family})", "undetermined")
     return Badge(key, label, "undetermined", "undetermined")
 
 
