@@ -49,6 +49,8 @@ from .schema import (
     SeedSpread,
     TrainingCurve,
 )
+from .attacked_harm import attacked_harm_rows
+from .helpfulness import HelpfulnessResult
 from .side_effects import SideEffectsResult
 from .verdict import assess
 
@@ -60,7 +62,7 @@ __all__ = [
     "report_json_schema",
 ]
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 """Version of the report layout. Readers refuse versions they do not know (e.g. newer ones).
 
 1.1 (minor: new optional fields): ``datasets``, ``side_effects``, ``search``; per-seed crossing spread
@@ -69,9 +71,13 @@ SCHEMA_VERSION = "1.2"
 1.2 (minor: new optional fields): ``families`` and ``worst_family`` in resistance results, which are
 judged per attack family from this version on (no multiple pooled across families; a base that never
 reaches phi credits nothing). A 1.0 or 1.1 report keeps the verdicts it was written with; ``immune-trainer
-verify`` judges its curves again by the current rules."""
+verify`` judges its curves again by the current rules.
 
-_KNOWN_VERSIONS = ("1.0", "1.1", "1.2")
+1.3 (minor: new optional field): ``helpfulness`` (over-refusal of benign requests and generated exact match
+at step 0, part of stability); an attack curve's config may carry ``after_attack`` (the attacked model's
+refusal rate and judged harm). Older reports read as before (no helpfulness measured)."""
+
+_KNOWN_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 
 
 
@@ -270,6 +276,7 @@ _ORDER = (
     "conditions",
     "search",
     "side_effects",
+    "helpfulness",
     "notes",
     "extra",
 )
@@ -345,6 +352,13 @@ class ImmunizationReport:
     )
     search: FreeDict | None = field(
         default=None, metadata={"help": "Attack search summary: budget, trials, best configuration. (1.1)"}
+    )
+    helpfulness: FreeDict | None = field(
+        default=None,
+        metadata={
+            "help": "Over-refusal of benign requests and generated exact match at step 0, base vs immunized "
+            "(part of stability). (1.3)"
+        },
     )
 
     # ---- dict / JSON -----------------------------------------------------------------------------
@@ -487,6 +501,19 @@ class ImmunizationReport:
         se = _side_effects_result(self.side_effects)
         if se is not None:
             rows.extend(se.table_rows())
+        helpful = _helpfulness_result(self.helpfulness)
+        if helpful is not None:
+            rows.extend(helpful.table_rows())
+            notes.extend(f"helpfulness: {n}" for n in helpful.notes)
+        for key, label in (("attack", ""), ("in_domain", "in-domain "), ("cross_domain", "cross-domain ")):
+            harm_rows = attacked_harm_rows(
+                self.curves.get("base", {}).get(key, []),
+                self.curves.get("immunized", {}).get(key, []),
+                tm.higher_is_better,
+            )
+            if harm_rows and label:
+                harm_rows[0] = (f"{label}after attack", *harm_rows[0][1:])
+            rows.extend(harm_rows)
         g = c.generalization
         res_row("gen. in-domain", None if g is None else g.in_domain)
         res_row("gen. cross-domain", None if g is None else g.cross_domain)
@@ -588,6 +615,13 @@ def _side_effects_result(block: dict[str, Any] | None):
     return SideEffectsResult.from_dict(block)
 
 
+def _helpfulness_result(block: dict[str, Any] | None):
+    """The typed helpfulness comparison of a report's ``helpfulness`` block (None when absent)."""
+    if block is None:
+        return None
+    return HelpfulnessResult.from_dict(block)
+
+
 def build_report(
     *,
     threat_model: ThreatModel,
@@ -609,14 +643,17 @@ def build_report(
     datasets: dict[str, Any] | None = None,
     side_effects: dict[str, Any] | None = None,
     search: dict[str, Any] | None = None,
+    helpfulness: dict[str, Any] | None = None,
 ) -> ImmunizationReport:
     """Judge the conditions with :func:`immune_trainer.conditions.assess` under ``threat_model`` and
     return the filled report. ``dependencies`` is the caller's {package: version} (torch,
     transformers...): this module does not import them. ``datasets`` records the data SPECs of the run
-    (see :attr:`ImmunizationReport.datasets`); ``side_effects`` and ``search`` are optional blocks."""
+    (see :attr:`ImmunizationReport.datasets`); ``side_effects``, ``search`` and ``helpfulness`` are optional
+    blocks (a failing side-effects or helpfulness block fails stability)."""
     if not isinstance(threat_model, ThreatModel):
         raise ConfigError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__}.")
     se = _side_effects_result(side_effects)
+    helpful = _helpfulness_result(helpfulness)
     conditions = assess(
         threshold=threat_model.threshold,
         higher_is_better=threat_model.higher_is_better,
@@ -636,6 +673,8 @@ def build_report(
         min_cost_multiple=threat_model.min_cost_multiple,
         side_effects_holds=None if se is None else se.holds,
         side_effects_summary="" if se is None else se.summary,
+        helpfulness_holds=None if helpful is None else helpful.holds,
+        helpfulness_summary="" if helpful is None else helpful.summary,
     )
     models: dict[str, Any] = {"base": str(base_model), "immunized": str(immunized_model)}
     if weights_sha256:
@@ -665,4 +704,5 @@ def build_report(
         datasets=None if datasets is None else dict(datasets),
         side_effects=None if side_effects is None else dict(side_effects),
         search=None if search is None else dict(search),
+        helpfulness=None if helpfulness is None else dict(helpfulness),
     )
