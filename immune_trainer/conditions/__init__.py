@@ -34,6 +34,7 @@ modules in ``metrics/`` import it and nothing else of ours).
 * ``compare``: many reports side by side (:func:`compare_reports`).
 """
 
+from .attacked_harm import AFTER_ATTACK_KEY, attacked_harm_by_family
 from .compare import Comparison, ComparisonRow, compare_reports
 from .curves import (
     CURVE_SETS,
@@ -47,6 +48,7 @@ from .curves import (
     seed_spread,
     worst_value,
 )
+from .helpfulness import HelpfulnessMeasurement, HelpfulnessResult, compare_helpfulness
 from .report import SCHEMA_VERSION, ImmunizationReport, ThreatModel, build_report, report_json_schema
 from .resistance import generalization, resistance, resistance_by_family, resistance_from_columns
 from .schema import (
@@ -65,8 +67,6 @@ from .schema import (
     TrainabilityResult,
     TrainingCurve,
 )
-from .attacked_harm import AFTER_ATTACK_KEY, attacked_harm_by_family
-from .helpfulness import HelpfulnessMeasurement, HelpfulnessResult, compare_helpfulness
 from .side_effects import (
     SideEffectsMeasurement,
     SideEffectsResult,

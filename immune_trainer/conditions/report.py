@@ -35,7 +35,9 @@ from typing_extensions import NotRequired, TypedDict
 from ..errors import ConfigError, ReportError
 from ..files import atomic_write
 from . import schema as S
+from .attacked_harm import attacked_harm_rows
 from .curves import CURVE_SETS, fmt_number, fmt_percent
+from .helpfulness import HelpfulnessResult
 from .schema import (
     AttackCurve,
     Bool,
@@ -49,8 +51,6 @@ from .schema import (
     SeedSpread,
     TrainingCurve,
 )
-from .attacked_harm import attacked_harm_rows
-from .helpfulness import HelpfulnessResult
 from .side_effects import SideEffectsResult
 from .verdict import assess
 
