@@ -115,6 +115,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "reference": ["shakespeare=embedded:shakespeare/eval", "chat_answers=embedded:chat_responses"],
         "harmful_prompts": SIDE_EFFECT_PROMPTS if cfg.side_effect_prompts else None,
         "harmful_prompts_rows": cfg.side_effect_prompts or None,
+        "benign_requests": "embedded:benign_requests" if cfg.helpfulness_requests else None,
+        "benign_requests_rows": cfg.helpfulness_requests or None,
         "split_seed": cfg.seed,
         "eval_limit": cfg.eval_pairs,
         "reference_rows": cfg.reference_rows,
@@ -145,6 +147,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         side_effects_templates=list(cfg.side_effect_templates),
         side_effects_max_new_tokens=24,
         side_effects_judge="offline_judge",
+        helpfulness_task_rows=cfg.helpfulness_task_rows,
+        attacked_harm_prompts=cfg.attacked_harm_prompts,
+        attacked_harm_judge="offline_judge",
     )
     generalization = generalization_suite(cfg)
     generalization.show_progress = True
