@@ -498,8 +498,17 @@ class Comparison:
                 a, b = getattr(getattr(claimed, who), attr), getattr(getattr(got, who), attr)
                 if a is None and b is None:
                     continue
-                ok = a is not None and b is not None and abs(a - b) <= tol + 1e-12
+                if a is not None and b is None:  # its data (requests or benign task) is not recorded
+                    missing = "benign requests" if attr == "over_refusal_rate" else "benign task"
+                    partial = f"its {missing} are not recorded in report.datasets"
+                    self.add(f"helpfulness.{attr}.{who}", a, None, None, partial)
+                    continue
+                ok = a is not None and abs(a - b) <= tol + 1e-12
                 self.add(f"helpfulness.{attr}.{who}", a, b, ok, f"tol {C.fmt_number(tol, 3)}")
+        complete = (claimed.base.n_requests, claimed.base.n_answers) == (got.base.n_requests, got.base.n_answers)
+        if not complete:
+            self.add("helpfulness: verdict", _word(claimed.holds), None, None, "not every part re-measured")
+            return
         self.add("helpfulness: verdict", _word(claimed.holds), _word(got.holds), claimed.holds == got.holds)
 
     def trainability(self) -> None:
@@ -602,9 +611,19 @@ class Comparison:
             "cross_domain": self._resistance(self.m, "cross_domain") is not None,
             "stability": c.stability is not None,
             "side_effects": self.m.side_effects is not None,
-            "helpfulness": self.m.helpfulness is not None,
+            "helpfulness": self._helpfulness_complete(),
             "trainability": c.trainability is not None,
         }[part]
+
+    def _helpfulness_complete(self) -> bool:
+        """Every part of the claimed helpfulness (requests, benign task) was measured again."""
+        if self.m.helpfulness is None or self.report.helpfulness is None:
+            return self.m.helpfulness is not None
+
+        def sizes(block):
+            return (block["base"].get("n_requests"), block["base"].get("n_answers"))
+
+        return sizes(self.m.helpfulness) == sizes(self.report.helpfulness)
 
     def _claim_rule(self, cid: str):
         """``(part, check(claimed, measured) -> (ok, note))`` of a card claim id."""
