@@ -286,6 +286,8 @@ def _defend_and_evaluate(
         "collapsed": report.conditions.collapsed,
         "summary": report.conditions.summary,
         "families": by_family,
+        "helpfulness": None if report.helpfulness is None else report.helpfulness["summary"],
+        "after_attack": _after_attack_summary(report),
         "report": str(report_path),
         "plot": str(plot_path) if plot_path else None,
         "card": str(card_path) if card_path else None,
@@ -300,6 +302,25 @@ def _defend_and_evaluate(
         f"{timings['defense_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s)"
     )
     return summary
+
+
+def _after_attack_summary(report) -> dict:
+    """Per family of the resistance set: the worst run's refusal rate and judged harm after the attack, base
+    and immunized (empty when the attacked models were not probed)."""
+    from ..conditions import attacked_harm_by_family
+
+    found = attacked_harm_by_family(
+        report.curves.get("base", {}).get("attack", []),
+        report.curves.get("immunized", {}).get("attack", []),
+        report.threat_model.higher_is_better,
+    )
+    return {
+        family: {
+            who: None if r is None else {"refusal_rate": r["refusal_rate"], "harm": r.get("harm")}
+            for who, r in pair.items()
+        }
+        for family, pair in found.items()
+    }
 
 
 def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Path):
