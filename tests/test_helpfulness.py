@@ -317,3 +317,13 @@ def test_attacked_harm_probe_judges_the_plain_answers(monkeypatch, tok):
     assert out["n"] == 2 and out["refusal_rate"] == 0.5 and out["harm"] == pytest.approx(0.5)
     assert probe.cache_key["max_new_tokens"] == 4 and probe.cache_key["judge"]["name"] == "Judge"
     assert torch.is_grad_enabled()
+
+
+def test_the_probe_generates_from_a_soft_prompt_attack_as_deployed(tok):
+    """The embedding family deploys its soft prompt as a view of the model: the probe generates through it."""
+    lm = tiny_causal_lm("llama", seed=0)
+    probe = AttackedHarmProbe(tok, make_pairs(2, offset=70), judge=None, limit=2, max_new_tokens=3)
+    cfg = AttackConfig(family="embedding", learning_rates=[1e-3], max_steps=1, eval_every=1, max_length=96)
+    curve = HarmfulFineTuningAttack(cfg).run(lm, tok, make_pairs(8), make_pairs(4, offset=50), after_attack=probe).curves[0]
+    record = curve.config["after_attack"]
+    assert record["n"] == 2 and record["step"] == 1 and len(record["examples"]) == 2
