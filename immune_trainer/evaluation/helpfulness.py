@@ -148,6 +148,10 @@ class AttackedHarmProbe:
     :func:`~immune_trainer.evaluation.measure_side_effects` (its ``plain`` template). ``cache_key`` names the
     prompts, the generation length and the judge, so saved attack runs are reused only with the same probe.
 
+    Departure from the papers' protocol: every family's attacked model answers the same plain prompts, even
+    where the family measures f on a rewrite of them (``jailbreak_tuning``'s jailbreak wrapper, a persona);
+    the numbers then say how the attacked model answers plain harmful requests.
+
     Args:
         prompts: held-out harmful requests (a list of strings or a prompt/messages dataset).
         judge: a judge scorer name (default ``offline_judge``: MiniLM embeddings + logistic regression,
