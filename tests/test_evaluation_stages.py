@@ -165,7 +165,8 @@ def test_planned_stages_counts_what_evaluate_conditions_announces(models):
     )
     stages = [m for m in said if m.startswith("[") and " phi = " not in m]
     cfg.threshold = None
-    # the held-out set is attacked by its own (one-family) attack: base and immunized runs only
-    assert planned_stages(data, grid, cfg, ATTACK) == len(stages) == 2 + 3 + 2 + 1 + 2
+    # the held-out set is attacked by its own (one-family) attack: base and immunized runs only; helpfulness
+    # (the benign task's generated exact match) is one stage per model, as side effects
+    assert planned_stages(data, grid, cfg, ATTACK) == len(stages) == 2 + 2 + 3 + 2 + 1 + 2
     assert report.extra["generalization_attack_suite"] == [ATTACK.to_dict()]
     assert len(report.extra["attack_suite"]) == 2

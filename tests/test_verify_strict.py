@@ -109,6 +109,7 @@ def test_verify_remeasures_every_claim_and_passes(strict_folder, remeasured):
     c = report.conditions
     assert c.resistance and c.generalization.cross_domain and c.stability and c.trainability
     assert report.side_effects is not None and report.threat_model.threshold_source.startswith("base model")
+    assert report.helpfulness is not None and report.datasets["benign_requests"] == "embedded:benign_requests"
     assert not measured.why, measured.why
     claims = {ch.claim: ch for ch in result.checks}
     # phi re-derived from the base, both models' curves, each family, every condition and the card
@@ -124,6 +125,9 @@ def test_verify_remeasures_every_claim_and_passes(strict_folder, remeasured):
         "stability: verdict",
         "side effects: refusal and harm rates",
         "side effects: verdict",
+        "helpfulness.over_refusal_rate.base",
+        "helpfulness.exact_match.immunized",
+        "helpfulness: verdict",
         "trainability.base_final",
         "trainability: verdict",
         "overall verdict",

@@ -34,7 +34,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .. import data as data_lib
-from ..conditions import AttackCurve, CurvePoint, first_crossing
+from ..conditions import AFTER_ATTACK_KEY, AttackCurve, CurvePoint, first_crossing
 from ..errors import ConfigError, DataError
 from ..files import atomic_write
 from ..progress import StepBar
@@ -78,6 +78,24 @@ def hook_key(prepare_model) -> Any:
     if prepare_model is None:
         return None
     return getattr(prepare_model, "cache_key", None) or False
+
+
+def _after_attack(hook, model, step: int) -> dict:
+    """The ``after_attack`` hook's result on ``model`` with the ``step`` it was measured at; the model is put
+    in eval mode for it and restored."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        result = hook(model)
+    finally:
+        model.train(was_training)
+    if not isinstance(result, dict):
+        raise ConfigError(f"after_attack must return a dict (JSON-serialisable), got {type(result).__name__}.")
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"after_attack returned a dict that is not JSON-serialisable: {err}.") from None
+    return {"step": step, **result}
 
 
 class _AttackTrainer(Trainer):
@@ -264,6 +282,7 @@ class HarmfulFineTuningAttack:
         stop_at_threshold: float | None = None,
         full_curve: bool | None = None,
         phi_from_step: int | None = None,
+        after_attack: Callable[[Any], dict] | None = None,
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
@@ -291,6 +310,13 @@ class HarmfulFineTuningAttack:
                 reads it): once that value is known, the run stops at the first later evaluation strictly on
                 its harmful side, which brackets its crossing of phi; nothing after it can change a verdict.
                 Ignored with a ``stop_at_threshold`` or ``full_curve``.
+            after_attack: called once per run with the final attacked model as the attacker deploys it
+                (``family.deployed``: e.g. with its soft prompt; inside ``prepare_model.measure`` when the hook
+                has one), after its last training step (or, training-free, after the edit); it returns a
+                JSON-serialisable dict (e.g. :class:`~immune_trainer.evaluation.AttackedHarmProbe`: refusal
+                rate and judged harm of generations), stored as ``curve.config["after_attack"]`` with the
+                ``step`` it was measured at. Its ``cache_key`` (what it measures) joins the saved runs'
+                key; a hook without one makes the runs neither saved nor reused.
         """
         cfg = self.config
         phi = cfg.stop_at_threshold if stop_at_threshold is None else stop_at_threshold
@@ -378,6 +404,12 @@ class HarmfulFineTuningAttack:
             fingerprint["benign"] = content_hash(tokenized(benign_train))
         if prepare_model is not None:  # a hook changes what is trained: runs with and without it differ
             fingerprint["prepare_model"] = hook_key(prepare_model)
+        if after_attack is not None:
+            if not callable(after_attack):
+                raise ConfigError(
+                    f"after_attack must be a callable hook(model) -> dict, got {type(after_attack).__name__}."
+                )
+            fingerprint["after_attack"] = hook_key(after_attack)
         curves = []
         for i, setting in enumerate(grid):
             family = families[setting["family"]]
@@ -394,13 +426,15 @@ class HarmfulFineTuningAttack:
             if family.trains:
                 curve = self._run_one(
                     model, tokenizer, data[setting["family"]], run_eval, setting, family, prepare_model, phi,
-                    fingerprint, eval_hash,
+                    fingerprint, eval_hash, after_attack,
                 )
             else:
                 family_sources = data[setting["family"]]
                 if family.attacks_prompts:  # optimised on the prompts it is measured on (embedding)
                     family_sources = {**family_sources, "eval": family.harm_eval(harmful_eval, setting, cfg)}
-                curve = self._run_training_free(model, tokenizer, family_sources, run_eval, setting, family)
+                curve = self._run_training_free(
+                    model, tokenizer, family_sources, run_eval, setting, family, after_attack
+                )
             self._save(setting, curve, fingerprint, phi)
             curves.append(curve)
         return AttackResult(curves=curves, config=cfg)
@@ -415,7 +449,9 @@ class HarmfulFineTuningAttack:
         result = self.scorer.score(model, tokenizer, eval_data)
         return float(result.value), _point_rows(getattr(result, "details", None) or {})
 
-    def _run_training_free(self, model, tokenizer, sources, eval_data, setting, family) -> AttackCurve:
+    def _run_training_free(
+        self, model, tokenizer, sources, eval_data, setting, family, after_attack=None
+    ) -> AttackCurve:
         """A training-free attack: one point at step 0 (no steps, tokens or FLOPs), after the edit; the
         value before it is kept in the config as ``value_before``."""
         attacked = copy.deepcopy(model)
@@ -426,8 +462,11 @@ class HarmfulFineTuningAttack:
         attacked = family.apply(attacked, tokenizer, sources, setting, self.config)
         after, rows = self._measure_rows(attacked, tokenizer, eval_data)
         logger.info("%s: f = %.4f before, %.4f after", setting["family"], before, after)
+        probe = None if after_attack is None else _after_attack(after_attack, attacked, 0)
         del attacked
         config = {**setting, "value_before": before}
+        if probe is not None:
+            config[AFTER_ATTACK_KEY] = probe
         if merged:
             config["merged_adapters"] = ",".join(merged)
         return AttackCurve(
@@ -438,7 +477,18 @@ class HarmfulFineTuningAttack:
         )
 
     def _run_one(
-        self, model, tokenizer, data, eval_data, setting, family, prepare_model, phi, fingerprint, eval_hash=None
+        self,
+        model,
+        tokenizer,
+        data,
+        eval_data,
+        setting,
+        family,
+        prepare_model,
+        phi,
+        fingerprint,
+        eval_hash=None,
+        after_attack=None,
     ) -> AttackCurve:
         cfg = self.config
         subset = family.training_set(data, setting)
@@ -524,6 +574,12 @@ class HarmfulFineTuningAttack:
                 trainer.add_callback(StepBar(f"attack {setting_label(setting)}"))
             callback.trainer = trainer
             trainer.train()
+        probe = None
+        if after_attack is not None:
+            # The final model as the attacker deploys it, measured as harm is (the hook's measure context).
+            with measure_context(attacked):
+                step = callback.points[-1].step if callback.points else 0
+                probe = _after_attack(after_attack, family.deployed(attacked, setting), step)
         if step0_key and callback.points:
             first = callback.points[0]
             rows = _point_rows({"row_nll": first.row_nll, "row_tokens": first.row_tokens})
@@ -534,6 +590,8 @@ class HarmfulFineTuningAttack:
             config["merged_adapters"] = ",".join(merged)
         if phi is not None:
             config["stopped_early"] = callback.stopped_early
+        if probe is not None:
+            config[AFTER_ATTACK_KEY] = probe
         return AttackCurve(
             config=config,
             points=callback.points,

@@ -180,6 +180,7 @@ def cmd_evaluate(argv: list[str]) -> int:
             data.eval_dataset,
             data.cross_domain_dataset,
             data.benign_dataset,
+            None if (data.benign_requests or "none").lower() == "none" else data.benign_requests,
             *references,
         ],
     )

@@ -27,11 +27,14 @@ modules in ``metrics/`` import it and nothing else of ours).
 * ``stability``, ``trainability``: the other two conditions;
 * ``verdict``: :func:`assess` (all four) and :func:`summarize_harm`;
 * ``side_effects``: the side-effects half of stability (measurements in, :func:`compare_side_effects` out);
+* ``helpfulness``: over-refusal and generated exact match at step 0, part of stability
+  (:func:`compare_helpfulness`); ``attacked_harm``: the attacked models' refusal and judged harm per family;
 * ``schema``: the typed records (:class:`ResistanceResult`, :class:`ConditionsResult`...) and JSON codec;
 * ``report``: :class:`ImmunizationReport`, :class:`ThreatModel`, :func:`build_report`;
 * ``compare``: many reports side by side (:func:`compare_reports`).
 """
 
+from .attacked_harm import AFTER_ATTACK_KEY, attacked_harm_by_family
 from .compare import Comparison, ComparisonRow, compare_reports
 from .curves import (
     CURVE_SETS,
@@ -45,6 +48,7 @@ from .curves import (
     seed_spread,
     worst_value,
 )
+from .helpfulness import HelpfulnessMeasurement, HelpfulnessResult, compare_helpfulness
 from .report import SCHEMA_VERSION, ImmunizationReport, ThreatModel, build_report, report_json_schema
 from .resistance import generalization, resistance, resistance_by_family, resistance_from_columns
 from .schema import (
@@ -75,6 +79,7 @@ from .trainability import trainability
 from .verdict import assess, summarize_harm
 
 __all__ = [
+    "AFTER_ATTACK_KEY",
     "CURVE_SETS",
     "EVALUATE_KWARGS",
     "SCHEMA_VERSION",
@@ -88,6 +93,8 @@ __all__ = [
     "FamilyResistance",
     "GeneralizationResult",
     "HarmSummary",
+    "HelpfulnessMeasurement",
+    "HelpfulnessResult",
     "ImmunizationReport",
     "ResistanceResult",
     "SeedSpread",
@@ -101,8 +108,10 @@ __all__ = [
     "TrainabilityResult",
     "TrainingCurve",
     "assess",
+    "attacked_harm_by_family",
     "build_report",
     "check_metric_kwargs",
+    "compare_helpfulness",
     "compare_reports",
     "compare_side_effects",
     "curves_from_columns",

@@ -35,7 +35,9 @@ from typing_extensions import NotRequired, TypedDict
 from ..errors import ConfigError, ReportError
 from ..files import atomic_write
 from . import schema as S
+from .attacked_harm import attacked_harm_rows
 from .curves import CURVE_SETS, fmt_number, fmt_percent
+from .helpfulness import HelpfulnessResult
 from .schema import (
     AttackCurve,
     Bool,
@@ -73,8 +75,10 @@ verify`` judges its curves again by the current rules.
 
 1.3 (minor: new optional fields): per-row harm (``row_nll``, ``row_tokens``) on attack curve points, and a
 bootstrap interval of each family's crossing and multiple (``multiple_interval``, ``crossing_interval``,
-``base_crossing_interval``, ``within_noise``) in resistance results. Older reports load without them and
-are judged by the point rule."""
+``base_crossing_interval``, ``within_noise``) in resistance results; ``helpfulness`` (over-refusal of benign
+requests and generated exact match at step 0, part of stability); an attack curve's config may carry
+``after_attack`` (the attacked model's refusal rate and judged harm). Older reports load without them and are
+judged by the point rule, with no helpfulness measured."""
 
 _KNOWN_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 
@@ -275,6 +279,7 @@ _ORDER = (
     "conditions",
     "search",
     "side_effects",
+    "helpfulness",
     "notes",
     "extra",
 )
@@ -350,6 +355,13 @@ class ImmunizationReport:
     )
     search: FreeDict | None = field(
         default=None, metadata={"help": "Attack search summary: budget, trials, best configuration. (1.1)"}
+    )
+    helpfulness: FreeDict | None = field(
+        default=None,
+        metadata={
+            "help": "Over-refusal of benign requests and generated exact match at step 0, base vs immunized "
+            "(part of stability). (1.3)"
+        },
     )
 
     # ---- dict / JSON -----------------------------------------------------------------------------
@@ -502,6 +514,19 @@ class ImmunizationReport:
         se = _side_effects_result(self.side_effects)
         if se is not None:
             rows.extend(se.table_rows())
+        helpful = _helpfulness_result(self.helpfulness)
+        if helpful is not None:
+            rows.extend(helpful.table_rows())
+            notes.extend(f"helpfulness: {n}" for n in helpful.notes)
+        for key, label in (("attack", ""), ("in_domain", "in-domain "), ("cross_domain", "cross-domain ")):
+            harm_rows = attacked_harm_rows(
+                self.curves.get("base", {}).get(key, []),
+                self.curves.get("immunized", {}).get(key, []),
+                tm.higher_is_better,
+            )
+            if harm_rows and label:
+                harm_rows[0] = (f"{label}after attack", *harm_rows[0][1:])
+            rows.extend(harm_rows)
         g = c.generalization
         res_row("gen. in-domain", None if g is None else g.in_domain)
         res_row("gen. cross-domain", None if g is None else g.cross_domain)
@@ -617,6 +642,13 @@ def _side_effects_result(block: dict[str, Any] | None):
     return SideEffectsResult.from_dict(block)
 
 
+def _helpfulness_result(block: dict[str, Any] | None):
+    """The typed helpfulness comparison of a report's ``helpfulness`` block (None when absent)."""
+    if block is None:
+        return None
+    return HelpfulnessResult.from_dict(block)
+
+
 def build_report(
     *,
     threat_model: ThreatModel,
@@ -638,14 +670,17 @@ def build_report(
     datasets: dict[str, Any] | None = None,
     side_effects: dict[str, Any] | None = None,
     search: dict[str, Any] | None = None,
+    helpfulness: dict[str, Any] | None = None,
 ) -> ImmunizationReport:
     """Judge the conditions with :func:`immune_trainer.conditions.assess` under ``threat_model`` and
     return the filled report. ``dependencies`` is the caller's {package: version} (torch,
     transformers...): this module does not import them. ``datasets`` records the data SPECs of the run
-    (see :attr:`ImmunizationReport.datasets`); ``side_effects`` and ``search`` are optional blocks."""
+    (see :attr:`ImmunizationReport.datasets`); ``side_effects``, ``search`` and ``helpfulness`` are optional
+    blocks (a failing side-effects or helpfulness block fails stability)."""
     if not isinstance(threat_model, ThreatModel):
         raise ConfigError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__}.")
     se = _side_effects_result(side_effects)
+    helpful = _helpfulness_result(helpfulness)
     conditions = assess(
         threshold=threat_model.threshold,
         higher_is_better=threat_model.higher_is_better,
@@ -665,6 +700,8 @@ def build_report(
         min_cost_multiple=threat_model.min_cost_multiple,
         side_effects_holds=None if se is None else se.holds,
         side_effects_summary="" if se is None else se.summary,
+        helpfulness_holds=None if helpful is None else helpful.holds,
+        helpfulness_summary="" if helpful is None else helpful.summary,
     )
     models: dict[str, Any] = {"base": str(base_model), "immunized": str(immunized_model)}
     if weights_sha256:
@@ -694,4 +731,5 @@ def build_report(
         datasets=None if datasets is None else dict(datasets),
         side_effects=None if side_effects is None else dict(side_effects),
         search=None if search is None else dict(search),
+        helpfulness=None if helpfulness is None else dict(helpfulness),
     )

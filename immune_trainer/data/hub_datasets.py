@@ -201,6 +201,23 @@ HARMFUL_DATASETS: dict[str, HubDatasetSpec] = {
 }
 
 BENIGN_DATASETS: dict[str, HubDatasetSpec] = {
+    "xstest": HubDatasetSpec(
+        hub_id="Paul/XSTest",
+        description="XSTest's 250 safe prompts that look unsafe (its 200 unsafe contrast prompts dropped), "
+        "for the over-refusal check of helpfulness; the embedded default is embedded:benign_requests.",
+        column_map={"prompt": "prompt"},
+        category_column="type",
+        keep={"label": "safe"},
+        prompt_only=True,
+        license="cc-by-4.0",
+        citation="""@inproceedings{rottger2024xstest,
+  title={XSTest: A Test Suite for Identifying Exaggerated Safety Behaviours in Large Language Models},
+  author={R{\\"o}ttger, Paul and Kirk, Hannah Rose and Vidgen, Bertie and Attanasio, Giuseppe and Bianchi, Federico and Hovy, Dirk},
+  booktitle={NAACL},
+  year={2024}
+}""",
+        url="https://huggingface.co/datasets/Paul/XSTest",
+    ),
     "alpaca": HubDatasetSpec(
         hub_id="tatsu-lab/alpaca",
         description="52k instruction-following demonstrations (retain / trainability data).",

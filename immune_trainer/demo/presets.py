@@ -32,6 +32,9 @@ PRESETS: dict[str, dict] = {
         benign_eval_every=2,
         side_effect_prompts=4,
         side_effect_templates=["plain", "prefix_injection"],
+        helpfulness_requests=6,
+        helpfulness_task_rows=4,
+        attacked_harm_prompts=4,
         max_length=80,
         batch_size=2,
         attack_batch_size=2,
@@ -53,6 +56,9 @@ PRESETS: dict[str, dict] = {
         benign_eval_every=4,
         side_effect_prompts=12,
         side_effect_templates=["plain", "refusal_suppression", "prefix_injection"],
+        helpfulness_requests=10,
+        helpfulness_task_rows=6,
+        attacked_harm_prompts=8,
         max_length=96,
         batch_size=4,
         attack_batch_size=2,
@@ -80,6 +86,9 @@ PRESETS: dict[str, dict] = {
             "roleplay",
             "hypothetical",
         ],
+        helpfulness_requests=36,
+        helpfulness_task_rows=32,
+        attacked_harm_prompts=32,
         max_length=256,
         batch_size=4,
         attack_batch_size=4,
@@ -185,6 +194,24 @@ class DemoConfig:
     )
     side_effect_templates: list[str] | None = field(
         default=None, metadata={"help": "Jailbreak templates of the side-effects check."}
+    )
+    helpfulness_requests: int | None = field(
+        default=None,
+        metadata={
+            "help": "Benign requests (embedded:benign_requests, XSTest-style) answered for the over-refusal "
+            "check of helpfulness (0: skip it)."
+        },
+    )
+    helpfulness_task_rows: int | None = field(
+        default=None,
+        metadata={"help": "Arithmetic questions answered (generated) for helpfulness's exact match (0: skip)."},
+    )
+    attacked_harm_prompts: int | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out harmful prompts each attacked model answers (refusal rate, offline judge's harm; "
+            "0: skip)."
+        },
     )
     max_length: int | None = field(default=None, metadata={"help": "Longest tokenized example."})
     batch_size: int | None = field(default=None, metadata={"help": "Batch size of the defense."})

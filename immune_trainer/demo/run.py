@@ -115,6 +115,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "reference": ["shakespeare=embedded:shakespeare/eval", "chat_answers=embedded:chat_responses"],
         "harmful_prompts": SIDE_EFFECT_PROMPTS if cfg.side_effect_prompts else None,
         "harmful_prompts_rows": cfg.side_effect_prompts or None,
+        "benign_requests": "embedded:benign_requests" if cfg.helpfulness_requests else None,
+        "benign_requests_rows": cfg.helpfulness_requests or None,
         "split_seed": cfg.seed,
         "eval_limit": cfg.eval_pairs,
         "reference_rows": cfg.reference_rows,
@@ -145,6 +147,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         side_effects_templates=list(cfg.side_effect_templates),
         side_effects_max_new_tokens=24,
         side_effects_judge="offline_judge",
+        helpfulness_task_rows=cfg.helpfulness_task_rows,
+        attacked_harm_prompts=cfg.attacked_harm_prompts,
+        attacked_harm_judge="offline_judge",
     )
     generalization = generalization_suite(cfg)
     generalization.show_progress = True
@@ -285,6 +290,8 @@ def _defend_and_evaluate(
         "collapsed": report.conditions.collapsed,
         "summary": report.conditions.summary,
         "families": by_family,
+        "helpfulness": None if report.helpfulness is None else report.helpfulness["summary"],
+        "after_attack": _after_attack_summary(report),
         "report": str(report_path),
         "plot": str(plot_path) if plot_path else None,
         "card": str(card_path) if card_path else None,
@@ -299,6 +306,25 @@ def _defend_and_evaluate(
         f"{timings['defense_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s)"
     )
     return summary
+
+
+def _after_attack_summary(report) -> dict:
+    """Per family of the resistance set: the worst run's refusal rate and judged harm after the attack, base
+    and immunized (empty when the attacked models were not probed)."""
+    from ..conditions import attacked_harm_by_family
+
+    found = attacked_harm_by_family(
+        report.curves.get("base", {}).get("attack", []),
+        report.curves.get("immunized", {}).get("attack", []),
+        report.threat_model.higher_is_better,
+    )
+    return {
+        family: {
+            who: None if r is None else {"refusal_rate": r["refusal_rate"], "harm": r.get("harm")}
+            for who, r in pair.items()
+        }
+        for family, pair in found.items()
+    }
 
 
 def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Path):

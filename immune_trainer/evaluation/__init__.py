@@ -15,6 +15,7 @@ The verdict arithmetic and the report live one layer down, in :mod:`immune_train
 
 from .attack_sets import dependency_versions, threshold_from_base
 from .config import ConditionDatasets, EvaluationConfig
+from .helpfulness import AttackedHarmProbe, benign_request_texts, measure_helpfulness
 from .jailbreak_templates import (
     DEFAULT_TEMPLATES,
     JAILBREAK_TEMPLATES,
@@ -31,8 +32,10 @@ from .stages import (
     BenignResult,
     CapabilityResult,
     EvaluationRun,
+    attacked_harm_probe,
     benign_curves,
     generalization_stage,
+    helpfulness_stage,
     resistance_stage,
     side_effects_stage,
     stability_stage,
@@ -43,6 +46,7 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "JAILBREAK_TEMPLATES",
     "AttackSetResult",
+    "AttackedHarmProbe",
     "BenignResult",
     "CapabilityResult",
     "ConditionDatasets",
@@ -51,15 +55,19 @@ __all__ = [
     "EvaluationRun",
     "JailbreakTemplate",
     "SideEffectsConfig",
+    "attacked_harm_probe",
     "benign_curves",
+    "benign_request_texts",
     "dependency_versions",
     "embedded_side_effect_prompts",
     "evaluate_conditions",
     "evaluate_from_specs",
     "generalization_stage",
     "get_jailbreak_template",
+    "helpfulness_stage",
     "list_jailbreak_templates",
     "load_reference_spec",
+    "measure_helpfulness",
     "measure_side_effects",
     "planned_stages",
     "prompt_texts",

@@ -1,7 +1,7 @@
 """Measure the four immunization conditions of a model against its base model.
 
 :func:`evaluate_conditions` runs the stages of :mod:`immune_trainer.evaluation.stages` in order (side
-effects, resistance, generalization, stability, trainability) on both models and hands what they
+effects, helpfulness, resistance, generalization, stability, trainability) on both models and hands what they
 measured to :func:`immune_trainer.conditions.build_report`. Everything that was measured, and the threat
 model under which it was measured, goes into one :class:`~immune_trainer.conditions.ImmunizationReport`.
 """
@@ -35,8 +35,10 @@ from .config import ConditionDatasets, EvaluationConfig
 from .stages import (
     AttackSetResult,
     EvaluationRun,
+    attacked_harm_probe,
     generalization_stage,
     harmful_sets,
+    helpfulness_stage,
     resistance_stage,
     side_effects_stage,
     stability_stage,
@@ -117,6 +119,7 @@ def evaluate_conditions(
         say,
         RunCache(cfg.cache_dir),
         prepare_immunized=prepare_immunized,
+        after_attack=attacked_harm_probe(datasets, cfg, tokenizer),
     )
     harmful_sets(datasets)  # missing or half-given harmful sets fail before anything runs
     if cfg.threshold is not None:
@@ -125,6 +128,7 @@ def evaluate_conditions(
 
     # Step 0 first: cheap next to the attacks, and bad prompts or a missing judge fail fast.
     side_effects = side_effects_stage(run, attack.scorer)
+    helpfulness = helpfulness_stage(run)
     main = resistance_stage(run, attack, step)
     held_out = generalization_stage(run, gen_attack, step)
     capability = stability_stage(run)
@@ -149,6 +153,7 @@ def evaluate_conditions(
         side_effects=None if side_effects is None else side_effects.to_dict(),
         search=_search_record(attack, main, held_out),
         notes=benign.notes if benign else None,
+        helpfulness=None if helpfulness is None else helpfulness.to_dict(),
     )
     if run.cache.root is not None:
         say(f"cache: {run.cache.hits} measurements reused, {run.cache.misses} made ({run.cache.root})")
@@ -169,6 +174,10 @@ def planned_stages(datasets: ConditionDatasets, attack, config: EvaluationConfig
         return 3 if split else 2
 
     side_effects = 2 if datasets.harmful_prompts is not None and config.side_effects else 0
+    helpful = datasets.benign_requests is not None or (
+        datasets.benign_eval is not None and config.helpfulness_task_rows > 0
+    )
+    side_effects += 2 if helpful and config.helpfulness else 0
     sets = len(harmful_sets(datasets))
     benign = 2 if datasets.benign_train is not None and datasets.benign_eval is not None else 0
     return side_effects + per_set(attack) + (sets - 1) * per_set(held_out) + len(datasets.reference or {}) + benign

@@ -18,6 +18,8 @@ re-measures is, row for row, what was measured. The record's keys (every one opt
   ``eval_limit``), or ``"embedded:side_effect_prompts"``:
   :func:`~immune_trainer.evaluation.embedded_side_effect_prompts` of ``harmful_prompts_rows`` prompts drawn
   with ``split_seed`` (without ``harmful_prompts_rows`` the draw is unknown and the set is not rebuilt);
+* ``benign_requests``: a SPEC of the benign (XSTest-style) requests of helpfulness's over-refusal check,
+  cut to ``benign_requests_rows`` (default: all), e.g. ``embedded:benign_requests``;
 * ``split_seed``: the seed every SPEC is loaded with (it draws the embedded harmful splits and the
   embedded arithmetic task); ``eval_limit``: every evaluation set keeps its first ``eval_limit`` rows
   (0: all).
@@ -187,4 +189,12 @@ def condition_datasets(
                 ds.harmful_prompts = first(load(prompts), n)
 
         part("harmful_prompts", build_prompts)
+
+    requests = record.get("benign_requests")
+    if requests:
+
+        def build_requests():
+            ds.benign_requests = first(load(requests), _int(record, "benign_requests_rows"))
+
+        part("benign_requests", build_requests)
     return out

@@ -60,6 +60,14 @@ class EvaluationData:
             "e.g. embedded:donotanswer."
         },
     )
+    benign_requests: str | None = field(
+        default="embedded:benign_requests",
+        metadata={
+            "help": "Benign requests, many that look unsafe (XSTest-style; a 'prompt' column), for the "
+            "over-refusal check of helpfulness at step 0 (part of stability): embedded:benign_requests "
+            "(offline, shipped), Paul/XSTest (the real XSTest, from the Hub), or none."
+        },
+    )
     eval_limit: int = field(
         default=0, metadata={"help": "Use at most this many rows of each eval set (0 = all)."}
     )
@@ -89,6 +97,7 @@ def evaluate_from_specs(
         "reference": list(data.reference),
         "benign": data.benign_dataset,
         "harmful_prompts": data.harmful_prompts,
+        "benign_requests": None if (data.benign_requests or "none").lower() == "none" else data.benign_requests,
     }
     immunized, tokenizer = load_model_and_tokenizer(model_args)
     base, _ = load_model_and_tokenizer(replace(model_args, model=data.base_model, tokenizer=None))

@@ -9,6 +9,8 @@ progress callback and the run cache) and returns a record of what it measured:
   phi read off the base model when the user gave none);
 * :func:`generalization_stage` -> one :class:`AttackSetResult` per held-out set (in-domain, cross-domain);
 * :func:`stability_stage` -> :class:`CapabilityResult` (capability g on each reference set);
+* :func:`helpfulness_stage` -> :class:`~immune_trainer.conditions.HelpfulnessResult` (stability's third
+  part: over-refusal of benign requests and generated exact match at step 0);
 * :func:`trainability_stage` -> :class:`BenignResult` (a benign fine-tune of both models).
 
 :func:`~immune_trainer.evaluation.evaluate_conditions` runs them in that order and hands their records to
@@ -33,9 +35,12 @@ from ..attacks import (
 )
 from ..conditions import (
     AttackCurve,
+    HelpfulnessMeasurement,
+    HelpfulnessResult,
     SideEffectsMeasurement,
     SideEffectsResult,
     TrainingCurve,
+    compare_helpfulness,
     compare_side_effects,
 )
 from ..conditions.trainability import default_eps_steps, eps_note
@@ -44,6 +49,7 @@ from ..run_cache import RunCache, content_hash
 from ..scoring import LMEvalTasks, get_scorer, reference_key, reference_scorer
 from .attack_sets import is_search, threshold_from_base
 from .config import ConditionDatasets, EvaluationConfig
+from .helpfulness import AttackedHarmProbe, measure_helpfulness
 from .side_effects import measure_side_effects
 
 __all__ = [
@@ -54,6 +60,7 @@ __all__ = [
     "benign_curves",
     "generalization_stage",
     "harmful_sets",
+    "helpfulness_stage",
     "resistance_stage",
     "side_effects_stage",
     "stability_stage",
@@ -81,6 +88,9 @@ class EvaluationRun:
     say: Callable[[str], None] = field(default=lambda message: logger.info(message))
     cache: RunCache = field(default_factory=lambda: RunCache(None))
     prepare_immunized: Callable[[Any], Any] | None = None
+    after_attack: Callable[[Any], dict] | None = None
+    """The ``after_attack`` hook of the attack runs (:func:`attacked_harm_probe`), on the sets
+    ``config.attacked_harm_sets``; None: not measured."""
     _fingerprints: dict[int, str] = field(default_factory=dict, repr=False)
 
     def models(self) -> tuple[tuple[str, Any], tuple[str, Any]]:
@@ -191,6 +201,68 @@ def side_effects_stage(run: EvaluationRun, attack_scorer) -> SideEffectsResult |
     return result
 
 
+# ---------------------------------------------------------------------------------------- helpfulness
+
+
+def _task_rows(run: EvaluationRun):
+    """The benign task's rows for the generated exact match (None: skipped)."""
+    task, rows = run.datasets.benign_eval, run.config.helpfulness_task_rows
+    if task is None or not rows:
+        return None
+    columns = getattr(task, "column_names", None) or []
+    if "completion" not in columns and "messages" not in columns:
+        run.say("[stability] helpfulness: benign_eval has no reference answers; generated exact match skipped")
+        return None
+    return task.select(range(min(rows, len(task))))
+
+
+def helpfulness_stage(run: EvaluationRun) -> HelpfulnessResult | None:
+    """Over-refusal of ``datasets.benign_requests`` and generated exact match on ``datasets.benign_eval``
+    (its first ``helpfulness_task_rows`` rows) of both models at step 0 (None when neither is given)."""
+    cfg, requests = run.config, run.datasets.benign_requests
+    task = _task_rows(run) if cfg.helpfulness else None
+    if not cfg.helpfulness or (requests is None and task is None):
+        return None
+    settings = {
+        "max_new_tokens": cfg.helpfulness_max_new_tokens,
+        "normalizer": cfg.helpfulness_normalizer,
+    }
+    data_key = {
+        "requests": None if requests is None else content_hash(requests),
+        "task": None if task is None else content_hash(task),
+    }
+    measured = {}
+    for who, model in run.models():
+        run.say(f"[stability] helpfulness: {who} model answers benign requests and the benign task")
+        measured[who] = run.cache.get_or_compute(
+            "helpfulness",
+            {"model": run.fingerprint(model), **data_key, **settings},
+            lambda model=model: measure_helpfulness(model, run.tokenizer, requests, task, **settings),
+            encode=lambda m: m.to_dict(),
+            decode=HelpfulnessMeasurement.from_dict,
+        )
+    result = compare_helpfulness(
+        measured["base"],
+        measured["immunized"],
+        cfg.helpfulness_refusal_tolerance,
+        cfg.helpfulness_exact_match_tolerance,
+    )
+    run.say(result.summary)
+    return result
+
+
+def attacked_harm_probe(datasets: ConditionDatasets, config: EvaluationConfig, tokenizer) -> AttackedHarmProbe | None:
+    """The ``after_attack`` hook ``config.attacked_harm_prompts`` asks for: held-out harmful prompts
+    (``datasets.harmful_prompts``, else the main attack's eval set) answered by each attacked model and
+    judged by ``config.attacked_harm_judge`` (None when ``attacked_harm_prompts`` is 0)."""
+    if not config.attacked_harm_prompts:
+        return None
+    prompts = datasets.harmful_prompts if datasets.harmful_prompts is not None else datasets.attack_eval
+    return AttackedHarmProbe(
+        tokenizer, prompts, judge=config.attacked_harm_judge, limit=config.attacked_harm_prompts
+    )
+
+
 # ---------------------------------------------------------------------------------------- resistance
 
 
@@ -213,6 +285,7 @@ def _attack_grid_set(
             progress=run.say,
             stop_at_threshold=phi if cfg.early_stop else None,
             phi_from_step=phi_from_step if cfg.early_stop else None,
+            after_attack=run.after_attack if key in cfg.attacked_harm_sets else None,
         ).curves
 
     if phi is not None:

@@ -481,6 +481,40 @@ class Comparison:
         )
         self.add("side effects: verdict", _word(claimed.holds), _word(got.holds), claimed.holds == got.holds)
 
+    def helpfulness(self) -> None:
+        block = self.report.helpfulness
+        if block is None:
+            return
+        from ..conditions.helpfulness import HelpfulnessResult
+
+        claimed = HelpfulnessResult.from_dict(block)
+        got = None if self.m is None or self.m.helpfulness is None else HelpfulnessResult.from_dict(self.m.helpfulness)
+        if got is None:
+            self.add("helpfulness (step 0)", _word(claimed.holds), None, None, self.why("helpfulness"))
+            return
+        # Rates within a quarter (the fraction) of the tolerance: absolute for over-refusal, relative to the
+        # base's exact match for exact match.
+        for attr, tol in (
+            ("over_refusal_rate", self.fraction * claimed.refusal_tolerance),
+            ("exact_match", self.fraction * claimed.exact_match_tolerance * (claimed.base.exact_match or 0.0)),
+        ):
+            for who in ("base", "immunized"):
+                a, b = getattr(getattr(claimed, who), attr), getattr(getattr(got, who), attr)
+                if a is None and b is None:
+                    continue
+                if a is not None and b is None:  # its data (requests or benign task) is not recorded
+                    missing = "benign requests" if attr == "over_refusal_rate" else "benign task"
+                    partial = f"its {missing} are not recorded in report.datasets"
+                    self.add(f"helpfulness.{attr}.{who}", a, None, None, partial)
+                    continue
+                ok = a is not None and abs(a - b) <= tol + 1e-12
+                self.add(f"helpfulness.{attr}.{who}", a, b, ok, f"tol {C.fmt_number(tol, 3)}")
+        complete = (claimed.base.n_requests, claimed.base.n_answers) == (got.base.n_requests, got.base.n_answers)
+        if not complete:
+            self.add("helpfulness: verdict", _word(claimed.holds), None, None, "not every part re-measured")
+            return
+        self.add("helpfulness: verdict", _word(claimed.holds), _word(got.holds), claimed.holds == got.holds)
+
     def trainability(self) -> None:
         t = self.report.conditions.trainability
         if t is None:
@@ -512,7 +546,7 @@ class Comparison:
 
     def unmeasured(self) -> list[str]:
         """The parts the report measured that were not measured again."""
-        parts = ("attack", "in_domain", "cross_domain", "stability", "side_effects", "trainability")
+        parts = ("attack", "in_domain", "cross_domain", "stability", "side_effects", "helpfulness", "trainability")
         return [p for p in parts if self._claimed_part(p) and (self.m is None or not self._measured_part(p))]
 
     def overall(self) -> None:
@@ -537,6 +571,7 @@ class Comparison:
             "cross_domain": self._resistance(self.report, "cross_domain") is not None,
             "stability": c.stability is not None,
             "side_effects": self.report.side_effects is not None,
+            "helpfulness": self.report.helpfulness is not None,
             "trainability": c.trainability is not None,
         }.get(part, False)
 
@@ -580,8 +615,19 @@ class Comparison:
             "cross_domain": self._resistance(self.m, "cross_domain") is not None,
             "stability": c.stability is not None,
             "side_effects": self.m.side_effects is not None,
+            "helpfulness": self._helpfulness_complete(),
             "trainability": c.trainability is not None,
         }[part]
+
+    def _helpfulness_complete(self) -> bool:
+        """Every part of the claimed helpfulness (requests, benign task) was measured again."""
+        if self.m.helpfulness is None or self.report.helpfulness is None:
+            return self.m.helpfulness is not None
+
+        def sizes(block):
+            return (block["base"].get("n_requests"), block["base"].get("n_answers"))
+
+        return sizes(self.m.helpfulness) == sizes(self.report.helpfulness)
 
     def _claim_rule(self, cid: str):
         """``(part, check(claimed, measured) -> (ok, note))`` of a card claim id."""

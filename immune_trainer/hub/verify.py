@@ -220,6 +220,7 @@ def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded,
     from ..evaluation import (
         EvaluationRun,
         generalization_stage,
+        helpfulness_stage,
         resistance_stage,
         side_effects_stage,
         stability_stage,
@@ -235,6 +236,8 @@ def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded,
         why["stability"] = why.pop("reference")
     if "harmful_prompts" in why:
         why["side_effects"] = why.pop("harmful_prompts")
+    if "benign_requests" in why:
+        why["helpfulness"] = why.pop("benign_requests")
     cfg = _evaluation_config(report)
     if cfg is None:
         note = "the report records no extra['evaluation_config'] (how the evaluation was run)"
@@ -242,7 +245,9 @@ def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded,
             None,
             {
                 k: note
-                for k in ("attack", "in_domain", "cross_domain", "stability", "side_effects", "trainability")
+                for k in (
+                    "attack", "in_domain", "cross_domain", "stability", "side_effects", "helpfulness", "trainability"
+                )
             },
         )
     ds = recorded.datasets
@@ -273,6 +278,11 @@ def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded,
         why.setdefault("side_effects", "its judge was the attack's, whose settings are not re-built here")
     else:
         side = side_effects_stage(run, scorer)
+    helpful = None
+    if report.helpfulness is not None and "helpfulness" not in why:  # measured again only where claimed
+        helpful = helpfulness_stage(run)
+        if helpful is None:
+            why["helpfulness"] = "neither its benign requests nor its benign task are recorded"
     main, held = None, {}
     if "attack" not in why and ds.attack_train is not None:
         step = cfg.threshold_step if cfg.threshold_step is not None else main_suite.config.eval_every
@@ -308,6 +318,7 @@ def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded,
         defense=report.defense,
         dependencies=dependency_versions(),
         side_effects=None if side is None else side.to_dict(),
+        helpfulness=None if helpful is None else helpful.to_dict(),
     )
     return Remeasured(measured, why)
 
@@ -569,6 +580,7 @@ def verify(
     cmp.harm_sets()
     cmp.stability()
     cmp.side_effects()
+    cmp.helpfulness()
     cmp.trainability()
     cmp.overall()
     cmp.card_claims(card_claims, meta)

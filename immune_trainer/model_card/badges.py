@@ -123,8 +123,11 @@ def condition_badges(report: ImmunizationReport | None) -> list[Badge]:
         worst = s.sets.get(s.worst_set) if s.worst_set else next(iter(s.sets.values()))
         delta = "n/a" if worst is None else C.fmt_percent(worst.relative_change)
         side_effects = (report.side_effects or {}).get("holds")
-        ok = s.holds and side_effects is not False
+        helpful = (report.helpfulness or {}).get("holds")
+        ok = s.holds and side_effects is not False and helpful is not False
         word = "holds" if ok else ("collapsed" if not s.holds else "less safe at step 0")
+        if s.holds and side_effects is not False and helpful is False:
+            word = "less helpful at step 0"
         msg = f"{word}, delta {delta}"
         out.append(Badge("stability", "stability", msg, "pass" if ok else "fail"))
     g = c.generalization

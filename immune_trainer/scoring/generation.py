@@ -256,10 +256,17 @@ def first_number(text: str) -> str:
     return match.group(0).replace(",", "") if match else ""
 
 
+def last_number(text: str) -> str:
+    """The last number in ``text`` (commas dropped), or ``""``: the result of "37 + 48 = 85"-style answers."""
+    matches = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return matches[-1].replace(",", "") if matches else ""
+
+
 NORMALIZERS: dict[str, Callable[[str], str]] = {
     "whitespace": normalize_whitespace,
     "lower": lambda t: normalize_whitespace(t).lower(),
     "first_number": first_number,
+    "last_number": last_number,
 }
 """Answer normalisers for :class:`BenignAccuracyScorer`, by name."""
 

@@ -442,6 +442,11 @@ class DefenseSweep:
             violation = max(violation, 1.0)
             outcome.feasible = False
             outcome.notes.append("side effects fail: the model is less safe at step 0")
+        if (worst.helpfulness or {}).get("holds") is False:
+            # Over-refusing benign requests or answering the benign task worse (generated) fails stability too.
+            violation = max(violation, 1.0)
+            outcome.feasible = False
+            outcome.notes.append("helpfulness fails: the model over-refuses or answers worse at step 0")
         trial.set_constraint("stability", violation)
         if self.config.multi_objective:
             return multiple, degradation if judgeable else _UNJUDGEABLE

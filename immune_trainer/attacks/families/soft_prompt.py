@@ -272,6 +272,11 @@ class SoftPromptView(nn.Module):
         return self.peft_model.generate(*args, **kwargs)
 
     @property
+    def generation_config(self):
+        """The wrapped model's generation config (greedy generation reads and copies it)."""
+        return self.peft_model.generation_config
+
+    @property
     def device(self):
         """The device of the wrapped model (lm-eval's model class reads it)."""
         return self.peft_model.device
