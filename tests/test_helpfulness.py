@@ -323,7 +323,9 @@ def test_the_probe_generates_from_a_soft_prompt_attack_as_deployed(tok):
     """The embedding family deploys its soft prompt as a view of the model: the probe generates through it."""
     lm = tiny_causal_lm("llama", seed=0)
     probe = AttackedHarmProbe(tok, make_pairs(2, offset=70), judge=None, limit=2, max_new_tokens=3)
-    cfg = AttackConfig(family="embedding", learning_rates=[1e-3], max_steps=1, eval_every=1, max_length=96)
+    cfg = AttackConfig(
+        family="embedding_universal", learning_rates=[1e-3], max_steps=1, eval_every=1, max_length=96
+    )
     curve = HarmfulFineTuningAttack(cfg).run(lm, tok, make_pairs(8), make_pairs(4, offset=50), after_attack=probe).curves[0]
     record = curve.config["after_attack"]
     assert record["n"] == 2 and record["step"] == 1 and len(record["examples"]) == 2

@@ -462,7 +462,11 @@ class HarmfulFineTuningAttack:
         attacked = family.apply(attacked, tokenizer, sources, setting, self.config)
         after, rows = self._measure_rows(attacked, tokenizer, eval_data)
         logger.info("%s: f = %.4f before, %.4f after", setting["family"], before, after)
-        probe = None if after_attack is None else _after_attack(after_attack, attacked, 0)
+        probe = None
+        if after_attack is not None and family.deployed_generates:
+            probe = _after_attack(after_attack, attacked, 0)
+        elif after_attack is not None:
+            logger.info("%s: no after-attack probe (its attack is specific to the measured prompts)", setting["family"])
         del attacked
         config = {**setting, "value_before": before}
         if probe is not None:

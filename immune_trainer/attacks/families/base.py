@@ -37,6 +37,9 @@ class AttackFamily:
     # suffix of ``embedding``): the runner hands a training-free family the run's raw held-out set as
     # ``sources["eval"]``.
     attacks_prompts: bool = False
+    deployed_generates: bool = True
+    """Whether the attacked model as deployed answers new prompts (an ``after_attack`` probe generates on
+    held-out prompts). False for a soft suffix optimised per measured prompt: it has no suffix for others."""
     # Adapters the model already carries unmerged (the LoRA of a defense such as rerouting, or of any defense
     # trained with ``peft_config``): True merges the active ones into the weights of the attacked copy before
     # :meth:`prepare` / :meth:`apply`, so the attack starts from the defended model (see

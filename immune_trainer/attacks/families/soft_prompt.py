@@ -60,6 +60,7 @@ class EmbeddingSuffixAttack(AttackFamily):
     )
     trains = False
     attacks_prompts = True
+    deployed_generates = False
     merges_adapters = True
 
     def axes(self, config):
