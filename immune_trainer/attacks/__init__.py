@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from .capability import CapabilityProbe
 from .config import (
     GRID_FIELDS,
     OPTIMIZERS,
@@ -59,6 +60,7 @@ from .search_config import SEARCHABLE, SearchConfig, SearchSpace
 from .suite import AttackSuite, as_suite
 
 __all__ = [
+    "CapabilityProbe",
     # config
     "GRID_FIELDS",
     "OPTIMIZERS",

@@ -175,8 +175,14 @@ class _CurveCallback(TrainerCallback):
         flops_per_token: float,
         stop: Callable[[float], bool] | None = None,
         initial: float | tuple[float, dict] | None = None,
+        capability: Callable[[Any], float] | None = None,
+        harmful: Callable[[float], bool] | None = None,
     ):
         self.measure = measure
+        # capability(model) -> the attacked copy's capability loss, measured at points past phi (harmful(f);
+        # every point when harmful is None) and kept on the point (TamperBench's collapse rule).
+        self.capability = capability
+        self.harmful = harmful
         self.initial = initial
         self.eval_every = eval_every
         self.flops_per_token = flops_per_token
@@ -189,6 +195,8 @@ class _CurveCallback(TrainerCallback):
         tokens = self.trainer.tokens_seen if self.trainer is not None else 0
         measured = self.initial if step == 0 and self.initial is not None else self.measure(model)
         value, rows = measured if isinstance(measured, tuple) else (measured, {})
+        if self.capability is not None and step > 0 and (self.harmful is None or self.harmful(value)):
+            rows = {**rows, "capability_loss": self.capability(model)}
         self.points.append(
             CurvePoint(step=step, tokens=tokens, flops=tokens * self.flops_per_token, value=value, **rows)
         )
@@ -283,6 +291,7 @@ class HarmfulFineTuningAttack:
         full_curve: bool | None = None,
         phi_from_step: int | None = None,
         after_attack: Callable[[Any], dict] | None = None,
+        capability_probe=None,
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
@@ -317,6 +326,12 @@ class HarmfulFineTuningAttack:
                 rate and judged harm of generations), stored as ``curve.config["after_attack"]`` with the
                 ``step`` it was measured at. Its ``cache_key`` (what it measures) joins the saved runs'
                 key; a hook without one makes the runs neither saved nor reused.
+            capability_probe: a :class:`~immune_trainer.attacks.CapabilityProbe`: each training run records
+                on its points past phi (every point while phi is unknown) the attacked copy's capability loss
+                against ``model`` before the attack (``CurvePoint.capability_loss``), measured as harm is
+                (as deployed, in the hook's measure context). Harm past the cap is then not a successful
+                attack (:func:`~immune_trainer.conditions.credited_curve`). Its ``cache_key`` joins the
+                saved runs' key. Training-free families are not probed.
         """
         cfg = self.config
         phi = cfg.stop_at_threshold if stop_at_threshold is None else stop_at_threshold
@@ -410,6 +425,8 @@ class HarmfulFineTuningAttack:
                     f"after_attack must be a callable hook(model) -> dict, got {type(after_attack).__name__}."
                 )
             fingerprint["after_attack"] = hook_key(after_attack)
+        if capability_probe is not None:
+            fingerprint["capability_probe"] = capability_probe.cache_key
         curves = []
         for i, setting in enumerate(grid):
             family = families[setting["family"]]
@@ -426,7 +443,7 @@ class HarmfulFineTuningAttack:
             if family.trains:
                 curve = self._run_one(
                     model, tokenizer, data[setting["family"]], run_eval, setting, family, prepare_model, phi,
-                    fingerprint, eval_hash, after_attack,
+                    fingerprint, eval_hash, after_attack, capability_probe,
                 )
             else:
                 family_sources = data[setting["family"]]
@@ -493,6 +510,7 @@ class HarmfulFineTuningAttack:
         fingerprint,
         eval_hash=None,
         after_attack=None,
+        capability_probe=None,
     ) -> AttackCurve:
         cfg = self.config
         subset = family.training_set(data, setting)
@@ -537,8 +555,22 @@ class HarmfulFineTuningAttack:
 
         elif phi is not None:
             stop = lambda value: first_crossing([CurvePoint(0, 0, 0.0, value)], phi, hib) is not None  # noqa: E731
+        capability = None
+        if capability_probe is not None:
+            before = capability_probe.before(model, tokenizer)  # the model as given: the one deployed
+
+            def capability(m) -> float:
+                with measure_context(m):
+                    return capability_probe(family.deployed(m, setting), tokenizer, before)
+
         callback = _CurveCallback(
-            measure, cfg.eval_every, flops_per_token, stop=stop, initial=callback_initial
+            measure,
+            cfg.eval_every,
+            flops_per_token,
+            stop=stop,
+            initial=callback_initial,
+            capability=capability,
+            harmful=stop if phi is not None and not isinstance(phi, _OwnPhi) else None,
         )
         optim, optim_args = optimizer_arguments(setting["optimizer"])
         warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps

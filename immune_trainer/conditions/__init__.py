@@ -50,7 +50,13 @@ from .curves import (
 )
 from .helpfulness import HelpfulnessMeasurement, HelpfulnessResult, compare_helpfulness
 from .report import SCHEMA_VERSION, ImmunizationReport, ThreatModel, build_report, report_json_schema
-from .resistance import generalization, resistance, resistance_by_family, resistance_from_columns
+from .resistance import (
+    credited_curve,
+    generalization,
+    resistance,
+    resistance_by_family,
+    resistance_from_columns,
+)
 from .schema import (
     AttackCurve,
     ConditionsResult,
@@ -122,6 +128,7 @@ __all__ = [
     "relative_degradation",
     "report_json_schema",
     "require_finite",
+    "credited_curve",
     "resistance",
     "resistance_by_family",
     "resistance_from_columns",

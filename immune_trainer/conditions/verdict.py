@@ -92,6 +92,7 @@ def assess(
     stability_tolerance: float = 0.10,
     trainability_tolerance: float = 0.10,
     min_cost_multiple: float = 2.0,
+    capability_cap: float | None = 0.10,
     side_effects_holds: bool | None = None,
     side_effects_summary: str = "",
     helpfulness_holds: bool | None = None,
@@ -132,6 +133,7 @@ def assess(
             higher_is_better=hib,
             base_curves=base_sets.get(key) or None,
             min_cost_multiple=min_cost_multiple,
+            capability_cap=capability_cap,
         )
 
     r = res("attack")

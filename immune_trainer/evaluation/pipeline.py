@@ -36,6 +36,7 @@ from .stages import (
     AttackSetResult,
     EvaluationRun,
     attacked_harm_probe,
+    capability_probe,
     generalization_stage,
     harmful_sets,
     helpfulness_stage,
@@ -120,6 +121,7 @@ def evaluate_conditions(
         RunCache(cfg.cache_dir),
         prepare_immunized=prepare_immunized,
         after_attack=attacked_harm_probe(datasets, cfg, tokenizer),
+        capability_probe=capability_probe(datasets, cfg),
     )
     harmful_sets(datasets)  # missing or half-given harmful sets fail before anything runs
     if cfg.threshold is not None:
@@ -244,6 +246,7 @@ def _threat_model(attack, gen_attack, cfg, main: AttackSetResult, held_out, beni
         max_length=attack.config.max_length,
         judge=scorer.judge_info() if hasattr(scorer, "judge_info") else None,
         min_cost_multiple=cfg.min_cost_multiple,
+        capability_cap=cfg.capability_cap,
         stability_tolerance=cfg.stability_tolerance,
         trainability_tolerance=cfg.trainability_tolerance,
         trainability_target=benign.target if benign else cfg.trainability_target,

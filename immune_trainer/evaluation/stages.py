@@ -91,6 +91,9 @@ class EvaluationRun:
     after_attack: Callable[[Any], dict] | None = None
     """The ``after_attack`` hook of the attack runs (:func:`attacked_harm_probe`), on the sets
     ``config.attacked_harm_sets``; None: not measured."""
+    capability_probe: Any = None
+    """The :class:`~immune_trainer.attacks.CapabilityProbe` every training attack run records the attacked
+    copy's capability loss with (:func:`capability_probe`); None: not tracked."""
     _fingerprints: dict[int, str] = field(default_factory=dict, repr=False)
 
     def models(self) -> tuple[tuple[str, Any], tuple[str, Any]]:
@@ -251,6 +254,20 @@ def helpfulness_stage(run: EvaluationRun) -> HelpfulnessResult | None:
     return result
 
 
+def capability_probe(datasets: ConditionDatasets, cfg: EvaluationConfig):
+    """The probe of the attacked copies' capability (TamperBench's collapse rule): ``cfg.capability_probe_rows``
+    rows of the first reference dataset (not an lm-eval task set), scored with ``cfg.capability_scorer``;
+    None when there is none or the rows are 0."""
+    from ..attacks import CapabilityProbe
+
+    if cfg.capability_probe_rows <= 0 or not datasets.reference:
+        return None
+    ref = next((r for r in datasets.reference.values() if not isinstance(r, LMEvalTasks)), None)
+    if ref is None or len(ref) == 0:
+        return None
+    return CapabilityProbe(ref, reference_scorer(ref, cfg.capability_scorer), rows=cfg.capability_probe_rows)
+
+
 def attacked_harm_probe(datasets: ConditionDatasets, config: EvaluationConfig, tokenizer) -> AttackedHarmProbe | None:
     """The ``after_attack`` hook ``config.attacked_harm_prompts`` asks for: held-out harmful prompts
     (``datasets.harmful_prompts``, else the main attack's eval set) answered by each attacked model and
@@ -286,6 +303,7 @@ def _attack_grid_set(
             stop_at_threshold=phi if cfg.early_stop else None,
             phi_from_step=phi_from_step if cfg.early_stop else None,
             after_attack=run.after_attack if key in cfg.attacked_harm_sets else None,
+            capability_probe=run.capability_probe,
         ).curves
 
     if phi is not None:

@@ -358,6 +358,8 @@ def generate_model_card(
         f"; {name.replace('_', '-')} set: {_num(value)}" for name, value in sorted(tm.set_thresholds.items())
     )
     ctx["stability_tolerance"] = f"{tm.stability_tolerance:.0%}"
+    res = report.conditions.resistance
+    ctx["self_destructed"] = [f.family for f in (res.families if res is not None else []) if f.self_destructed]
     ds = report.datasets or (report.extra.get("datasets") if isinstance(report.extra, dict) else None)
     ctx["data_specs"] = dict(ds) if isinstance(ds, dict) else {}
     ctx["not_tested"] = not_tested(report, registered_attacks)

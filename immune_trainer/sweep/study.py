@@ -289,10 +289,19 @@ class DefenseSweep:
 
     def _baseline(self, study) -> float:
         """Attack the base model with every family (saved for the trials) and fix phi for the study."""
+        from ..evaluation import capability_probe
+
+        # The trials' evaluations probe the attacked copies' capability (the collapse rule): the base runs
+        # they reuse are made with the same probe.
+        probe = capability_probe(
+            ConditionDatasets(self.attack_train, self.attack_eval, reference=self.reference), self.evaluation
+        )
         curves = {}
         for label, attack in zip(self.labels, self.attacks):
             logger.info("attacking the base model (%s), once for the whole sweep", attack.config.family)
-            curves[label] = attack.run(self.base, self.tokenizer, self.attack_train, self.attack_eval).curves
+            curves[label] = attack.run(
+                self.base, self.tokenizer, self.attack_train, self.attack_eval, capability_probe=probe
+            ).curves
         first = self.attacks[0].config
         phi = self.evaluation.threshold
         if phi is None:
