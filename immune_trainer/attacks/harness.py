@@ -247,6 +247,7 @@ class HarmfulFineTuningAttack:
         stop_at_threshold: float | None = None,
         full_curve: bool | None = None,
         phi_from_step: int | None = None,
+        on_point: Callable[[CurvePoint], bool] | None = None,
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
@@ -274,6 +275,8 @@ class HarmfulFineTuningAttack:
                 reads it): once that value is known, the run stops at the first later evaluation strictly on
                 its harmful side, which brackets its crossing of phi; nothing after it can change a verdict.
                 Ignored with a ``stop_at_threshold`` or ``full_curve``.
+            on_point: called with each measured point of a training run (step 0 included); when it returns
+                True the run stops there (an attack search's pruner). Such runs are neither saved nor reused.
         """
         cfg = self.config
         phi = cfg.stop_at_threshold if stop_at_threshold is None else stop_at_threshold
@@ -365,7 +368,7 @@ class HarmfulFineTuningAttack:
         for i, setting in enumerate(grid):
             family = families[setting["family"]]
             eval_hash, run_eval = rewritten.get(i, (None, eval_data))
-            saved = self._load_saved(setting, fingerprint, phi)
+            saved = None if on_point is not None else self._load_saved(setting, fingerprint, phi)
             if saved is not None:
                 if progress:
                     progress(f"reusing finished attack run {setting_label(setting)}")
@@ -377,13 +380,14 @@ class HarmfulFineTuningAttack:
             if family.trains:
                 curve = self._run_one(
                     model, tokenizer, data[setting["family"]], run_eval, setting, family, prepare_model, phi,
-                    fingerprint, eval_hash,
+                    fingerprint, eval_hash, on_point,
                 )
             else:
                 curve = self._run_training_free(
                     model, tokenizer, data[setting["family"]], run_eval, setting, family
                 )
-            self._save(setting, curve, fingerprint, phi)
+            if on_point is None:
+                self._save(setting, curve, fingerprint, phi)
             curves.append(curve)
         return AttackResult(curves=curves, config=cfg)
 
@@ -415,7 +419,18 @@ class HarmfulFineTuningAttack:
         )
 
     def _run_one(
-        self, model, tokenizer, data, eval_data, setting, family, prepare_model, phi, fingerprint, eval_hash=None
+        self,
+        model,
+        tokenizer,
+        data,
+        eval_data,
+        setting,
+        family,
+        prepare_model,
+        phi,
+        fingerprint,
+        eval_hash=None,
+        on_point=None,
     ) -> AttackCurve:
         cfg = self.config
         subset = family.training_set(data, setting)
@@ -460,6 +475,12 @@ class HarmfulFineTuningAttack:
 
         elif phi is not None:
             stop = lambda value: first_crossing([CurvePoint(0, 0, 0.0, value)], phi, hib) is not None  # noqa: E731
+        if on_point is not None:  # an attack search's pruner: stop where it says, as at phi
+            by_value = stop
+
+            def stop(value):
+                return bool(on_point(callback.points[-1])) or (by_value is not None and by_value(value))
+
         callback = _CurveCallback(
             measure, cfg.eval_every, flops_per_token, stop=stop, initial=callback_initial
         )
