@@ -60,7 +60,7 @@ __all__ = [
     "report_json_schema",
 ]
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 """Version of the report layout. Readers refuse versions they do not know (e.g. newer ones).
 
 1.1 (minor: new optional fields): ``datasets``, ``side_effects``, ``search``; per-seed crossing spread
@@ -69,9 +69,13 @@ SCHEMA_VERSION = "1.2"
 1.2 (minor: new optional fields): ``families`` and ``worst_family`` in resistance results, which are
 judged per attack family from this version on (no multiple pooled across families; a base that never
 reaches phi credits nothing). A 1.0 or 1.1 report keeps the verdicts it was written with; ``immune-trainer
-verify`` judges its curves again by the current rules."""
+verify`` judges its curves again by the current rules.
 
-_KNOWN_VERSIONS = ("1.0", "1.1", "1.2")
+1.3 (minor: new optional fields): ``decided`` in each family's resistance result (a lower bound at or past
+the required multiple is decided; one below it is not); the ``search`` block may hold a calibrated search
+(``kind: calibrated``: per set and family, every trial of each model, the winners, seeds and extensions)."""
+
+_KNOWN_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 
 
 

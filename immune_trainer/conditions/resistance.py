@@ -182,6 +182,8 @@ def resistance(
         )
         for family in dict.fromkeys(_family_of(s.config) for s in imm)
     ]
+    for f in families:  # (1.3) a claim is decided when it holds or fails; a lower bound below the need is not
+        f.decided = f.holds is not None
     worst = _worst_family(families)
     holds_values = [f.holds for f in families]
     holds = False if False in holds_values else (None if None in holds_values else True)
@@ -234,7 +236,10 @@ def _multiple_text(f: FamilyResistance) -> str:
         return "undetermined"
     if f.training_free:
         return "holds (step 0)" if f.holds else "fails (step 0)"
-    return f"{'>= ' if f.multiple_is_lower_bound else ''}{fmt_number(f.steps_multiple, 3)}x"
+    text = f"{'>= ' if f.multiple_is_lower_bound else ''}{fmt_number(f.steps_multiple, 3)}x"
+    if f.multiple_is_lower_bound:
+        text += " (decided)" if f.decided else " (lower bound)"
+    return text
 
 
 def resistance_from_columns(
