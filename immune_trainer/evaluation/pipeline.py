@@ -181,6 +181,15 @@ def planned_stages(datasets: ConditionDatasets, attack, config: EvaluationConfig
     side effects (one per model), per harmful set the base model's runs (the reference runs that set phi,
     then the others when ``threshold_families`` leaves some) and the immunized model's runs, one per
     reference set, and the two benign fine-tunes."""
+    side_effects = 2 if datasets.harmful_prompts is not None and config.side_effects else 0
+    sets = len(harmful_sets(datasets))
+    benign = 2 if datasets.benign_train is not None and datasets.benign_eval is not None else 0
+    references = len(datasets.reference or {})
+    if is_calibrated(attack):
+        # the resistance set: a search and the winners' seeds per family and model, the training-free
+        # families once per model; each other set: the base's first seed, then both models' seeds
+        main = 4 * len(attack.trained) + (2 if attack.training_free else 0)
+        return side_effects + main + (sets - 1) * 3 * len(attack.generalization_families) + references + benign
     attack = as_suite(attack)
     held_out = as_suite(generalization_attack) if generalization_attack is not None else attack
 
