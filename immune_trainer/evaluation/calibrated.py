@@ -192,6 +192,8 @@ def calibrated_set(
                 steps = _round_up(budget * multiple, every)
                 run.say(f"[{key}] {family}: the base model never crossed phi: extending it to {steps} steps")
                 base = rerun("base", winners[family]["base"], seeds, max_steps=steps, phi_now=phi)
+                for c in base:
+                    c.config["extended_from"] = budget
                 ext.append({"model": "base", "max_steps": steps, "reason": "the base never crossed phi"})
                 verdict = _judge(attack, phi, base, imm, mcm)
                 if verdict.base_crossing is not None:
@@ -208,13 +210,12 @@ def calibrated_set(
                 f"{', '.join(map(str, todo))} to {steps} steps ({mcm:g}x the base's crossing)"
             )
             longer = rerun("immunized", winners[family]["immunized"], todo, max_steps=steps, phi_now=phi)
+            for c in longer:
+                c.config["extended_from"] = budget
             imm = [c for c in imm if c.config.get("seed") in crossed_seeds] + longer
             ext.append({"model": "immunized", "max_steps": steps, "seeds": todo,
                         "reason": f"a lower bound below {mcm:g}x"})
             verdict = _judge(attack, phi, base, imm, mcm)
-        for c in base + imm:
-            if c.config.get("max_steps", budget) > budget:
-                c.config["extended_from"] = budget
         curves[family] = {"base": base, "immunized": imm}
         decisions[family] = {
             "decided": verdict.holds is not None,
