@@ -118,6 +118,7 @@ def evaluate_conditions(
     if threshold is not None:
         cfg.threshold = threshold
     _check_attack_time_hook(defense, prepare_immunized)
+    harmful_sets(datasets)  # missing or half-given harmful sets fail before anything runs
     attack, gen_attack = _attacks(attack, generalization_attack, cfg, datasets)
     say = progress or (lambda message: logger.info(message))
     run = EvaluationRun(
