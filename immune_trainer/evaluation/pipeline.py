@@ -235,6 +235,8 @@ def _attacks(attack, generalization_attack, cfg: EvaluationConfig, datasets: Con
 
 def _calibrate(suite: AttackSuite, datasets: ConditionDatasets | None, cfg: EvaluationConfig) -> CalibratedAttack:
     """The default attack: the suite's families and budget, each training family searched per model."""
+    if cfg.threshold is not None:
+        suite.scorer.validate_threshold(cfg.threshold)  # a bad phi fails before anything else
     if datasets is None or not datasets.reference:
         raise ConfigError(
             "the calibrated attack (the default) needs reference sets for its capability cap "
