@@ -239,6 +239,7 @@ class CalibratedAttack:
                 f"generalization_families {unknown} are not training families of the attack ({', '.join(self.trained)})."
             )
         self.generalization_families = gen
+        self._before: dict[int, tuple[Any, dict[str, float]]] = {}  # (model kept alive, its capability)
         storage = None
         if storage_dir:
             Path(storage_dir).mkdir(parents=True, exist_ok=True)
@@ -320,7 +321,12 @@ class CalibratedAttack:
         :meth:`AttackSearch.run` (``benign_train``, ``prepare_model``, ``progress``)."""
         if family not in self.searches:
             raise ConfigError(f"{family!r} is not a training family of this attack ({', '.join(self.trained)}).")
-        return self.searches[family].run(model, tokenizer, train, harmful_eval, **kwargs)
+        search = self.searches[family]
+        # every family's search measures the same model on the same reference sets before the attack: once
+        if id(model) not in self._before:
+            self._before[id(model)] = (model, search.capability(model, tokenizer))
+        before = self._before[id(model)][1]
+        return search.run(model, tokenizer, train, harmful_eval, capability_before=before, **kwargs)
 
     def rerun(
         self,

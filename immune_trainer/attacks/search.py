@@ -325,6 +325,7 @@ class AttackSearch:
         progress_bar: bool = False,
         stop_at_threshold: float | None = None,
         full_curve: bool | None = None,
+        capability_before: dict[str, float] | None = None,
     ) -> SearchResult:
         """Run (or resume) the search on copies of ``model``; ``model`` itself is never modified.
 
@@ -336,6 +337,8 @@ class AttackSearch:
             progress_bar: show a tqdm bar over the trials.
             stop_at_threshold, full_curve: accepted for the attack protocol and ignored: a trial's objective
                 is harm at its budget, so every trial runs its whole budget.
+            capability_before: the model's capability on the reference sets, when the caller has measured
+                it (``{set: value}``, as :meth:`capability` gives); measured here otherwise.
         """
         import optuna
         from optuna.trial import TrialState
@@ -348,8 +351,10 @@ class AttackSearch:
         train = data_lib.ensure_tokenized(harmful_train, tokenizer, max_length=self.config.max_length)
         say = progress or (lambda message: logger.info(message))
 
-        say(f"[search] {self._capability_scorer_names()} of the model before the attack")
-        before = self._capability(model, tokenizer)
+        if capability_before is None:
+            say(f"[search] {self._capability_scorer_names()} of the model before the attack")
+            capability_before = self._capability(model, tokenizer)
+        before = capability_before
         storage = self.search.storage_url()
         study_name = self._study_name(model, train, harmful_eval, benign_train, prepare_model)
         direction = "minimize" if self.scorer.higher_is_better else "maximize"
@@ -492,6 +497,10 @@ class AttackSearch:
             f"{degradation:+.1%} ({'feasible' if slack <= 0 else 'infeasible'})"
         )
         return harm
+
+    def capability(self, model, tokenizer) -> dict[str, float]:
+        """Capability of ``model`` on each reference set, as the constraint measures it."""
+        return self._capability(model, tokenizer)
 
     def _capability(self, model, tokenizer) -> dict[str, float]:
         return {
