@@ -263,3 +263,29 @@ def test_cumulative_max_is_taken_over_feasible_trials_in_order():
     assert cumulative_max(trials, higher_is_better=True) == [None, 2.5, 2.5, 2.0]
     assert cumulative_max(trials, higher_is_better=False) == [None, 2.5, 2.5, 2.5]
     assert not math.isnan(cumulative_max(trials, True)[-1])
+
+
+@pytest.mark.slow
+def test_a_second_evaluation_takes_the_base_models_search_and_runs_from_the_cache(tokenizer, tmp_path, monkeypatch):
+    from immune_trainer.attacks import HarmfulFineTuningAttack
+
+    base = tiny_causal_lm("llama", seed=0)
+    grid = AttackConfig(families=["full"], max_steps=2, eval_every=1, max_length=64, batch_size=2)
+    cfg = EvaluationConfig(cache_dir=str(tmp_path / "cache"))
+    sets = _sets(reference={"ref": TEXT})
+    first = evaluate_conditions(base, tiny_causal_lm("llama", seed=1), tokenizer, sets, attack=grid, config=cfg)
+    trained = []
+    original = HarmfulFineTuningAttack._run_one
+
+    def spy(self, model, *args, **kwargs):
+        trained.append("base" if model is base else "immunized")
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(HarmfulFineTuningAttack, "_run_one", spy)
+    second = evaluate_conditions(base, tiny_causal_lm("llama", seed=2), tokenizer, sets, attack=grid, config=cfg)
+    assert "immunized" in trained and "base" not in trained
+    for key in ("attack", "cross_domain"):
+        assert [c.points for c in second.curves["base"][key]] == [c.points for c in first.curves["base"][key]]
+    assert second.search["sets"]["attack"]["families"]["full"]["base"]["trials"] == (
+        first.search["sets"]["attack"]["families"]["full"]["base"]["trials"]
+    )
