@@ -72,6 +72,7 @@ def test_weak_settings_are_pruned_and_recorded_as_pruned(tokenizer):
     for t in pruned:
         assert t.curve.points[-1].step < 6 and not t.feasible and t.capability_after == {}
         assert t.to_dict()["state"] == "pruned" and t.curve.config["pruned"] is True
+        assert t.to_dict()["capability_degradation"] is None  # not measured; no NaN in a report
     assert result.best is not None and result.best.state == "complete"
     assert result.record["n_pruned"] == len(pruned)
 

@@ -81,7 +81,10 @@ class SearchTrial:
             "harm": self.harm,
             "capability_before": dict(self.capability_before),
             "capability_after": dict(self.capability_after),
-            "capability_degradation": self.capability_degradation,
+            # None for a pruned trial (not measured): a report's JSON carries no NaN
+            "capability_degradation": None
+            if math.isnan(self.capability_degradation)
+            else self.capability_degradation,
             "feasible": self.feasible,
             "state": self.state,
             "curve": self.curve.to_dict(),
