@@ -293,6 +293,12 @@ def _defend_and_evaluate(
         for family, text in by_family.items():
             _say(f"  {family:16} {text}")
         _say("")
+    from ..model_card.claims import _search_line, search_rows
+
+    _say(f"attack: {_search_line(report.search)}")
+    for label, text in search_rows(report.search):
+        _say(f"  {label}: {text}")
+    _say("")
     summary = {
         "preset": cfg.preset,
         "defense": spec.name,
