@@ -19,6 +19,12 @@ References:
     the cumulative maximum of harm over the sweep's trials.
     Qi et al. 2025, "On Evaluating the Durability of Safeguards for Open-Weight LLMs", arXiv:2412.07097.
 
+Both models' searches of a family use the same sampler seed: while the sampler is still drawing its random
+start-up trials (all of them, with the demo's 3), they try the same settings, so each model's winner is its
+most harmful setting among the same candidates; TPE then adapts to each model. A pruner judges a trial
+against the trials before it at the same step, infeasible ones included, so a small search can end with no
+feasible trial on a model: that model then runs the other model's winner, and the record says so.
+
 Departures from TamperBench: the search is per family *and per model* (the attacker searches against the
 model it attacks, and the base model gets the same search, so the multiple compares best against best);
 a pruner stops weak settings early (TamperBench runs every trial to its end); the budget is in optimizer
