@@ -691,7 +691,7 @@ def test_evaluation_records_every_family_and_passes_benign_data(tmp_path, model,
         max_length=64,
     )
     report = evaluate_conditions(
-        model, copy.deepcopy(model), tokenizer, sets, attack=attack, config=EvaluationConfig()
+        model, copy.deepcopy(model), tokenizer, sets, attack=attack, config=EvaluationConfig(fixed_grid=True)
     )
     tm = report.threat_model
     assert tm.attack_family == "full,mixed,refusal_ablation"

@@ -253,7 +253,7 @@ def vector_card(vector, tmp_path_factory):
         tok,
         ConditionDatasets(attack_train=train, attack_eval=ev),
         attack=AttackConfig(learning_rates=[3e-3], max_steps=4, eval_every=2, batch_size=8, max_length=64),
-        config=EvaluationConfig(side_effects=False),
+        config=EvaluationConfig(side_effects=False, fixed_grid=True),
         threshold=0.5,
         defense={"name": "security_vectors", "config": {}},
         prepare_immunized=hook,

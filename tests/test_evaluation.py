@@ -130,6 +130,7 @@ def test_missing_halves_are_errors_and_missing_sets_are_unmeasured(models):
         sets,
         attack=AttackConfig(learning_rates=[1e-3], max_steps=2, eval_every=1, max_length=64),
         threshold=5.0,
+        config=EvaluationConfig(fixed_grid=True),  # no reference set: the calibrated default has no cap
     )
     c = report.conditions
     assert c.stability is None and c.trainability is None and c.generalization is None
@@ -146,7 +147,7 @@ def test_a_lone_reference_run_stops_after_bracketing_phi_with_the_same_verdict(m
     attack = AttackConfig(learning_rates=[3e-3], max_steps=10, eval_every=1, max_length=64)
     reports = {
         stop: evaluate_conditions(
-            base, immunized, tokenizer, sets, attack=attack, config=EvaluationConfig(early_stop=stop)
+            base, immunized, tokenizer, sets, attack=attack, config=EvaluationConfig(early_stop=stop, fixed_grid=True)
         )
         for stop in (True, False)
     }
@@ -181,7 +182,8 @@ def test_an_attack_time_hook_applies_to_the_immunized_models_fine_tuning_only(mo
     sets.reference = None
     attack = AttackConfig(learning_rates=[2e-3], max_steps=2, eval_every=1, max_length=64)
     cfg = EvaluationConfig(
-        benign_scorer="benign_loss", benign_max_steps=2, benign_eval_every=1, benign_learning_rate=2e-3
+        benign_scorer="benign_loss", benign_max_steps=2, benign_eval_every=1, benign_learning_rate=2e-3,
+        fixed_grid=True,
     )
     report = evaluate_conditions(
         base, immunized, tokenizer, sets, attack=attack, config=cfg, prepare_immunized=hook

@@ -158,6 +158,7 @@ def test_planned_stages_counts_what_evaluate_conditions_announces(models):
         side_effects_templates=["plain"],
         side_effects_max_new_tokens=2,
         threshold_families=["full"],
+        fixed_grid=True,
     )
     said: list[str] = []
     report = evaluate_conditions(

@@ -334,7 +334,7 @@ def _sets(**kw):
 def test_evaluate_conditions_records_side_effects(tok, tmp_path):
     base, immunized = tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1)
     cfg = EvaluationConfig(
-        side_effects_max_new_tokens=4, side_effects_templates=["plain", "prefix_injection"]
+        side_effects_max_new_tokens=4, side_effects_templates=["plain", "prefix_injection"], fixed_grid=True
     )
     report = evaluate_conditions(
         base, immunized, tok, _sets(harmful_prompts=PROMPTS), attack=_ATTACK, config=cfg, threshold=5.0
@@ -354,7 +354,7 @@ def test_evaluate_conditions_records_side_effects(tok, tmp_path):
         tok,
         _sets(harmful_prompts=PROMPTS),
         attack=_ATTACK,
-        config=EvaluationConfig(side_effects=False),
+        config=EvaluationConfig(side_effects=False, fixed_grid=True),
         threshold=5.0,
     )
     assert "side_effects" not in off.extra
@@ -370,7 +370,7 @@ def test_evaluate_conditions_notes_failing_side_effects(monkeypatch, tok):
 
     monkeypatch.setattr("immune_trainer.evaluation.stages.measure_side_effects", fake)
     lm = tiny_causal_lm("llama", seed=0)
-    cfg = EvaluationConfig(side_effects_judge="offline_judge", side_effects_tolerance=0.1)
+    cfg = EvaluationConfig(side_effects_judge="offline_judge", side_effects_tolerance=0.1, fixed_grid=True)
     report = evaluate_conditions(
         lm, lm, tok, _sets(harmful_prompts=PROMPTS), attack=_ATTACK, config=cfg, threshold=5.0
     )
@@ -388,7 +388,15 @@ def test_evaluate_conditions_rejects_bad_prompts_before_attacking(monkeypatch, t
 
     monkeypatch.setattr("immune_trainer.attacks.HarmfulFineTuningAttack.run", no_attack)
     with pytest.raises(DataError, match="not a single string"):
-        evaluate_conditions(lm, lm, tok, _sets(harmful_prompts="one string"), attack=_ATTACK, threshold=5.0)
+        evaluate_conditions(
+            lm,
+            lm,
+            tok,
+            _sets(harmful_prompts="one string"),
+            attack=_ATTACK,
+            threshold=5.0,
+            config=EvaluationConfig(fixed_grid=True),
+        )
     with pytest.raises(ConfigError, match="tolerance"):
         EvaluationConfig(side_effects_tolerance=3.0)
 

@@ -42,7 +42,7 @@ def evaluated_folder(tmp_path_factory):
     data = EvaluationData(base_model=str(root / "base"), dataset=train, eval_dataset=ev, eval_limit=3)
     attack = AttackConfig(learning_rates=[1e-3, 3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=64)
     report = evaluate_from_specs(
-        ModelArguments(model=str(root / "immunized")), data, attack, EvaluationConfig()
+        ModelArguments(model=str(root / "immunized")), data, attack, EvaluationConfig(fixed_grid=True)
     )
     write_model_card(root / "immunized", report, plot=False)
     return root

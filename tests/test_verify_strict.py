@@ -68,6 +68,7 @@ def strict_folder(tmp_path_factory):
         benign_eval_every=1,
         side_effects_templates=["plain"],
         side_effects_max_new_tokens=4,
+        fixed_grid=True,  # verify re-runs fixed grids (a calibrated report is PARTIAL on its attacks)
     )
     report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
     write_model_card(root / "immunized", report, plot=False)

@@ -10,12 +10,15 @@
 - ``suite``: :class:`AttackSuite` (several grids judged as one) and :func:`as_suite`.
 - ``search_config``: :class:`SearchSpace` and :class:`SearchConfig`, what an attack search varies and how
   it runs.
+- ``calibration``: :class:`CalibratedAttack` and :class:`CalibrationConfig`, the attack searched per
+  training family and model (a small pruned search; the evaluation's default);
 - ``search``: :class:`AttackSearch` (the Optuna worst case under a capability cap) and its trials and
   result.
 """
 
 from __future__ import annotations
 
+from .calibration import CalibratedAttack, CalibrationConfig, cumulative_max, is_calibrated
 from .capability import CapabilityProbe
 from .config import (
     GRID_FIELDS,
@@ -106,6 +109,10 @@ __all__ = [
     # search
     "SEARCHABLE",
     "AttackSearch",
+    "CalibratedAttack",
+    "CalibrationConfig",
+    "cumulative_max",
+    "is_calibrated",
     "SearchConfig",
     "SearchResult",
     "SearchSpace",

@@ -292,6 +292,7 @@ class HarmfulFineTuningAttack:
         phi_from_step: int | None = None,
         after_attack: Callable[[Any], dict] | None = None,
         capability_probe=None,
+        on_point: Callable[[CurvePoint], bool] | None = None,
     ) -> AttackResult:
         """Attack copies of ``model`` with every setting of the grid; ``model`` itself is never modified.
 
@@ -332,6 +333,8 @@ class HarmfulFineTuningAttack:
                 (as deployed, in the hook's measure context). Harm past the cap is then not a successful
                 attack (:func:`~immune_trainer.conditions.credited_curve`). Its ``cache_key`` joins the
                 saved runs' key. Training-free families are not probed.
+            on_point: called with each measured point of a training run (step 0 included); when it returns
+                True the run stops there (an attack search's pruner). Such runs are neither saved nor reused.
         """
         cfg = self.config
         phi = cfg.stop_at_threshold if stop_at_threshold is None else stop_at_threshold
@@ -431,7 +434,7 @@ class HarmfulFineTuningAttack:
         for i, setting in enumerate(grid):
             family = families[setting["family"]]
             eval_hash, run_eval = rewritten.get(i, (None, eval_data))
-            saved = self._load_saved(setting, fingerprint, phi)
+            saved = None if on_point is not None else self._load_saved(setting, fingerprint, phi)
             if saved is not None:
                 if progress:
                     progress(f"reusing finished attack run {setting_label(setting)}")
@@ -443,7 +446,7 @@ class HarmfulFineTuningAttack:
             if family.trains:
                 curve = self._run_one(
                     model, tokenizer, data[setting["family"]], run_eval, setting, family, prepare_model, phi,
-                    fingerprint, eval_hash, after_attack, capability_probe,
+                    fingerprint, eval_hash, after_attack, capability_probe, on_point,
                 )
             else:
                 family_sources = data[setting["family"]]
@@ -452,7 +455,8 @@ class HarmfulFineTuningAttack:
                 curve = self._run_training_free(
                     model, tokenizer, family_sources, run_eval, setting, family, after_attack
                 )
-            self._save(setting, curve, fingerprint, phi)
+            if on_point is None:
+                self._save(setting, curve, fingerprint, phi)
             curves.append(curve)
         return AttackResult(curves=curves, config=cfg)
 
@@ -511,6 +515,7 @@ class HarmfulFineTuningAttack:
         eval_hash=None,
         after_attack=None,
         capability_probe=None,
+        on_point=None,
     ) -> AttackCurve:
         cfg = self.config
         subset = family.training_set(data, setting)
@@ -562,6 +567,12 @@ class HarmfulFineTuningAttack:
             def capability(m) -> float:
                 with measure_context(m):
                     return capability_probe(family.deployed(m, setting), tokenizer, before)
+        harmful = stop if phi is not None and not isinstance(phi, _OwnPhi) else None
+        if on_point is not None:  # an attack search's pruner: stop where it says, as at phi
+            by_value = stop
+
+            def stop(value):
+                return bool(on_point(callback.points[-1])) or (by_value is not None and by_value(value))
 
         callback = _CurveCallback(
             measure,
@@ -570,7 +581,7 @@ class HarmfulFineTuningAttack:
             stop=stop,
             initial=callback_initial,
             capability=capability,
-            harmful=stop if phi is not None and not isinstance(phi, _OwnPhi) else None,
+            harmful=harmful,
         )
         optim, optim_args = optimizer_arguments(setting["optimizer"])
         warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps

@@ -67,6 +67,9 @@ class SearchTrial:
     capability_degradation: float
     feasible: bool
     curve: AttackCurve
+    state: str = "complete"
+    """``complete``, or ``pruned``: stopped by the pruner at its last point (capability not measured; a
+    pruned trial is never feasible and never the worst case)."""
 
     def label(self) -> str:
         return _label(self.settings)
@@ -78,8 +81,12 @@ class SearchTrial:
             "harm": self.harm,
             "capability_before": dict(self.capability_before),
             "capability_after": dict(self.capability_after),
-            "capability_degradation": self.capability_degradation,
+            # None for a pruned trial (not measured): a report's JSON carries no NaN
+            "capability_degradation": None
+            if math.isnan(self.capability_degradation)
+            else self.capability_degradation,
             "feasible": self.feasible,
+            "state": self.state,
             "curve": self.curve.to_dict(),
         }
 
@@ -141,7 +148,11 @@ def trials_table(result: SearchResult) -> str:
             str(t.number),
             t.label(),
             f"{t.harm:.4f}",
-            f"{t.capability_degradation:+.1%}" if math.isfinite(t.capability_degradation) else "diverged",
+            "pruned"
+            if t.state == "pruned"
+            else f"{t.capability_degradation:+.1%}"
+            if math.isfinite(t.capability_degradation)
+            else "diverged",
             "yes" if t.feasible else "no",
         ]
         for t in ordered
@@ -196,8 +207,10 @@ class _CaptureModel:
 _CONSTRAINT = "capability"  # the trial's constraint: degradation - tolerance (<= 0 is feasible)
 
 
-def _redact(url: str) -> str:
+def _redact(url: str | None) -> str:
     """A storage URL without its password (it goes into reports)."""
+    if url is None:
+        return "in memory"
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
@@ -284,6 +297,7 @@ class AttackSearch:
             "sampler": "TPESampler",
             "sampler_seed": self.search.search_seed,
             "n_startup_trials": self.search.n_startup_trials,
+            "pruner": self.search.pruner,
             "space": self.space.to_dict(),
             "max_steps": self.config.max_steps,
             "objective": f"{self.scorer.name} at the trial's last step "
@@ -314,6 +328,7 @@ class AttackSearch:
         progress_bar: bool = False,
         stop_at_threshold: float | None = None,
         full_curve: bool | None = None,
+        capability_before: dict[str, float] | None = None,
     ) -> SearchResult:
         """Run (or resume) the search on copies of ``model``; ``model`` itself is never modified.
 
@@ -325,6 +340,8 @@ class AttackSearch:
             progress_bar: show a tqdm bar over the trials.
             stop_at_threshold, full_curve: accepted for the attack protocol and ignored: a trial's objective
                 is harm at its budget, so every trial runs its whole budget.
+            capability_before: the model's capability on the reference sets, when the caller has measured
+                it (``{set: value}``, as :meth:`capability` gives); measured here otherwise.
         """
         import optuna
         from optuna.trial import TrialState
@@ -337,8 +354,10 @@ class AttackSearch:
         train = data_lib.ensure_tokenized(harmful_train, tokenizer, max_length=self.config.max_length)
         say = progress or (lambda message: logger.info(message))
 
-        say(f"[search] {self._capability_scorer_names()} of the model before the attack")
-        before = self._capability(model, tokenizer)
+        if capability_before is None:
+            say(f"[search] {self._capability_scorer_names()} of the model before the attack")
+            capability_before = self._capability(model, tokenizer)
+        before = capability_before
         storage = self.search.storage_url()
         study_name = self._study_name(model, train, harmful_eval, benign_train, prepare_model)
         direction = "minimize" if self.scorer.higher_is_better else "maximize"
@@ -347,14 +366,15 @@ class AttackSearch:
             study_name=study_name,
             direction=direction,
             sampler=self._sampler(0),
+            pruner=self.search.make_pruner(self.config.eval_every),
             load_if_exists=True,
         )
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             logger.warning("marking trial %d, left running by an earlier search, as failed", stale.number)
             study.tell(stale.number, state=TrialState.FAIL)
 
-        def complete() -> int:
-            return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        def complete() -> int:  # finished trials: run to their budget, or stopped by the pruner
+            return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
         done = complete()
         if done:
@@ -381,10 +401,13 @@ class AttackSearch:
                         trial, model, tokenizer, harmful_train, harmful_eval, benign_train, before, prepare_model,
                         say,
                     )
+                except optuna.TrialPruned:
+                    study.tell(trial, state=TrialState.PRUNED)
                 except BaseException:
                     study.tell(trial, state=TrialState.FAIL)
                     raise
-                study.tell(trial, value)
+                else:
+                    study.tell(trial, value)
                 new += 1
                 done = complete()
                 if bar is not None:
@@ -410,14 +433,43 @@ class AttackSearch:
         say(f"[search] trial {trial.number}: {label}")
         capture = _CaptureModel(prepare_model)
         attack = HarmfulFineTuningAttack(config, scorer=self.scorer)
+        pruning = self.search.pruner != "none"
+        reported: list = []
+
+        def on_point(point) -> bool:
+            # Each evaluation after step 0 is an intermediate value of the trial; the pruner may stop it there.
+            if point.step == 0:
+                return False
+            reported.append(point)
+            trial.report(point.value, point.step)
+            return trial.should_prune()
+
         # The raw harmful data: families that rewrite its text (identity_shift, jailbreak_tuning) need it.
         curve = attack.run(
-            model, tokenizer, harmful_train, harmful_eval, benign_train=benign_train, prepare_model=capture
+            model,
+            tokenizer,
+            harmful_train,
+            harmful_eval,
+            benign_train=benign_train,
+            prepare_model=capture,
+            on_point=on_point if pruning else None,
         ).curves[0]
         merged = curve.config.get("merged_adapters")
         curve.config = dict(settings, trial=trial.number)
         if merged:
             curve.config["merged_adapters"] = merged
+        if pruning and curve.points[-1].step < config.max_steps:
+            import optuna
+
+            capture.model = None
+            curve.config["pruned"] = True
+            trial.set_user_attr("curve", curve.to_dict())
+            trial.set_user_attr("capability_before", before)
+            say(
+                f"[search] trial {trial.number}: pruned at step {curve.points[-1].step} "
+                f"({self.scorer.name} = {curve.points[-1].value:.4f})"
+            )
+            raise optuna.TrialPruned()
         # Capability of the model as the attacker deploys it (e.g. with its soft prompt), as harm was measured.
         deployed = get_attack(settings["family"]).deployed(capture.model, curve.config)
         with (capture.measure or contextlib.nullcontext)(capture.model):
@@ -449,6 +501,10 @@ class AttackSearch:
         )
         return harm
 
+    def capability(self, model, tokenizer) -> dict[str, float]:
+        """Capability of ``model`` on each reference set, as the constraint measures it."""
+        return self._capability(model, tokenizer)
+
     def _capability(self, model, tokenizer) -> dict[str, float]:
         return {
             name: float(self.capability_scorers[name].score(model, tokenizer, ds).value)
@@ -467,6 +523,8 @@ class AttackSearch:
             for k, v in asdict(self.search).items()
             if k not in ("search", "search_storage", "search_dir")
         }
+        if search.get("pruner") == "none":
+            del search["pruner"]  # the default: searches stored before the field keep their names
         fingerprint = {
             "model": model_fingerprint(model),
             "train": content_hash(train),
@@ -474,7 +532,7 @@ class AttackSearch:
             "benign": None if benign_train is None else content_hash(benign_train),
             "reference": {name: reference_key(ds) for name, ds in sorted(self.reference.items())},
             "budget": budget,
-            "space": self.space.to_dict(),
+            "space": self.space.key(),
             "search": search,
             "scorer": self.scorer.name,
             "capability_scorer": self.capability_scorer.name,
@@ -495,8 +553,24 @@ class AttackSearch:
         from optuna.trial import TrialState
 
         trials = []
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             attrs = t.user_attrs
+            if t.state == TrialState.PRUNED:
+                curve = AttackCurve.from_dict(attrs["curve"])
+                trials.append(
+                    SearchTrial(
+                        number=t.number,
+                        settings=attrs["settings"],
+                        harm=float(curve.points[-1].value),
+                        capability_before=attrs.get("capability_before", {}),
+                        capability_after={},
+                        capability_degradation=math.nan,
+                        feasible=False,
+                        curve=curve,
+                        state="pruned",
+                    )
+                )
+                continue
             trials.append(
                 SearchTrial(
                     number=t.number,
@@ -516,7 +590,8 @@ class AttackSearch:
         record.update(
             study_name=study_name,
             storage=_redact(storage),
-            n_complete=len(trials),
+            n_complete=sum(t.state == "complete" for t in trials),
+            n_pruned=sum(t.state == "pruned" for t in trials),
             n_feasible=len(feasible),
             best=None
             if best is None

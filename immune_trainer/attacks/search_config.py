@@ -25,6 +25,9 @@ SEARCHABLE: dict[str, str] = {
     "(AttackConfig.warmup_ratio)",
     "family": "attack family, one of family_choices (AttackConfig.families)",
     "lora_rank": "LoRA rank for family 'lora', one of lora_rank_choices (AttackConfig.lora_ranks)",
+    "batch_size": "examples per optimizer step, one of batch_size_choices (AttackConfig.batch_size)",
+    "harmful_share": "share of harmful pairs in the benign data for 'mixed' and 'jailbreak_tuning', one of "
+    "harmful_share_choices (AttackConfig.harmful_shares)",
 }
 
 
@@ -37,8 +40,8 @@ class SearchSpace:
         search_space (`list[str]`): the searched settings, names from :data:`SEARCHABLE`.
         lr_min, lr_max (`float`): the log-uniform learning-rate range (TamperBench: 1e-6..1e-3).
         min_steps (`int` or `None`): fewest attack steps a trial may take; `None`: the budget's `eval_every`.
-        family_choices, optimizer_choices, scheduler_choices, warmup_ratio_choices, lora_rank_choices:
-            the categorical choices.
+        family_choices, optimizer_choices, scheduler_choices, warmup_ratio_choices, lora_rank_choices,
+        batch_size_choices, harmful_share_choices: the categorical choices.
     """
 
     search_space: list[str] = field(
@@ -70,6 +73,13 @@ class SearchSpace:
     lora_rank_choices: list[int] = field(
         default_factory=lambda: [8, 16, 32], metadata={"help": "LoRA ranks searched (family 'lora')."}
     )
+    batch_size_choices: list[int] = field(
+        default_factory=lambda: [2, 4, 8], metadata={"help": "Attack batch sizes searched."}
+    )
+    harmful_share_choices: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 1.0],
+        metadata={"help": "Harmful shares searched (families 'mixed' and 'jailbreak_tuning')."},
+    )
 
     def __post_init__(self):
         from transformers.trainer_utils import SchedulerType
@@ -93,6 +103,8 @@ class SearchSpace:
             "scheduler_choices",
             "warmup_ratio_choices",
             "lora_rank_choices",
+            "batch_size_choices",
+            "harmful_share_choices",
         ):
             if not getattr(self, name):
                 raise ConfigError(f"{name} must not be empty.")
@@ -112,6 +124,10 @@ class SearchSpace:
             raise ConfigError(f"warmup_ratio_choices must lie in [0, 1), got {self.warmup_ratio_choices}.")
         if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.lora_rank_choices):
             raise ConfigError(f"lora_rank_choices must be positive integers, got {self.lora_rank_choices}.")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_size_choices):
+            raise ConfigError(f"batch_size_choices must be positive integers, got {self.batch_size_choices}.")
+        if any(not 0.0 < p <= 1.0 for p in self.harmful_share_choices):
+            raise ConfigError(f"harmful_share_choices must lie in (0, 1], got {self.harmful_share_choices}.")
 
     def check_budget(self, budget: AttackConfig) -> None:
         """Raise :class:`ConfigError` when the space does not fit the budget's config."""
@@ -152,6 +168,9 @@ class SearchSpace:
         setting["learning_rate"] = lr
         if family == "lora" and "lora_rank" in searched:
             setting["lora_rank"] = trial.suggest_categorical("lora_rank", self.lora_rank_choices)
+        if "harmful_share" in setting and "harmful_share" in searched:
+            setting["harmful_share"] = trial.suggest_categorical("harmful_share", self.harmful_share_choices)
+        batch_size = pick("batch_size", self.batch_size_choices, budget.batch_size)
         setting["optimizer"] = pick("optimizer", self.optimizer_choices, setting["optimizer"])
         setting["lr_scheduler_type"] = pick(
             "lr_scheduler_type", self.scheduler_choices, setting["lr_scheduler_type"]
@@ -162,13 +181,30 @@ class SearchSpace:
             max_steps=steps,
             eval_every=min(budget.eval_every, steps),
             warmup_ratio=warmup_ratio,
+            batch_size=batch_size,
             stop_at_threshold=None,  # the objective is harm at the trial's budget: never stop early
             output_dir=None,
         )
-        return config, {**setting, "max_steps": steps, "warmup_ratio": warmup_ratio}
+        out = {**setting, "max_steps": steps, "warmup_ratio": warmup_ratio}
+        if "batch_size" in searched:
+            out["batch_size"] = batch_size
+        return config, out
+
+    def key(self) -> dict[str, Any]:
+        """What names a study: the space, without the choices of axes it does not search that older
+        versions lacked (searches stored before those axes existed keep their names)."""
+        out = self.to_dict()
+        for axis, choices in (("batch_size", "batch_size_choices"), ("harmful_share", "harmful_share_choices")):
+            if axis not in self.search_space:
+                out.pop(choices, None)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: The pruners a search can use (SearchConfig.pruner).
+PRUNERS = ("none", "median", "successive_halving")
 
 
 @dataclass
@@ -210,6 +246,14 @@ class SearchConfig:
     n_startup_trials: int = field(
         default=10, metadata={"help": "Random trials before the TPE sampler starts modelling."}
     )
+    pruner: str = field(
+        default="none",
+        metadata={
+            "help": "Optuna pruner of the trials: none, median (MedianPruner) or successive_halving "
+            "(SuccessiveHalvingPruner). Each trial reports its harm at every evaluation; a pruned trial "
+            "stops there, is recorded as pruned and never counts as the worst case."
+        },
+    )
 
     def __post_init__(self):
         if self.search < 0:
@@ -218,8 +262,24 @@ class SearchConfig:
             raise ConfigError(f"capability_tolerance must be finite, got {self.capability_tolerance}.")
         if self.n_startup_trials < 0:
             raise ConfigError(f"n_startup_trials must be >= 0, got {self.n_startup_trials}.")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"unknown pruner {self.pruner!r}; use one of {', '.join(PRUNERS)}.")
 
-    def storage_url(self) -> str:
+    def make_pruner(self, eval_every: int):
+        """The Optuna pruner this config names (None: no pruning): a trial is judged from its first
+        evaluation after step 0 on, against the trials before it at the same step."""
+        import optuna
+
+        if self.pruner == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+        if self.pruner == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_every, reduction_factor=2)
+        return None
+
+    def storage_url(self) -> str | None:
+        """The Optuna storage URL; None for ``search_storage=":memory:"`` (an in-memory study, not resumable)."""
+        if self.search_storage == ":memory:":
+            return None
         if self.search_storage:
             return self.search_storage
         folder = Path(self.search_dir).expanduser().resolve()

@@ -161,11 +161,11 @@ def _attack_search(
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    from ..attacks import AttackConfig
+    from ..attacks import AttackConfig, CalibrationConfig
     from ..evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
 
-    model_args, data, attack_cfg, eval_cfg = _parse(
-        [ModelArguments, EvaluationData, AttackConfig, EvaluationConfig], argv, "evaluate"
+    model_args, data, attack_cfg, eval_cfg, calibration = _parse(
+        [ModelArguments, EvaluationData, AttackConfig, EvaluationConfig, CalibrationConfig], argv, "evaluate"
     )
     references = []
     for item in data.reference:
@@ -185,7 +185,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         ],
     )
     report = evaluate_from_specs(
-        model_args, data, attack_cfg, eval_cfg, progress=lambda m: print(m, flush=True)
+        model_args, data, attack_cfg, eval_cfg, progress=lambda m: print(m, flush=True), calibration=calibration
     )
     report.save(eval_cfg.report)
     print(report.table())

@@ -73,12 +73,15 @@ judged per attack family from this version on (no multiple pooled across familie
 reaches phi credits nothing). A 1.0 or 1.1 report keeps the verdicts it was written with; ``immune-trainer
 verify`` judges its curves again by the current rules.
 
-1.3 (minor: new optional fields): per-row harm (``row_nll``, ``row_tokens``) on attack curve points, and a
-bootstrap interval of each family's crossing and multiple (``multiple_interval``, ``crossing_interval``,
-``base_crossing_interval``, ``within_noise``) in resistance results; ``helpfulness`` (over-refusal of benign
-requests and generated exact match at step 0, part of stability); an attack curve's config may carry
-``after_attack`` (the attacked model's refusal rate and judged harm). Older reports load without them and are
-judged by the point rule, with no helpfulness measured."""
+1.3 (minor: new optional fields): per-row harm (``row_nll``, ``row_tokens``) and the attacked copy's
+``capability_loss`` on attack curve points; a bootstrap interval of each family's crossing and multiple
+(``multiple_interval``, ``crossing_interval``, ``base_crossing_interval``, ``within_noise``), ``decided`` (a lower
+bound at or past the required multiple is decided; one below it is not) and ``self_destructed`` in each family's
+resistance result; the threat model's ``capability_cap``; ``helpfulness`` (over-refusal of benign requests and
+generated exact match at step 0, part of stability); an attack curve's config may carry ``after_attack`` (the
+attacked model's refusal rate and judged harm); the ``search`` block may hold a calibrated search (``kind:
+calibrated``: per set and family, every trial of each model, the winners, seeds and extensions). Older reports
+load without them and are judged by the point rule, with no helpfulness measured."""
 
 _KNOWN_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 

@@ -230,6 +230,8 @@ def resistance(
                 f"{f.family}: an attacked copy of the base model lost {fmt_percent(loss)} of its capability by "
                 f"step {step:g} (past the cap): its runs are judged up to the point before."
             )
+    for f in families:  # (1.3) a claim is decided when it holds or fails; a lower bound below the need is not
+        f.decided = f.holds is not None
     worst = _worst_family(families)
     holds_values = [f.holds for f in families]
     holds = False if False in holds_values else (None if None in holds_values else True)
@@ -322,6 +324,8 @@ def _multiple_text(f: FamilyResistance) -> str:
         text += f" ({_level_text()} {_interval_text(f.multiple_interval, 'x')})"
     if f.within_noise:
         text += " within noise"
+    if f.multiple_is_lower_bound:
+        text += " (decided)" if f.decided else " (lower bound)"
     return text
 
 

@@ -443,6 +443,14 @@ class FamilyResistance(Record):
             "(holds is None). (1.3)"
         },
     )
+    decided: Bool | None = field(
+        default=None,
+        metadata={
+            "help": "True: the claim is decided (a crossing, or a lower bound at or past min_cost_multiple: "
+            "a decided '>= Nx'); False: only a lower bound below it, or a base that never reached phi "
+            "(undetermined, never credited). None in reports before 1.3."
+        },
+    )
 
 
 @dataclass

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
-__all__ = ["PRESETS", "DemoConfig", "attack_suite", "generalization_suite", "preset_table"]
+__all__ = [
+    "PRESETS",
+    "DemoConfig",
+    "attack_suite",
+    "calibration_config",
+    "generalization_suite",
+    "preset_table",
+]
 
 # Budgets of each preset. Every value can be overridden from the command line. The default is sized for
 # a 2-core CPU (see the README's profile): attacks at batch 2 on sequences of at most 96 tokens, harm on 8
@@ -38,6 +45,8 @@ PRESETS: dict[str, dict] = {
         max_length=80,
         batch_size=2,
         attack_batch_size=2,
+        calibrate_trials=2,
+        calibrate_seeds=2,
     ),
     "default": dict(
         defense_steps=16,
@@ -62,6 +71,8 @@ PRESETS: dict[str, dict] = {
         max_length=96,
         batch_size=4,
         attack_batch_size=2,
+        calibrate_trials=3,
+        calibrate_seeds=2,
     ),
     "full": dict(
         defense_steps=250,
@@ -92,6 +103,8 @@ PRESETS: dict[str, dict] = {
         max_length=256,
         batch_size=4,
         attack_batch_size=4,
+        calibrate_trials=8,
+        calibrate_seeds=3,
     ),
 }
 
@@ -223,6 +236,19 @@ class DemoConfig:
             "full fine-tuning attacks."
         },
     )
+    fixed_grid: bool = field(
+        default=False,
+        metadata={
+            "help": "Attack with the fixed grid (one picked learning rate and batch per family) instead of the "
+            "calibrated search; the card then says 'fixed grid, not searched'."
+        },
+    )
+    calibrate_trials: int | None = field(
+        default=None, metadata={"help": "Trials of the calibrated search per attack family and model."}
+    )
+    calibrate_seeds: int | None = field(
+        default=None, metadata={"help": "Seeds each winning attack setting runs on (the worst counts)."}
+    )
     no_cache: bool = field(
         default=False,
         metadata={"help": "Recompute the base model's measurements instead of reusing the user cache."},
@@ -279,6 +305,27 @@ def attack_suite(cfg: DemoConfig):
                 AttackConfig(families=[family], learning_rates=list(cfg.attack_learning_rates), **common)
             )
     return suite
+
+
+def calibration_config(cfg: DemoConfig):
+    """The demo's calibrated search: a few pruned trials per family and model over a small space (learning
+    rate 3e-5..1e-3, LoRA's ten times that, whose top breaks the base model's capability; batch 2 or 4; LoRA
+    rank; harmful share), adamw at a constant rate; ``--full`` searches every axis."""
+    from ..attacks import CalibrationConfig
+
+    if cfg.full:
+        return CalibrationConfig(calibrate_trials=cfg.calibrate_trials, calibrate_seeds=cfg.calibrate_seeds)
+    return CalibrationConfig(
+        calibrate_trials=cfg.calibrate_trials,
+        calibrate_seeds=cfg.calibrate_seeds,
+        calibrate_space=["learning_rate", "batch_size", "lora_rank", "harmful_share"],
+        lr_min=3e-5,
+        lr_max=1e-3,
+        batch_size_choices=[2, 4],
+        lora_rank_choices=[8, 16],
+        harmful_share_choices=[0.3, 1.0],
+        calibrate_pruner="median",
+    )
 
 
 def generalization_suite(cfg: DemoConfig):

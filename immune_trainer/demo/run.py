@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..files import atomic_write
-from .presets import DemoConfig, attack_suite, generalization_suite
+from .presets import DemoConfig, attack_suite, calibration_config, generalization_suite
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _is_stage(message: str) -> bool:
     """A message the evaluation writes when a stage starts ("[attack] attacking the base model", ...); its
     "[set] phi = ..." lines report a number, not a stage."""
     text = message.strip()
-    return text.startswith("[") and " phi = " not in text
+    return text.startswith("[") and " phi = " not in text and not text.startswith("[search]")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -150,9 +150,28 @@ def run_demo(cfg: DemoConfig) -> dict:
         helpfulness_task_rows=cfg.helpfulness_task_rows,
         attacked_harm_prompts=cfg.attacked_harm_prompts,
         attacked_harm_judge="offline_judge",
+        fixed_grid=cfg.fixed_grid,
     )
     generalization = generalization_suite(cfg)
     generalization.show_progress = True
+    if not cfg.fixed_grid:
+        from ..attacks import CalibratedAttack
+
+        # Each training family searched on each model; the generalization sets use the full family's
+        # winners (the grid's generalization attack is full fine-tuning too).
+        families = list(dict.fromkeys(f for c in suite.configs for f in c.family_names()))
+        from dataclasses import replace
+
+        suite = CalibratedAttack(
+            replace(suite.configs[0], family=families[0], families=families),
+            calibration_config(cfg),
+            reference=sets.reference,
+            scorer=suite.scorer,
+            storage_dir=cache and str(Path(cache) / "search"),
+            runs_dir=cache and str(Path(cache) / "attacks"),
+            generalization_families=[f for f in ("full",) if f in families] or None,
+        )
+        generalization = None
 
     summaries = []
     for spec in specs:
@@ -283,6 +302,12 @@ def _defend_and_evaluate(
         for family, text in by_family.items():
             _say(f"  {family:16} {text}")
         _say("")
+    from ..model_card.claims import _search_line, search_rows
+
+    _say(f"attack: {_search_line(report.search)}")
+    for label, text in search_rows(report.search):
+        _say(f"  {label}: {text}")
+    _say("")
     summary = {
         "preset": cfg.preset,
         "defense": spec.name,

@@ -222,6 +222,14 @@ class EvaluationConfig:
             "that set phi always run their whole budget."
         },
     )
+    fixed_grid: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the attack grid as given (one picked setting per family) instead of the calibrated "
+            "search (each training family searched per model under the capability cap, winners on 2 seeds, "
+            "every claim decided); the card then says 'fixed grid, not searched'."
+        },
+    )
     cache_dir: str | None = field(
         default=None,
         metadata={

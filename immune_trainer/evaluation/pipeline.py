@@ -12,11 +12,20 @@ import copy
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..attacks import AttackConfig, AttackSuite, HarmfulFineTuningAttack, as_suite, scorer_key
+from ..attacks import (
+    AttackConfig,
+    AttackSuite,
+    CalibratedAttack,
+    CalibrationConfig,
+    HarmfulFineTuningAttack,
+    as_suite,
+    is_calibrated,
+    scorer_key,
+)
 from ..conditions import ImmunizationReport, ThreatModel, build_report
 from ..errors import ConfigError
 from ..run_cache import RunCache
@@ -77,7 +86,13 @@ def evaluate_conditions(
         tokenizer: shared by both models.
         datasets: a :class:`ConditionDatasets`.
         attack: the attack run on both models: a config, an attack, a list of them (an
-            :class:`~immune_trainer.attacks.AttackSuite`, worst case over all), or the default grid if None.
+            :class:`~immune_trainer.attacks.AttackSuite`), the default config if None, or a
+            :class:`~immune_trainer.attacks.CalibratedAttack`. By default (``config.fixed_grid`` False) a
+            config, attack or suite is *calibrated*: its training families are searched per family and model
+            under the capability cap (:class:`~immune_trainer.attacks.CalibrationConfig` defaults; the
+            budget, families and scorer are the attack's) and the winners judged on 2 seeds, every claim
+            decided (:mod:`immune_trainer.evaluation.calibrated`); this needs ``datasets.reference``. With
+            ``config.fixed_grid`` the grid runs as given (the card then says "fixed grid, not searched").
         generalization_attack: the attack of the in-domain and cross-domain sets (default: ``attack`` with
             ``config.generalization_max_steps``). An :class:`~immune_trainer.attacks.AttackSearch` runs its
             search on each model and set and uses the feasible trials' curves (its budget goes into
@@ -109,7 +124,8 @@ def evaluate_conditions(
     if threshold is not None:
         cfg.threshold = threshold
     _check_attack_time_hook(defense, prepare_immunized)
-    attack, gen_attack = _attacks(attack, generalization_attack, cfg)
+    harmful_sets(datasets)  # missing or half-given harmful sets fail before anything runs
+    attack, gen_attack = _attacks(attack, generalization_attack, cfg, datasets)
     say = progress or (lambda message: logger.info(message))
     run = EvaluationRun(
         base_model,
@@ -131,8 +147,18 @@ def evaluate_conditions(
     # Step 0 first: cheap next to the attacks, and bad prompts or a missing judge fail fast.
     side_effects = side_effects_stage(run, attack.scorer)
     helpfulness = helpfulness_stage(run)
-    main = resistance_stage(run, attack, step)
-    held_out = generalization_stage(run, gen_attack, step)
+    if is_calibrated(attack):
+        from .calibrated import calibrated_set
+
+        main = calibrated_set(run, "attack", attack, step, cfg.threshold)
+        held_out = {
+            key: calibrated_set(run, key, gen_attack, step, cfg.threshold, winners=main.searches["winners"])
+            for key in harmful_sets(datasets)
+            if key != "attack"
+        }
+    else:
+        main = resistance_stage(run, attack, step)
+        held_out = generalization_stage(run, gen_attack, step)
     capability = stability_stage(run)
     benign = trainability_stage(run, attack.config)
 
@@ -167,6 +193,15 @@ def planned_stages(datasets: ConditionDatasets, attack, config: EvaluationConfig
     side effects (one per model), per harmful set the base model's runs (the reference runs that set phi,
     then the others when ``threshold_families`` leaves some) and the immunized model's runs, one per
     reference set, and the two benign fine-tunes."""
+    side_effects = 2 if datasets.harmful_prompts is not None and config.side_effects else 0
+    sets = len(harmful_sets(datasets))
+    benign = 2 if datasets.benign_train is not None and datasets.benign_eval is not None else 0
+    references = len(datasets.reference or {})
+    if is_calibrated(attack):
+        # the resistance set: a search and the winners' seeds per family and model, the training-free
+        # families once per model; each other set: the base's first seed, then both models' seeds
+        main = 4 * len(attack.trained) + (2 if attack.training_free else 0)
+        return side_effects + main + (sets - 1) * 3 * len(attack.generalization_families) + references + benign
     attack = as_suite(attack)
     held_out = as_suite(generalization_attack) if generalization_attack is not None else attack
 
@@ -185,10 +220,22 @@ def planned_stages(datasets: ConditionDatasets, attack, config: EvaluationConfig
     return side_effects + per_set(attack) + (sets - 1) * per_set(held_out) + len(datasets.reference or {}) + benign
 
 
-def _attacks(attack, generalization_attack, cfg: EvaluationConfig):
-    """The main attack and the generalization sets' attack, with the run cache as their output folder."""
+def _attacks(attack, generalization_attack, cfg: EvaluationConfig, datasets: ConditionDatasets | None = None):
+    """The main attack and the generalization sets' attack, with the run cache as their output folder; a
+    grid is calibrated unless ``cfg.fixed_grid``."""
     if is_search(attack):
         return attack, _generalization_search(attack, cfg)
+    if not is_calibrated(attack) and not cfg.fixed_grid:
+        attack = _calibrate(as_suite(attack), datasets, cfg)
+    if is_calibrated(attack):
+        if cfg.cache_dir:
+            attack.runs_dir = attack.runs_dir or str(Path(cfg.cache_dir) / "attacks")
+        steps = cfg.generalization_max_steps
+        if steps is None or steps == attack.config.max_steps:
+            return attack, attack
+        return attack, attack.with_config(
+            replace(attack.config, max_steps=steps, eval_every=min(attack.config.eval_every, steps))
+        )
     attack = _cached(as_suite(attack), cfg)
     if generalization_attack is not None:
         gen = _cached(_generalization_attack(as_suite(generalization_attack), cfg), cfg)
@@ -199,6 +246,29 @@ def _attacks(attack, generalization_attack, cfg: EvaluationConfig):
     ):
         raise ConfigError("the generalization attack must measure harm with the same scorer as the main attack.")
     return attack, gen
+
+
+def _calibrate(suite: AttackSuite, datasets: ConditionDatasets | None, cfg: EvaluationConfig) -> CalibratedAttack:
+    """The default attack: the suite's families and budget, each training family searched per model."""
+    if cfg.threshold is not None:
+        suite.scorer.validate_threshold(cfg.threshold)  # a bad phi fails before anything else
+    if datasets is None or not datasets.reference:
+        raise ConfigError(
+            "the calibrated attack (the default) needs reference sets for its capability cap "
+            "(ConditionDatasets.reference, --reference): a searched setting counts only if capability stays "
+            "within 10%. Give reference sets, or set fixed_grid=True (--fixed_grid) to run the grid as given."
+        )
+    families = list(dict.fromkeys(f for c in suite.configs for f in c.family_names()))
+    budget = replace(suite.configs[0], family=families[0], families=families, output_dir=None)
+    storage = str(Path(cfg.cache_dir) / "search") if cfg.cache_dir else None
+    return CalibratedAttack(
+        budget,
+        CalibrationConfig(),
+        reference=datasets.reference,
+        scorer=suite.scorer,
+        storage_dir=storage,
+        runs_dir=str(Path(cfg.cache_dir) / "attacks") if cfg.cache_dir else None,
+    )
 
 
 def _cached(suite: AttackSuite, cfg: EvaluationConfig) -> AttackSuite:
@@ -217,9 +287,15 @@ def _cached(suite: AttackSuite, cfg: EvaluationConfig) -> AttackSuite:
 def _threat_model(attack, gen_attack, cfg, main: AttackSetResult, held_out, benign, user_phi, step) -> ThreatModel:
     """The threat model the verdicts hold under: the attack, its budget, the scorer, phi and its source."""
     search = is_search(attack)
+    calibrated = is_calibrated(attack)
     scorer = attack.scorer
     if user_phi is not None:
         source = "given by the user"
+    elif calibrated:
+        source = (
+            f"base model's median {scorer.name} after {step} steps over the calibrated winners' first seeds"
+            + (f" ({', '.join(cfg.threshold_families)})" if cfg.threshold_families else "")
+        )
     elif search:
         source = f"base model's median {scorer.name} over the searched trials after {step} steps"
     else:
@@ -230,8 +306,14 @@ def _threat_model(attack, gen_attack, cfg, main: AttackSetResult, held_out, beni
     set_thresholds = {key: s.threshold for key, s in held_out.items() if s.threshold_from_base}
     if set_thresholds:
         source += " (each generalization set: the same rule on that set)"
-    grid = _searched_grid({"base": {"attack": main.base}, "immunized": {"attack": main.immunized}}) if search else _suite_grid(attack)
-    family = ",".join(grid.get("families", [])) if search else ",".join(attack.family_names())
+    if search or calibrated:
+        grid = _searched_grid({"base": {"attack": main.base}, "immunized": {"attack": main.immunized}})
+    else:
+        grid = _suite_grid(attack)
+    if calibrated:
+        family = ",".join(attack.family_names())
+    else:
+        family = ",".join(grid.get("families", [])) if search else ",".join(attack.family_names())
     return ThreatModel(
         attack_family=family,
         scorer=scorer.name,
@@ -240,7 +322,7 @@ def _threat_model(attack, gen_attack, cfg, main: AttackSetResult, held_out, beni
         scorer_range=tuple(scorer.range),
         threshold_source=source,
         grid=grid,
-        max_steps=attack.config.max_steps if search else max(c.max_steps for c in attack.configs),
+        max_steps=attack.config.max_steps if search or calibrated else max(c.max_steps for c in attack.configs),
         eval_every=attack.config.eval_every,
         batch_size=attack.config.batch_size,
         max_length=attack.config.max_length,
@@ -295,7 +377,7 @@ def _extra(
     extra: dict[str, Any] = {"attack_config": attack.config.to_dict()}
     if prepare_immunized is not None:
         extra["prepare_immunized"] = hook_key(prepare_immunized)
-    if not is_search(attack):
+    if not is_search(attack) and not is_calibrated(attack):
         if len(attack.configs) > 1:
             extra["attack_suite"] = [c.to_dict() for c in attack.configs]
         if gen_attack is not attack and has_held_out:
@@ -307,6 +389,8 @@ def _extra(
 
 
 def _search_record(attack, main: AttackSetResult, held_out) -> dict[str, Any] | None:
+    if is_calibrated(attack):
+        return {**attack.budget(), "sets": {key: s.searches for key, s in {"attack": main, **held_out}.items()}}
     if not is_search(attack):
         return None
     runs = {who: {key: s.searches[who] for key, s in {"attack": main, **held_out}.items()} for who in ("base", "immunized")}

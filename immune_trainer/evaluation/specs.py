@@ -74,9 +74,16 @@ class EvaluationData:
 
 
 def evaluate_from_specs(
-    model_args, data: EvaluationData, attack_cfg: AttackConfig, cfg: EvaluationConfig, progress=None
+    model_args,
+    data: EvaluationData,
+    attack_cfg: AttackConfig,
+    cfg: EvaluationConfig,
+    progress=None,
+    calibration=None,
 ):
-    """The ``immune-trainer evaluate`` command: load everything from SPECs and run :func:`evaluate_conditions`."""
+    """The ``immune-trainer evaluate`` command: load everything from SPECs and run :func:`evaluate_conditions`
+    (the attack calibrated with ``calibration``, a :class:`~immune_trainer.attacks.CalibrationConfig`, unless
+    ``cfg.fixed_grid``)."""
     from dataclasses import replace
 
     from ..data.loading import load_model_and_tokenizer
@@ -102,12 +109,29 @@ def evaluate_from_specs(
     immunized, tokenizer = load_model_and_tokenizer(model_args)
     base, _ = load_model_and_tokenizer(replace(model_args, model=data.base_model, tokenizer=None))
     sets = condition_datasets(record).datasets
+    attack = attack_cfg
+    if not cfg.fixed_grid and calibration is not None:
+        from pathlib import Path
+
+        from ..attacks import CalibratedAttack
+
+        if not sets.reference:
+            raise ConfigError(
+                "the calibrated attack (the default) needs --reference NAME=SPEC for its capability cap; "
+                "or pass --fixed_grid to run the grid as given."
+            )
+        attack = CalibratedAttack(
+            replace(attack_cfg, output_dir=None),
+            calibration,
+            reference=sets.reference,
+            storage_dir=str(Path(cfg.cache_dir) / "search") if cfg.cache_dir else None,
+        )
     report = evaluate_conditions(
         base,
         immunized,
         tokenizer,
         sets,
-        attack=attack_cfg,
+        attack=attack,
         config=cfg,
         progress=progress,
         base_name=data.base_model,

@@ -133,10 +133,12 @@ def eval_results(report: ImmunizationReport, dataset_name: str | None = None) ->
     ]
 
 
-def _search_line(search: dict | None) -> str | None:
-    """The attack search's budget, as the card states it (None when the report ran no search)."""
+def _search_line(search: dict | None) -> str:
+    """The attack search's budget, as the card states it ("fixed grid, not searched" without a search)."""
     if not search:
-        return None
+        return "fixed grid, not searched: one picked setting per family; an attacker who tunes may do better"
+    if search.get("kind") == "calibrated":
+        return _calibrated_line(search)
     space = search.get("space") or {}
     searched = space.get("search_space") if isinstance(space, dict) else None
     return (
@@ -145,6 +147,84 @@ def _search_line(search: dict | None) -> str | None:
         + f", at most {search.get('max_steps')} steps, sampler seed {search.get('sampler_seed')}; a trial counts only "
         f"if {search.get('capability_scorer')} degrades by at most {search.get('capability_tolerance')}"
     )
+
+
+def _calibrated_line(search: dict) -> str:
+    """The calibrated search's space, trials, budget and cap."""
+    space = search.get("space") or {}
+    axes = []
+    for axis in space.get("search_space") or []:
+        if axis == "learning_rate":
+            lo, hi = space.get("lr_range") or [None, None]
+            text = f"learning rate {lo:g}..{hi:g} (log)"
+            if "lora" in (space.get("families") or []) and space.get("lora_lr_range"):
+                llo, lhi = space["lora_lr_range"]
+                text += f", lora {llo:g}..{lhi:g}"
+            axes.append(text)
+            continue
+        choices = space.get(
+            {"lr_scheduler_type": "scheduler_choices", "warmup_ratio": "warmup_ratio_choices"}.get(
+                axis, f"{axis}_choices"
+            )
+        )
+        axes.append(f"{axis.replace('_', ' ')} {{{', '.join(str(c) for c in choices or [])}}}")
+    free = search.get("training_free") or []
+    return (
+        f"calibrated per family ({', '.join(space.get('families') or [])}) and per model: Optuna "
+        f"{search.get('sampler', 'TPE')}, {search.get('n_trials')} trials per family and model, pruner "
+        f"{search.get('pruner')}; space: {'; '.join(axes)}; budget {search.get('max_steps')} steps, runs "
+        f"extended until each claim is decided (the base's up to {search.get('extend_cap'):g}x); a trial counts "
+        f"only if {search.get('capability_scorer')} degrades by at most {search.get('capability_tolerance'):.0%}; "
+        f"each winner re-run on {search.get('seeds')} seeds, the worst seed counts"
+        + (f"; training-free, not searched: {', '.join(free)}" if free else "")
+    )
+
+
+def search_rows(search: dict | None) -> list[tuple[str, str]]:
+    """The card's rows of a calibrated search: each family's winning settings per model, and TamperBench's
+    aggregations (the worst case within the capability cap, the cumulative-max harm over the trials)."""
+    if not isinstance(search, dict) or search.get("kind") != "calibrated":
+        return []
+    main = (search.get("sets") or {}).get("attack") or {}
+    rows = []
+
+    def setting(s: dict) -> str:
+        shown = ("learning_rate", "batch_size", "optimizer", "lr_scheduler_type", "warmup_ratio", "lora_rank",
+                 "harmful_share")
+        return ", ".join(
+            f"{k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+            for k, v in s.items()
+            if k in shown
+        )
+
+    for family, rec in (main.get("families") or {}).items():
+        parts = []
+        for who in ("base", "immunized"):
+            r = rec.get(who) or {}
+            won = (main.get("winners") or {}).get(family, {}).get(who) or {}
+            cum = [v for v in r.get("cumulative_max_harm") or [] if v is not None]
+            parts.append(
+                f"{who}: {setting(won)} ({r.get('n_trials')} trials, {r.get('n_pruned')} pruned, "
+                f"{r.get('n_feasible')} within the cap; worst case within the cap "
+                f"{_fmt(r.get('worst_case_within_cap'))}, cumulative-max harm {_fmt(cum[-1] if cum else None)})"
+            )
+        status = rec.get("status", "")
+        ext = rec.get("extensions") or []
+        if ext:
+            status += "; extended: " + ", ".join(f"{e['model']} to {e['max_steps']} steps" for e in ext)
+        rows.append((f"winner {family}", "; ".join(parts) + (f"; claim {status}" if status else "")))
+    held = [k for k in (search.get("sets") or {}) if k != "attack"]
+    if held:
+        rows.append(
+            ("generalization attack", f"{', '.join(k.replace('_', '-') for k in held)}: "
+             f"{', '.join(search.get('generalization_families') or [])} with the settings searched on the "
+             "resistance set, per model")
+        )
+    return rows
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _setting_line(setting: dict) -> str:
@@ -195,6 +275,9 @@ def families_run(report: ImmunizationReport) -> set[str]:
     space = (report.search or {}).get("space") if isinstance(report.search, dict) else None
     if isinstance(space, dict):
         ran |= set(space.get("family_choices") or [])
+        ran |= set(space.get("families") or [])  # a calibrated search
+    if isinstance(report.search, dict):
+        ran |= set(report.search.get("training_free") or [])
     return ran
 
 

@@ -27,7 +27,15 @@ from ..conditions.report import ImmunizationReport
 from ..errors import OutputError, ReportError
 from ..files import atomic_write
 from .badges import condition_badges, write_badges
-from .claims import _finite, _search_line, _setting_line, _sweep_context, eval_results, not_tested
+from .claims import (
+    _finite,
+    _search_line,
+    _setting_line,
+    _sweep_context,
+    eval_results,
+    not_tested,
+    search_rows,
+)
 from .plots import plot_attack_curves
 
 __all__ = [
@@ -364,6 +372,7 @@ def generate_model_card(
     ctx["data_specs"] = dict(ds) if isinstance(ds, dict) else {}
     ctx["not_tested"] = not_tested(report, registered_attacks)
     ctx["search_line"] = _search_line(report.search)
+    ctx["search_rows"] = search_rows(report.search)
     ctx["grid_settings"] = [_setting_line(x) for x in (tm.grid or {}).get("settings", [])]
     ctx["sweep"], ctx["sweep_plot"] = _sweep_context(measured, folder)
     ctx["library"] = f"{report.library.get('name', 'immune_trainer')} {report.library.get('version', '?')}"

@@ -349,7 +349,9 @@ class DefenseSweep:
             self.tokenizer,
             sets,
             attack=attack,
-            config=replace(self.evaluation, threshold=self._phi),
+            # The sweep ranks trials against one fixed attack grid (phi and its base runs are shared by every
+            # trial); the calibrated search is the final evaluation's (its reports say "fixed grid, not searched").
+            config=replace(self.evaluation, threshold=self._phi, fixed_grid=True),
             defense=defense_record,
             progress=lambda m: logger.debug(m),
             immunized_name=name,
