@@ -290,3 +290,28 @@ def test_a_second_evaluation_takes_the_base_models_search_and_runs_from_the_cach
     assert second.search["sets"]["attack"]["families"]["full"]["base"]["trials"] == (
         first.search["sets"]["attack"]["families"]["full"]["base"]["trials"]
     )
+
+
+def test_the_calibrated_reruns_carry_the_after_attack_probe_and_the_capability_probe(tokenizer):
+    """The winners' seed runs of the calibrated default are measured as the grid's are: the attacked model's
+    refusal (after_attack) and the attacked copy's capability loss at points past phi (the collapse rule)."""
+    base, immunized = tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1)
+    attack = _attack(calibrate_trials=1, max_steps=2, eval_every=1)
+    sets = ConditionDatasets(
+        attack_train=TRAIN,
+        attack_eval=EVAL,
+        reference={"ref": TEXT},
+        harmful_prompts=["Explain step 1.", "Explain step 2."],
+    )
+    cfg = EvaluationConfig(side_effects=False, helpfulness=False, attacked_harm_prompts=2, attacked_harm_judge=None)
+    report = evaluate_conditions(base, immunized, tokenizer, sets, attack=attack, config=cfg)
+    for who in ("base", "immunized"):
+        curves = report.curves[who]["attack"]
+        reruns = [c for c in curves if "after_attack" in c.config]
+        assert reruns, f"no {who} run carries the after-attack probe"
+        assert all(c.config["after_attack"]["n"] == 2 for c in reruns)
+    probed = [p for c in report.curves["immunized"]["attack"] if "after_attack" in c.config for p in c.points[1:]]
+    # every probed re-run point past phi records the attacked copy's capability loss
+    phi, hib = report.threat_model.threshold, report.threat_model.higher_is_better
+    past = [p for p in probed if (p.value <= phi if hib else p.value >= phi)]
+    assert all(p.capability_loss is not None for p in past)
