@@ -68,7 +68,7 @@ def strict_folder(tmp_path_factory):
         benign_eval_every=1,
         side_effects_templates=["plain"],
         side_effects_max_new_tokens=4,
-        fixed_grid=True,  # verify re-runs fixed grids (a calibrated report is PARTIAL on its attacks)
+        fixed_grid=True,  # the fixed grid here; a calibrated report: test_verify_reruns_a_calibrated_report_and_passes
     )
     report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
     write_model_card(root / "immunized", report, plot=False)
@@ -216,3 +216,37 @@ def test_a_sample_is_never_passed(strict_folder, capsys):
     assert code == 3, out
     assert len(re.findall(r"^run .*: (base|immunized) model .*PASS", out, re.M)) == 2
     assert re.search(r"^resistance\.steps_multiple .*not re-checked", out, re.M)
+
+
+def test_verify_reruns_a_calibrated_report_and_passes(tmp_path_factory):
+    """The default (calibrated) attack is re-run by verify: its searches run again in memory (not read back
+    from a storage), the winners on their seeds, phi re-derived; every claim re-measured: PASSED."""
+    from immune_trainer.attacks import AttackConfig
+    from immune_trainer.data.loading import ModelArguments
+    from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
+    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("calibrated")
+    tok = tiny_tokenizer()
+    for name, seed in (("base", 0), ("immunized", 1)):
+        tiny_causal_lm("llama", seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    data = EvaluationData(
+        base_model=str(root / "base"),
+        dataset=_write_jsonl(root / "train.jsonl", make_pairs(8)),
+        eval_dataset=_write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
+        reference=["ref=" + _write_jsonl(root / "ref.jsonl", make_pairs(4, offset=300))],
+        benign_dataset=_write_jsonl(root / "benign.jsonl", make_benign(10)),
+        eval_limit=3,
+    )
+    attack = AttackConfig(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=48)
+    cfg = EvaluationConfig(
+        benign_scorer="benign_loss", benign_max_steps=2, benign_eval_every=1, side_effects=False, helpfulness=False
+    )
+    report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
+    assert report.search["kind"] == "calibrated" and "calibration" in report.extra
+    write_model_card(root / "immunized", report, plot=False)
+    result = V.verify(str(root / "immunized"))
+    claims = {ch.claim for ch in result.checks}
+    assert "resistance: immunized model's attack curves" in claims and "resistance[full]: verdict" in claims
+    assert result.status == "PASSED", [(ch.claim, ch.note) for ch in result.checks if not ch.passed]

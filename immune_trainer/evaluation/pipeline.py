@@ -377,6 +377,13 @@ def _extra(
     extra: dict[str, Any] = {"attack_config": attack.config.to_dict()}
     if prepare_immunized is not None:
         extra["prepare_immunized"] = hook_key(prepare_immunized)
+    if is_calibrated(attack):
+        # What `immune-trainer verify` rebuilds the calibrated attack from (the budget is attack_config).
+        extra["calibration"] = {
+            "config": attack.calibration.to_dict(),
+            "generalization_families": list(attack.generalization_families),
+            "generalization_max_steps": gen_attack.config.max_steps if has_held_out else None,
+        }
     if not is_search(attack) and not is_calibrated(attack):
         if len(attack.configs) > 1:
             extra["attack_suite"] = [c.to_dict() for c in attack.configs]

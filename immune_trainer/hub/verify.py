@@ -214,6 +214,40 @@ def _suites(report: ImmunizationReport, cfg):
     return main, gen
 
 
+def _calibrated(report: ImmunizationReport, ds):
+    """The calibrated attack a report ran, rebuilt from its record: the budget (``extra["attack_config"]``)
+    and the calibration (``extra["calibration"]``), with its searches in memory (every trial runs again,
+    none is read back from a storage) on the recorded reference sets."""
+    from dataclasses import replace as _replace
+
+    from ..attacks import CalibratedAttack, CalibrationConfig
+    from ..scoring import get_scorer
+
+    raw = report.extra.get("calibration")
+    if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
+        raise ReportError(
+            f"{REPORT_FILE} ran a calibrated attack but does not record its calibration (extra['calibration'], "
+            "written since schema 1.3): it cannot be re-run."
+        )
+    if not ds.reference:
+        raise ReportError("the calibrated attack's capability cap needs the reference sets, which are not recorded.")
+    (budget,) = _recorded_configs([report.extra.get("attack_config")], "extra['attack_config']")
+    known = set(CalibrationConfig.__dataclass_fields__)
+    calibration = CalibrationConfig(**{k: v for k, v in raw["config"].items() if k in known})
+    attack = CalibratedAttack(
+        budget,
+        calibration,
+        reference=ds.reference,
+        scorer=get_scorer(budget.scorer),
+        generalization_families=raw.get("generalization_families") or None,
+    )
+    steps = raw.get("generalization_max_steps")
+    gen = attack
+    if steps and steps != budget.max_steps:
+        gen = attack.with_config(_replace(budget, max_steps=steps, eval_every=min(budget.eval_every, steps)))
+    return attack, gen
+
+
 def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded, hook, say) -> Remeasured:
     """Run the evaluation's stages again on both models, on the recorded data and settings, and judge them."""
     from ..attacks import get_attack
@@ -251,12 +285,30 @@ def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded,
             },
         )
     ds = recorded.datasets
-    run = EvaluationRun(base, immunized, tokenizer, ds, cfg, say, RunCache(None))
+    from ..evaluation.stages import attacked_harm_probe, capability_probe
+
+    run = EvaluationRun(
+        base,
+        immunized,
+        tokenizer,
+        ds,
+        cfg,
+        say,
+        RunCache(None),
+        after_attack=attacked_harm_probe(ds, cfg, tokenizer),
+        capability_probe=capability_probe(ds, cfg),
+    )
     if hook is not None:
         run.prepare_immunized = hook
     main_suite = gen_suite = None
-    if report.search:
-        why["attack"] = "the report ran an attack search; verify re-runs fixed attack grids only"
+    calibrated = (report.search or {}).get("kind") == "calibrated"
+    if calibrated:
+        try:
+            main_suite, gen_suite = _calibrated(report, ds)
+        except (ReportError, ConfigError) as e:
+            why["attack"] = str(e)
+    elif report.search:
+        why["attack"] = "the report ran an attack search; verify re-runs fixed attack grids and calibrated attacks only"
     else:
         try:
             main_suite, gen_suite = _suites(report, cfg)
@@ -286,8 +338,19 @@ def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded,
     main, held = None, {}
     if "attack" not in why and ds.attack_train is not None:
         step = cfg.threshold_step if cfg.threshold_step is not None else main_suite.config.eval_every
-        main = resistance_stage(run, main_suite, step)
-        held = generalization_stage(run, gen_suite, step)
+        if calibrated:
+            from ..evaluation.calibrated import calibrated_set
+            from ..evaluation.stages import harmful_sets
+
+            main = calibrated_set(run, "attack", main_suite, step, cfg.threshold)
+            held = {
+                key: calibrated_set(run, key, gen_suite, step, cfg.threshold, winners=main.searches["winners"])
+                for key in harmful_sets(ds)
+                if key != "attack"
+            }
+        else:
+            main = resistance_stage(run, main_suite, step)
+            held = generalization_stage(run, gen_suite, step)
     capability = stability_stage(run)
     benign = None
     if main_suite is not None:
