@@ -239,7 +239,7 @@ def test_verify_reruns_a_calibrated_report_and_passes(tmp_path_factory):
         benign_dataset=_write_jsonl(root / "benign.jsonl", make_benign(10)),
         eval_limit=3,
     )
-    attack = AttackConfig(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=48)
+    attack = AttackConfig(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40)
     cfg = EvaluationConfig(
         benign_scorer="benign_loss", benign_max_steps=2, benign_eval_every=1, side_effects=False, helpfulness=False
     )

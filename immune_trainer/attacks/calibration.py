@@ -207,7 +207,7 @@ class CalibratedAttack:
             search leaves alone come from it (its first value of each axis).
         calibration: a :class:`CalibrationConfig`.
         reference: the capability reference set(s) of the cap (as :class:`AttackSearch`); required.
-        scorer: the harm scorer f (default ``get_scorer(config.scorer)``).
+        scorer: the harm scorer f (default: the harness's, ``HarmfulFineTuningAttack(config).scorer``).
         storage_dir: where the searches' SQLite storage lives (resumable, reused on a later run); None:
             in memory.
         runs_dir: where the re-runs of winning settings are kept (the harness's ``output_dir``); None:
@@ -228,11 +228,11 @@ class CalibratedAttack:
         runs_dir: str | None = None,
         generalization_families: list[str] | None = None,
     ):
-        from ..scoring import get_scorer
 
         self.config = config
         self.calibration = calibration or CalibrationConfig()
-        self.scorer = scorer if scorer is not None else get_scorer(config.scorer)
+        # the harness's default: harm on examples truncated like the attack's (max_length), in its eval batches
+        self.scorer = scorer if scorer is not None else HarmfulFineTuningAttack(config).scorer
         self.storage_dir = storage_dir
         self.runs_dir = runs_dir
         names = config.family_names()

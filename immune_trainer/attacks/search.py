@@ -234,7 +234,7 @@ class AttackSearch:
         reference: the reference set (or ``{name: set}``) on which capability is scored; required. A set
             may be a dataset or a :class:`~immune_trainer.scoring.LMEvalTasks` (lm-evaluation-harness
             tasks, scored by the ``lm_eval`` scorer whatever ``capability_scorer`` says).
-        scorer: the harm scorer f (default ``get_scorer(config.scorer)``).
+        scorer: the harm scorer f (default: the harness's, ``HarmfulFineTuningAttack(config).scorer``).
         capability_scorer: the capability scorer g of the reference datasets (a scorer or a registered
             name; default ``search.capability_scorer``).
 
@@ -255,7 +255,6 @@ class AttackSearch:
         scorer=None,
         capability_scorer=None,
     ):
-        from ..scoring import get_scorer
 
         self.config = config or AttackConfig()
         self.search = search or SearchConfig(search=20)
@@ -272,7 +271,8 @@ class AttackSearch:
         for name, ds in self.reference.items():
             if ds is None or (not isinstance(ds, LMEvalTasks) and len(ds) == 0):
                 raise DataError(f"the search's reference set {name!r} is empty.")
-        self.scorer = scorer if scorer is not None else get_scorer(self.config.scorer)
+        # the harness's default: harm on examples truncated like the attack's (max_length), in its eval batches
+        self.scorer = scorer if scorer is not None else HarmfulFineTuningAttack(self.config).scorer
         # Each set's scorer: an LMEvalTasks set is scored by lm_eval, a dataset by the capability scorer.
         default = capability_scorer if capability_scorer is not None else self.search.capability_scorer
         self.capability_scorers = {}

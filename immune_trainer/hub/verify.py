@@ -221,7 +221,6 @@ def _calibrated(report: ImmunizationReport, ds):
     from dataclasses import replace as _replace
 
     from ..attacks import CalibratedAttack, CalibrationConfig
-    from ..scoring import get_scorer
 
     raw = report.extra.get("calibration")
     if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
@@ -238,7 +237,6 @@ def _calibrated(report: ImmunizationReport, ds):
         budget,
         calibration,
         reference=ds.reference,
-        scorer=get_scorer(budget.scorer),
         generalization_families=raw.get("generalization_families") or None,
     )
     steps = raw.get("generalization_max_steps")
