@@ -18,7 +18,8 @@ from immune_trainer.conditions.resistance import crossing_steps
 from immune_trainer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-CURRENT_DEMO_REPORT = ROOT / "model_cards" / "smollm2-135m-demo" / "immunization_report.json"
+# The demo report of schema 1.2 (no per-row harm), as committed before 1.3.
+CURRENT_DEMO_REPORT = ROOT / "tests" / "data" / "demo_report_schema_1_2.json"
 PHI = 2.5  # harmful_loss: higher is better for the defender, the attacker drives it below phi
 TOKENS = 10
 
@@ -280,3 +281,34 @@ def test_compare_shows_each_familys_interval_and_within_noise():
     cells = {row.attack_family: row.cell() for row in comparison.rows}
     assert "within noise" in cells["full"] and "95% " in cells["full"]
     assert "95% " in cells["lora"] and "within noise" not in cells["lora"]
+
+
+def test_a_phi_read_off_the_base_moves_with_the_resampled_rows():
+    """Rows of very different levels: a fixed phi makes the base's crossing 0..inf over resamples; a phi
+    read off the base at its step (phi_step) moves with the rows, and the clear crossing stays clear."""
+    from immune_trainer.conditions import AttackCurve, CurvePoint, resistance
+
+    offsets = [0.0, 3.0, -2.0, 5.0, -4.0, 1.0, 2.5, -1.5]
+
+    def curve(levels, family="full"):
+        pts = [
+            CurvePoint(
+                step=2 * i,
+                tokens=10 * i,
+                flops=float(i),
+                value=sum(v + o for o in offsets) / len(offsets),
+                row_nll=[v + o for o in offsets],
+                row_tokens=[1] * len(offsets),
+            )
+            for i, v in enumerate(levels)
+        ]
+        return AttackCurve(config={"family": family, "seed": 0}, points=pts, scorer="harmful_loss", higher_is_better=True)
+
+    base = curve([10.0, 9.0, 8.0, 7.0, 6.0])
+    imm = curve([14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.5, 8.0, 7.0])
+    phi = base.points[1].value  # the base at step 2
+    fixed = resistance([imm], phi, higher_is_better=True, base_curves=[base]).families[0]
+    moving = resistance([imm], phi, higher_is_better=True, base_curves=[base], phi_step=2).families[0]
+    assert fixed.base_crossing_interval[1] == float("inf") or fixed.base_crossing_interval[0] == 0
+    assert moving.base_crossing_interval == [2.0, 2.0]
+    assert moving.multiple_interval[0] >= 2.0 and moving.holds and not moving.within_noise

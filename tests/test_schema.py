@@ -197,8 +197,7 @@ def test_demo_report_of_schema_1_0_loads_and_matches_the_schema(tmp_path):
 
 def test_the_current_demo_report_matches_the_shipped_schema():
     raw = json.loads(CURRENT_DEMO_REPORT.read_text())
-    # 1.2 until the demo report is regenerated with per-row harm (1.3); both load as the current layout
-    assert raw["schema_version"] in ("1.2", SCHEMA_VERSION)
+    assert raw["schema_version"] == SCHEMA_VERSION
     schema = json.loads(resources.files("immune_trainer").joinpath("data/report_schema.json").read_text())
     assert _errors(raw, schema, schema) == []
     report = ImmunizationReport.load(CURRENT_DEMO_REPORT)

@@ -144,6 +144,13 @@ class ThreatModel(S.Record):
         metadata={"help": "Judge info (name, accuracy, roc_auc...) when f is a judge, else None."},
     )
     min_cost_multiple: Finite = field(default=2.0, metadata={"help": "Cost multiple weak resistance needs."})
+    threshold_step: Int | None = field(
+        default=None,
+        metadata={
+            "help": "The attack step phi (and each set's phi) was read off the base model at; None: phi was "
+            "given. The crossing intervals move a phi read off the base with the resampled rows. (1.3)"
+        },
+    )
     capability_cap: Finite = field(
         default=0.10,
         metadata={
@@ -709,6 +716,7 @@ def build_report(
         trainability_tolerance=threat_model.trainability_tolerance,
         min_cost_multiple=threat_model.min_cost_multiple,
         capability_cap=threat_model.capability_cap,
+        phi_step=threat_model.threshold_step,
         side_effects_holds=None if se is None else se.holds,
         side_effects_summary="" if se is None else se.summary,
         helpfulness_holds=None if helpful is None else helpful.holds,

@@ -93,6 +93,7 @@ def assess(
     trainability_tolerance: float = 0.10,
     min_cost_multiple: float = 2.0,
     capability_cap: float | None = 0.10,
+    phi_step: float | None = None,
     side_effects_holds: bool | None = None,
     side_effects_summary: str = "",
     helpfulness_holds: bool | None = None,
@@ -134,6 +135,7 @@ def assess(
             base_curves=base_sets.get(key) or None,
             min_cost_multiple=min_cost_multiple,
             capability_cap=capability_cap,
+            phi_step=phi_step,
         )
 
     r = res("attack")

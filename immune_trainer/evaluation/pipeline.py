@@ -329,6 +329,7 @@ def _threat_model(attack, gen_attack, cfg, main: AttackSetResult, held_out, beni
         judge=scorer.judge_info() if hasattr(scorer, "judge_info") else None,
         min_cost_multiple=cfg.min_cost_multiple,
         capability_cap=cfg.capability_cap,
+        threshold_step=None if user_phi is not None else step,
         stability_tolerance=cfg.stability_tolerance,
         trainability_tolerance=cfg.trainability_tolerance,
         trainability_target=benign.target if benign else cfg.trainability_target,
