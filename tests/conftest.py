@@ -107,10 +107,21 @@ def defense_config(config_class, tmp_path, **overrides):
 
 
 def train_on_identical_batches(
-    trainer_class, out_dir, *, gradient_accumulation_steps, arch="qwen2", max_steps=2, peft_config=None
+    trainer_class,
+    out_dir,
+    *,
+    gradient_accumulation_steps,
+    arch="qwen2",
+    max_steps=2,
+    peft_config=None,
+    retain=False,
+    dtype=None,
+    **config,
 ):
     """Train a defense with SGD on a dataset of one repeated row: every micro-batch is the same batch, so
-    correct gradient accumulation gives the same weights for any number of accumulation steps.
+    correct gradient accumulation gives the same weights for any number of accumulation steps. ``retain``
+    adds a repeated benign row as the retain set; ``dtype`` casts the model (e.g. float64); ``config`` sets
+    more fields of the defense's config.
 
     Returns ``(model, parameters before training)``."""
     import datasets
@@ -132,11 +143,15 @@ def train_on_identical_batches(
         disable_tqdm=True,
         use_cpu=True,
         seed=0,
+        **config,
     )
+    model = tiny_causal_lm(arch, seed=1)
+    benign = [{"prompt": "What is 2 + 2?", "completion": "4."}] * 16
     trainer = trainer_class(
-        model=tiny_causal_lm(arch, seed=1),
+        model=model.to(dtype) if dtype is not None else model,
         args=args,
         harmful_dataset=datasets.Dataset.from_list([row] * 16),
+        retain_dataset=datasets.Dataset.from_list(benign) if retain else None,
         processing_class=tiny_tokenizer(),
         peft_config=peft_config,
     )

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import defense_config, make_benign, make_pairs
+from conftest import defense_config, make_benign, make_pairs, train_on_identical_batches
 
 from immune_trainer.defenses import CTRAPConfig, CTRAPTrainer, get_defense
 from immune_trainer.defenses.ctrap import collapse_loss
@@ -156,41 +156,11 @@ def test_registry_defaults_and_bad_input(tmp_path):
 
 
 def _train_identical(out_dir, ga, peft_config=None):
-    """SGD on one repeated harmful row and one repeated benign row: every micro-batch is the same, so correct
-    gradient accumulation gives the same weights for any number of accumulation steps."""
-    import datasets
-
-    row = {"prompt": "Explain the step.", "completion": "Mix and bake.", "refusal": "I can't help with that."}
-    args = CTRAPConfig(
-        output_dir=str(out_dir),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=ga,
-        optim="sgd",
-        learning_rate=0.1,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        refusal_column="refusal",
-        max_length=64,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        lamb=1.0,
+    """SGD on one repeated harmful row and one repeated benign row (conftest's helper)."""
+    return train_on_identical_batches(
+        CTRAPTrainer, out_dir, gradient_accumulation_steps=ga, peft_config=peft_config, retain=True, lamb=1.0,
         alpha=0.5,
     )
-    trainer = CTRAPTrainer(
-        model=tiny_causal_lm("qwen2", seed=1),
-        args=args,
-        harmful_dataset=datasets.Dataset.from_list([row] * 16),
-        retain_dataset=datasets.Dataset.from_list([{"prompt": "What is 2 + 2?", "completion": "4."}] * 16),
-        processing_class=tiny_tokenizer(),
-        peft_config=peft_config,
-    )
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    return trainer.model, before
 
 
 def test_gradient_accumulation_and_lora(tmp_path):
