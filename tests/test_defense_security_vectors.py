@@ -297,3 +297,38 @@ def test_verify_reruns_a_security_vectors_card_through_its_hook(vector_card, tmp
     tiny_causal_lm("llama").save_pretrained(tmp_path / "plain")
     with pytest.raises(ConfigError, match="verify builds that hook from the model folder"):
         _attack_time_hook(get_defense("security_vectors"), str(tmp_path / "plain"), tiny_causal_lm("llama"))
+
+
+def test_the_evaluate_command_builds_the_hook_from_the_model_folder(vector_card):
+    """`immune-trainer evaluate --defense security_vectors`: the hook comes from --model's folder, the model is
+    attacked as deployed (without the vector), and the curves are the ones evaluate_conditions gave with the
+    hook; without --defense the evaluation refuses nothing but records no defense."""
+    from immune_trainer.attacks import AttackConfig
+    from immune_trainer.data.loading import ModelArguments
+    from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
+
+    root = vector_card["base"].parent
+    data = EvaluationData(
+        base_model=str(vector_card["base"]),
+        dataset=str(root / "train"),
+        eval_dataset=str(root / "eval"),
+        benign_requests="none",
+        defense="security_vectors",
+    )
+    report = evaluate_from_specs(
+        ModelArguments(model=str(vector_card["folder"])),
+        data,
+        AttackConfig(learning_rates=[3e-3], max_steps=4, eval_every=2, batch_size=8, max_length=64),
+        EvaluationConfig(side_effects=False, fixed_grid=True, threshold=0.5),
+    )
+    assert report.defense["name"] == "security_vectors"
+    assert report.extra["prepare_immunized"] == vector_card["hook"].cache_key
+    (imm,), (want,) = report.curves["immunized"]["attack"], vector_card["report"].curves["immunized"]["attack"]
+    assert [p.value for p in imm.points] == pytest.approx([p.value for p in want.points], rel=1e-5)
+    with pytest.raises(ConfigError, match="no_such_defense"):
+        evaluate_from_specs(
+            ModelArguments(model=str(vector_card["folder"])),
+            EvaluationData(base_model=str(vector_card["base"]), defense="no_such_defense"),
+            AttackConfig(),
+            EvaluationConfig(),
+        )

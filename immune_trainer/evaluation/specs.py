@@ -71,6 +71,15 @@ class EvaluationData:
     eval_limit: int = field(
         default=0, metadata={"help": "Use at most this many rows of each eval set (0 = all)."}
     )
+    defense: str | None = field(
+        default=None,
+        metadata={
+            "help": "The registered defense --model was trained with (recorded in the report). A defense that "
+            "protects only while something is applied during fine-tuning (security_vectors) needs it: its hook "
+            "is built from the --model folder and applied to every fine-tuning of the immunized model, which "
+            "is attacked as deployed (the folder's weights without the vector)."
+        },
+    )
 
 
 def evaluate_from_specs(
@@ -106,7 +115,22 @@ def evaluate_from_specs(
         "harmful_prompts": data.harmful_prompts,
         "benign_requests": None if (data.benign_requests or "none").lower() == "none" else data.benign_requests,
     }
-    immunized, tokenizer = load_model_and_tokenizer(model_args)
+    spec = None
+    if data.defense:
+        from ..defenses import get_defense
+
+        spec = get_defense(data.defense)  # an unknown name fails before any model is loaded
+    hook = None
+    if spec is not None and spec.attack_time_hook is not None:
+        # The defense's output folder holds its adapter (the vector) over a base model: transformers loads
+        # the base with the adapter on, the attack runs with the hook and the model is deployed without it.
+        from ..attacks import drop_adapters
+
+        hook = spec.attack_time_hook(model_args.model)
+        immunized, tokenizer = _load_adapter_folder(model_args)
+        immunized = drop_adapters(immunized)
+    else:
+        immunized, tokenizer = load_model_and_tokenizer(model_args)
     base, _ = load_model_and_tokenizer(replace(model_args, model=data.base_model, tokenizer=None))
     sets = condition_datasets(record).datasets
     attack = attack_cfg
@@ -136,6 +160,29 @@ def evaluate_from_specs(
         progress=progress,
         base_name=data.base_model,
         immunized_name=model_args.model,
+        defense=None if spec is None else {"name": spec.name, "config": {}},
+        prepare_immunized=hook,
     )
     report.datasets = record
     return report
+
+
+def _load_adapter_folder(model_args):
+    """A defense's adapter folder (its ``adapter_config.json`` names the base model) as a model with the
+    adapter on, and its tokenizer (``--tokenizer``, else the folder's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model, use_safetensors=True, trust_remote_code=model_args.trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"cannot load the defense's folder {model_args.model!r} (an adapter over the base model its "
+            f"adapter_config.json names): {e}"
+        ) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
