@@ -169,7 +169,8 @@ def test_demo_harmless_weight_is_each_defenses_own_unless_given(tmp_path):
         cfg = DemoConfig(output_dir=str(tmp_path), **kw)
         spec = get_defense(name)
         value = build_defense_config(spec, cfg, str(tmp_path)).harmless_weight
-        assert _defense_summary(cfg)["harmless_weight"] == kw.get("harmless_weight")
+        recipe = _defense_summary(cfg)["recipes"]["gradient_ascent"]  # cfg.defense: the default one
+        assert recipe.get("harmless_weight") == kw.get("harmless_weight")
         return value
 
     assert weight("gradient_ascent") == 1.0 == weight("vaccine")

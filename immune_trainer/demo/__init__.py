@@ -17,14 +17,24 @@ Presets: the default finishes in about 15 minutes on 2 CPU cores; ``--quick`` is
 
 from __future__ import annotations
 
-from .presets import PRESETS, DemoConfig, attack_suite, generalization_suite, preset_table
+from .presets import (
+    DEFENSE_RECIPES,
+    PRESETS,
+    DemoConfig,
+    attack_suite,
+    defense_recipe,
+    generalization_suite,
+    preset_table,
+)
 from .run import build_defense_config, family_multiples, main, run_demo
 
 __all__ = [
+    "DEFENSE_RECIPES",
     "PRESETS",
     "DemoConfig",
     "attack_suite",
     "build_defense_config",
+    "defense_recipe",
     "family_multiples",
     "generalization_suite",
     "main",

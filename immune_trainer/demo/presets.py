@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 __all__ = [
+    "DEFENSE_RECIPES",
     "PRESETS",
     "DemoConfig",
     "attack_suite",
     "calibration_config",
+    "defense_recipe",
     "generalization_suite",
     "preset_table",
 ]
@@ -109,6 +111,27 @@ PRESETS: dict[str, dict] = {
 }
 
 
+#: The demo's recipe per defense: values tuned for the embedded model (gradient_ascent's by
+#: scripts/recipe_sweep.py) or chosen for a CPU step (RepNoise's layer stride). They apply only to the defense
+#: named, and only where the command line leaves the option unset: every other defense keeps its own
+#: defaults (a weight tuned for one defense means something else in another: Booster's alpha is a step size).
+DEFENSE_RECIPES: dict[str, dict[str, float]] = {
+    "gradient_ascent": {"alpha": 3.55, "retain_weight": 5.89},
+    "repnoise": {"layer_stride": 5},
+}
+
+
+def defense_recipe(defense: str, cfg) -> dict:
+    """The recipe options of ``defense`` under ``cfg``: the command line's values where set, else the
+    defense's entry of :data:`DEFENSE_RECIPES`; options neither sets are left out (the defense's default)."""
+    out = dict(DEFENSE_RECIPES.get(defense, {}))
+    for key in ("alpha", "beta", "retain_weight", "layer_stride", "harmless_weight"):
+        value = getattr(cfg, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def preset_table() -> str:
     """The budgets of the three presets as a markdown table (the README shows it; a test keeps them equal)."""
 
@@ -140,22 +163,29 @@ class DemoConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data splits and the defense."})
-    alpha: float = field(
-        default=3.55,
+    alpha: float | None = field(
+        default=None,
         metadata={
-            "help": "Weight of the defense's bounded ascent term (the default: scripts/recipe_sweep.py)."
+            "help": "Weight of the defense's alpha term (its meaning is the defense's: gradient_ascent's and "
+            "RepNoise's ascent, Booster's perturbation step, ...); unset: the recipe of DEFENSE_RECIPES, else "
+            "the defense's own default."
         },
     )
-    beta: float = field(default=0.001, metadata={"help": "RepNoise's noise (MMD) weight."})
-    retain_weight: float = field(
-        default=5.89,
-        metadata={"help": "Weight of the benign retain loss (the default: scripts/recipe_sweep.py)."},
+    beta: float | None = field(
+        default=None, metadata={"help": "The defense's beta (RepNoise's noise weight, ...); unset: its default."}
     )
-    layer_stride: int = field(
-        default=5,
+    retain_weight: float | None = field(
+        default=None,
         metadata={
-            "help": "RepNoise: use every N-th layer (and the last) for the noise and ascent terms; the logit "
-            "lens over a 49k vocabulary dominates a CPU step."
+            "help": "Weight of the benign retain loss; unset: the recipe of DEFENSE_RECIPES, else the defense's "
+            "own default."
+        },
+    )
+    layer_stride: int | None = field(
+        default=None,
+        metadata={
+            "help": "RepNoise: use every N-th layer (and the last) for the noise and ascent terms (unset: 5 in "
+            "the demo, as the logit lens over a 49k vocabulary dominates a CPU step)."
         },
     )
     defense_steps: int | None = field(default=None, metadata={"help": "Defense optimizer steps."})

@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..files import atomic_write
-from .presets import DemoConfig, attack_suite, calibration_config, generalization_suite
+from .presets import DemoConfig, attack_suite, calibration_config, defense_recipe, generalization_suite
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +37,10 @@ def build_defense_config(spec, cfg: DemoConfig, output_dir: str):
         report_to="none",
         seed=cfg.seed,
         max_length=cfg.max_length,
-        retain_weight=cfg.retain_weight,
-        alpha=cfg.alpha,
-        beta=cfg.beta,
-        layer_stride=cfg.layer_stride,
         disable_tqdm=True,
         use_cpu=not _cuda(),
     )
-    if cfg.harmless_weight is not None:  # unset: the defense's own default
-        values["harmless_weight"] = cfg.harmless_weight
+    values.update(defense_recipe(spec.name, cfg))  # unset options: the defense's own defaults
     names = {f.name for f in fields(spec.config_class)}
     return spec.config_class(**{k: v for k, v in values.items() if k in names})
 
@@ -445,11 +440,8 @@ def _defense_summary(cfg: DemoConfig) -> dict:
     return {
         "steps": cfg.defense_steps,
         "learning_rate": cfg.defense_lr,
-        "alpha": cfg.alpha,
-        "beta": cfg.beta,
-        "retain_weight": cfg.retain_weight,
-        "harmless_weight": cfg.harmless_weight,  # None: the defense's own default
-        "layer_stride": cfg.layer_stride,
+        # per defense: the options set on it (the rest are each defense's own defaults)
+        "recipes": {name: defense_recipe(name, cfg) for name in cfg.defense},
         "batch_size": cfg.batch_size,
         "max_length": cfg.max_length,
     }
