@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any
 
-from ..attacks import AttackConfig
+from ..attacks import AttackConfig, CalibrationConfig
 from ..errors import ConfigError
 from ..evaluation import EvaluationConfig, load_reference_spec
 from ..sweep.config import SweepConfig, search_space
@@ -77,10 +77,16 @@ def cmd_sweep(argv: list[str]) -> int:
 
     # The sweep's output_dir holds the attack runs; --attack_families replaces --family; every trial writes
     # its own report; the sweep measures resistance and stability only (no generalization or benign task).
+    # The trials are screened on the attack grid; the calibrated attack (CalibrationConfig's options) confirms
+    # the best --confirm_top_k of them (--confirm_top_k 0 instead of --fixed_grid).
     attack_cls = _cli_dataclass(AttackConfig, {"output_dir", "family"})
-    eval_cls = _cli_dataclass(EvaluationConfig, {"report", "generalization_max_steps"} | _BENIGN_FIELDS)
-    model_args, data, cfg, attack_args, eval_args = parse_cli_args(
-        [ModelArguments, SweepData, SweepConfig, attack_cls, eval_cls], argv, prog="immune-trainer sweep"
+    eval_cls = _cli_dataclass(
+        EvaluationConfig, {"report", "generalization_max_steps", "fixed_grid"} | _BENIGN_FIELDS
+    )
+    model_args, data, cfg, attack_args, eval_args, calibration = parse_cli_args(
+        [ModelArguments, SweepData, SweepConfig, attack_cls, eval_cls, CalibrationConfig],
+        argv,
+        prog="immune-trainer sweep",
     )
     attack_cfg = AttackConfig(**asdict(attack_args))
     eval_cfg = EvaluationConfig(**asdict(eval_args))
@@ -117,6 +123,7 @@ def cmd_sweep(argv: list[str]) -> int:
         evaluation=eval_cfg,
         config=cfg,
         data_specs=specs,
+        calibration=calibration,
     )
     result = sweep.run()
     print(result.table)
@@ -124,8 +131,9 @@ def cmd_sweep(argv: list[str]) -> int:
         f"\nphi = {result.study.user_attrs.get('phi'):.4g}; wrote {result.table_path}, {result.csv_path}, "
         f"{result.pareto_path}" + (f", {result.plot_path}" if result.plot_path else "")
     )
+    print(result.choice)
     if result.best_trial is None:
-        print("no trial is stable within tolerance: no best setting (see the table's stability column).")
+        print("no best setting (see the table's stability columns).")
     else:
         print(
             f"best: trial {result.best_trial.number} -> {result.best_config_path} "

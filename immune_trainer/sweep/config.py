@@ -54,6 +54,9 @@ class SweepConfig:
         storage (`str` or `None`): Optuna storage URL; default `sqlite:///<output_dir>/sweep.db`.
         multi_objective (`bool`): Pareto front of cost multiple vs stability instead of one objective.
         prune_multiple (`float`): prune when the fastest attack's cost multiple is at most this.
+        confirm_top_k (`int`): before choosing, the best feasible trials of the screening (this many, by its
+            worst-case multiple) are measured again with the full evaluation under the calibrated attack, and
+            the choice is made on that; 0 chooses on the screening attack (the fixed grid) alone.
     """
 
     defense: str = field(default="gradient_ascent", metadata={"help": "Registered defense to tune."})
@@ -115,6 +118,16 @@ class SweepConfig:
         default=1.0,
         metadata={"help": "Prune when the fastest attack's cost multiple (steps) is at most this."},
     )
+    confirm_top_k: int = field(
+        default=2,
+        metadata={
+            "help": "Before choosing, retrain this many of the best feasible trials (by the screening's worst-case "
+            "multiple) and measure each with the full evaluation under the calibrated attack (each training "
+            "family searched per model under the capability cap, winners on --calibrate_seeds >= 2 seeds, claims "
+            "decided), as `immune-trainer evaluate` does; the best on that is chosen. 0: choose on the screening "
+            "attack (the fixed grid) alone."
+        },
+    )
     heartbeat_interval: int = field(
         default=60,
         metadata={
@@ -133,6 +146,8 @@ class SweepConfig:
     def __post_init__(self):
         if self.n_trials <= 0:
             raise ConfigError(f"n_trials must be positive, got {self.n_trials}.")
+        if isinstance(self.confirm_top_k, bool) or not isinstance(self.confirm_top_k, int) or self.confirm_top_k < 0:
+            raise ConfigError(f"confirm_top_k must be an integer >= 0, got {self.confirm_top_k!r}.")
         if self.heartbeat_interval <= 0:
             raise ConfigError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}.")
         if not math.isfinite(self.prune_multiple) or self.prune_multiple < 0:

@@ -17,6 +17,11 @@ from .config import ImmunizeArguments
 
 logger = logging.getLogger(__name__)
 
+#: What ranks the trials while the study searches (stated in every trial's record and report).
+SCREENING_ATTACK = "screening attack: the fixed grid (one picked setting per family, not searched)"
+#: What re-measures the best trials before the sweep chooses (``SweepConfig.confirm_top_k`` > 0).
+CONFIRMATION_ATTACK = "calibrated attack (each training family searched per model, winners on >= 2 seeds)"
+
 
 @dataclass
 class TrialOutcome:
@@ -39,6 +44,13 @@ class TrialOutcome:
     pruned: bool = field(default=False, metadata={"help": "Stopped after the fastest attack."})
     report: str | None = field(default=None, metadata={"help": "Path of the trial's report."})
     notes: list[str] = field(default_factory=list, metadata={"help": "How the numbers were read."})
+    attack: str = field(
+        default=SCREENING_ATTACK, metadata={"help": "The attack these numbers were measured under."}
+    )
+    model_fingerprint: str | None = field(
+        default=None,
+        metadata={"help": "Fingerprint of the trial's immunized weights (a confirmation retrains and compares)."},
+    )
 
 
 @dataclass
@@ -55,6 +67,18 @@ class SweepResult:
     best_config_path: str | None = field(metadata={"help": "best.yaml for `immune-trainer immunize`."})
     best_report_path: str | None = field(metadata={"help": "Report of the best trial."})
     table: str = field(default="", metadata={"help": "The table as text."})
+    chosen_by: str = field(
+        default="screening",
+        metadata={"help": "The attack whose measurement chose best_trial: 'calibrated' or 'screening'."},
+    )
+    choice: str = field(default="", metadata={"help": "How best_trial was chosen, in one sentence."})
+    confirmations: list = field(
+        default_factory=list,
+        metadata={
+            "help": "One dict per confirmed trial: its numbers under the calibrated attack and, under 'screening', "
+            "under the screening attack (see DefenseSweep.confirm)."
+        },
+    )
 
 
 def _family_multiple(report: ImmunizationReport) -> tuple[float | None, bool, str | None]:
@@ -69,6 +93,35 @@ def _family_multiple(report: ImmunizationReport) -> tuple[float | None, bool, st
         return None, False, f"undetermined: {r.worst_family}: phi never reached by the base model"
     note = f"{r.worst_family}: a lower bound (a run stopped before crossing)" if r.multiple_is_lower_bound else None
     return float(r.steps_multiple), bool(r.multiple_is_lower_bound), note
+
+
+def _candidates(feasible, k: int) -> list:
+    """The ``k`` best feasible trials of the screening: highest worst-case multiple first, then the smaller
+    stability change, then the earlier trial."""
+
+    def key(t):
+        multiple = _num(t.user_attrs.get("cost_multiple"), -math.inf)
+        degradation = _num(t.user_attrs.get("stability_degradation"), math.inf)
+        return (
+            -(multiple if not math.isnan(multiple) else -math.inf),
+            degradation if not math.isnan(degradation) else math.inf,
+            t.number,
+        )
+
+    return sorted(feasible, key=key)[:k]
+
+
+def _confirmed_rank(rec: dict[str, Any]) -> tuple[float, bool, float]:
+    """How confirmed trials are ranked: the worst-case multiple under the calibrated attack (a lower bound
+    counts as its bound, an undetermined family as 0x), then a decided claim over an undecided one, then the
+    smaller stability change."""
+    multiple = _num(rec.get("cost_multiple"), 0.0)
+    degradation = _num(rec.get("stability_degradation"), math.inf)
+    return (
+        multiple if not math.isnan(multiple) else 0.0,
+        bool(rec.get("decided")),
+        -(degradation if not math.isnan(degradation) else math.inf),
+    )
 
 
 def _is_dominated(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -123,9 +176,13 @@ def _trial_dict(t) -> dict[str, Any]:
     }
 
 
-def _trial_table(trials, front: set[int], best) -> tuple[str, list[dict[str, Any]]]:
-    """Every trial as a markdown table, and its rows (for the CSV)."""
+def _trial_table(
+    trials, front: set[int], best, confirmations: list[dict[str, Any]] | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """Every trial as a markdown table, and its rows (for the CSV). The screening's columns come first;
+    with ``confirmations``, each confirmed trial's numbers under the calibrated attack follow."""
     names = list(dict.fromkeys(k for t in trials for k in t.params))
+    confirmed = {c["trial"]: c for c in confirmations or []}
     rows = []
     for t in trials:
         attrs = t.user_attrs
@@ -141,6 +198,11 @@ def _trial_table(trials, front: set[int], best) -> tuple[str, list[dict[str, Any
         }
         for fam, m in (attrs.get("family_multiples") or {}).items():
             row[f"x_{fam}"] = "undetermined" if m is None else _fmt(m)
+        if confirmations:
+            c = confirmed.get(t.number)
+            row["calibrated_multiple"] = "" if c is None else _confirmed_multiple(c)
+            row["calibrated_stability_change"] = "" if c is None else _pct(c.get("stability_degradation"))
+            row["calibrated_feasible"] = "" if c is None else ("yes" if c.get("feasible") else "no")
         row.update({n: _fmt(t.params[n]) if n in t.params else "" for n in names})
         rows.append(row)
     heads = list(dict.fromkeys(k for r in rows for k in r)) or ["trial"]
@@ -148,6 +210,13 @@ def _trial_table(trials, front: set[int], best) -> tuple[str, list[dict[str, Any
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
     lines += ["| " + " | ".join(str(r[h]) for h in heads) + " |" for r in rows]
     return "\n".join(lines), rows
+
+
+def _confirmed_multiple(c: dict[str, Any]) -> str:
+    if c.get("cost_multiple") is None:
+        return "undetermined"
+    text = (">= " if c.get("lower_bound") else "") + _fmt(_num(c.get("cost_multiple")))
+    return text + ("" if c.get("decided") else " (undecided)")
 
 
 def _plot_frontier(out: Path, complete, front, best, evaluation, defense: str) -> str | None:
@@ -222,7 +291,7 @@ def _plot_frontier(out: Path, complete, front, best, evaluation, defense: str) -
 
 
 def _write_best_yaml(
-    out: Path, best, *, defense: str, space, data_specs, defense_args, study_name: str
+    out: Path, best, *, defense: str, space, data_specs, defense_args, study_name: str, choice: str = ""
 ) -> str:
     """best.yaml: the defense, the data and every config field the best trial used, in the shape
     ``immune-trainer immunize --config best.yaml`` accepts."""
@@ -239,8 +308,9 @@ def _write_best_yaml(
     header = (
         f"# immune-trainer sweep: best trial {best.number} of study {study_name!r}\n"
         f"# worst-case attack-cost multiple {_fmt(best.user_attrs.get('cost_multiple'))}x, stability change "
-        f"{_pct(best.user_attrs.get('stability_degradation'))}\n"
-        "# train it: immune-trainer immunize --config best.yaml\n"
+        f"{_pct(best.user_attrs.get('stability_degradation'))} (screening attack)\n"
+        + (f"# {choice}\n" if choice else "")
+        + "# train it: immune-trainer immunize --config best.yaml\n"
     )
     path = out / "best.yaml"
     atomic_write(path, header + yaml.safe_dump(_json_safe(body), sort_keys=False))

@@ -19,39 +19,69 @@ trial, and phi is read off it once and stored in the study. A trial whose fastes
 highest learning rate) already crosses phi as early as on the base model is pruned before the rest of the
 grid runs.
 
+**Screening, then confirmation.** The fixed grid is the *screening attack*: cheap enough to run on every
+trial, but one picked setting per family, which an attacker who tunes can beat. Before choosing, the
+``SweepConfig.confirm_top_k`` best feasible trials of the screening (highest worst-case multiple first) are
+retrained and measured again with the full evaluation under the *calibrated attack*
+(:class:`~immune_trainer.attacks.CalibratedAttack`: each training family searched per model under the
+capability cap, the winners on ``calibrate_seeds`` >= 2 seeds, every claim decided; phi read off the base
+model's winners unless given), the default of ``immune-trainer evaluate``. The choice is the confirmed
+trial that is stable on that evaluation (capability within tolerance, side effects and helpfulness where
+measured) with the highest worst-case multiple (a lower bound counts as its bound, an undetermined family
+as 0x), then a decided claim, then the smaller stability change. Each confirmation is kept in the study's
+user attributes (``confirmation:<trial>``, with a key of the calibration and evaluation settings), so a
+resumed sweep does not redo it. ``confirm_top_k=0`` chooses on the screening alone, and the records say so.
+
 The study lives in an Optuna storage (SQLite in the output folder by default; any storage URL, so several
 processes or machines can share one study); a killed sweep resumes where it stopped, ``n_trials`` counting
 the finished trials of the whole study. Every trial's report is kept under ``trials/<number>/``.
 
 Optuna: Akiba et al. 2019, "Optuna: A Next-generation Hyperparameter Optimization Framework" (KDD);
 constrained TPE: Watanabe and Hutter 2023, "c-TPE: Tree-structured Parzen Estimator with Inequality
-Constraints for Expensive Hyperparameter Optimization" (IJCAI).
+Constraints for Expensive Hyperparameter Optimization" (IJCAI). The calibrated attack of the confirmation
+follows TamperBench (criticalml-uw), which searches the attack's hyperparameters with Optuna before it
+reports a number; departure: TamperBench evaluates every configuration it reports under the searched
+attack, here only the ``confirm_top_k`` best of a screening do (a calibrated evaluation per trial would cost
+a search per trial).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import tempfile
+import time
 import warnings
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..attacks import AttackConfig, HarmfulFineTuningAttack
+from ..attacks import (
+    AttackConfig,
+    CalibratedAttack,
+    CalibrationConfig,
+    HarmfulFineTuningAttack,
+    is_calibrated,
+    model_fingerprint,
+)
 from ..conditions.report import ImmunizationReport
 from ..errors import ConfigError, DataError, DivergenceError
 from ..evaluation import ConditionDatasets, EvaluationConfig, evaluate_conditions, threshold_from_base
 from ..files import atomic_write
 from .config import SweepConfig, _load_yaml_mapping, search_space, suggest
 from .results import (
+    CONFIRMATION_ATTACK,
+    SCREENING_ATTACK,
     SweepResult,
     TrialOutcome,
+    _candidates,
+    _confirmed_rank,
     _family_multiple,
     _fmt,
     _is_dominated,
@@ -62,6 +92,7 @@ from .results import (
     _trial_dict,
     _trial_table,
     _write_best_yaml,
+    trial_setting,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,14 +140,22 @@ class DefenseSweep:
         attack_train: the attacker's harmful data (share no prompts with ``harmful_dataset``).
         attack_eval: held-out harmful data on which harm is measured.
         reference: stability reference sets ``{name: dataset}`` (at least one: stability is the constraint).
-        attacks: an :class:`AttackConfig` (run once per ``config.attack_families``) or a list of them (run
-            as given); their ``output_dir`` is set to the sweep's folder so the base is attacked once.
+        attacks: the screening attack: an :class:`AttackConfig` (run once per ``config.attack_families``) or
+            a list of them (run as given); their ``output_dir`` is set to the sweep's folder so the base is
+            attacked once. A :class:`~immune_trainer.attacks.CalibratedAttack` is screened with its budget
+            over its families as a grid, and its calibration confirms.
         evaluation: an :class:`EvaluationConfig` (phi, stability tolerance, capability scorer, ...).
         config: a :class:`SweepConfig`.
         space: overrides the search space (dict; ``config.space`` names a YAML file otherwise).
         defense_args: fixed fields of the defense's config (dict; ``config.defense_args`` otherwise).
         data_specs: what best.yaml records as the immunize command's data (``model``, ``dataset``,
             ``retain_dataset``, ``tokenizer``); the CLI fills it from its options.
+        calibration: the calibrated attack of the confirmation (:class:`CalibrationConfig`; its defaults, as
+            ``immune-trainer evaluate``'s, otherwise); ``calibrate_seeds`` must be >= 2.
+        confirm_datasets: the data of the confirmation's full evaluation (a
+            :class:`~immune_trainer.evaluation.ConditionDatasets`: held-out harmful prompts for side effects,
+            benign requests for over-refusal, generalization and benign sets...); default: the sweep's attack
+            data and reference sets.
         progress: show a tqdm bar over trials.
     """
 
@@ -138,6 +177,8 @@ class DefenseSweep:
         space: dict[str, Any] | None = None,
         defense_args: dict[str, Any] | None = None,
         data_specs: dict[str, Any] | None = None,
+        calibration: CalibrationConfig | None = None,
+        confirm_datasets: ConditionDatasets | None = None,
         progress: bool = True,
     ):
         from ..defenses import get_defense
@@ -176,6 +217,24 @@ class DefenseSweep:
         self.data_specs = dict(data_specs or {})
         self.progress = progress
         self.out = Path(self.config.output_dir)
+        if is_calibrated(attacks):
+            calibration = calibration or attacks.calibration
+            attacks = [replace(attacks.config, family=f, families=[]) for f in attacks.family_names()]
+        self.calibration = calibration or CalibrationConfig()
+        if self.config.confirm_top_k > 0 and self.calibration.calibrate_seeds < 2:
+            raise ConfigError(
+                f"the confirmation judges each winning attack setting on >= 2 seeds; calibrate_seeds is "
+                f"{self.calibration.calibrate_seeds} (or set confirm_top_k=0 to choose on the screening alone)."
+            )
+        if confirm_datasets is not None and not isinstance(confirm_datasets, ConditionDatasets):
+            raise ConfigError(
+                f"confirm_datasets must be a ConditionDatasets, got {type(confirm_datasets).__name__}."
+            )
+        self.confirm_datasets = confirm_datasets or ConditionDatasets(
+            attack_train, attack_eval, reference=self.reference
+        )
+        if not self.confirm_datasets.reference:
+            raise DataError("confirm_datasets needs reference sets: the calibrated attack's capability cap uses them.")
         self.attacks = self._attack_list(attacks)
         families = [a.config.family for a in self.attacks]
         # One label per attack config: its family, numbered when two configs share a family.
@@ -357,14 +416,11 @@ class DefenseSweep:
             immunized_name=name,
         )
 
-    def objective(self, trial):
-        """Immunize, attack, measure; the value(s) Optuna optimizes (see the module docstring)."""
-        import optuna
+    def _immunize(self, params: dict[str, Any]):
+        """A copy of the base model trained by the defense with ``params`` (kept in memory only: best.yaml
+        and the confirmation retrain a setting)."""
+        from transformers import PrinterCallback
 
-        params = suggest(trial, self.space)
-        folder = self.out / "trials" / str(trial.number)
-        folder.mkdir(parents=True, exist_ok=True)
-        # The trial's model is kept in memory only: best.yaml retrains the best setting.
         with tempfile.TemporaryDirectory(prefix="immune_trainer_sweep_") as tmp:
             trainer = self.spec.trainer_class(
                 model=copy.deepcopy(self.base),
@@ -373,16 +429,26 @@ class DefenseSweep:
                 retain_dataset=self.retain,
                 processing_class=self.tokenizer,
             )
-            from transformers import PrinterCallback
-
             trainer.remove_callback(PrinterCallback)  # the trial bar is the progress; no log dictionaries
             trainer.train()
             immunized = trainer.model
             del trainer
         immunized.eval()
+        return immunized
+
+    def objective(self, trial):
+        """Immunize, attack, measure; the value(s) Optuna optimizes (see the module docstring)."""
+        import optuna
+
+        params = suggest(trial, self.space)
+        folder = self.out / "trials" / str(trial.number)
+        folder.mkdir(parents=True, exist_ok=True)
+        immunized = self._immunize(params)
         record = {"name": self.spec.name, "config": {**self.defense_args, **params}}
         name = f"{self.spec.name} trial {trial.number}"
-        outcome = TrialOutcome(report=str(folder / "immunization_report.json"))
+        outcome = TrialOutcome(
+            report=str(folder / "immunization_report.json"), model_fingerprint=model_fingerprint(immunized)
+        )
 
         if self.config.prune:
             # The fastest attack first: the first family's highest learning rate, one run. Its runs are
@@ -407,7 +473,12 @@ class DefenseSweep:
                     f"pruned: the fastest attack ({probe_cfg.family} lr={probe_cfg.learning_rates[0]:g}) crossed "
                     f"phi at {multiple if multiple is None else round(multiple, 3)}x the base model's steps"
                 )
-                probe.extra["sweep"] = {"trial": trial.number, "params": params, "pruned": True}
+                probe.extra["sweep"] = {
+                    "trial": trial.number,
+                    "params": params,
+                    "pruned": True,
+                    "attack": SCREENING_ATTACK,
+                }
                 probe.save(outcome.report)
                 self._record(trial, outcome)
                 if not self.config.multi_objective and multiple is not None:
@@ -443,6 +514,7 @@ class DefenseSweep:
             "params": params,
             "cost_multiple": multiple,
             "family_multiples": outcome.family_multiples,
+            "attack": SCREENING_ATTACK,
         }
         worst.save(outcome.report)
         self._record(trial, outcome)
@@ -512,14 +584,173 @@ class DefenseSweep:
                 bar.close()
         else:
             bar.close()
-        return self.summarize(study)
+        return self.summarize(study, self.confirm(study))
+
+    # -------------------------------------------------------------- confirmation
+
+    def _confirmation_key(self) -> str:
+        """What a stored confirmation was measured under: a changed calibration or evaluation redoes it."""
+        settings = {
+            "calibration": self.calibration.to_dict(),
+            "evaluation": asdict(self.evaluation),
+            "attack": [a.config.to_dict() for a in self.attacks],
+            "data": {
+                k: v is not None
+                for k, v in vars(self.confirm_datasets).items()
+                if k not in ("attack_train", "attack_eval", "reference")
+            },
+            "reference": sorted(self.confirm_datasets.reference or {}),
+        }
+        text = json.dumps(_json_safe(settings), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _calibrated_attack(self, cache: Path) -> CalibratedAttack:
+        """The default attack of ``immune-trainer evaluate`` over the sweep's families and budget, its searches
+        and winners' runs kept under ``cache`` (the base model's are then made once for every confirmation)."""
+        families = list(dict.fromkeys(f for a in self.attacks for f in a.config.family_names()))
+        budget = replace(self.attacks[0].config, family=families[0], families=families, output_dir=None)
+        return CalibratedAttack(
+            budget,
+            self.calibration,
+            reference=self.confirm_datasets.reference,
+            scorer=self.attacks[0].scorer,
+            storage_dir=str(cache / "search"),
+            runs_dir=str(cache / "attacks"),
+        )
+
+    def confirm(self, study) -> list[dict[str, Any]]:
+        """Measure the ``confirm_top_k`` best feasible trials of the screening again with the full evaluation
+        under the calibrated attack (see the module docstring); one dict per trial, best screening first.
+
+        A trial's confirmation is stored in the study's user attributes (``confirmation:<number>``) under a
+        key of the settings it was measured with: a resumed sweep reuses it instead of measuring again.
+        """
+        from optuna.trial import TrialState
+
+        k = self.config.confirm_top_k
+        if k == 0:
+            return []
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        candidates = _candidates([t for t in complete if t.user_attrs.get("feasible")], k)
+        key = self._confirmation_key()
+        out = []
+        for i, trial in enumerate(candidates):
+            attr = f"confirmation:{trial.number}"
+            stored = study.user_attrs.get(attr)
+            if isinstance(stored, dict) and stored.get("key") == key:
+                logger.info("trial %d: confirmation reused from the study", trial.number)
+                out.append(stored)
+                continue
+            logger.info(
+                "confirming trial %d (%d of %d) under the calibrated attack", trial.number, i + 1, len(candidates)
+            )
+            record = _json_safe({**self._confirm_one(trial), "key": key})
+            study.set_user_attr(attr, record)
+            out.append(record)
+        return out
+
+    def _confirm_one(self, trial) -> dict[str, Any]:
+        """Retrain ``trial``'s setting and measure it with the full evaluation under the calibrated attack."""
+        started = time.perf_counter()
+        params = trial_setting(trial, self.space)
+        folder = self.out / "trials" / str(trial.number)
+        folder.mkdir(parents=True, exist_ok=True)
+        immunized = self._immunize(params)
+        notes = []
+        screened = trial.user_attrs.get("model_fingerprint")
+        if screened and model_fingerprint(immunized) != screened:
+            notes.append(
+                "the retrained model's weights differ from the screened one's (nondeterministic training): the "
+                "confirmation measures the retrained model, as best.yaml would train it"
+            )
+        cache = Path(self.evaluation.cache_dir) if self.evaluation.cache_dir else self.out / "confirmation_cache"
+        report = evaluate_conditions(
+            self.base,
+            immunized,
+            self.tokenizer,
+            self.confirm_datasets,
+            attack=self._calibrated_attack(cache),
+            config=replace(self.evaluation, fixed_grid=False, cache_dir=str(cache)),
+            defense={"name": self.spec.name, "config": {**self.defense_args, **params}},
+            progress=lambda m: logger.debug(m),
+            immunized_name=f"{self.spec.name} trial {trial.number} (confirmation)",
+        )
+        del immunized
+        multiple, bound, note = _family_multiple(report)
+        if note:
+            notes.append(note)
+        r = report.conditions.resistance
+        families = list(r.families) if r is not None else []
+        if multiple is None:
+            notes.append("a family could not be judged (the base never reached phi): ranked as 0x")
+        stab = report.conditions.stability
+        degradation = None if stab is None or math.isnan(stab.worst_degradation) else stab.worst_degradation
+        side_effects = (report.side_effects or {}).get("holds")
+        helpfulness = (report.helpfulness or {}).get("holds")
+        feasible = bool(stab is not None and stab.holds) and side_effects is not False and helpfulness is not False
+        if side_effects is False:
+            notes.append("side effects fail: the model is less safe at step 0")
+        if helpfulness is False:
+            notes.append("helpfulness fails: the model over-refuses or answers worse at step 0")
+        path = folder / "immunization_report_confirmed.json"
+        screening = {
+            k: trial.user_attrs.get(k)
+            for k in ("cost_multiple", "lower_bound", "family_multiples", "stability_degradation", "feasible")
+        }
+        screening["phi"] = self._phi
+        rec = {
+            "trial": trial.number,
+            "attack": CONFIRMATION_ATTACK,
+            "calibrate_trials": self.calibration.calibrate_trials,
+            "calibrate_seeds": self.calibration.calibrate_seeds,
+            "phi": float(report.conditions.threshold),
+            "cost_multiple": multiple,
+            "lower_bound": bound,
+            "decided": bool(families) and multiple is not None and all(f.decided is not False for f in families),
+            "family_multiples": {f.family: f.steps_multiple for f in families},
+            "stability_degradation": degradation,
+            "side_effects_holds": side_effects,
+            "helpfulness_holds": helpfulness,
+            "feasible": feasible,
+            "verdict": report.conditions.summary,
+            "report": str(path),
+            "seconds": round(time.perf_counter() - started, 1),
+            "notes": notes,
+            "screening": {**screening, "attack": SCREENING_ATTACK, "report": trial.user_attrs.get("report")},
+        }
+        report.extra["sweep"] = {
+            "trial": trial.number,
+            "params": params,
+            "attack": CONFIRMATION_ATTACK,
+            "confirmation": {k: v for k, v in rec.items() if k not in ("report", "verdict")},
+        }
+        report.save(path)
+        return rec
 
     # -------------------------------------------------------------- outputs
 
-    def summarize(self, study) -> SweepResult:
-        """Write the trial table (markdown + CSV), the Pareto front JSON, the plot and best.yaml."""
+    def _stored_confirmations(self, study) -> list[dict[str, Any]]:
+        """The confirmations of the current candidates already in the study (see :meth:`confirm`)."""
         from optuna.trial import TrialState
 
+        if self.config.confirm_top_k == 0:
+            return []
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        feasible = [t for t in complete if t.user_attrs.get("feasible")]
+        key = self._confirmation_key()
+        stored = [study.user_attrs.get(f"confirmation:{t.number}") for t in _candidates(feasible, self.config.confirm_top_k)]
+        return [c for c in stored if isinstance(c, dict) and c.get("key") == key]
+
+    def summarize(self, study, confirmations: list[dict[str, Any]] | None = None) -> SweepResult:
+        """Write the trial table (markdown + CSV), the Pareto front JSON, the plot and best.yaml.
+
+        With ``confirmations`` (:meth:`confirm`; default: those stored in the study), the best trial is the
+        best of them under the calibrated attack; otherwise (``confirm_top_k=0``) the screening's best.
+        """
+        from optuna.trial import TrialState
+
+        if confirmations is None:
+            confirmations = self._stored_confirmations(study)
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         feasible = [t for t in complete if t.user_attrs.get("feasible")]
@@ -544,8 +775,42 @@ class DefenseSweep:
                 if not self.config.multi_objective
                 else max(front, key=lambda t: _num(t.user_attrs.get("cost_multiple")))
             )
+        screened_best = best
+        cal = self.calibration
+        if self.config.confirm_top_k == 0:
+            chosen_by = "screening"
+            choice = (
+                "chosen on the screening attack only (the fixed grid, not searched; confirm_top_k=0): not "
+                "re-measured under the calibrated attack"
+            )
+        elif not confirmations:
+            chosen_by = "calibrated"
+            best = None
+            choice = "no feasible trial to confirm under the calibrated attack: no choice"
+        else:
+            chosen_by = "calibrated"
+            stable = [c for c in confirmations if c.get("feasible")]
+            numbers = ", ".join(str(c["trial"]) for c in confirmations)
+            if stable:
+                pick = max(stable, key=_confirmed_rank)
+                best = next(t for t in complete if t.number == pick["trial"])
+                choice = (
+                    f"chosen under the calibrated attack: trials {numbers} (the best {len(confirmations)} "
+                    f"feasible of the screening) re-measured with the full evaluation ({cal.calibrate_trials} "
+                    f"search trials per family and model, winners on {cal.calibrate_seeds} seeds); trial "
+                    f"{best.number}: worst-case multiple {_fmt(_num(pick.get('cost_multiple'), 0.0))}x "
+                    f"(screening {_fmt(best.user_attrs.get('cost_multiple'))}x)"
+                )
+            else:
+                best = None
+                choice = (
+                    f"no choice: none of the confirmed trials ({numbers}) is stable under the calibrated "
+                    "attack's full evaluation (capability, side effects or helpfulness out of tolerance)"
+                )
+            if screened_best is not None and best is not None and best.number != screened_best.number:
+                choice += f"; the screening alone would have chosen trial {screened_best.number}"
 
-        table, rows = _trial_table(trials, {t.number for t in front}, best)
+        table, rows = _trial_table(trials, {t.number for t in front}, best, confirmations)
         table_path = self.out / "trials.md"
         atomic_write(table_path, table + "\n")
         csv_path = self.out / "trials.csv"
@@ -563,8 +828,13 @@ class DefenseSweep:
             "objective": "maximize worst-case attack-cost multiple (steps)"
             + (", minimize stability degradation" if self.config.multi_objective else ""),
             "constraint": f"worst stability degradation <= {tolerance}",
+            "screening_attack": SCREENING_ATTACK,
+            "chosen_by": chosen_by,
+            "choice": choice,
             "best_trial": None if best is None else best.number,
+            "screening_best_trial": None if screened_best is None else screened_best.number,
             "front": [_trial_dict(t) for t in front],
+            "confirmations": [{k: v for k, v in c.items() if k != "key"} for c in confirmations],
         }
         pareto_path = self.out / "pareto_front.json"
         atomic_write(pareto_path, json.dumps(_json_safe(pareto), indent=2) + "\n")
@@ -580,8 +850,10 @@ class DefenseSweep:
                 data_specs=self.data_specs,
                 defense_args=self.defense_args,
                 study_name=self.config.resolved_study_name,
+                choice=choice,
             )
-            best_report_path = best.user_attrs.get("report")
+            confirmed = next((c for c in confirmations if c["trial"] == best.number), None)
+            best_report_path = confirmed["report"] if confirmed else best.user_attrs.get("report")
             if best_report_path and Path(best_report_path).is_file():
                 report = ImmunizationReport.load(best_report_path)
                 report.extra["sweep"] = {
@@ -591,6 +863,9 @@ class DefenseSweep:
                     "complete": len(complete),
                     "feasible": len(feasible),
                     "best_trial": best.number,
+                    "chosen_by": chosen_by,
+                    "choice": choice,
+                    "screening_attack": SCREENING_ATTACK,
                     "objective": pareto["objective"],
                     "constraint": pareto["constraint"],
                     "plot": None if plot_path is None else os.path.abspath(plot_path),
@@ -602,8 +877,8 @@ class DefenseSweep:
                     "summary": (
                         f"best of {len(complete)} completed trials ({len(feasible)} stable within "
                         f"{tolerance:.0%}): worst-case attack-cost multiple "
-                        f"{_fmt(best.user_attrs.get('cost_multiple'))}x at stability change "
-                        f"{_pct(best.user_attrs.get('stability_degradation'))}"
+                        f"{_fmt(best.user_attrs.get('cost_multiple'))}x under the screening attack at "
+                        f"stability change {_pct(best.user_attrs.get('stability_degradation'))}; {choice}"
                     ),
                 }
                 report.save(best_report_path)
@@ -618,4 +893,7 @@ class DefenseSweep:
             best_config_path=best_config_path,
             best_report_path=best_report_path,
             table=table,
+            chosen_by=chosen_by,
+            choice=choice,
+            confirmations=[{k: v for k, v in c.items() if k != "key"} for c in confirmations],
         )
