@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import optuna
 import pytest
@@ -20,6 +21,7 @@ from immune_trainer.data.loading import parse_cli_args
 from immune_trainer.defenses import GradientAscentTrainer, get_defense
 from immune_trainer.errors import ConfigError, DataError
 from immune_trainer.sweep import DefenseSweep, SweepConfig, search_space
+from immune_trainer.sweep.results import CONFIRMATION_ATTACK, SCREENING_ATTACK
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
 SPACE = {
@@ -30,6 +32,7 @@ SPACE = {
 DEFENSE_ARGS = {"max_steps": 4, "per_device_train_batch_size": 4, "max_length": 64, "seed": 0}
 ATTACK_FLAGS = ["--learning_rates", "1e-3", "3e-3", "--max_steps", "4", "--eval_every", "2"]
 ATTACK_FLAGS += ["--batch_size", "4", "--max_length", "64"]
+SCREENING_ONLY = ["--prune", "false", "--stability_tolerance", "100", "--confirm_top_k", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +104,12 @@ def load_study(out, name="gradient_ascent_sweep"):
 
 @pytest.fixture(scope="module")
 def cli_sweep(files, tmp_path_factory):
-    """Two trials through the command line, tolerance wide enough that every trial is stable."""
+    """Two trials through the command line, tolerance wide enough that every trial is stable, chosen on the
+    screening attack alone (--confirm_top_k 0: the behaviour before the confirmation)."""
     out = tmp_path_factory.mktemp("sweep") / "out"
     with pytest.MonkeyPatch.context() as mp:
         spy = RunSpy(mp)
-        code = main(
-            sweep_argv(files, out, "--n_trials", "2", "--prune", "false", "--stability_tolerance", "100")
-        )
+        code = main(sweep_argv(files, out, "--n_trials", "2", *SCREENING_ONLY))
     assert code == 0
     return out, spy.fingerprints
 
@@ -137,15 +139,23 @@ def test_outputs_table_pareto_plot_and_best_report(cli_sweep, capsys):
     out, _ = cli_sweep
     study = load_study(out)
     best = study.best_trial
+    # confirm_top_k=0: the screening's best is the choice, and every record says what chose it.
+    assert not [k for k in study.user_attrs if k.startswith("confirmation:")]
+    assert "calibrated_multiple" not in (out / "trials.md").read_text()
+    assert "# chosen on the screening attack only" in (out / "best.yaml").read_text()
     table = (out / "trials.md").read_text()
     assert table.count("| complete |") == 2 and "alpha" in table
     assert (out / "trials.csv").read_text().splitlines()[0].startswith("trial,state,cost_multiple")
     pareto = json.loads((out / "pareto_front.json").read_text())
-    assert pareto["best_trial"] == best.number
+    assert pareto["best_trial"] == best.number == pareto["screening_best_trial"]
+    assert pareto["chosen_by"] == "screening" and pareto["confirmations"] == []
+    assert "not re-measured under the calibrated attack" in pareto["choice"]
     assert best.number in [t["number"] for t in pareto["front"]]
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = ImmunizationReport.load(out / "trials" / str(best.number) / "immunization_report.json")
     assert report.extra["sweep"]["best_trial"] == best.number
+    assert report.extra["sweep"]["chosen_by"] == "screening"
+    assert report.extra["sweep"]["attack"] == SCREENING_ATTACK == best.user_attrs["attack"]
     assert report.extra["sweep"]["plot"] == str((out / "frontier.png").resolve())
 
 
@@ -177,24 +187,18 @@ def test_killed_sweep_resumes_with_only_the_missing_trials(cli_sweep, files, tmp
         GradientAscentTrainer, "train", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("killed"))
     )
     with pytest.raises(RuntimeError, match="killed"):
-        main(sweep_argv(files, out, "--n_trials", "3", "--prune", "false", "--stability_tolerance", "100"))
+        main(sweep_argv(files, out, "--n_trials", "3", *SCREENING_ONLY))
     monkeypatch.setattr(GradientAscentTrainer, "train", original)
 
     spy = RunSpy(monkeypatch)
-    assert (
-        main(sweep_argv(files, out, "--n_trials", "3", "--prune", "false", "--stability_tolerance", "100"))
-        == 0
-    )
+    assert main(sweep_argv(files, out, "--n_trials", "3", *SCREENING_ONLY)) == 0
     study = load_study(out)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 3 and len(study.get_trials(states=(TrialState.FAIL,))) == 1
     assert {t.number: t.params for t in complete if t.number in before} == before
     assert len(spy.fingerprints) == 2  # one new trial's two attack runs; the base's came from the folder
     # Nothing is left to do: a rerun with the same n_trials adds no trial.
-    assert (
-        main(sweep_argv(files, out, "--n_trials", "3", "--prune", "false", "--stability_tolerance", "100"))
-        == 0
-    )
+    assert main(sweep_argv(files, out, "--n_trials", "3", *SCREENING_ONLY)) == 0
     assert len(load_study(out).trials) == 4
 
 
@@ -288,6 +292,7 @@ def test_multi_objective_pareto_front_over_attack_families(data, tmp_path):
             attack_families=["full", "lora"],
             multi_objective=True,
             prune=False,
+            confirm_top_k=0,
         ),
         space=SPACE,
         defense_args=DEFENSE_ARGS,
@@ -398,9 +403,7 @@ def test_a_sweep_killed_mid_trial_retries_that_trial_on_restart(files, tmp_path)
     import time
 
     out = tmp_path / "out"
-    argv = sweep_argv(
-        files, out, "--prune", "false", "--stability_tolerance", "100", "--heartbeat_interval", "1"
-    )
+    argv = sweep_argv(files, out, *SCREENING_ONLY, "--heartbeat_interval", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "immune_trainer.cli", *argv, "--n_trials", "1"],
@@ -439,3 +442,183 @@ def test_a_sweep_killed_mid_trial_retries_that_trial_on_restart(files, tmp_path)
     assert study.trials[killed.number].state == TrialState.FAIL
     (complete,) = study.get_trials(states=(TrialState.COMPLETE,))
     assert complete.params == killed.params  # the killed trial's parameters, run again
+
+
+# ---------------------------------------------------------------------------- confirmation
+
+
+class FakeConfirmation:
+    """Stands in for the calibrated evaluation of the confirmation: checks that it is asked for the calibrated
+    attack on >= 2 seeds, and returns the trial's screening report with the worst-case multiple set from
+    ``multiples`` (by call: the first confirmed trial, the second, ...). The screening runs for real."""
+
+    def __init__(self, monkeypatch, multiples):
+        from immune_trainer.sweep import study as study_module
+
+        self.multiples = list(multiples)
+        self.trials: list[int] = []
+        real = study_module.evaluate_conditions
+
+        def fake(base, immunized, tokenizer, datasets, attack=None, config=None, **kwargs):
+            if config.fixed_grid:
+                return real(base, immunized, tokenizer, datasets, attack=attack, config=config, **kwargs)
+            from immune_trainer.attacks import CalibratedAttack
+
+            assert isinstance(attack, CalibratedAttack) and attack.calibration.calibrate_seeds >= 2
+            assert config.threshold is None  # phi comes from the calibrated base runs, not the screening's
+            number = int(kwargs["immunized_name"].split("trial ")[1].split()[0])
+            folder = Path(config.cache_dir).parent / "trials" / str(number)
+            report = ImmunizationReport.load(folder / "immunization_report.json")
+            multiple = self.multiples[len(self.trials)]
+            self.trials.append(number)
+            resistance = report.conditions.resistance
+            resistance.steps_multiple, resistance.multiple_is_lower_bound = multiple, False
+            for fam in resistance.families:
+                fam.steps_multiple, fam.decided, fam.multiple_is_lower_bound = multiple, True, False
+            return report
+
+        monkeypatch.setattr(study_module, "evaluate_conditions", fake)
+
+
+def confirming_sweep(data, out, **config):
+    return DefenseSweep(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        **data,
+        reference={"chat": make_benign(4)},
+        attacks=attack(),
+        evaluation=EvaluationConfig(stability_tolerance=100.0),
+        config=SweepConfig(
+            **{"n_trials": 3, "output_dir": str(out), "attack_families": ["full"], "prune": False, **config}
+        ),
+        space=SPACE,
+        defense_args=DEFENSE_ARGS,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def confirmed(data, tmp_path_factory):
+    """Three screened trials; the two best confirmed, the calibrated evaluation reversing their order."""
+    out = tmp_path_factory.mktemp("confirm") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        fake = FakeConfirmation(mp, [0.5, 3.0])
+        result = confirming_sweep(data, out, confirm_top_k=2).run()
+    return out, result, fake.trials
+
+
+def test_the_confirmation_chooses_when_the_calibrated_attack_disagrees(confirmed):
+    out, result, confirmed_trials = confirmed
+    study = result.study
+    first, second = confirmed_trials  # the screening's best first
+    trials = {t.number: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert trials[first].user_attrs["cost_multiple"] >= trials[second].user_attrs["cost_multiple"]
+    # The screening ranked `first` higher; under the calibrated attack it is 0.5x against 3x: `second` is chosen.
+    assert result.best_trial.number == second and result.chosen_by == "calibrated"
+    by_trial = {c["trial"]: c for c in result.confirmations}
+    assert set(by_trial) == {first, second}
+    for number, multiple in ((first, 0.5), (second, 3.0)):
+        c = by_trial[number]
+        # Both numbers are kept: the calibrated one and the screening's, and which attack gave each.
+        assert c["cost_multiple"] == pytest.approx(multiple) and c["decided"] is True and c["feasible"]
+        assert c["screening"]["cost_multiple"] == pytest.approx(trials[number].user_attrs["cost_multiple"])
+        assert c["attack"] == CONFIRMATION_ATTACK and c["screening"]["attack"] == SCREENING_ATTACK
+        confirmed_report = ImmunizationReport.load(c["report"])
+        assert confirmed_report.extra["sweep"]["attack"] == CONFIRMATION_ATTACK
+    pareto = json.loads((out / "pareto_front.json").read_text())
+    assert pareto["best_trial"] == second and pareto["chosen_by"] == "calibrated"
+    assert pareto["screening_attack"] == SCREENING_ATTACK
+    assert "chosen under the calibrated attack" in pareto["choice"]
+    assert {c["trial"] for c in pareto["confirmations"]} == {first, second}
+    # best.yaml trains the confirmed choice, and says how it was chosen; the best report is the confirmed one.
+    best_yaml = (out / "best.yaml").read_text()
+    assert yaml.safe_load(best_yaml)["alpha"] == pytest.approx(trials[second].params["alpha"])
+    assert "# chosen under the calibrated attack" in best_yaml
+    assert result.best_report_path == by_trial[second]["report"]
+    assert ImmunizationReport.load(result.best_report_path).extra["sweep"]["chosen_by"] == "calibrated"
+    assert "calibrated_multiple" in result.table and "| calibrated_feasible |" in result.table
+    # Every trial's own record says its numbers are the screening attack's.
+    assert all(t.user_attrs["attack"] == SCREENING_ATTACK for t in trials.values())
+
+
+def test_a_confirmed_trial_unstable_under_the_full_evaluation_is_never_chosen(confirmed, data, tmp_path):
+    out, result, (first, second) = confirmed
+    shutil.copytree(out, tmp_path / "out")
+    sweep = confirming_sweep(data, tmp_path / "out", confirm_top_k=2)
+    sweep._phi = result.study.user_attrs["phi"]
+    # The 3x trial fails helpfulness (over-refusal) on the full evaluation: the 0.5x one is the choice.
+    confirmations = [
+        {**c, "feasible": False, "helpfulness_holds": False} if c["trial"] == second else c
+        for c in result.confirmations
+    ]
+    assert sweep.summarize(result.study, confirmations).best_trial.number == first
+    none_stable = [{**c, "feasible": False} for c in result.confirmations]
+    again = sweep.summarize(result.study, none_stable)
+    assert again.best_trial is None and "none of the confirmed trials" in again.choice
+
+
+def test_a_resumed_sweep_does_not_redo_its_confirmations(confirmed, data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(confirmed[0], out)
+    fake = FakeConfirmation(monkeypatch, [])  # any confirmation asked for would fail: none is left
+    spy = RunSpy(monkeypatch)
+    result = confirming_sweep(data, out, confirm_top_k=2).run()
+    assert fake.trials == [] and spy.fingerprints == []
+    assert result.best_trial.number == confirmed[1].best_trial.number
+    assert result.confirmations == confirmed[1].confirmations
+    # Other calibration settings are another measurement: the confirmations are made again.
+    fake = FakeConfirmation(monkeypatch, [0.5, 3.0])
+    from immune_trainer.attacks import CalibrationConfig
+
+    sweep = confirming_sweep(data, out, confirm_top_k=2)
+    sweep.calibration = CalibrationConfig(calibrate_trials=5)
+    sweep.run()
+    assert sorted(fake.trials) == sorted(confirmed[2])
+
+
+def test_confirmation_settings_are_checked(data, tmp_path):
+    from immune_trainer.attacks import CalibrationConfig
+
+    with pytest.raises(ConfigError, match="confirm_top_k must be an integer >= 0"):
+        SweepConfig(confirm_top_k=-1)
+    with pytest.raises(ConfigError, match=">= 2 seeds; calibrate_seeds is 1"):
+        DefenseSweep(
+            tiny_causal_lm("llama", seed=0),
+            tiny_tokenizer(),
+            **data,
+            reference={"c": make_benign(4)},
+            config=SweepConfig(output_dir=str(tmp_path)),
+            calibration=CalibrationConfig(calibrate_seeds=1),
+        )
+
+
+@pytest.mark.slow
+def test_the_cli_confirms_under_the_real_calibrated_attack(files, tmp_path, monkeypatch, capsys):
+    """No fake: the best trial is retrained and measured with the calibrated attack; a rerun reuses it."""
+    out = tmp_path / "out"
+    argv = sweep_argv(
+        files,
+        out,
+        "--n_trials",
+        "2",
+        "--prune",
+        "false",
+        "--stability_tolerance",
+        "100",
+        "--confirm_top_k",
+        "1",
+        "--calibrate_trials",
+        "2",
+    )
+    assert main(argv) == 0
+    assert "chosen under the calibrated attack" in capsys.readouterr().out
+    pareto = json.loads((out / "pareto_front.json").read_text())
+    (c,) = pareto["confirmations"]
+    assert pareto["best_trial"] == c["trial"] and c["calibrate_seeds"] == 2
+    report = ImmunizationReport.load(c["report"])
+    assert report.search["kind"] == "calibrated" and report.search["seeds"] == 2
+    assert report.threat_model.threshold == pytest.approx(c["phi"])
+    assert c["cost_multiple"] == pytest.approx(report.conditions.resistance.steps_multiple)
+    spy = RunSpy(monkeypatch)
+    assert main(argv) == 0
+    assert spy.fingerprints == []  # neither the trials nor the confirmation ran again

@@ -146,7 +146,11 @@ class SweepConfig:
     def __post_init__(self):
         if self.n_trials <= 0:
             raise ConfigError(f"n_trials must be positive, got {self.n_trials}.")
-        if isinstance(self.confirm_top_k, bool) or not isinstance(self.confirm_top_k, int) or self.confirm_top_k < 0:
+        if (
+            isinstance(self.confirm_top_k, bool)
+            or not isinstance(self.confirm_top_k, int)
+            or self.confirm_top_k < 0
+        ):
             raise ConfigError(f"confirm_top_k must be an integer >= 0, got {self.confirm_top_k!r}.")
         if self.heartbeat_interval <= 0:
             raise ConfigError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}.")

@@ -234,7 +234,9 @@ class DefenseSweep:
             attack_train, attack_eval, reference=self.reference
         )
         if not self.confirm_datasets.reference:
-            raise DataError("confirm_datasets needs reference sets: the calibrated attack's capability cap uses them.")
+            raise DataError(
+                "confirm_datasets needs reference sets: the calibrated attack's capability cap uses them."
+            )
         self.attacks = self._attack_list(attacks)
         families = [a.config.family for a in self.attacks]
         # One label per attack config: its family, numbered when two configs share a family.
@@ -593,7 +595,8 @@ class DefenseSweep:
         settings = {
             "calibration": self.calibration.to_dict(),
             "evaluation": asdict(self.evaluation),
-            "attack": [a.config.to_dict() for a in self.attacks],
+            # the attack runs' folder is the sweep's own: a copied or moved sweep keeps its confirmations
+            "attack": [{**a.config.to_dict(), "output_dir": None} for a in self.attacks],
             "data": {
                 k: v is not None
                 for k, v in vars(self.confirm_datasets).items()
@@ -642,7 +645,10 @@ class DefenseSweep:
                 out.append(stored)
                 continue
             logger.info(
-                "confirming trial %d (%d of %d) under the calibrated attack", trial.number, i + 1, len(candidates)
+                "confirming trial %d (%d of %d) under the calibrated attack",
+                trial.number,
+                i + 1,
+                len(candidates),
             )
             record = _json_safe({**self._confirm_one(trial), "key": key})
             study.set_user_attr(attr, record)
@@ -663,7 +669,9 @@ class DefenseSweep:
                 "the retrained model's weights differ from the screened one's (nondeterministic training): the "
                 "confirmation measures the retrained model, as best.yaml would train it"
             )
-        cache = Path(self.evaluation.cache_dir) if self.evaluation.cache_dir else self.out / "confirmation_cache"
+        cache = (
+            Path(self.evaluation.cache_dir) if self.evaluation.cache_dir else self.out / "confirmation_cache"
+        )
         report = evaluate_conditions(
             self.base,
             immunized,
@@ -687,7 +695,9 @@ class DefenseSweep:
         degradation = None if stab is None or math.isnan(stab.worst_degradation) else stab.worst_degradation
         side_effects = (report.side_effects or {}).get("holds")
         helpfulness = (report.helpfulness or {}).get("holds")
-        feasible = bool(stab is not None and stab.holds) and side_effects is not False and helpfulness is not False
+        feasible = (
+            bool(stab is not None and stab.holds) and side_effects is not False and helpfulness is not False
+        )
         if side_effects is False:
             notes.append("side effects fail: the model is less safe at step 0")
         if helpfulness is False:
@@ -706,7 +716,9 @@ class DefenseSweep:
             "phi": float(report.conditions.threshold),
             "cost_multiple": multiple,
             "lower_bound": bound,
-            "decided": bool(families) and multiple is not None and all(f.decided is not False for f in families),
+            "decided": bool(families)
+            and multiple is not None
+            and all(f.decided is not False for f in families),
             "family_multiples": {f.family: f.steps_multiple for f in families},
             "stability_degradation": degradation,
             "side_effects_holds": side_effects,
@@ -738,7 +750,10 @@ class DefenseSweep:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         feasible = [t for t in complete if t.user_attrs.get("feasible")]
         key = self._confirmation_key()
-        stored = [study.user_attrs.get(f"confirmation:{t.number}") for t in _candidates(feasible, self.config.confirm_top_k)]
+        stored = [
+            study.user_attrs.get(f"confirmation:{t.number}")
+            for t in _candidates(feasible, self.config.confirm_top_k)
+        ]
         return [c for c in stored if isinstance(c, dict) and c.get("key") == key]
 
     def summarize(self, study, confirmations: list[dict[str, Any]] | None = None) -> SweepResult:
