@@ -622,3 +622,29 @@ def test_the_cli_confirms_under_the_real_calibrated_attack(files, tmp_path, monk
     spy = RunSpy(monkeypatch)
     assert main(argv) == 0
     assert spy.fingerprints == []  # neither the trials nor the confirmation ran again
+
+
+def test_the_leaderboard_tunes_with_the_confirmed_choice(data, tmp_path, monkeypatch):
+    from immune_trainer.evaluation import ConditionDatasets
+    from immune_trainer.leaderboard import _tune
+
+    fake = FakeConfirmation(monkeypatch, [0.5, 3.0])
+    datasets = ConditionDatasets(data["attack_train"], data["attack_eval"], reference={"chat": make_benign(4)})
+    args = {**DEFENSE_ARGS, "retain_weight": 1.0}
+    chosen = _tune(
+        get_defense("gradient_ascent"),
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        data["harmful_dataset"],
+        data["retain_dataset"],
+        datasets,
+        attack(),
+        EvaluationConfig(stability_tolerance=100.0),
+        args,
+        tmp_path,
+        3,
+        None,
+    )
+    study = load_study(tmp_path / "sweep")
+    _, second = fake.trials
+    assert chosen == study.trials[second].params  # the confirmed choice, not the screening's best
