@@ -629,7 +629,9 @@ def test_the_leaderboard_tunes_with_the_confirmed_choice(data, tmp_path, monkeyp
     from immune_trainer.leaderboard import _tune
 
     fake = FakeConfirmation(monkeypatch, [0.5, 3.0])
-    datasets = ConditionDatasets(data["attack_train"], data["attack_eval"], reference={"chat": make_benign(4)})
+    datasets = ConditionDatasets(
+        data["attack_train"], data["attack_eval"], reference={"chat": make_benign(4)}
+    )
     args = {**DEFENSE_ARGS, "retain_weight": 1.0}
     chosen = _tune(
         get_defense("gradient_ascent"),
@@ -648,3 +650,27 @@ def test_the_leaderboard_tunes_with_the_confirmed_choice(data, tmp_path, monkeyp
     study = load_study(tmp_path / "sweep")
     _, second = fake.trials
     assert chosen == study.trials[second].params  # the confirmed choice, not the screening's best
+
+
+def test_a_calibrated_attack_is_screened_as_its_grid_and_confirms_with_its_calibration(data, tmp_path):
+    from immune_trainer.attacks import CalibratedAttack, CalibrationConfig
+
+    calibration = CalibrationConfig(calibrate_trials=3, calibrate_seeds=3)
+    calibrated = CalibratedAttack(
+        AttackConfig(families=["full", "lora"], max_steps=4, eval_every=2),
+        calibration,
+        reference={"chat": make_benign(4)},
+    )
+    sweep = DefenseSweep(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        **data,
+        reference={"chat": make_benign(4)},
+        attacks=calibrated,
+        config=SweepConfig(output_dir=str(tmp_path), attack_families=["mixed"]),
+        progress=False,
+    )
+    # its own families (not attack_families) as the screening grid, its calibration for the confirmation
+    assert sweep.labels == ["full", "lora"] and sweep.calibration is calibration
+    assert {a.config.max_steps for a in sweep.attacks} == {4}
+    assert sweep._calibrated_attack(tmp_path).family_names() == ["full", "lora"]
