@@ -84,6 +84,8 @@ def run_leaderboard(
     sweep_trials: int = 0,
     sweep_storage: str | None = None,
     progress: Callable[[str], None] | None = None,
+    record: dict[str, Any] | None = None,
+    base_name: str | None = None,
 ) -> Leaderboard:
     """Train, measure and rank every defense of ``defenses`` (see the module docstring).
 
@@ -102,6 +104,9 @@ def run_leaderboard(
             first (0: the defense's own defaults with ``defense_args``).
         sweep_storage: the sweeps' Optuna storage URL (default: SQLite in each defense's folder).
         progress: called with one-line messages.
+        record: the SPECs ``datasets`` was built from (:mod:`immune_trainer.evaluation.recorded`), kept as
+            each report's ``datasets`` so that ``immune-trainer verify`` rebuilds the same rows.
+        base_name: the base model's name or path, recorded in each report.
     """
     from .attacks import model_fingerprint
     from .defenses import get_defense, list_defenses
@@ -188,7 +193,10 @@ def run_leaderboard(
             defense={"name": spec.name, "config": _jsonable(chosen)},
             progress=say,
             prepare_immunized=hook,
+            base_name=base_name,
         )
+        if record is not None:
+            report.datasets = dict(record)
         report.extra["leaderboard"] = {
             "key": key,
             "defense_s": defense_s,
