@@ -130,6 +130,8 @@ def _config(tiny_setup, tmp_path, **changes) -> Path:
         ({"fixed_grid": False, "reference": []}, "calibrated attack .* needs reference"),
         ({"eval_dataset": "/nowhere/eval.jsonl"}, "does not exist"),
         ({"surprise": 1}, r"unknown key\(s\) \['surprise'\]"),
+        ({"defense": ["gradient_ascent", "security_vectors"], "sweep_trials": 2}, "security_vectors protect.* hook"),
+        ({"per_defense_args": '{"vaccine": '}, "per_defense_args must be a mapping"),
     ],
 )
 def test_a_bad_field_is_a_clear_error_before_any_training(tiny_setup, tmp_path, capsys, changes, message):
