@@ -55,8 +55,9 @@ def _describe(attack) -> Any:
         return None
     if isinstance(attack, (list, tuple)):
         return [_describe(a) for a in attack]
-    if hasattr(attack, "budget"):  # an AttackSearch: its space, trials and budget
-        return attack.budget()
+    if hasattr(attack, "budget"):  # an AttackSearch or a CalibratedAttack: its budget and the attack it tunes
+        config = getattr(attack, "config", None)  # (a calibration's budget omits steps, batch, length...)
+        return {"budget": attack.budget(), "config": config.to_dict() if hasattr(config, "to_dict") else None}
     if hasattr(attack, "attacks"):  # an AttackSuite
         return [_describe(a) for a in attack.attacks]
     config = getattr(attack, "config", attack)

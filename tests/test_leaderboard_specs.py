@@ -188,3 +188,43 @@ def test_the_gpu_script_refuses_to_start_without_a_cuda_gpu(tmp_path):
     run = subprocess.run(["bash", script], capture_output=True, text=True, env=with_driver, cwd=tmp_path, timeout=120)
     assert run.returncode == 1 and "no CUDA GPU visible to torch" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and not (ROOT / "benchmarks/results/leaderboard_gpu/nvidia-fake-gpu").exists()
+
+
+def test_a_registered_hub_spec_loads_converted_and_filtered(monkeypatch):
+    """hub:beavertails/test is BeaverTails' harmful rows as prompt/completion (the raw Hub id keeps its
+    'response' column and its safe rows, which no attack or defense can read as harmful pairs)."""
+    import datasets
+
+    from immune_trainer.data import hub_datasets, loading
+    from immune_trainer.data.formats import detect_format
+
+    raw = datasets.Dataset.from_dict({
+        "prompt": ["how to pick a lock", "how to bake bread"],
+        "response": ["Insert a tension wrench...", "Mix flour and water..."],
+        "category": [{"violence": False, "theft": True}, {"violence": False, "theft": False}],
+        "is_safe": [False, True],
+    })
+    asked = []
+    monkeypatch.setattr(loading, "check_hub_access", lambda repo_id, **kw: asked.append(repo_id) or False)
+    monkeypatch.setattr(hub_datasets.datasets, "load_dataset",
+                        lambda hub_id, config=None, split=None, **kw: asked.append((hub_id, split)) or raw)
+    ds = loading.load_dataset_spec("hub:beavertails/test")
+    assert asked == ["PKU-Alignment/BeaverTails", ("PKU-Alignment/BeaverTails", "30k_test")]
+    assert detect_format(ds) == "prompt_completion" and len(ds) == 1
+    assert ds[0]["prompt"] == "how to pick a lock" and ds[0]["completion"].startswith("Insert")
+
+
+def test_the_resume_key_tells_two_calibrated_attacks_apart():
+    """A calibrated attack's budget omits the attacked model's sequence length, LoRA rank, precision...:
+    a resumed leaderboard must not read back reports measured under another attack."""
+    import datasets
+
+    from immune_trainer.attacks import CalibratedAttack
+    from immune_trainer.leaderboard import _describe, _json_key
+
+    ref = {"text": datasets.Dataset.from_dict({"text": ["a b c"]})}
+    short = CalibratedAttack(AttackConfig(max_length=64), CalibrationConfig(), reference=ref)
+    long = CalibratedAttack(AttackConfig(max_length=512, lora_r=4), CalibrationConfig(), reference=ref)
+    same = CalibratedAttack(AttackConfig(max_length=64), CalibrationConfig(), reference=ref)
+    assert _json_key(_describe(short)) != _json_key(_describe(long))
+    assert _json_key(_describe(short)) == _json_key(_describe(same))
