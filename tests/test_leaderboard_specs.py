@@ -228,3 +228,17 @@ def test_the_resume_key_tells_two_calibrated_attacks_apart():
     same = CalibratedAttack(AttackConfig(max_length=64), CalibrationConfig(), reference=ref)
     assert _json_key(_describe(short)) != _json_key(_describe(long))
     assert _json_key(_describe(short)) == _json_key(_describe(same))
+
+
+def test_the_calibrated_attack_of_a_config_is_searched_once_on_the_base_model(tiny_setup, tmp_path, capsys):
+    """The preset's default (no fixed_grid): the attack calibrated per family and model, as `evaluate` builds
+    it; the base model's search is stored under cache_dir and resumed for the second defense."""
+    path = _config(tiny_setup, tmp_path, fixed_grid=False, families=["full"], calibrate_trials=2,
+                   calibrate_seeds=2, cache_dir=str(tmp_path / "cache"), leaderboard_dir=str(tmp_path / "board"))
+    assert main(["leaderboard", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("calibrating the full attack on the base model") == 2
+    assert "2 of 2 trials finished" in printed  # the second defense resumes the base model's study
+    reports = [ImmunizationReport.load(tmp_path / "board" / n / "immunization_report.json")
+               for n in ("gradient_ascent", "vaccine")]
+    assert all(r.search and r.search.get("kind") == "calibrated" for r in reports), [r.search for r in reports]
