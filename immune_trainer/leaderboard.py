@@ -55,8 +55,9 @@ def _describe(attack) -> Any:
         return None
     if isinstance(attack, (list, tuple)):
         return [_describe(a) for a in attack]
-    if hasattr(attack, "budget"):  # an AttackSearch: its space, trials and budget
-        return attack.budget()
+    if hasattr(attack, "budget"):  # an AttackSearch or a CalibratedAttack: its budget and the attack it tunes
+        config = getattr(attack, "config", None)  # (a calibration's budget omits steps, batch, length...)
+        return {"budget": attack.budget(), "config": config.to_dict() if hasattr(config, "to_dict") else None}
     if hasattr(attack, "attacks"):  # an AttackSuite
         return [_describe(a) for a in attack.attacks]
     config = getattr(attack, "config", attack)
@@ -84,6 +85,8 @@ def run_leaderboard(
     sweep_trials: int = 0,
     sweep_storage: str | None = None,
     progress: Callable[[str], None] | None = None,
+    record: dict[str, Any] | None = None,
+    base_name: str | None = None,
 ) -> Leaderboard:
     """Train, measure and rank every defense of ``defenses`` (see the module docstring).
 
@@ -102,6 +105,9 @@ def run_leaderboard(
             first (0: the defense's own defaults with ``defense_args``).
         sweep_storage: the sweeps' Optuna storage URL (default: SQLite in each defense's folder).
         progress: called with one-line messages.
+        record: the SPECs ``datasets`` was built from (:mod:`immune_trainer.evaluation.recorded`), kept as
+            each report's ``datasets`` so that ``immune-trainer verify`` rebuilds the same rows.
+        base_name: the base model's name or path, recorded in each report.
     """
     from .attacks import model_fingerprint
     from .defenses import get_defense, list_defenses
@@ -188,7 +194,10 @@ def run_leaderboard(
             defense={"name": spec.name, "config": _jsonable(chosen)},
             progress=say,
             prepare_immunized=hook,
+            base_name=base_name,
         )
+        if record is not None:
+            report.datasets = dict(record)
         report.extra["leaderboard"] = {
             "key": key,
             "defense_s": defense_s,

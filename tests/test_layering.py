@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"trainer", "defenses"},  # ImmunizationTrainer and the defenses
     {"evaluation", "callbacks"},  # the staged evaluation; condition tracking during training
     {"sweep"},  # the defense sweep (Optuna)
-    {"hub", "leaderboard"},  # cards, badges, plots, push, verify; every defense ranked
+    {"hub", "leaderboard", "leaderboard_specs"},  # cards, badges, plots, push, verify; every defense ranked
     {"demo", "testing"},  # the embedded demo; tiny models for tests
     {"cli", "__init__"},  # the command line; the package's lazy public facade
 ]

@@ -2,7 +2,10 @@
 
 A dataset SPEC is a local file (.json, .jsonl, .csv, .parquet), a folder written by
 ``Dataset.save_to_disk``, ``embedded:NAME[/SPLIT]`` (the embedded offline data), or a Hub id with an
-optional split (``PKU-Alignment/BeaverTails:30k_test``). Models load as safetensors only, and
+optional split (``PKU-Alignment/BeaverTails:30k_test``), or ``hub:NAME[/SPLIT]``: a registered Hub set
+(:data:`~immune_trainer.data.hub_datasets.HARMFUL_DATASETS`, ``BENIGN_DATASETS``) loaded by
+:func:`~immune_trainer.data.hub_datasets.load_hub_dataset`, converted to prompt/completion and filtered
+(``hub:beavertails/test``: BeaverTails' harmful rows only). Models load as safetensors only, and
 ``trust_remote_code`` stays off unless the user turns it on.
 
 Everything a user typed is checked before anything is loaded (:func:`validate_sources`): the SPECs'
@@ -58,11 +61,34 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+HUB_REGISTRY_PREFIX = "hub:"
+"""A SPEC ``hub:NAME[/SPLIT]`` names a registered Hub dataset (converted and filtered, see the docstring)."""
+
+
+def _registered_hub_spec(spec: str):
+    """``(name, split, its HubDatasetSpec)`` of a ``hub:NAME[/SPLIT]`` SPEC; ConfigError when unknown."""
+    from .hub_datasets import BENIGN_DATASETS, HARMFUL_DATASETS
+
+    registry = {**HARMFUL_DATASETS, **BENIGN_DATASETS}
+    name, _, split = spec[len(HUB_REGISTRY_PREFIX) :].partition("/")
+    if name not in registry:
+        raise ConfigError(
+            f"dataset {spec!r}: unknown registered Hub dataset {name!r}; choose one of {sorted(registry)} "
+            "(or give the Hub id itself, unconverted)."
+        )
+    entry = registry[name]
+    known = set(entry.splits) | set(entry.data_files or {})
+    if split and entry.data_files is not None and split not in entry.data_files:
+        raise ConfigError(f"dataset {spec!r}: {name!r} has splits {sorted(known)}, not {split!r}.")
+    return name, split or "train", entry
+
+
 def check_dataset_spec(spec: str) -> str:
     """Check a dataset SPEC without reading any data or touching the network.
 
     Returns:
-        Its kind: ``"embedded"``, ``"folder"``, ``"file"``, ``"hub"`` or ``"lm_eval"`` (a reference set
+        Its kind: ``"embedded"``, ``"folder"``, ``"file"``, ``"hub"``, ``"registered"`` (``hub:NAME``) or
+        ``"lm_eval"`` (a reference set
         that names lm-evaluation-harness tasks; see :class:`immune_trainer.scoring.LMEvalTasks`).
 
     Raises:
@@ -75,6 +101,9 @@ def check_dataset_spec(spec: str) -> str:
         if not spec[len(LM_EVAL_PREFIX) :].partition("?")[0].strip(","):
             raise DataError(f"{spec!r} names no task; write lm_eval:TASK[,TASK...] (e.g. lm_eval:mmlu).")
         return "lm_eval"
+    if spec.startswith(HUB_REGISTRY_PREFIX):
+        _registered_hub_spec(spec)
+        return "registered"
     if spec.startswith("embedded:"):
         from .embedded import EMBEDDED_DATASETS
 
@@ -129,6 +158,13 @@ def load_dataset_spec(spec: str, split: str | None = None, *, seed: int = 0):
             f"{spec!r} names lm-evaluation-harness tasks, not a dataset: only a stability reference set "
             "(--reference) takes it."
         )
+    if kind == "registered":
+        from .hub_datasets import load_hub_dataset
+
+        name, hub_split, entry = _registered_hub_spec(spec)
+        if entry.data_files is None:
+            check_hub_access(entry.hub_id, what="dataset", repo_type="dataset")
+        return load_hub_dataset(name, split=hub_split)
     if kind == "embedded":
         from . import embedded
 
@@ -214,8 +250,13 @@ def validate_sources(models=(), datasets=()) -> None:
         if source is not None and check_model_source(source) == "hub":
             hub.append((source, "model", "model"))
     for spec in datasets:
-        if spec is not None and check_dataset_spec(spec) == "hub":
+        kind = None if spec is None else check_dataset_spec(spec)
+        if kind == "hub":
             hub.append((spec.partition(":")[0], "dataset", "dataset"))
+        elif kind == "registered":
+            entry = _registered_hub_spec(spec)[2]
+            if entry.data_files is None:  # a set fetched from a URL is not on the Hub
+                hub.append((entry.hub_id, "dataset", "dataset"))
     for repo_id, what, repo_type in hub:
         check_hub_access(repo_id, what=what, repo_type=repo_type)
 
