@@ -93,11 +93,8 @@ class BoosterTrainer(ImmunizationTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / self.accumulation_steps()
+        inputs, steps = self.begin_training_step(model, inputs)
+        scale = 1.0 / steps
         params = [p for p in model.parameters() if p.requires_grad]
         harmful = self.side(inputs, "harmful")
         terms: dict[str, torch.Tensor] = {}

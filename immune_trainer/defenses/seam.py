@@ -225,11 +225,8 @@ class SEAMTrainer(ImmunizationTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / self.accumulation_steps()
+        inputs, steps = self.begin_training_step(model, inputs)
+        scale = 1.0 / steps
         params = [p for p in model.parameters() if p.requires_grad]
         harmful = self.side(inputs, "harmful")
         benign = self._next_retain_batch()

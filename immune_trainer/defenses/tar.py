@@ -578,10 +578,7 @@ class TARTrainer(ImmunizationTrainer):
     # ------------------------------------------------------------------ the step
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs, ga = self.begin_training_step(model, inputs)
         source = "benign" if self.is_benign_adversary_step(self.state.global_step) else "harmful"
         tr_grads, terms = self.tamper_resistance_grads(
             model, lambda: self.next_adversary_batch(source), inputs
@@ -619,7 +616,6 @@ class TARTrainer(ImmunizationTrainer):
 
         self.check_finite(terms)
         self.log_terms(terms)
-        ga = self.accumulation_steps()
         self.accelerator.backward(loss / ga)
         reported = (
             self.args.lambda_retain * retain_total.detach() + self.args.lambda_tr * terms["tamper_resistance"]

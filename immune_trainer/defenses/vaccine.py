@@ -254,10 +254,7 @@ class VaccineTrainer(ImmunizationTrainer):
         return dict(zip(order, eps)), self._last_loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs, steps = self.begin_training_step(model, inputs)
         retain = self._next_retain_batch() if self.args.retain_weight > 0 else None
         if self.args.layer_sampling:
             self.update_layer_sampling(model, inputs)
@@ -277,6 +274,6 @@ class VaccineTrainer(ImmunizationTrainer):
         self.log_terms(terms, mode="train")
         if self.args.n_gpu > 1:
             loss = loss.mean()
-        loss = loss / self.accumulation_steps()
+        loss = loss / steps
         self.accelerator.backward(loss)
         return loss.detach()
