@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import datasets
 import pytest
@@ -257,3 +258,24 @@ def test_training_step_prologue_puts_model_and_schedule_free_optimizer_in_train_
         assert [c for c, _ in calls].count("optimizer.train") == 1
         model.zero_grad()
     assert losses[2] == pytest.approx(losses[1] / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("defense", "field"),
+    [
+        ("booster", "lamb"),
+        ("booster", "alpha"),
+        ("ctrap", "lamb"),
+        ("ctrap", "alpha"),
+        ("gradient_ascent", "harmless_weight"),
+        ("tar", "lambda_retain"),
+    ],
+)
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf"), "0.1", None])
+def test_negative_or_non_numeric_weight_gets_config_error_naming_it(tmp_path, defense, field, value):
+    """A loss weight or step size that is negative, not finite or not a number is refused with a ConfigError
+    naming the field and the value (not a TypeError from math.isfinite)."""
+    config_class = get_defense(defense).config_class
+    message = f"{field} must be a finite non-negative number, got {value!r}."
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_class(output_dir=str(tmp_path), report_to="none", **{field: value})

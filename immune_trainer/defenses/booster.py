@@ -21,14 +21,12 @@ harmful side of each pair is Booster's harmful dataset.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
 from ..losses import global_grad_norm
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative
 
 BOOSTER_PAPER = {
     "title": "Booster: Tackling harmful fine-tuning for large language models via attenuating harmful "
@@ -76,10 +74,7 @@ class BoosterConfig(ImmunizationConfig):
         }
 
     def __post_init__(self):
-        for name in ("lamb", "alpha"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        check_non_negative(self, "lamb", "alpha")
         super().__post_init__()
 
 

@@ -31,7 +31,6 @@ given, adds an unperturbed CE term in pass 2 (its batch shape differs from the p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +38,7 @@ import torch
 from ..errors import ConfigError
 from ..losses import perturbation_from_grads
 from ..modeling import HookManager, add_to_outputs, primary_tensor
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative
 
 VACCINE_PAPER = {
     "title": "Vaccine: Perturbation-aware alignment for large language models against harmful fine-tuning",
@@ -125,8 +124,7 @@ class VaccineConfig(ImmunizationConfig):
     def __post_init__(self):
         if self.rho is None:
             self.rho = 3.0 if self.layer_sampling else 2.0
-        if not math.isfinite(self.rho) or self.rho < 0:
-            raise ConfigError(f"rho must be a finite non-negative number, got {self.rho}.")
+        check_non_negative(self, "rho")
         if self.num_sampled_layers < 1:
             raise ConfigError(f"num_sampled_layers must be >= 1, got {self.num_sampled_layers}.")
         for name in ("probability_refresh_steps", "resample_steps"):
