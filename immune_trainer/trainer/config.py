@@ -5,6 +5,7 @@ non-negative weights (:func:`check_non_negative`)."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +18,11 @@ __all__ = ["ImmunizationConfig", "check_non_negative", "check_search_space"]
 
 def check_non_negative(config: Any, *names: str) -> None:
     """Raise ConfigError naming the first of the fields ``names`` of ``config`` that is not a finite
-    non-negative number (a loss weight, a step size), with its value."""
+    non-negative real number (a loss weight, a step size; numpy scalars count, booleans do not), with its
+    value."""
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{name} must be a finite non-negative number, got {value!r}.")
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
