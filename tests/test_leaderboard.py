@@ -11,8 +11,9 @@ import pytest
 from conftest import make_benign, make_pairs
 
 from immune_trainer import AttackConfig, ConditionDatasets, EvaluationConfig
-from immune_trainer.conditions.leaderboard import leaderboard_from_reports
+from immune_trainer.conditions.leaderboard import _cell, leaderboard_from_reports
 from immune_trainer.conditions.report import ImmunizationReport
+from immune_trainer.conditions.schema import Crossing, FamilyResistance, ResistanceResult
 from immune_trainer.errors import ConfigError
 from immune_trainer.leaderboard import run_leaderboard
 from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
@@ -141,3 +142,44 @@ def test_cli_ranks_existing_reports(board, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| rank | defense |" in printed
     assert (tmp_path / "leaderboard.csv").exists()
+
+
+def _family(**kw):
+    return FamilyResistance(**{"family": "full", "holds": None, "strong": False, **kw})
+
+
+def _whole(**kw):
+    fields = {
+        "holds": None,
+        "strong": False,
+        "threshold": 1.0,
+        "higher_is_better": True,
+        "min_cost_multiple": 2.0,
+    }
+    return ResistanceResult(
+        **{**fields, "worst_crossing": None, "worst_config": None, "worst_value": 0.5, **kw}
+    )
+
+
+@pytest.mark.parametrize("record", [_family, _whole])
+def test_a_family_cell_reads_the_same_for_a_family_and_a_whole_resistance(record):
+    """One rule for the cells of a family's judgement and of a resistance judged as a whole (a report of one
+    family, the in- and cross-domain attacks): the base never crossing is undetermined (credited 0), a
+    multiple is shown (a bound with >=), strong resistance is credited without limit."""
+    crossed = Crossing(step=10.0, tokens=100.0, flops=1e6)
+    never = _cell(record())
+    assert never.undetermined and never.text() == "undetermined" and never.credited() == 0.0
+    weak = _cell(record(base_crossing=crossed, steps_multiple=1.5, holds=False))
+    assert (weak.text(), weak.credited(), weak.undetermined) == ("1.5x", 1.5, False)
+    bound = _cell(record(base_crossing=crossed, steps_multiple=3.0, multiple_is_lower_bound=True, holds=True))
+    assert bound.text() == ">=3x" and bound.credited() == 3.0
+    strong = _cell(record(base_crossing=crossed, strong=True, holds=True))
+    assert strong.text() == "strong" and strong.credited() == float("inf")
+    assert _cell(None) is None
+
+
+def test_a_training_free_family_the_base_never_failed_shows_no_multiple_not_undetermined():
+    """A training-free family is judged on step 0 alone: when the base never crossed phi it has no multiple
+    to show ("n/a"), the rule the family cells had before they shared one function with whole results."""
+    cell = _cell(_family(training_free=True))
+    assert (cell.undetermined, cell.text(), cell.credited()) == (False, "n/a", 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import datasets
 import pytest
@@ -214,3 +215,67 @@ def test_gradient_ascent_on_other_architectures(tmp_path, arch, tokenizer):
     )
     out = trainer.train()
     assert out.global_step == 3
+
+
+_TAR_FAST = {"inner_steps": 2, "tr_every": 1, "adversary_learning_rates": [1e-2]}
+
+
+@pytest.mark.parametrize("defense", ["gradient_ascent", "booster", "tar", "vaccine", "seam", "ctrap"])
+def test_training_step_prologue_puts_model_and_schedule_free_optimizer_in_train_mode(tmp_path, defense):
+    """Every training_step written here (the base's and the defenses' own) starts as the Trainer's does:
+    model.train(), then optimizer.train() for an optimizer that has one (schedule-free), then
+    _prepare_inputs; the loss it returns is divided by the accumulation steps."""
+    spec = get_defense(defense)
+    extra = _TAR_FAST if defense == "tar" else {}
+    args = defense_config(spec.config_class, tmp_path, per_device_train_batch_size=2, **extra)
+    trainer = spec.trainer_class(
+        model=tiny_causal_lm("llama", seed=0),
+        args=args,
+        harmful_dataset=make_pairs(8),
+        retain_dataset=datasets.Dataset.from_list([{"prompt": "What is 2 + 2?", "completion": "4."}] * 8),
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.create_optimizer()
+    model = trainer.model
+    calls = []
+    trainer.optimizer.train = lambda: calls.append(("optimizer.train", model.training))
+    prepare = trainer._prepare_inputs
+
+    def recording_prepare(inputs):
+        calls.append(("prepare", model.training))
+        return prepare(inputs)
+
+    trainer._prepare_inputs = recording_prepare
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.eval()
+    losses = {}
+    for ga in (1, 2):
+        calls.clear()
+        trainer.current_gradient_accumulation_steps = ga
+        torch.manual_seed(0)
+        losses[ga] = float(trainer.training_step(model, dict(batch)))
+        assert calls[:2] == [("optimizer.train", True), ("prepare", True)]
+        assert [c for c, _ in calls].count("optimizer.train") == 1
+        model.zero_grad()
+    assert losses[2] == pytest.approx(losses[1] / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("defense", "field"),
+    [
+        ("booster", "lamb"),
+        ("booster", "alpha"),
+        ("ctrap", "lamb"),
+        ("ctrap", "alpha"),
+        ("gradient_ascent", "harmless_weight"),
+        ("tar", "lambda_retain"),
+    ],
+)
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf"), "0.1", None])
+def test_negative_or_non_numeric_weight_gets_config_error_naming_it(tmp_path, defense, field, value):
+    """A loss weight or step size that is negative, not finite or not a number is refused with a ConfigError
+    naming the field and the value (not a TypeError from math.isfinite)."""
+    config_class = get_defense(defense).config_class
+    message = f"{field} must be a finite non-negative number, got {value!r}."
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_class(output_dir=str(tmp_path), report_to="none", **{field: value})

@@ -30,6 +30,7 @@ from ..files import atomic_write
 from .compare import Comparison, compare_reports
 from .curves import fmt_number, fmt_percent
 from .report import ImmunizationReport
+from .schema import FamilyResistance, ResistanceResult
 
 __all__ = ["Leaderboard", "LeaderboardRow", "leaderboard_from_reports"]
 
@@ -93,15 +94,26 @@ class LeaderboardRow:
         return (order.get(self.verdict, 3), -self.worst_case, abs(degradation), self.defense)
 
 
-def _cell(result) -> FamilyCell | None:
+def _cell(result: FamilyResistance | ResistanceResult | None) -> FamilyCell | None:
+    """The cell of one attack family's judgement (a :class:`FamilyResistance`) or of a resistance judged as
+    a whole (a :class:`ResistanceResult`: a report of one family, the in- and cross-domain attacks).
+
+    Undetermined: the base model never crossed phi, so no multiple and no strong resistance was shown;
+    except for a training-free family (only a :class:`FamilyResistance` has ``training_free``), judged on
+    step 0 alone, which shows no multiple ("n/a")."""
     if result is None:
         return None
-    undetermined = result.steps_multiple is None and not result.strong
+    undetermined = (
+        result.base_crossing is None
+        and result.steps_multiple is None
+        and not result.strong
+        and not getattr(result, "training_free", False)
+    )
     return FamilyCell(
         multiple=result.steps_multiple,
         lower_bound=bool(result.multiple_is_lower_bound),
         strong=bool(result.strong),
-        undetermined=bool(undetermined and getattr(result, "base_crossing", None) is None),
+        undetermined=undetermined,
     )
 
 
@@ -139,12 +151,7 @@ def _row(report: ImmunizationReport, source: str, comparison_notes: list[str]) -
     r = c.resistance
     if r is not None:
         for fam in r.families or []:
-            row.families[fam.family] = FamilyCell(
-                multiple=fam.steps_multiple,
-                lower_bound=bool(fam.multiple_is_lower_bound),
-                strong=bool(fam.strong),
-                undetermined=fam.base_crossing is None and not fam.training_free,
-            )
+            row.families[fam.family] = _cell(fam)
         if not row.families:  # a report of one family, judged as a whole
             cell = _cell(r)
             if cell is not None:
@@ -163,7 +170,9 @@ def _row(report: ImmunizationReport, source: str, comparison_notes: list[str]) -
     if c.trainability is not None:
         row.trainability_holds = bool(c.trainability.holds)
     row.defense_time_s = _defense_time(report)
-    row.searched = bool((report.extra or {}).get("attack_search") or getattr(report.threat_model, "search", None))
+    row.searched = bool(
+        (report.extra or {}).get("attack_search") or getattr(report.threat_model, "search", None)
+    )
     return row
 
 
@@ -296,4 +305,3 @@ def leaderboard_from_reports(reports: Sequence[str | os.PathLike | ImmunizationR
         rows.append(row)
     rows.sort(key=LeaderboardRow.rank_key)
     return Leaderboard(rows=rows, comparison=comparison)
-

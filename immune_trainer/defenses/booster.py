@@ -21,14 +21,12 @@ harmful side of each pair is Booster's harmful dataset.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
 from ..losses import global_grad_norm
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative
 
 BOOSTER_PAPER = {
     "title": "Booster: Tackling harmful fine-tuning for large language models via attenuating harmful "
@@ -76,10 +74,7 @@ class BoosterConfig(ImmunizationConfig):
         }
 
     def __post_init__(self):
-        for name in ("lamb", "alpha"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        check_non_negative(self, "lamb", "alpha")
         super().__post_init__()
 
 
@@ -93,11 +88,8 @@ class BoosterTrainer(ImmunizationTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / self.accumulation_steps()
+        inputs, steps = self.begin_training_step(model, inputs)
+        scale = 1.0 / steps
         params = [p for p in model.parameters() if p.requires_grad]
         harmful = self.side(inputs, "harmful")
         terms: dict[str, torch.Tensor] = {}

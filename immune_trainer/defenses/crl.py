@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..modeling import capture_outputs, find_decoder_structure, resolve_layer_indices
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative
 from .rerouting import _is_peft, _linear_names
 
 logger = logging.getLogger(__name__)
@@ -185,10 +185,7 @@ class CRLConfig(ImmunizationConfig):
         }
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "gamma"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        check_non_negative(self, "alpha", "beta", "gamma")
         if self.beta == 0:
             raise ConfigError("beta must be positive: the harmful triplet loss is the defense.")
         for name in ("margin_benign", "margin_harmful"):

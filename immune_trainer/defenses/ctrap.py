@@ -46,7 +46,6 @@ following are our reading or our choice, and are configurable:
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +53,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
 from ..losses import global_grad_norm
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative
 
 IGNORE_INDEX = -100
 
@@ -146,10 +145,7 @@ class CTRAPConfig(ImmunizationConfig):
         }
 
     def __post_init__(self):
-        for name in ("lamb", "alpha"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        check_non_negative(self, "lamb", "alpha")
         if self.lamb == 0:
             raise ConfigError("lamb must be positive: the collapse trap is the defense.")
         if self.collapse_token is not None and not self.collapse_token:
@@ -209,11 +205,8 @@ class CTRAPTrainer(ImmunizationTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / self.accumulation_steps()
+        inputs, steps = self.begin_training_step(model, inputs)
+        scale = 1.0 / steps
         params = [p for p in model.parameters() if p.requires_grad]
         harmful = self.side(inputs, "harmful")
         retain = self._next_retain_batch()

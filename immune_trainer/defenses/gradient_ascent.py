@@ -9,13 +9,11 @@ RepNoise's ascent term without the noise term and without the per-layer unembedd
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
-from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative, merge_parts
 from .papers import REPNOISE_PAPER
 
 
@@ -43,8 +41,7 @@ class GradientAscentConfig(ImmunizationConfig):
         }
 
     def __post_init__(self):
-        if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ConfigError(f"alpha must be a finite non-negative number, got {self.alpha}.")
+        check_non_negative(self, "alpha")
         super().__post_init__()
 
 

@@ -30,7 +30,6 @@ exist only during that forward); the harmless side is a second forward, the reta
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +38,7 @@ import torch.utils.checkpoint
 from ..errors import ConfigError
 from ..losses import IGNORE_INDEX, fused_linear_cross_entropy, gaussian_kernel_mmd, masked_token_ce
 from ..modeling import HookManager, unembed
-from ..trainer import ImmunizationConfig, ImmunizationTrainer, merge_parts
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative, merge_parts
 from .papers import REPNOISE_PAPER
 
 
@@ -164,10 +163,7 @@ class RepNoiseConfig(ImmunizationConfig):
         }
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "noise_std"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        check_non_negative(self, "alpha", "beta", "noise_std")
         if not isinstance(self.lens_chunk_size, int) or self.lens_chunk_size < -1:
             raise ConfigError(
                 f"lens_chunk_size must be a positive number of rows, 0 (automatic) or -1 (no fusion), got "

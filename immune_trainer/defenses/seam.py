@@ -67,7 +67,7 @@ import torch
 from ..errors import ConfigError
 from ..losses import global_grad_norm, masked_token_ce
 from ..modeling import unembed
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative
 
 IGNORE_INDEX = -100
 
@@ -153,8 +153,7 @@ class SEAMConfig(ImmunizationConfig):
         }
 
     def __post_init__(self):
-        if not math.isfinite(self.beta) or self.beta < 0:
-            raise ConfigError(f"beta must be a finite non-negative number, got {self.beta}.")
+        check_non_negative(self, "beta")
         if not math.isfinite(self.epsilon) or self.epsilon <= 0:
             raise ConfigError(
                 f"epsilon must be a finite positive number (the finite-difference step), got {self.epsilon}."
@@ -225,11 +224,8 @@ class SEAMTrainer(ImmunizationTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / self.accumulation_steps()
+        inputs, steps = self.begin_training_step(model, inputs)
+        scale = 1.0 / steps
         params = [p for p in model.parameters() if p.requires_grad]
         harmful = self.side(inputs, "harmful")
         benign = self._next_retain_batch()

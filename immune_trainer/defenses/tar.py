@@ -62,7 +62,7 @@ from torch.func import functional_call
 from ..errors import ConfigError, DataError
 from ..losses import IGNORE_INDEX, negative_entropy, response_prediction_mask, retain_l2, tar_step_weights
 from ..modeling import capture_outputs, find_decoder_structure
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 TAMPER_LOSSES = ("max_entropy", "dpo")
@@ -234,10 +234,7 @@ class TARConfig(ImmunizationConfig):
             raise ConfigError(
                 f"adversary_learning_rates must be positive numbers, got {self.adversary_learning_rates}."
             )
-        for name in ("lambda_tr", "lambda_retain", "adversary_weight_decay"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        check_non_negative(self, "lambda_tr", "lambda_retain", "adversary_weight_decay")
         if self.inner_batch_size is not None and self.inner_batch_size <= 0:
             raise ConfigError(f"inner_batch_size must be positive or None, got {self.inner_batch_size}.")
         if self.tamper_loss not in TAMPER_LOSSES:
@@ -578,10 +575,7 @@ class TARTrainer(ImmunizationTrainer):
     # ------------------------------------------------------------------ the step
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs, ga = self.begin_training_step(model, inputs)
         source = "benign" if self.is_benign_adversary_step(self.state.global_step) else "harmful"
         tr_grads, terms = self.tamper_resistance_grads(
             model, lambda: self.next_adversary_batch(source), inputs
@@ -619,7 +613,6 @@ class TARTrainer(ImmunizationTrainer):
 
         self.check_finite(terms)
         self.log_terms(terms)
-        ga = self.accumulation_steps()
         self.accelerator.backward(loss / ga)
         reported = (
             self.args.lambda_retain * retain_total.detach() + self.args.lambda_tr * terms["tamper_resistance"]

@@ -31,7 +31,6 @@ given, adds an unperturbed CE term in pass 2 (its batch shape differs from the p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +38,7 @@ import torch
 from ..errors import ConfigError
 from ..losses import perturbation_from_grads
 from ..modeling import HookManager, add_to_outputs, primary_tensor
-from ..trainer import ImmunizationConfig, ImmunizationTrainer
+from ..trainer import ImmunizationConfig, ImmunizationTrainer, check_non_negative
 
 VACCINE_PAPER = {
     "title": "Vaccine: Perturbation-aware alignment for large language models against harmful fine-tuning",
@@ -125,8 +124,7 @@ class VaccineConfig(ImmunizationConfig):
     def __post_init__(self):
         if self.rho is None:
             self.rho = 3.0 if self.layer_sampling else 2.0
-        if not math.isfinite(self.rho) or self.rho < 0:
-            raise ConfigError(f"rho must be a finite non-negative number, got {self.rho}.")
+        check_non_negative(self, "rho")
         if self.num_sampled_layers < 1:
             raise ConfigError(f"num_sampled_layers must be >= 1, got {self.num_sampled_layers}.")
         for name in ("probability_refresh_steps", "resample_steps"):
@@ -254,10 +252,7 @@ class VaccineTrainer(ImmunizationTrainer):
         return dict(zip(order, eps)), self._last_loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs, steps = self.begin_training_step(model, inputs)
         retain = self._next_retain_batch() if self.args.retain_weight > 0 else None
         if self.args.layer_sampling:
             self.update_layer_sampling(model, inputs)
@@ -277,6 +272,6 @@ class VaccineTrainer(ImmunizationTrainer):
         self.log_terms(terms, mode="train")
         if self.args.n_gpu > 1:
             loss = loss.mean()
-        loss = loss / self.accumulation_steps()
+        loss = loss / steps
         self.accelerator.backward(loss)
         return loss.detach()

@@ -5,7 +5,7 @@ fed with paired harmful/harmless batches, and its configuration :class:`Immuniza
 from __future__ import annotations
 
 from .base import IMMUNIZATION_PAPER, PAIRED_KEYS, ImmunizationCollator, ImmunizationTrainer, merge_parts
-from .config import ImmunizationConfig, check_search_space
+from .config import ImmunizationConfig, check_non_negative, check_search_space
 
 __all__ = [
     "IMMUNIZATION_PAPER",
@@ -13,6 +13,7 @@ __all__ = [
     "ImmunizationCollator",
     "ImmunizationConfig",
     "ImmunizationTrainer",
+    "check_non_negative",
     "check_search_space",
     "merge_parts",
 ]

@@ -268,6 +268,19 @@ class ImmunizationTrainer(Trainer):
         ``training_step`` is called outside ``train()``)."""
         return getattr(self, "current_gradient_accumulation_steps", 1)
 
+    def begin_training_step(self, model, inputs) -> tuple[dict[str, Any], int]:
+        """The prologue of every ``training_step`` written here, in the order of transformers'
+        ``Trainer.training_step``: ``model.train()``, ``optimizer.train()`` when the optimizer has one
+        (schedule-free optimizers), then ``_prepare_inputs``. Returns the prepared inputs and the gradient
+        accumulation steps that divide the micro-batch's loss (:meth:`accumulation_steps`).
+
+        Departure from the Trainer: no context-parallel input preparation (the defenses' multi-pass steps
+        do not support context parallelism) and no SageMaker model-parallel branch."""
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        return self._prepare_inputs(inputs), self.accumulation_steps()
+
     @staticmethod
     def no_sync(model):
         """DDP's ``no_sync`` for an auxiliary pass whose gradients stay local (a null context for a model
@@ -401,11 +414,7 @@ class ImmunizationTrainer(Trainer):
             or self.accelerator.distributed_type == DistributedType.DEEPSPEED
         ):
             return super().training_step(model, inputs, num_items_in_batch)
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        scale = self.accumulation_steps()
+        inputs, scale = self.begin_training_step(model, inputs)
         parts = self.defense_loss_parts(model, inputs)
         if not parts:
             raise RuntimeError(f"{type(self).__name__}.defense_loss_parts returned no part.")

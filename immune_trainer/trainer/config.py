@@ -1,9 +1,11 @@
 """The configuration every defense extends (:class:`ImmunizationConfig`, a ``TrainingArguments``) and the
-validation of a defense config's hyperparameter search space (:func:`check_search_space`)."""
+validation of a defense config's hyperparameter search space (:func:`check_search_space`) and of its
+non-negative weights (:func:`check_non_negative`)."""
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +13,19 @@ from transformers import TrainingArguments
 
 from ..errors import ConfigError
 
-__all__ = ["ImmunizationConfig", "check_search_space"]
+__all__ = ["ImmunizationConfig", "check_non_negative", "check_search_space"]
+
+
+def check_non_negative(config: Any, *names: str) -> None:
+    """Raise ConfigError naming the first of the fields ``names`` of ``config`` that is not a finite
+    non-negative real number (a loss weight, a step size; numpy scalars count, booleans do not), with its
+    value."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name} must be a finite non-negative number, got {value!r}.")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
 
 
 @dataclass
@@ -94,10 +108,7 @@ class ImmunizationConfig(TrainingArguments):
     def __post_init__(self):
         if self.max_length <= 0:
             raise ConfigError(f"max_length must be positive, got {self.max_length}.")
-        for name in ("harmless_weight", "retain_weight"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite non-negative number, got {value}.")
+        check_non_negative(self, "harmless_weight", "retain_weight")
         # Paired batches carry columns the model's forward does not accept.
         self.remove_unused_columns = False
         super().__post_init__()
