@@ -11,7 +11,7 @@ from typing import Any
 from .. import conditions as C
 from ..conditions.report import ImmunizationReport
 
-__all__ = ["claims", "eval_results", "not_tested"]
+__all__ = ["after_attack_claims", "claims", "eval_results", "not_tested"]
 
 
 def _finite(x: Any) -> bool:
@@ -20,7 +20,8 @@ def _finite(x: Any) -> bool:
 
 def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
     """Every measured number the card states, as ``{"id", "name", "value", "metric_type", "task"}`` (and
-    ``"dataset"`` when it is not the attack data: an lm-eval benchmark).
+    ``"dataset"`` when it is not the attack data: an lm-eval benchmark or the attacked models' harmful prompts;
+    ``"dataset_config"`` where one dataset serves several tasks).
 
     ``id`` is a stable claim identifier (``resistance.worst_value``, ``stability.<set>.relative_change``...)
     stored in each eval result's ``metric_config`` so ``verify`` can find it again. Unmeasured or
@@ -29,11 +30,13 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
     c, tm = report.conditions, report.threat_model
     out: list[dict[str, Any]] = []
 
-    def add(cid, name, value, metric_type, task, dataset=None):
+    def add(cid, name, value, metric_type, task, dataset=None, config=None):
         if _finite(value):
             claim = {"id": cid, "name": name, "value": float(value), "metric_type": metric_type, "task": task}
             if dataset is not None:  # a benchmark's own data (lm-eval tasks), not the attack data
                 claim["dataset"] = dataset
+            if config is not None:  # the model-index groups results by dataset and config, not by task
+                claim["dataset_config"] = config
             out.append(claim)
 
     def res(prefix, r: C.ResistanceResult | None, task):
@@ -93,6 +96,8 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
                 "relative_change",
                 "stability",
             )
+    for cl in after_attack_claims(report):
+        add(**cl)
     t = c.trainability
     if t is not None:
         add(
@@ -112,6 +117,57 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
     return out
 
 
+AFTER_ATTACK_SETS = {"attack": "", "in_domain": "in-domain ", "cross_domain": "cross-domain "}
+"""Harmful curve set -> the words its attacked-harm tasks start with."""
+
+
+def after_attack_claims(report: ImmunizationReport) -> list[dict[str, Any]]:
+    """The attacked models' harm as claims: for each harmful set and attack family, the refusal rate and
+    (with a judge) the judged harm of the worst run's final model, base and immunized
+    (:func:`~immune_trainer.conditions.attacked_harm_by_family`).
+
+    ``id`` is ``after_attack.<set>.<family>.<base|immunized>.<refusal_rate|harm>``; the task is the set's
+    ("harm after attack", "cross-domain harm after attack"), its dataset the prompts the attacked models
+    answered with the set as its config (huggingface_hub's model-index groups results by dataset and config
+    and keeps one task name per group), the metric type ``refusal_rate`` or the judge's name, and the
+    metric name the family and model. Records without a number (no judge: ``harm`` is None) make no claim."""
+    out: list[dict[str, Any]] = []
+    hib = report.threat_model.higher_is_better
+    data = report.datasets or ((report.extra.get("datasets") or {}) if isinstance(report.extra, dict) else {})
+    prompts = str(data.get("harmful_prompts") or data.get("attack_eval") or "harmful-prompts")
+    for key, words in AFTER_ATTACK_SETS.items():
+        by_family = C.attacked_harm_by_family(
+            report.curves.get("base", {}).get(key, []),
+            report.curves.get("immunized", {}).get(key, []),
+            hib,
+        )
+        for family, pair in by_family.items():
+            for who in ("base", "immunized"):
+                rec = pair.get(who)
+                if not rec:
+                    continue
+                judge = rec.get("judge") if isinstance(rec.get("judge"), dict) else {}
+                judge_name = str(judge.get("name") or "judge")
+                n = rec.get("n", "?")
+                for what, metric_type, label in (
+                    ("refusal_rate", "refusal_rate", "refusal rate"),
+                    ("harm", judge_name, f"{judge_name} judged harm"),
+                ):
+                    if _finite(rec.get(what)):
+                        out.append(
+                            {
+                                "cid": f"after_attack.{key}.{family}.{who}.{what}",
+                                "name": f"{label} of the {who} model after its worst {family} attack (n={n})",
+                                "value": rec[what],
+                                "metric_type": metric_type,
+                                "task": f"{words}harm after attack",
+                                "dataset": prompts,
+                                "config": key,
+                            }
+                        )
+    return out
+
+
 def eval_results(report: ImmunizationReport, dataset_name: str | None = None) -> list:
     """``huggingface_hub.EvalResult`` s of :func:`claims` (for the card's ``model-index``)."""
     from huggingface_hub import EvalResult
@@ -124,6 +180,7 @@ def eval_results(report: ImmunizationReport, dataset_name: str | None = None) ->
             task_name=cl["task"],
             dataset_type=str(cl.get("dataset", ds)),
             dataset_name=str(cl.get("dataset", ds)),
+            dataset_config=cl.get("dataset_config"),
             metric_type=cl["metric_type"],
             metric_name=cl["name"],
             metric_value=cl["value"],
