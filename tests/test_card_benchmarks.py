@@ -103,11 +103,11 @@ def attacked_report():
 
 EXPECTED = {
     "after_attack.attack.full.base.refusal_rate": (0.25, "refusal_rate", "harm after attack"),
-    "after_attack.attack.full.base.harm": (0.75, "offline_judge", "harm after attack"),
+    "after_attack.attack.full.base.harm": (0.75, "judged_harm", "harm after attack"),
     "after_attack.attack.full.immunized.refusal_rate": (0.5, "refusal_rate", "harm after attack"),
-    "after_attack.attack.full.immunized.harm": (0.25, "offline_judge", "harm after attack"),
+    "after_attack.attack.full.immunized.harm": (0.25, "judged_harm", "harm after attack"),
     "after_attack.attack.lora.base.refusal_rate": (0.5, "refusal_rate", "harm after attack"),
-    "after_attack.attack.lora.base.harm": (0.5, "offline_judge", "harm after attack"),
+    "after_attack.attack.lora.base.harm": (0.5, "judged_harm", "harm after attack"),
     "after_attack.attack.lora.immunized.refusal_rate": (0.75, "refusal_rate", "harm after attack"),
 }
 

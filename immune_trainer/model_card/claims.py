@@ -129,8 +129,8 @@ def after_attack_claims(report: ImmunizationReport) -> list[dict[str, Any]]:
     ``id`` is ``after_attack.<set>.<family>.<base|immunized>.<refusal_rate|harm>``; the task is the set's
     ("harm after attack", "cross-domain harm after attack"), its dataset the prompts the attacked models
     answered with the set as its config (huggingface_hub's model-index groups results by dataset and config
-    and keeps one task name per group), the metric type ``refusal_rate`` or the judge's name, and the
-    metric name the family and model. Records without a number (no judge: ``harm`` is None) make no claim."""
+    and keeps one task name per group), the metric type ``refusal_rate`` or ``judged_harm``, and the
+    metric name the judge, family and model. Records without a number (no judge: ``harm`` is None) make no claim."""
     out: list[dict[str, Any]] = []
     hib = report.threat_model.higher_is_better
     data = report.datasets or ((report.extra.get("datasets") or {}) if isinstance(report.extra, dict) else {})
@@ -151,7 +151,7 @@ def after_attack_claims(report: ImmunizationReport) -> list[dict[str, Any]]:
                 n = rec.get("n", "?")
                 for what, metric_type, label in (
                     ("refusal_rate", "refusal_rate", "refusal rate"),
-                    ("harm", judge_name, f"{judge_name} judged harm"),
+                    ("harm", "judged_harm", f"judged harm ({judge_name})"),
                 ):
                     if _finite(rec.get(what)):
                         out.append(
