@@ -168,3 +168,22 @@ def test_verify_compares_the_attacked_harm_within_one_answer():
     bare = report()
     checks = compare(bare, stated)
     assert all(ch.passed is None for ch in checks.values()), checks
+
+
+def test_every_claims_task_name_survives_the_model_index(tmp_path):
+    """huggingface_hub groups model-index results by dataset and config and keeps one task name per group:
+    stability, the benchmark's capability change and the attacked harm keep their own task names (they sat
+    under "harmful fine-tuning resistance" when they shared the attack data)."""
+    from huggingface_hub import ModelCard
+
+    r = attacked_report()
+    r.datasets = {**r.datasets, "reference": ["text=wiki.jsonl"]}
+    generate_model_card(r, defense="gradient_ascent").save(tmp_path / "README.md")
+    parsed = {e.metric_config: e for e in ModelCard.load(tmp_path / "README.md").data.eval_results}
+    stated = {c["id"]: c for c in claims(r)}
+    assert set(parsed) == set(stated)
+    for cid, c in stated.items():
+        assert parsed[cid].task_name == c["task"], (cid, parsed[cid].task_name, c["task"])
+    assert parsed["stability.mmlu.relative_change"].task_name == "lm-eval: mmlu"
+    assert parsed["stability.mmlu.relative_change"].dataset_name == "mmlu"
+    assert parsed["stability.text.relative_change"].dataset_name == "wiki.jsonl"  # the reference set's SPEC
