@@ -187,3 +187,24 @@ def test_every_claims_task_name_survives_the_model_index(tmp_path):
     assert parsed["stability.mmlu.relative_change"].task_name == "lm-eval: mmlu"
     assert parsed["stability.mmlu.relative_change"].dataset_name == "mmlu"
     assert parsed["stability.text.relative_change"].dataset_name == "wiki.jsonl"  # the reference set's SPEC
+
+
+def test_a_card_written_before_the_attacked_harm_claims_still_states_its_reports_numbers():
+    """The committed demo card predates the after_attack claims its report now yields: verify's card check
+    passes it (it states nothing false), while an edited number on it still fails."""
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard
+
+    from immune_trainer.conditions.report import ImmunizationReport
+    from immune_trainer.hub.recheck import card_claims_of, check_card_against_report
+
+    folder = Path(__file__).resolve().parents[1] / "model_cards" / "smollm2-135m-demo"
+    report = ImmunizationReport.load(folder / "immunization_report.json")
+    stated, meta = card_claims_of(ModelCard.load(folder / "README.md"))
+    assert not any(cid.startswith("after_attack.") for cid in stated)
+    assert any(c["id"].startswith("after_attack.") for c in claims(report))
+    assert check_card_against_report(stated, meta, report).passed
+    stated["resistance.worst_value"] += 1.0
+    check = check_card_against_report(stated, meta, report)
+    assert not check.passed and "resistance.worst_value" in check.note
