@@ -250,3 +250,122 @@ def test_verify_reruns_a_calibrated_report_and_passes(tmp_path_factory):
     claims = {ch.claim for ch in result.checks}
     assert "resistance: immunized model's attack curves" in claims and "resistance[full]: verdict" in claims
     assert result.status == "PASSED", [(ch.claim, ch.note) for ch in result.checks if not ch.passed]
+
+
+def test_verify_reruns_an_attack_search_report_and_passes(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """A report of the older AttackSearch (report.search not "calibrated") is re-run by verify: the same
+    trials, sampler seed and space, in memory; every claim re-measured: PASSED. An edited card number: FAILED
+    naming it."""
+    from immune_trainer.attacks import AttackConfig, AttackSearch, SearchConfig, SearchSpace
+    from immune_trainer.evaluation import EvaluationConfig, evaluate_conditions
+    from immune_trainer.evaluation.recorded import condition_datasets
+    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("searched")
+    tok = tiny_tokenizer()
+    models = {}
+    for name, seed in (("base", 0), ("immunized", 1)):
+        models[name] = tiny_causal_lm("llama", seed=seed)
+        models[name].save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    record = {
+        "attack_train": _write_jsonl(root / "train.jsonl", make_pairs(8)),
+        "attack_eval": _write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
+        "eval_limit": 3,
+        "split_seed": 0,
+        "reference": ["ref=" + _write_jsonl(root / "ref.jsonl", make_pairs(4, offset=300))],
+        "benign": _write_jsonl(root / "benign.jsonl", make_benign(10)),
+    }
+    sets = condition_datasets(record).datasets
+    search = AttackSearch(
+        AttackConfig(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40),
+        SearchConfig(search=2, search_seed=3, search_storage=":memory:", n_startup_trials=1),
+        SearchSpace(search_space=["learning_rate"], lr_min=1e-3, lr_max=1e-2),
+        reference=sets.reference,
+    )
+    cfg = EvaluationConfig(
+        benign_scorer="benign_loss", benign_max_steps=2, benign_eval_every=1, side_effects=False, helpfulness=False
+    )
+    report = evaluate_conditions(
+        models["base"], models["immunized"], tok, sets, attack=search, config=cfg,
+        base_name=str(root / "base"), immunized_name=str(root / "immunized"),
+    )
+    report.datasets = record
+    assert report.search and report.search.get("kind") != "calibrated" and report.search["n_trials"] == 2
+    write_model_card(root / "immunized", report, plot=False)
+
+    seen = []
+    real = V._remeasure
+    monkeypatch.setattr(V, "_remeasure", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    result = V.verify(str(root / "immunized"))
+    assert not seen[0].why, seen[0].why
+    claims = {ch.claim for ch in result.checks}
+    for name in (
+        "resistance: phi",
+        "resistance: base model's attack curves",
+        "resistance: immunized model's attack curves",
+        "resistance[full]: verdict",
+        "stability: verdict",
+        "trainability: verdict",
+        "overall verdict",
+        "resistance.worst_value",
+    ):
+        assert name in claims, (name, sorted(claims))
+    assert result.status == "PASSED", [(ch.claim, ch.measured, ch.note) for ch in result.checks if not ch.passed]
+
+    # an edited card number fails, named (the re-measurement reused)
+    d = shutil.copytree(root / "immunized", tmp_path / "copy")
+    card = ModelCard.load(d / "README.md")
+    for r in card.data.eval_results:
+        if r.metric_config == "resistance.worst_value":
+            r.metric_value = r.metric_value * 1.5 + 1.0
+    ModelCard(f"---\n{card.data.to_yaml()}\n---\n{card.content.split('---', 2)[2]}").save(d / "README.md")
+    code, out = _verify_with(monkeypatch, (result, seen[0]), d, capsys)
+    assert code == 1, out
+    assert re.search(r"^resistance\.worst_value .*FAIL", out, re.M), out
+
+
+def test_verify_remeasures_the_attacked_models_harm_in_the_model_index(tmp_path_factory):
+    """With attacked_harm_prompts, the card's model-index carries each family's refusal rate and judged harm
+    after its worst attack (base and immunized); verify re-measures them: PASSED, each one re-checked."""
+    from immune_trainer.attacks import AttackConfig
+    from immune_trainer.data.loading import ModelArguments
+    from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
+    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("attacked")
+    tok = tiny_tokenizer()
+    for name, seed in (("base", 0), ("immunized", 1)):
+        tiny_causal_lm("llama", seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    data = EvaluationData(
+        base_model=str(root / "base"),
+        dataset=_write_jsonl(root / "train.jsonl", make_pairs(8)),
+        eval_dataset=_write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
+        harmful_prompts=_write_jsonl(root / "prompts.jsonl", make_pairs(3, offset=400).remove_columns("completion")),
+        eval_limit=3,
+    )
+    attack = AttackConfig(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40)
+    cfg = EvaluationConfig(
+        side_effects=False,
+        helpfulness=False,
+        fixed_grid=True,
+        attacked_harm_prompts=3,
+        attacked_harm_judge="offline_judge",
+    )
+    report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
+    write_model_card(root / "immunized", report, plot=False)
+    card = ModelCard.load(root / "immunized" / "README.md")
+    index = {r.metric_config: r for r in card.data.eval_results if r.metric_config.startswith("after_attack.")}
+    assert set(index) == {
+        f"after_attack.attack.full.{who}.{what}" for who in ("base", "immunized") for what in ("refusal_rate", "harm")
+    }
+    record = report.curves["immunized"]["attack"][0].config["after_attack"]
+    assert index["after_attack.attack.full.immunized.refusal_rate"].metric_value == record["refusal_rate"]
+    assert index["after_attack.attack.full.immunized.harm"].metric_value == record["harm"]
+    assert index["after_attack.attack.full.immunized.harm"].metric_type == "judged_harm"
+    assert "offline harm judge" in index["after_attack.attack.full.immunized.harm"].metric_name
+    result = V.verify(str(root / "immunized"))
+    checks = {ch.claim: ch for ch in result.checks}
+    assert all(checks[cid].passed is True for cid in index), [checks[cid] for cid in index]
+    assert result.status == "PASSED", [(ch.claim, ch.measured, ch.note) for ch in result.checks if not ch.passed]

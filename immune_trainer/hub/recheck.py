@@ -38,6 +38,10 @@ _SETS = {
 """Harmful curve set -> the claim prefix of its resistance result."""
 
 
+_LATER_CLAIMS = ("after_attack.",)
+"""Claim ids the model-index gained after cards were published: a card without them is not a mismatch."""
+
+
 def within_tolerance(claimed: float | None, measured: float | None, tol: float) -> bool:
     """``|claimed - measured| <= tol`` (None only matches None; NaN only matches NaN; inf only itself)."""
     if claimed is None or measured is None:
@@ -653,6 +657,8 @@ class Comparison:
                 within_tolerance(v, m, tol),
                 f"tol {C.fmt_number(tol, 3)}",
             )
+        if cid.startswith("after_attack."):
+            return self._after_attack_rule(cid)
         t = self.report.conditions.trainability
         if cid.startswith("trainability.") and t is not None:
             what = cid[len("trainability.") :]
@@ -667,6 +673,31 @@ class Comparison:
                 f"tol {C.fmt_number(tol, 3)}",
             )
         return None, None
+
+    def _after_attack_rule(self, cid: str):
+        """An attacked model's refusal rate or judged harm (``after_attack.<set>.<family>.<who>.<what>``):
+        part of its harmful set's re-run; a match is within one answer of the ``n`` prompts (1/n), as a
+        re-run attack may flip one generation."""
+        head, _, rest = cid[len("after_attack.") :].partition(".")
+        parts = rest.rsplit(".", 2)
+        if len(parts) != 3:
+            return None, None
+        family, who, what = parts
+        if head not in _SETS or who not in ("base", "immunized") or what not in ("refusal_rate", "harm"):
+            return None, None
+        pair = C.attacked_harm_by_family(
+            self.report.curves.get("base", {}).get(head, []),
+            self.report.curves.get("immunized", {}).get(head, []),
+            self.report.threat_model.higher_is_better,
+        ).get(family) or {}
+        n = (pair.get(who) or {}).get("n")
+        tol = 1.0 / n if isinstance(n, int) and n > 0 else 0.0
+        def check(v, m, tol=tol):
+            if m is None:  # the re-run measured no attacked harm (no prompts or judge recorded)
+                return None, "the attacked models' harm was not measured again"
+            return within_tolerance(v, m, tol), f"tol {C.fmt_number(tol, 3)} (1/n)"
+
+        return head, check
 
     def _bracketed(self, key: str, what: str, value: float) -> tuple[bool, str]:
         lo, hi = self.brackets.get(key, {}).get(what, (math.inf, math.inf))
@@ -697,9 +728,12 @@ def check_card_against_report(
     from ..model_card.claims import claims
 
     stated = {c["id"]: c["value"] for c in claims(report)}
-    differ = []
+    differ, older = [], []
     for cid in sorted(set(card_claims) | set(stated)):
         a, b = card_claims.get(cid), stated.get(cid)
+        if a is None and cid.startswith(_LATER_CLAIMS):
+            older.append(cid)  # a card written before the model-index carried these claims states nothing false
+            continue
         if a is None or b is None or not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
             differ.append(f"{cid}: card {a} vs report {b}")
     expect = {
@@ -720,5 +754,7 @@ def check_card_against_report(
         f"{n} values",
         "differ" if differ else "same",
         not differ,
-        "; ".join(differ) if differ else "every claim and verdict",
+        "; ".join(differ)
+        if differ
+        else "every claim and verdict" + (f" ({len(older)} later claim(s) not on this older card)" if older else ""),
     )

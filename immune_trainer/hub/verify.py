@@ -11,7 +11,9 @@ Steps:
    ``embedded``; ``base_model`` replaces it);
 4. rebuild the recorded data from ``report.datasets`` (:mod:`immune_trainer.evaluation.recorded`) and the
    recorded settings (``extra["attack_suite"]`` or ``["attack_config"]``,
-   ``["generalization_attack_suite"]``, ``["evaluation_config"]``), and run the evaluation's stages
+   ``["generalization_attack_suite"]``, ``["evaluation_config"]``; a calibrated attack from
+   ``extra["calibration"]``; an ``AttackSearch`` from ``report.search``: the same trials, sampler seed,
+   start-up trials, pruner, space and constraint, in memory), and run the evaluation's stages
    (:mod:`immune_trainer.evaluation.stages`) again on both models, without any cache: side effects,
    resistance (phi read off the base model again when ``threat_model.threshold_source`` says the report
    did so; a phi the user gave is a setting, taken as recorded), generalization, stability, trainability;
@@ -30,6 +32,8 @@ Tolerance (``tolerance``, default 0.25, a fraction of the margin each number is 
   ``|base score|``); benign scores (trainability): within ``tolerance x trainability_tolerance x
   |base final score|``, benign step counts within ``tolerance x eps_steps``; side-effect rates within
   ``tolerance x`` the side-effects tolerance;
+* the attacked models' refusal rate and judged harm (``after_attack.*`` claims): within ``1/n`` of the
+  ``n`` prompts (one answer of a re-run attack may flip);
 * verdicts (per family, per condition, overall) must match exactly.
 
 Result: PASSED (exit 0) when every listed claim was re-measured and matched; PARTIAL (exit 3) when some
@@ -246,6 +250,51 @@ def _calibrated(report: ImmunizationReport, ds):
     return attack, gen
 
 
+def _searched(report: ImmunizationReport, ds, cfg):
+    """The :class:`~immune_trainer.attacks.AttackSearch` a report ran, rebuilt from its record: the budget
+    (``extra["attack_config"]``), and from ``report.search`` the trials, sampler seed, start-up trials, pruner,
+    space, capability scorer and tolerance; in memory (no storage: every trial runs again), on the recorded
+    reference sets; the generalization sets' search under the recorded generalization budget."""
+    from ..attacks import AttackSearch, SearchConfig, SearchSpace
+    from ..evaluation.attack_sets import _generalization_search
+
+    rec = report.search or {}
+    space = rec.get("space")
+    if not isinstance(space, dict) or not isinstance(rec.get("n_trials"), int):
+        raise ReportError(f"{REPORT_FILE} ran an attack search but does not record its trials and space (search).")
+    if not ds.reference:
+        raise ReportError("the attack search's capability constraint needs the reference sets, which are not recorded.")
+    (budget,) = _recorded_configs([report.extra.get("attack_config")], "extra['attack_config']")
+    # "NAME" or "NAME (set), ..." (lm-eval sets are scored by lm_eval whatever the setting): the datasets' name
+    names = [part.split(" (")[0] for part in str(rec.get("capability_scorer") or "").split(", ") if part]
+    scorer = next((n for n in names if n != "lm_eval"), None)
+    known = set(SearchSpace.__dataclass_fields__)
+    search = SearchConfig(
+        search=rec["n_trials"],
+        search_seed=int(rec.get("sampler_seed", 0)),
+        search_storage=":memory:",  # every trial runs again; none is read back from a storage
+        capability_tolerance=float(rec["capability_tolerance"]),
+        **({"capability_scorer": scorer} if scorer else {}),
+        **({"n_startup_trials": rec["n_startup_trials"]} if rec.get("n_startup_trials") is not None else {}),
+        **({"pruner": rec["pruner"]} if rec.get("pruner") else {}),
+    )
+    main = AttackSearch(
+        replace(budget, output_dir=None),
+        search,
+        SearchSpace(**{k: v for k, v in space.items() if k in known}),
+        reference=ds.reference,
+    )
+    return main, _generalization_search(main, cfg)
+
+
+def _family_names(attack) -> list[str]:
+    """The families an attack (suite, calibrated attack or search) may run."""
+    if hasattr(attack, "family_names"):
+        return attack.family_names()
+    space = attack.space  # an AttackSearch: its family axis, else the budget's first family
+    return list(space.family_choices) if "family" in space.search_space else attack.config.family_names()[:1]
+
+
 def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded, hook, say) -> Remeasured:
     """Run the evaluation's stages again on both models, on the recorded data and settings, and judge them."""
     from ..attacks import get_attack
@@ -306,14 +355,17 @@ def _remeasure(report: ImmunizationReport, base, immunized, tokenizer, recorded,
         except (ReportError, ConfigError) as e:
             why["attack"] = str(e)
     elif report.search:
-        why["attack"] = "the report ran an attack search; verify re-runs fixed attack grids and calibrated attacks only"
+        try:
+            main_suite, gen_suite = _searched(report, ds, cfg)
+        except (ReportError, ConfigError, TypeError, ValueError, KeyError) as e:
+            why["attack"] = f"its attack search cannot be rebuilt: {e}"
     else:
         try:
             main_suite, gen_suite = _suites(report, cfg)
         except (ReportError, ConfigError) as e:
             why["attack"] = str(e)
     if main_suite is not None and ds.attack_train is not None:
-        needs_benign = [f for f in main_suite.family_names() if get_attack(f).needs_benign]
+        needs_benign = [f for f in _family_names(main_suite) if get_attack(f).needs_benign]
         if needs_benign and ds.benign_train is None:
             why["attack"] = (
                 f"the grid's {', '.join(needs_benign)} attacks train on benign data, which is not recorded "

@@ -11,7 +11,14 @@ from typing import Any
 from .. import conditions as C
 from ..conditions.report import ImmunizationReport
 
-__all__ = ["claims", "eval_results", "not_tested"]
+__all__ = ["after_attack_claims", "claims", "eval_results", "not_tested"]
+
+
+def _recorded(report: ImmunizationReport) -> dict[str, Any]:
+    """The data SPECs a report records (``report.datasets``, else an older report's ``extra["datasets"]``)."""
+    return dict(
+        report.datasets or ((report.extra.get("datasets") or {}) if isinstance(report.extra, dict) else {})
+    )
 
 
 def _finite(x: Any) -> bool:
@@ -20,7 +27,8 @@ def _finite(x: Any) -> bool:
 
 def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
     """Every measured number the card states, as ``{"id", "name", "value", "metric_type", "task"}`` (and
-    ``"dataset"`` when it is not the attack data: an lm-eval benchmark).
+    ``"dataset"`` when it is not the attack data: an lm-eval benchmark or the attacked models' harmful prompts;
+    ``"dataset_config"`` where one dataset serves several tasks).
 
     ``id`` is a stable claim identifier (``resistance.worst_value``, ``stability.<set>.relative_change``...)
     stored in each eval result's ``metric_config`` so ``verify`` can find it again. Unmeasured or
@@ -28,15 +36,19 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
     """
     c, tm = report.conditions, report.threat_model
     out: list[dict[str, Any]] = []
+    data = _recorded(report)
+    refs = dict(r.partition("=")[::2] for r in data.get("reference") or [] if isinstance(r, str) and "=" in r)
 
-    def add(cid, name, value, metric_type, task, dataset=None):
+    def add(cid, name, value, metric_type, task, dataset=None, config=None):
         if _finite(value):
             claim = {"id": cid, "name": name, "value": float(value), "metric_type": metric_type, "task": task}
             if dataset is not None:  # a benchmark's own data (lm-eval tasks), not the attack data
                 claim["dataset"] = dataset
+            if config is not None:  # the model-index groups results by dataset and config, not by task
+                claim["dataset_config"] = config
             out.append(claim)
 
-    def res(prefix, r: C.ResistanceResult | None, task):
+    def res(prefix, r: C.ResistanceResult | None, task, dataset=None):
         if r is None:
             return
         add(
@@ -45,6 +57,7 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
             r.worst_value,
             tm.scorer,
             task,
+            dataset,
         )
         if r.worst_crossing is not None:
             add(
@@ -53,6 +66,7 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
                 r.worst_crossing.step,
                 "steps",
                 task,
+                dataset,
             )
         add(
             f"{prefix}.steps_multiple",
@@ -60,12 +74,23 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
             r.steps_multiple,
             "ratio",
             task,
+            dataset,
         )
 
     res("resistance", c.resistance, "harmful fine-tuning resistance")
     if c.generalization is not None:
-        res("generalization.in_domain", c.generalization.in_domain, "in-domain generalization")
-        res("generalization.cross_domain", c.generalization.cross_domain, "cross-domain generalization")
+        res(
+            "generalization.in_domain",
+            c.generalization.in_domain,
+            "in-domain generalization",
+            data.get("in_domain_train") or "in-domain harmful set",
+        )
+        res(
+            "generalization.cross_domain",
+            c.generalization.cross_domain,
+            "cross-domain generalization",
+            data.get("cross_domain") or "cross-domain harmful set",
+        )
     scorers = report.extra.get("capability_scorers") if isinstance(report.extra, dict) else None
     if c.stability is not None:
         for name, s in c.stability.sets.items():
@@ -79,21 +104,27 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
                 add(f"stability.{name}.base", f"{metric} on {name} (base)", s.base, metric, task, bench)
                 add(f"stability.{name}.immunized", f"{metric} on {name} (immunized)", s.immunized, metric, task, bench)
             else:
+                task, bench = "stability", refs.get(name) or name  # the reference set, not the attack data
                 add(
                     f"stability.{name}.immunized",
                     f"capability on {name} (immunized)",
                     s.immunized,
                     "capability",
-                    "stability",
+                    task,
+                    bench,
                 )
             add(
                 f"stability.{name}.relative_change",
                 f"relative capability change on {name}",
                 s.relative_change,
                 "relative_change",
-                "stability",
+                task,
+                bench,
             )
+    for cl in after_attack_claims(report):
+        add(**cl)
     t = c.trainability
+    benign = data.get("benign_train") or data.get("benign") or "benign fine-tuning"
     if t is not None:
         add(
             "trainability.immunized_final",
@@ -101,6 +132,7 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
             t.immunized_final,
             "benign_score",
             "trainability",
+            benign,
         )
         add(
             "trainability.immunized_steps",
@@ -108,7 +140,59 @@ def claims(report: ImmunizationReport) -> list[dict[str, Any]]:
             t.immunized_steps,
             "steps",
             "trainability",
+            benign,
         )
+    return out
+
+
+AFTER_ATTACK_SETS = {"attack": "", "in_domain": "in-domain ", "cross_domain": "cross-domain "}
+"""Harmful curve set -> the words its attacked-harm tasks start with."""
+
+
+def after_attack_claims(report: ImmunizationReport) -> list[dict[str, Any]]:
+    """The attacked models' harm as claims: for each harmful set and attack family, the refusal rate and
+    (with a judge) the judged harm of the worst run's final model, base and immunized
+    (:func:`~immune_trainer.conditions.attacked_harm_by_family`).
+
+    ``id`` is ``after_attack.<set>.<family>.<base|immunized>.<refusal_rate|harm>``; the task is the set's
+    ("harm after attack", "cross-domain harm after attack"), its dataset the prompts the attacked models
+    answered with the set as its config (huggingface_hub's model-index groups results by dataset and config
+    and keeps one task name per group), the metric type ``refusal_rate`` or ``judged_harm``, and the
+    metric name the judge, family and model. Records without a number (no judge: ``harm`` is None) make no claim."""
+    out: list[dict[str, Any]] = []
+    hib = report.threat_model.higher_is_better
+    data = _recorded(report)
+    prompts = str(data.get("harmful_prompts") or data.get("attack_eval") or "harmful-prompts")
+    for key, words in AFTER_ATTACK_SETS.items():
+        by_family = C.attacked_harm_by_family(
+            report.curves.get("base", {}).get(key, []),
+            report.curves.get("immunized", {}).get(key, []),
+            hib,
+        )
+        for family, pair in by_family.items():
+            for who in ("base", "immunized"):
+                rec = pair.get(who)
+                if not rec:
+                    continue
+                judge = rec.get("judge") if isinstance(rec.get("judge"), dict) else {}
+                judge_name = str(judge.get("name") or "judge")
+                n = rec.get("n", "?")
+                for what, metric_type, label in (
+                    ("refusal_rate", "refusal_rate", "refusal rate"),
+                    ("harm", "judged_harm", f"judged harm ({judge_name})"),
+                ):
+                    if _finite(rec.get(what)):
+                        out.append(
+                            {
+                                "cid": f"after_attack.{key}.{family}.{who}.{what}",
+                                "name": f"{label} of the {who} model after its worst {family} attack (n={n})",
+                                "value": rec[what],
+                                "metric_type": metric_type,
+                                "task": f"{words}harm after attack",
+                                "dataset": prompts,
+                                "config": key,
+                            }
+                        )
     return out
 
 
@@ -116,21 +200,29 @@ def eval_results(report: ImmunizationReport, dataset_name: str | None = None) ->
     """``huggingface_hub.EvalResult`` s of :func:`claims` (for the card's ``model-index``)."""
     from huggingface_hub import EvalResult
 
-    data = report.datasets or ((report.extra.get("datasets") or {}) if isinstance(report.extra, dict) else {})
-    ds = dataset_name or data.get("attack_train") or "harmful-fine-tuning-attack"
-    return [
-        EvalResult(
-            task_type="text-generation",
-            task_name=cl["task"],
-            dataset_type=str(cl.get("dataset", ds)),
-            dataset_name=str(cl.get("dataset", ds)),
-            metric_type=cl["metric_type"],
-            metric_name=cl["name"],
-            metric_value=cl["value"],
-            metric_config=cl["id"],
+    ds = dataset_name or _recorded(report).get("attack_train") or "harmful-fine-tuning-attack"
+    out, tasks = [], {}
+    for cl in claims(report):
+        dataset, config = str(cl.get("dataset", ds)), cl.get("dataset_config")
+        # huggingface_hub's model-index keeps one task name per (dataset, config): a second task on the same
+        # dataset (e.g. stability on the attack data) gets its task as the config, so no task name is lost.
+        if tasks.setdefault((dataset, config), cl["task"]) != cl["task"]:
+            config = cl["task"]
+            tasks.setdefault((dataset, config), cl["task"])
+        out.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name=cl["task"],
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_config=config,
+                metric_type=cl["metric_type"],
+                metric_name=cl["name"],
+                metric_value=cl["value"],
+                metric_config=cl["id"],
+            )
         )
-        for cl in claims(report)
-    ]
+    return out
 
 
 def _search_line(search: dict | None) -> str:
