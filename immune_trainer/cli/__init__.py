@@ -88,8 +88,7 @@ commands:
   push       push an immunized model folder and its card to the Hub
   verify     re-measure every claim of a model card (both models, the recorded data): PASSED, PARTIAL, FAILED
   compare    put reports side by side (defenses x attack families): table, CSV, heatmap
-  leaderboard  every defense on the embedded default under one attack, ranked (--config FILE with a
-             model: any model and data, e.g. examples/leaderboard_gpu.yaml; or --reports R...)
+  leaderboard  every defense under one attack, ranked (embedded default; --config examples/leaderboard_gpu.yaml)
   schema     print the JSON Schema of the immunization report
   defenses | scorers | attacks   list what is registered
 
