@@ -190,8 +190,8 @@ def test_every_claims_task_name_survives_the_model_index(tmp_path):
 
 
 def test_a_card_written_before_the_attacked_harm_claims_still_states_its_reports_numbers():
-    """The committed demo card predates the after_attack claims its report now yields: verify's card check
-    passes it (it states nothing false), while an edited number on it still fails."""
+    """A card written before the after_attack claims existed (the committed demo card less those claims)
+    passes verify's card check (it states nothing false), while an edited number on it still fails."""
     from pathlib import Path
 
     from huggingface_hub import ModelCard
@@ -202,7 +202,8 @@ def test_a_card_written_before_the_attacked_harm_claims_still_states_its_reports
     folder = Path(__file__).resolve().parents[1] / "model_cards" / "smollm2-135m-demo"
     report = ImmunizationReport.load(folder / "immunization_report.json")
     stated, meta = card_claims_of(ModelCard.load(folder / "README.md"))
-    assert not any(cid.startswith("after_attack.") for cid in stated)
+    assert any(cid.startswith("after_attack.") for cid in stated)  # today's card states them
+    stated = {cid: v for cid, v in stated.items() if not cid.startswith("after_attack.")}
     assert any(c["id"].startswith("after_attack.") for c in claims(report))
     assert check_card_against_report(stated, meta, report).passed
     stated["resistance.worst_value"] += 1.0
