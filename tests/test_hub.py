@@ -199,6 +199,27 @@ def test_card_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
     assert "# renamed" in (d / "README.md").read_text()
 
 
+def test_card_replaces_the_template_peft_saves_beside_an_adapter(tmp_path):
+    """A LoRA defense (rerouting, security vectors) saves an adapter, and peft writes the Hub's unfilled card
+    template beside it: the model card replaces that template without --overwrite; notes added to it
+    (the template's lines gone) are still kept."""
+    import peft
+
+    from immune_trainer.testing import tiny_causal_lm
+
+    lora = peft.get_peft_model(tiny_causal_lm("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    d = tmp_path / "adapter"
+    lora.save_pretrained(d)
+    template = (d / "README.md").read_text()
+    assert M.unfilled_hub_template(template) and not M.written_by_immune_trainer(template)
+    synthetic_report("weak").save(d / M.REPORT_FILE)
+    K.write_model_card(d)
+    assert M.GENERATED_MARKER in (d / "README.md").read_text()
+    (d / "README.md").write_text("# Model Card for Model ID\n\nMy own notes on this adapter.\n")
+    with pytest.raises(OutputError, match="not written by immune_trainer"):
+        K.write_model_card(d)
+
+
 def test_cards_written_before_the_marker_still_count_as_ours():
     card = str(K.build_model_card(synthetic_report()))
     assert M.written_by_immune_trainer(card)

@@ -25,6 +25,7 @@ from .render import (
     project_url,
     save_model_card,
     template_path,
+    unfilled_hub_template,
     weights_sha256,
     written_by_immune_trainer,
 )
@@ -50,5 +51,6 @@ __all__ = [
     "template_path",
     "weights_sha256",
     "write_badges",
+    "unfilled_hub_template",
     "written_by_immune_trainer",
 ]

@@ -155,6 +155,20 @@ def _without_local_paths(report: ImmunizationReport, folder) -> ImmunizationRepo
     return ImmunizationReport.from_dict(_path_scrubber(folder)(report.to_dict()))
 
 
+#: Lines of huggingface_hub's default model-card template, which peft's ``save_pretrained`` writes beside a
+#: LoRA adapter (rerouting, security vectors): a README holding all of them is a template nobody filled in.
+_HUB_TEMPLATE_LINES = (
+    "# Model Card for Model ID",
+    "<!-- Provide a quick summary of what the model is/does. -->",
+    "[More Information Needed]",
+)
+
+
+def unfilled_hub_template(text: str) -> bool:
+    """True when a README is huggingface_hub's default card template as peft writes it, nobody's notes."""
+    return all(line in text for line in _HUB_TEMPLATE_LINES)
+
+
 def written_by_immune_trainer(text: str) -> bool:
     """True when a README's text is a card this library wrote (its marker, or its ``immune-trainer`` tag)."""
     if GENERATED_MARKER.split(":")[0] in text:
@@ -434,7 +448,8 @@ def save_model_card(
     ``report`` defaults to ``folder/immunization_report.json`` (and is saved there when given and
     missing, so the folder is self-contained). Without a report no card is written: a card states
     measured results only. A ``README.md`` already in the folder is replaced only when this library
-    wrote it (:func:`written_by_immune_trainer`) or ``overwrite`` is true. Other keyword arguments go to
+    wrote it (:func:`written_by_immune_trainer`), it is the Hub's unfilled template that peft saves beside an
+    adapter (:func:`unfilled_hub_template`), or ``overwrite`` is true. Other keyword arguments go to
     :func:`generate_model_card`. Returns the ``ModelCard``.
 
     Raises:
@@ -449,7 +464,8 @@ def save_model_card(
     if os.path.exists(readme) and not overwrite:
         try:
             with open(readme, encoding="utf-8", errors="replace") as f:
-                ours = written_by_immune_trainer(f.read())
+                text = f.read()
+            ours = written_by_immune_trainer(text) or unfilled_hub_template(text)
         except OSError as e:
             raise OutputError(f"cannot read {readme}: {e.strerror or e}.") from None
         if not ours:
