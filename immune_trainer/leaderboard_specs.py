@@ -17,12 +17,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError, DataError
+from .evaluation.specs import DatasetSpecs
 
 __all__ = ["LeaderboardData", "leaderboard_from_specs", "leaderboard_record"]
 
 
 @dataclass
-class LeaderboardData:
+class LeaderboardData(DatasetSpecs):
     """The defenses, their budgets and the data of a leaderboard run from SPECs (the model is ``--model``;
     the attack, its calibration and the measurement are the options of ``immune-trainer evaluate``)."""
 
@@ -61,7 +62,9 @@ class LeaderboardData:
     )
     sweep_trials: int = field(
         default=0,
-        metadata={"help": "Tune each defense with this many DefenseSweep trials first (0: its settings as given)."},
+        metadata={
+            "help": "Tune each defense with this many DefenseSweep trials first (0: its settings as given)."
+        },
     )
     sweep_storage: str | None = field(
         default=None,
@@ -69,41 +72,6 @@ class LeaderboardData:
             "help": "Optuna storage URL of the sweeps (default: SQLite in each defense's folder); an RDB URL "
             "(postgresql://..., mysql://...) lets several machines share the studies."
         },
-    )
-    dataset: str = field(
-        default="embedded:harmful_qa/attack", metadata={"help": "Harmful data the attacker trains on."}
-    )
-    eval_dataset: str = field(
-        default="embedded:harmful_qa/in_domain",
-        metadata={"help": "Held-out harmful data on which f is measured."},
-    )
-    cross_domain_dataset: str | None = field(
-        default=None,
-        metadata={"help": "Harmful data of another harm domain (attack and evaluation split 50/50)."},
-    )
-    reference: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Reference sets for stability, as NAME=SPEC (lm_eval:TASK[,TASK...] for lm-evaluation-harness "
-            "tasks); the calibrated attack's capability cap needs one."
-        },
-    )
-    benign_dataset: str | None = field(
-        default=None, metadata={"help": "Benign task for trainability (split 80/20 into train and eval)."}
-    )
-    harmful_prompts: str | None = field(
-        default=None,
-        metadata={"help": "Held-out harmful prompts (a 'prompt' column) for the side-effects check at step 0."},
-    )
-    benign_requests: str | None = field(
-        default="embedded:benign_requests",
-        metadata={
-            "help": "Benign requests that look unsafe (XSTest-style; a 'prompt' column) for the over-refusal "
-            "check (hub:xstest is the real XSTest's safe prompts), or none."
-        },
-    )
-    eval_limit: int = field(
-        default=0, metadata={"help": "Use at most this many rows of each eval set (0 = all)."}
     )
 
 
@@ -139,7 +107,9 @@ def _check_args(specs, common: dict[str, Any], per: dict[str, dict[str, Any]]) -
         raise ConfigError(f"per_defense_args names defenses not in the leaderboard: {', '.join(stray)}.")
     for name, values in per.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"per_defense_args[{name!r}] must be a mapping of field: value, got {values!r}.")
+            raise ConfigError(
+                f"per_defense_args[{name!r}] must be a mapping of field: value, got {values!r}."
+            )
         unknown = sorted(k for k in values if k not in names[name])
         if unknown:
             raise ConfigError(
@@ -155,21 +125,9 @@ def _check_args(specs, common: dict[str, Any], per: dict[str, dict[str, Any]]) -
 
 
 def leaderboard_record(data: LeaderboardData) -> dict[str, Any]:
-    """The data record (:mod:`immune_trainer.evaluation.recorded`) of ``data``: the SPECs every report
-    keeps, as ``immune-trainer evaluate`` writes them, so that ``immune-trainer verify`` rebuilds its rows."""
-    requests = data.benign_requests
-    return {
-        "attack_train": data.dataset,
-        "attack_eval": data.eval_dataset,
-        "eval_limit": data.eval_limit,
-        "split_seed": 0,
-        "cross_domain": data.cross_domain_dataset,
-        "cross_domain_split": "train_test_split" if data.cross_domain_dataset else None,
-        "reference": list(data.reference),
-        "benign": data.benign_dataset,
-        "harmful_prompts": data.harmful_prompts,
-        "benign_requests": None if (requests or "none").lower() == "none" else requests,
-    }
+    """The data record every report keeps (:meth:`DatasetSpecs.record`, as ``immune-trainer evaluate``
+    writes it), so that ``immune-trainer verify`` rebuilds its rows."""
+    return data.record()
 
 
 def leaderboard_from_specs(

@@ -24,6 +24,16 @@ from immune_trainer.hub.card import write_model_card
 from immune_trainer.model_card import REPORT_FILE
 
 
+def _save_two_tiny_models(root):
+    """A base (seed 0) and an 'immunized' (seed 1) tiny llama with the tiny tokenizer, saved under root."""
+    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for name, seed in (("base", 0), ("immunized", 1)):
+        tiny_causal_lm("llama", seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+
+
 def _write_jsonl(path, ds):
     path.write_text("".join(json.dumps(row) + "\n" for row in ds))
     return str(path)
@@ -35,13 +45,9 @@ def strict_folder(tmp_path_factory):
     from immune_trainer.attacks import AttackConfig
     from immune_trainer.data.loading import ModelArguments
     from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
-    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("strict")
-    tok = tiny_tokenizer()
-    for name, seed in (("base", 0), ("immunized", 1)):
-        tiny_causal_lm("llama", seed=seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    _save_two_tiny_models(root)
     data = EvaluationData(
         base_model=str(root / "base"),
         dataset=_write_jsonl(root / "train.jsonl", make_pairs(8)),
@@ -224,13 +230,9 @@ def test_verify_reruns_a_calibrated_report_and_passes(tmp_path_factory):
     from immune_trainer.attacks import AttackConfig
     from immune_trainer.data.loading import ModelArguments
     from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
-    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("calibrated")
-    tok = tiny_tokenizer()
-    for name, seed in (("base", 0), ("immunized", 1)):
-        tiny_causal_lm("llama", seed=seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    _save_two_tiny_models(root)
     data = EvaluationData(
         base_model=str(root / "base"),
         dataset=_write_jsonl(root / "train.jsonl", make_pairs(8)),
@@ -239,9 +241,15 @@ def test_verify_reruns_a_calibrated_report_and_passes(tmp_path_factory):
         benign_dataset=_write_jsonl(root / "benign.jsonl", make_benign(10)),
         eval_limit=3,
     )
-    attack = AttackConfig(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40)
+    attack = AttackConfig(
+        families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40
+    )
     cfg = EvaluationConfig(
-        benign_scorer="benign_loss", benign_max_steps=2, benign_eval_every=1, side_effects=False, helpfulness=False
+        benign_scorer="benign_loss",
+        benign_max_steps=2,
+        benign_eval_every=1,
+        side_effects=False,
+        helpfulness=False,
     )
     report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
     assert report.search["kind"] == "calibrated" and "calibration" in report.extra
@@ -278,17 +286,29 @@ def test_verify_reruns_an_attack_search_report_and_passes(tmp_path_factory, tmp_
     }
     sets = condition_datasets(record).datasets
     search = AttackSearch(
-        AttackConfig(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40),
+        AttackConfig(
+            families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40
+        ),
         SearchConfig(search=2, search_seed=3, search_storage=":memory:", n_startup_trials=1),
         SearchSpace(search_space=["learning_rate"], lr_min=1e-3, lr_max=1e-2),
         reference=sets.reference,
     )
     cfg = EvaluationConfig(
-        benign_scorer="benign_loss", benign_max_steps=2, benign_eval_every=1, side_effects=False, helpfulness=False
+        benign_scorer="benign_loss",
+        benign_max_steps=2,
+        benign_eval_every=1,
+        side_effects=False,
+        helpfulness=False,
     )
     report = evaluate_conditions(
-        models["base"], models["immunized"], tok, sets, attack=search, config=cfg,
-        base_name=str(root / "base"), immunized_name=str(root / "immunized"),
+        models["base"],
+        models["immunized"],
+        tok,
+        sets,
+        attack=search,
+        config=cfg,
+        base_name=str(root / "base"),
+        immunized_name=str(root / "immunized"),
     )
     report.datasets = record
     assert report.search and report.search.get("kind") != "calibrated" and report.search["n_trials"] == 2
@@ -311,7 +331,9 @@ def test_verify_reruns_an_attack_search_report_and_passes(tmp_path_factory, tmp_
         "resistance.worst_value",
     ):
         assert name in claims, (name, sorted(claims))
-    assert result.status == "PASSED", [(ch.claim, ch.measured, ch.note) for ch in result.checks if not ch.passed]
+    assert result.status == "PASSED", [
+        (ch.claim, ch.measured, ch.note) for ch in result.checks if not ch.passed
+    ]
 
     # an edited card number fails, named (the re-measurement reused)
     d = shutil.copytree(root / "immunized", tmp_path / "copy")
@@ -331,21 +353,21 @@ def test_verify_remeasures_the_attacked_models_harm_in_the_model_index(tmp_path_
     from immune_trainer.attacks import AttackConfig
     from immune_trainer.data.loading import ModelArguments
     from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
-    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("attacked")
-    tok = tiny_tokenizer()
-    for name, seed in (("base", 0), ("immunized", 1)):
-        tiny_causal_lm("llama", seed=seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    _save_two_tiny_models(root)
     data = EvaluationData(
         base_model=str(root / "base"),
         dataset=_write_jsonl(root / "train.jsonl", make_pairs(8)),
         eval_dataset=_write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
-        harmful_prompts=_write_jsonl(root / "prompts.jsonl", make_pairs(3, offset=400).remove_columns("completion")),
+        harmful_prompts=_write_jsonl(
+            root / "prompts.jsonl", make_pairs(3, offset=400).remove_columns("completion")
+        ),
         eval_limit=3,
     )
-    attack = AttackConfig(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40)
+    attack = AttackConfig(
+        families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40
+    )
     cfg = EvaluationConfig(
         side_effects=False,
         helpfulness=False,
@@ -356,9 +378,13 @@ def test_verify_remeasures_the_attacked_models_harm_in_the_model_index(tmp_path_
     report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
     write_model_card(root / "immunized", report, plot=False)
     card = ModelCard.load(root / "immunized" / "README.md")
-    index = {r.metric_config: r for r in card.data.eval_results if r.metric_config.startswith("after_attack.")}
+    index = {
+        r.metric_config: r for r in card.data.eval_results if r.metric_config.startswith("after_attack.")
+    }
     assert set(index) == {
-        f"after_attack.attack.full.{who}.{what}" for who in ("base", "immunized") for what in ("refusal_rate", "harm")
+        f"after_attack.attack.full.{who}.{what}"
+        for who in ("base", "immunized")
+        for what in ("refusal_rate", "harm")
     }
     record = report.curves["immunized"]["attack"][0].config["after_attack"]
     assert index["after_attack.attack.full.immunized.refusal_rate"].metric_value == record["refusal_rate"]
@@ -368,4 +394,6 @@ def test_verify_remeasures_the_attacked_models_harm_in_the_model_index(tmp_path_
     result = V.verify(str(root / "immunized"))
     checks = {ch.claim: ch for ch in result.checks}
     assert all(checks[cid].passed is True for cid in index), [checks[cid] for cid in index]
-    assert result.status == "PASSED", [(ch.claim, ch.measured, ch.note) for ch in result.checks if not ch.passed]
+    assert result.status == "PASSED", [
+        (ch.claim, ch.measured, ch.note) for ch in result.checks if not ch.passed
+    ]

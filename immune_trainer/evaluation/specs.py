@@ -10,7 +10,7 @@ from .config import EvaluationConfig
 from .pipeline import evaluate_conditions
 from .recorded import condition_datasets
 
-__all__ = ["EvaluationData", "evaluate_from_specs", "load_reference_spec"]
+__all__ = ["DatasetSpecs", "EvaluationData", "evaluate_from_specs", "load_reference_spec"]
 
 
 def load_reference_spec(spec: str, limit: int | None = None):
@@ -27,10 +27,10 @@ def load_reference_spec(spec: str, limit: int | None = None):
 
 
 @dataclass
-class EvaluationData:
-    """Datasets and the base model for ``immune-trainer evaluate`` (each a dataset SPEC, see the CLI)."""
+class DatasetSpecs:
+    """The harmful, reference and benign datasets of an evaluation, each a dataset SPEC (see the CLI); what
+    ``immune-trainer evaluate`` and ``immune-trainer leaderboard --config`` both take."""
 
-    base_model: str = field(default="embedded", metadata={"help": "The model before immunization."})
     dataset: str = field(
         default="embedded:harmful_qa/attack", metadata={"help": "Harmful data the attacker trains on."}
     )
@@ -71,6 +71,34 @@ class EvaluationData:
     eval_limit: int = field(
         default=0, metadata={"help": "Use at most this many rows of each eval set (0 = all)."}
     )
+
+    def record(self) -> dict:
+        """The data record (:mod:`immune_trainer.evaluation.recorded`) the report keeps, so that
+        ``immune-trainer verify`` rebuilds the same rows from the report alone: eval sets keep their first
+        ``eval_limit`` rows; cross-domain and benign data are cut by train_test_split with seed 0."""
+        for item in self.reference:
+            if "=" not in item:
+                raise ConfigError(f"--reference takes NAME=SPEC, got {item!r}.")
+        requests = self.benign_requests
+        return {
+            "attack_train": self.dataset,
+            "attack_eval": self.eval_dataset,
+            "eval_limit": self.eval_limit,
+            "split_seed": 0,
+            "cross_domain": self.cross_domain_dataset,
+            "cross_domain_split": "train_test_split" if self.cross_domain_dataset else None,
+            "reference": list(self.reference),
+            "benign": self.benign_dataset,
+            "harmful_prompts": self.harmful_prompts,
+            "benign_requests": None if (requests or "none").lower() == "none" else requests,
+        }
+
+
+@dataclass
+class EvaluationData(DatasetSpecs):
+    """Datasets and the base model for ``immune-trainer evaluate`` (each a dataset SPEC, see the CLI)."""
+
+    base_model: str = field(default="embedded", metadata={"help": "The model before immunization."})
     defense: str | None = field(
         default=None,
         metadata={
@@ -97,24 +125,8 @@ def evaluate_from_specs(
 
     from ..data.loading import load_model_and_tokenizer
 
-    for item in data.reference:
-        if "=" not in item:
-            raise ConfigError(f"--reference takes NAME=SPEC, got {item!r}.")
-    # What data is used, written first and the datasets built from it, so that `immune-trainer verify`
-    # rebuilds the same rows from the report alone (immune_trainer.evaluation.recorded): eval sets keep
-    # their first eval_limit rows; cross-domain and benign data are cut by train_test_split with seed 0.
-    record = {
-        "attack_train": data.dataset,
-        "attack_eval": data.eval_dataset,
-        "eval_limit": data.eval_limit,
-        "split_seed": 0,
-        "cross_domain": data.cross_domain_dataset,
-        "cross_domain_split": "train_test_split" if data.cross_domain_dataset else None,
-        "reference": list(data.reference),
-        "benign": data.benign_dataset,
-        "harmful_prompts": data.harmful_prompts,
-        "benign_requests": None if (data.benign_requests or "none").lower() == "none" else data.benign_requests,
-    }
+    # What data is used, written first and the datasets built from it (DatasetSpecs.record).
+    record = data.record()
     spec = None
     if data.defense:
         from ..defenses import get_defense
