@@ -173,7 +173,8 @@ def run_leaderboard(
             model=immunized,
             args=config,
             harmful_dataset=harmful_dataset,
-            retain_dataset=retain_dataset,
+            # a defense that trains on harmful data only (Security Vectors) takes no retain set
+            retain_dataset=retain_dataset if spec.trainer_class.takes_retain_dataset else None,
             processing_class=tokenizer,
         )
         trainer.train()

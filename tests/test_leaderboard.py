@@ -101,6 +101,17 @@ def test_a_second_run_reuses_the_reports_and_a_changed_setting_measures_again(bo
     assert any("vaccine: training" in m for m in messages)
 
 
+def test_a_defense_that_trains_on_harmful_data_only_is_ranked_beside_those_given_a_retain_set(board, tmp_path):
+    """The leaderboard holds one retain set for every defense; Security Vectors refuses one, so it gets none
+    (the embedded leaderboard once stopped there)."""
+    _, _, _, (base, tokenizer, kwargs, _) = board
+    messages = []
+    result = run_leaderboard(base, tokenizer, **{**kwargs, "defenses": ["security_vectors"],
+                                                 "output_dir": str(tmp_path), "progress": messages.append})
+    assert [r.defense for r in result.rows] == ["security_vectors"]
+    assert (tmp_path / "security_vectors" / "immunization_report.json").exists()
+
+
 def test_ranking_puts_a_collapsed_model_last_and_refuses_two_reports_of_one_defense(board):
     _, out, _, _ = board
     a = ImmunizationReport.load(out / "gradient_ascent" / "immunization_report.json")

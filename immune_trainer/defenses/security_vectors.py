@@ -116,6 +116,7 @@ class SecurityVectorTrainer(ImmunizationTrainer):
         ),
     }
     config_class = SecurityVectorConfig
+    takes_retain_dataset = False
 
     def __init__(
         self, model=None, args: SecurityVectorConfig | None = None, *pos, peft_config=None, **kwargs

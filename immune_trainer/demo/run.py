@@ -368,7 +368,8 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
     from ..run_cache import ModelCache, content_hash
 
     args = build_defense_config(spec, cfg, str(immunized_dir))
-    retain = embedded.load_embedded("benign_qa")
+    # A defense that trains on harmful data only (Security Vectors) gets no retain set.
+    retain = embedded.load_embedded("benign_qa") if spec.trainer_class.takes_retain_dataset else None
     cache = ModelCache(None if cfg.no_cache else assets.cache_dir() / "runs", kind="immunized", keep=2)
     key = None
     if cache.root is not None:
@@ -379,7 +380,7 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
             "args": settings,
             "base": model_fingerprint(base),
             "harmful": content_hash(splits["defense"]),
-            "retain": content_hash(retain),
+            "retain": None if retain is None else content_hash(retain),
             "versions": {"immune_trainer": __version__, **dependency_versions()},
         }
         hit = cache.get(key)

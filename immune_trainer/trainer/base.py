@@ -116,6 +116,9 @@ class ImmunizationTrainer(Trainer):
     # compute_defense_loss returns a per-batch mean: the Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
     config_class = ImmunizationConfig
+    # False for a defense that trains on harmful data only (Security Vectors): callers that hold a retain
+    # set for every defense (the demo, the sweep, the leaderboard) leave it out for such a defense.
+    takes_retain_dataset = True
 
     def __init__(
         self,
