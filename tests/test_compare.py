@@ -115,6 +115,19 @@ def test_csv_parses_back_to_the_reports_numbers(reports):
     assert [r["verdict"] for r in rows] == ["IMMUNIZED", "NOT IMMUNIZED", "COLLAPSED"]
 
 
+def test_runs_extended_past_the_budget_to_decide_a_claim_are_the_same_attacker(reports):
+    """The calibrated attack extends a run that never crossed within the budget; its grid then lists the
+    longer run lengths. Same attacker, same budget: comparable. A different learning rate is not."""
+    items, _ = reports
+    extended = report("booster")
+    extended.threat_model.grid = {**extended.threat_model.grid, "max_steps": [20, 40]}
+    other_lr = report("booster")
+    other_lr.threat_model.grid = {**other_lr.threat_model.grid, "learning_rates": [1e-3]}
+    comp = compare_reports([items["repnoise_full"], extended, other_lr])
+    assert [r.note for r in comp.rows][:2] == ["", ""]
+    assert comp.rows[2].note.startswith("comparable: no \u2014 different attack grid")
+
+
 def test_outputs_are_written(reports, tmp_path):
     _, paths = reports
     out = compare_reports(list(paths.values())).save(tmp_path / "cmp")
