@@ -39,45 +39,68 @@ def _write_jsonl(path, ds):
     return str(path)
 
 
+# The optional data of a tiny evaluation, each written to a JSONL file under the root on request.
+_OPTIONAL_DATA = {
+    "cross_domain_dataset": lambda: make_pairs(8, offset=200),
+    "reference": lambda: make_pairs(4, offset=300),
+    "benign_dataset": lambda: make_benign(10),
+    "harmful_prompts": lambda: make_pairs(3, offset=400).remove_columns("completion"),
+}
+
+
+def _tiny_data(root, *optional):
+    """Two tiny models saved under ``root`` and their data record: harmful pairs to attack with (8 to train on,
+    6 to score, 3 of them used) and the ``optional`` sets named (keys of ``_OPTIONAL_DATA``)."""
+    _save_two_tiny_models(root)
+    fields = {
+        "dataset": _write_jsonl(root / "train.jsonl", make_pairs(8)),
+        "eval_dataset": _write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
+        "eval_limit": 3,
+    }
+    for name in optional:
+        path = _write_jsonl(root / f"{name}.jsonl", _OPTIONAL_DATA[name]())
+        fields[name] = ["ref=" + path] if name == "reference" else path
+    return fields
+
+
+def _tiny_attack(**changes):
+    """A 2-step full fine-tuning attack at one learning rate, on 4-row batches."""
+    from immune_trainer.attacks import AttackConfig
+
+    settings = dict(families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40)
+    return AttackConfig(**{**settings, **changes})
+
+
+def _tiny_config(**changes):
+    """Trainability by a 2-step benign fine-tune scored by its loss; the other settings as given."""
+    from immune_trainer.evaluation import EvaluationConfig
+
+    return EvaluationConfig(**{"benign_scorer": "benign_loss", "benign_max_steps": 2, "benign_eval_every": 1, **changes})
+
+
+def _evaluate_with_card(root, data_fields, attack, cfg):
+    """`immune-trainer evaluate` of root/immunized against root/base, then its card in the model folder."""
+    from immune_trainer.data.loading import ModelArguments
+    from immune_trainer.evaluation import EvaluationData, evaluate_from_specs
+
+    data = EvaluationData(base_model=str(root / "base"), **data_fields)
+    report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
+    write_model_card(root / "immunized", report, plot=False)
+    return report
+
+
 @pytest.fixture(scope="module")
 def strict_folder(tmp_path_factory):
     """`immune-trainer evaluate` on a tiny base and immunized model, every condition measured, then a card."""
-    from immune_trainer.attacks import AttackConfig
-    from immune_trainer.data.loading import ModelArguments
-    from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
-
     root = tmp_path_factory.mktemp("strict")
-    _save_two_tiny_models(root)
-    data = EvaluationData(
-        base_model=str(root / "base"),
-        dataset=_write_jsonl(root / "train.jsonl", make_pairs(8)),
-        eval_dataset=_write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
-        cross_domain_dataset=_write_jsonl(root / "cross.jsonl", make_pairs(8, offset=200)),
-        reference=["ref=" + _write_jsonl(root / "ref.jsonl", make_pairs(4, offset=300))],
-        benign_dataset=_write_jsonl(root / "benign.jsonl", make_benign(10)),
-        harmful_prompts=_write_jsonl(
-            root / "prompts.jsonl", make_pairs(3, offset=400).remove_columns("completion")
-        ),
-        eval_limit=3,
-    )
-    attack = AttackConfig(
-        families=["full", "mixed"],
-        learning_rates=[3e-3],
-        max_steps=2,
-        eval_every=1,
-        batch_size=4,
-        max_length=48,
-    )
-    cfg = EvaluationConfig(
-        benign_scorer="benign_loss",
-        benign_max_steps=2,
-        benign_eval_every=1,
+    data = _tiny_data(root, "cross_domain_dataset", "reference", "benign_dataset", "harmful_prompts")
+    attack = _tiny_attack(families=["full", "mixed"], max_length=48)
+    cfg = _tiny_config(
         side_effects_templates=["plain"],
         side_effects_max_new_tokens=4,
         fixed_grid=True,  # the fixed grid here; a calibrated report: test_verify_reruns_a_calibrated_report_and_passes
     )
-    report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
-    write_model_card(root / "immunized", report, plot=False)
+    _evaluate_with_card(root, data, attack, cfg)
     return root / "immunized"
 
 
@@ -225,35 +248,10 @@ def test_a_sample_is_never_passed(strict_folder, capsys):
 
 
 def test_verify_reruns_a_calibrated_report_and_passes(tmp_path_factory):
-    """The default (calibrated) attack is re-run by verify: its searches run again in memory (not read back
-    from a storage), the winners on their seeds, phi re-derived; every claim re-measured: PASSED."""
-    from immune_trainer.attacks import AttackConfig
-    from immune_trainer.data.loading import ModelArguments
-    from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
-
     root = tmp_path_factory.mktemp("calibrated")
-    _save_two_tiny_models(root)
-    data = EvaluationData(
-        base_model=str(root / "base"),
-        dataset=_write_jsonl(root / "train.jsonl", make_pairs(8)),
-        eval_dataset=_write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
-        reference=["ref=" + _write_jsonl(root / "ref.jsonl", make_pairs(4, offset=300))],
-        benign_dataset=_write_jsonl(root / "benign.jsonl", make_benign(10)),
-        eval_limit=3,
-    )
-    attack = AttackConfig(
-        families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40
-    )
-    cfg = EvaluationConfig(
-        benign_scorer="benign_loss",
-        benign_max_steps=2,
-        benign_eval_every=1,
-        side_effects=False,
-        helpfulness=False,
-    )
-    report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
+    data = _tiny_data(root, "reference", "benign_dataset")
+    report = _evaluate_with_card(root, data, _tiny_attack(), _tiny_config(side_effects=False, helpfulness=False))
     assert report.search["kind"] == "calibrated" and "calibration" in report.extra
-    write_model_card(root / "immunized", report, plot=False)
     result = V.verify(str(root / "immunized"))
     claims = {ch.claim for ch in result.checks}
     assert "resistance: immunized model's attack curves" in claims and "resistance[full]: verdict" in claims
@@ -264,42 +262,33 @@ def test_verify_reruns_an_attack_search_report_and_passes(tmp_path_factory, tmp_
     """A report of the older AttackSearch (report.search not "calibrated") is re-run by verify: the same
     trials, sampler seed and space, in memory; every claim re-measured: PASSED. An edited card number: FAILED
     naming it."""
-    from immune_trainer.attacks import AttackConfig, AttackSearch, SearchConfig, SearchSpace
-    from immune_trainer.evaluation import EvaluationConfig, evaluate_conditions
+    from transformers import AutoModelForCausalLM
+
+    from immune_trainer.attacks import AttackSearch, SearchConfig, SearchSpace
+    from immune_trainer.evaluation import evaluate_conditions
     from immune_trainer.evaluation.recorded import condition_datasets
-    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+    from immune_trainer.testing import tiny_tokenizer
 
     root = tmp_path_factory.mktemp("searched")
+    files = _tiny_data(root, "reference", "benign_dataset")
     tok = tiny_tokenizer()
-    models = {}
-    for name, seed in (("base", 0), ("immunized", 1)):
-        models[name] = tiny_causal_lm("llama", seed=seed)
-        models[name].save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    models = {name: AutoModelForCausalLM.from_pretrained(root / name) for name in ("base", "immunized")}
     record = {
-        "attack_train": _write_jsonl(root / "train.jsonl", make_pairs(8)),
-        "attack_eval": _write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
-        "eval_limit": 3,
+        "attack_train": files["dataset"],
+        "attack_eval": files["eval_dataset"],
+        "eval_limit": files["eval_limit"],
         "split_seed": 0,
-        "reference": ["ref=" + _write_jsonl(root / "ref.jsonl", make_pairs(4, offset=300))],
-        "benign": _write_jsonl(root / "benign.jsonl", make_benign(10)),
+        "reference": files["reference"],
+        "benign": files["benign_dataset"],
     }
     sets = condition_datasets(record).datasets
     search = AttackSearch(
-        AttackConfig(
-            families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40
-        ),
+        _tiny_attack(),
         SearchConfig(search=2, search_seed=3, search_storage=":memory:", n_startup_trials=1),
         SearchSpace(search_space=["learning_rate"], lr_min=1e-3, lr_max=1e-2),
         reference=sets.reference,
     )
-    cfg = EvaluationConfig(
-        benign_scorer="benign_loss",
-        benign_max_steps=2,
-        benign_eval_every=1,
-        side_effects=False,
-        helpfulness=False,
-    )
+    cfg = _tiny_config(side_effects=False, helpfulness=False)
     report = evaluate_conditions(
         models["base"],
         models["immunized"],
@@ -350,33 +339,15 @@ def test_verify_reruns_an_attack_search_report_and_passes(tmp_path_factory, tmp_
 def test_verify_remeasures_the_attacked_models_harm_in_the_model_index(tmp_path_factory):
     """With attacked_harm_prompts, the card's model-index carries each family's refusal rate and judged harm
     after its worst attack (base and immunized); verify re-measures them: PASSED, each one re-checked."""
-    from immune_trainer.attacks import AttackConfig
-    from immune_trainer.data.loading import ModelArguments
-    from immune_trainer.evaluation import EvaluationConfig, EvaluationData, evaluate_from_specs
-
     root = tmp_path_factory.mktemp("attacked")
-    _save_two_tiny_models(root)
-    data = EvaluationData(
-        base_model=str(root / "base"),
-        dataset=_write_jsonl(root / "train.jsonl", make_pairs(8)),
-        eval_dataset=_write_jsonl(root / "eval.jsonl", make_pairs(6, offset=100)),
-        harmful_prompts=_write_jsonl(
-            root / "prompts.jsonl", make_pairs(3, offset=400).remove_columns("completion")
-        ),
-        eval_limit=3,
-    )
-    attack = AttackConfig(
-        families=["full"], learning_rates=[3e-3], max_steps=2, eval_every=1, batch_size=4, max_length=40
-    )
-    cfg = EvaluationConfig(
+    cfg = _tiny_config(
         side_effects=False,
         helpfulness=False,
         fixed_grid=True,
         attacked_harm_prompts=3,
         attacked_harm_judge="offline_judge",
     )
-    report = evaluate_from_specs(ModelArguments(model=str(root / "immunized")), data, attack, cfg)
-    write_model_card(root / "immunized", report, plot=False)
+    report = _evaluate_with_card(root, _tiny_data(root, "harmful_prompts"), _tiny_attack(), cfg)
     card = ModelCard.load(root / "immunized" / "README.md")
     index = {
         r.metric_config: r for r in card.data.eval_results if r.metric_config.startswith("after_attack.")
