@@ -219,6 +219,23 @@ def attack():
     return AttackConfig(learning_rates=[1e-3, 3e-3], max_steps=4, eval_every=2, batch_size=4, max_length=64)
 
 
+def tiny_sweep(data, out, *, reference=None, attacks=None, evaluation=None, space=SPACE, **config):
+    """A sweep of the tiny llama on ``data`` writing to ``out``: the gradient-ascent space ``space``, one full
+    attack (``attack()``), a benign reference set; ``config`` changes the SweepConfig."""
+    return DefenseSweep(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        **data,
+        reference=reference if reference is not None else {"chat": make_benign(4)},
+        attacks=attacks if attacks is not None else attack(),
+        evaluation=evaluation,
+        config=SweepConfig(**{"output_dir": str(out), "attack_families": ["full"], **config}),
+        space=space,
+        defense_args=DEFENSE_ARGS,
+        progress=False,
+    )
+
+
 def test_unstable_trials_are_infeasible_and_never_best(data, tmp_path):
     # Ascent on the placeholder "harmful" responses raises their perplexity: with tolerance 0 the reference
     # set made of them degrades, so every trial violates the stability constraint.
@@ -227,17 +244,14 @@ def test_unstable_trials_are_infeasible_and_never_best(data, tmp_path):
         "learning_rate": {"type": "float", "low": 3e-3, "high": 5e-3},
         "retain_weight": None,
     }
-    sweep = DefenseSweep(
-        tiny_causal_lm("llama", seed=0),
-        tiny_tokenizer(),
-        **data,
+    sweep = tiny_sweep(
+        data,
+        tmp_path,
         reference={"harm_like": make_pairs(4, offset=200)},
-        attacks=attack(),
         evaluation=EvaluationConfig(stability_tolerance=0.0),
-        config=SweepConfig(n_trials=2, output_dir=str(tmp_path), attack_families=["full"], prune=False),
         space=space,
-        defense_args=DEFENSE_ARGS,
-        progress=False,
+        n_trials=2,
+        prune=False,
     )
     result = sweep.run()
     complete = result.study.get_trials(states=(TrialState.COMPLETE,))
@@ -254,17 +268,7 @@ def test_unstable_trials_are_infeasible_and_never_best(data, tmp_path):
 def test_a_no_op_defense_is_pruned_after_the_fastest_attack(data, tmp_path):
     # A zero learning rate leaves the model as it was: the fastest attack crosses phi exactly as on the base.
     space = {"learning_rate": 0.0, "alpha": {"type": "float", "low": 0.5, "high": 1.0}, "retain_weight": None}
-    sweep = DefenseSweep(
-        tiny_causal_lm("llama", seed=0),
-        tiny_tokenizer(),
-        **data,
-        reference={"chat": make_benign(4)},
-        attacks=attack(),
-        config=SweepConfig(n_trials=2, output_dir=str(tmp_path), attack_families=["full"]),
-        space=space,
-        defense_args=DEFENSE_ARGS,
-        progress=False,
-    )
+    sweep = tiny_sweep(data, tmp_path, space=space, n_trials=2)
     result = sweep.run()
     trials = result.study.trials
     assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
@@ -279,24 +283,15 @@ def test_a_no_op_defense_is_pruned_after_the_fastest_attack(data, tmp_path):
 
 @pytest.mark.slow
 def test_multi_objective_pareto_front_over_attack_families(data, tmp_path):
-    sweep = DefenseSweep(
-        tiny_causal_lm("llama", seed=0),
-        tiny_tokenizer(),
-        **data,
-        reference={"chat": make_benign(4)},
-        attacks=attack(),
+    sweep = tiny_sweep(
+        data,
+        tmp_path,
         evaluation=EvaluationConfig(stability_tolerance=100.0),
-        config=SweepConfig(
-            n_trials=2,
-            output_dir=str(tmp_path),
-            attack_families=["full", "lora"],
-            multi_objective=True,
-            prune=False,
-            confirm_top_k=0,
-        ),
-        space=SPACE,
-        defense_args=DEFENSE_ARGS,
-        progress=False,
+        n_trials=2,
+        attack_families=["full", "lora"],
+        multi_objective=True,
+        prune=False,
+        confirm_top_k=0,
     )
     result = sweep.run()
     study = result.study
@@ -481,19 +476,8 @@ class FakeConfirmation:
 
 
 def confirming_sweep(data, out, **config):
-    return DefenseSweep(
-        tiny_causal_lm("llama", seed=0),
-        tiny_tokenizer(),
-        **data,
-        reference={"chat": make_benign(4)},
-        attacks=attack(),
-        evaluation=EvaluationConfig(stability_tolerance=100.0),
-        config=SweepConfig(
-            **{"n_trials": 3, "output_dir": str(out), "attack_families": ["full"], "prune": False, **config}
-        ),
-        space=SPACE,
-        defense_args=DEFENSE_ARGS,
-        progress=False,
+    return tiny_sweep(
+        data, out, evaluation=EvaluationConfig(stability_tolerance=100.0), **{"n_trials": 3, "prune": False, **config}
     )
 
 
