@@ -92,6 +92,18 @@ def test_immunize_trains_and_saves_a_model(workdir, capsys):
     assert "gradient_ascent" in capsys.readouterr().out
 
 
+def test_immunize_a_defense_that_takes_no_retain_set_with_the_default_options(workdir, capsys):
+    """security_vectors trains on harmful data only: the default retain set is not given to it (it refuses
+    one); a retain set the user names is, and the defense's error says why not."""
+    common = ["immunize", "--defense", "security_vectors", "--model", str(workdir / "model"), "--dataset",
+              str(workdir / "train.jsonl"), "--max_steps", "1", "--max_length", "64", "--report_to", "none",
+              "--save_strategy", "no"]
+    assert main([*common, "--output_dir", str(workdir / "vector")]) == 0
+    assert (workdir / "vector" / "adapter_config.json").exists()
+    assert main([*common, "--output_dir", str(workdir / "v2"), "--retain_dataset", str(workdir / "eval.jsonl")]) == 1
+    assert "do not pass a retain_dataset" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

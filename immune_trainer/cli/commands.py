@@ -251,6 +251,9 @@ def cmd_immunize(argv: list[str]) -> int:
         _parse([selection, spec.config_class], ["--help"], "immunize")
 
     data, config = _parse([ImmunizeArguments, spec.config_class], rest, "immunize")
+    if not spec.trainer_class.takes_retain_dataset:
+        if data.retain_dataset == ImmunizeArguments.__dataclass_fields__["retain_dataset"].default:
+            data.retain_dataset = None  # the default retain set is for the defenses that take one
     validate_sources(models=[data.model, data.tokenizer], datasets=[data.dataset, data.retain_dataset])
     model_args = ModelArguments(
         model=data.model, tokenizer=data.tokenizer, trust_remote_code=config.trust_remote_code

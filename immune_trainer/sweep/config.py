@@ -308,5 +308,9 @@ class ImmunizeArguments:
         default="embedded:harmful_qa/defense", metadata={"help": "Harmful data the defense trains against."}
     )
     retain_dataset: str | None = field(
-        default="embedded:benign_qa", metadata={"help": "Ordinary capability data kept by the retain loss."}
+        default="embedded:benign_qa",
+        metadata={
+            "help": "Ordinary capability data kept by the retain loss (a defense that trains on harmful data "
+            "only, security_vectors, takes none and is not given the default)."
+        },
     )
