@@ -128,6 +128,25 @@ def test_runs_extended_past_the_budget_to_decide_a_claim_are_the_same_attacker(r
     assert comp.rows[2].note.startswith("comparable: no \u2014 different attack grid")
 
 
+def test_calibrated_reports_are_compared_by_their_search_not_by_the_winners_it_found(reports):
+    """Under one calibrated search each immunized model has its own winning learning rate, so the grids (the
+    union of the winners) differ: still the same attacker. Another search space is not."""
+    search = {"kind": "calibrated", "n_trials": 3, "seeds": 2, "space": {"lr_range": [3e-5, 1e-3]}, "sets": {}}
+    a, b, c = report("repnoise"), report("booster"), report("vaccine")
+    b.threat_model.grid = {**b.threat_model.grid, "learning_rates": [1e-4, 2e-4]}
+    for r in (a, b, c):
+        r.search = {**search, "sets": {"attack": {"winners": r.defense["name"]}}}
+    c.search["space"] = {"lr_range": [3e-5, 1e-4]}
+    fixed = report("tar")
+    comp = compare_reports([a, b, c, fixed])
+    notes = [r.note for r in comp.rows]
+    assert notes[:2] == ["", ""]
+    assert notes[2].startswith("comparable: no \u2014 different attack search (") and "1e-04" in notes[2].replace(
+        "0.0001", "1e-04"
+    )
+    assert notes[3] == "comparable: no \u2014 different attack search (a calibrated search vs a fixed grid)"
+
+
 def test_outputs_are_written(reports, tmp_path):
     _, paths = reports
     out = compare_reports(list(paths.values())).save(tmp_path / "cmp")

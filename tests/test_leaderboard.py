@@ -133,6 +133,29 @@ def test_ranking_puts_a_collapsed_model_last_and_refuses_two_reports_of_one_defe
         leaderboard_from_reports([])
 
 
+def test_the_helpfulness_rows_of_stability_are_columns_of_the_board(board):
+    """A model that refuses benign requests is not stable: the board shows each report's over-refusal and
+    generated exact match, base -> immunized, and whether each holds."""
+    _, out, _, _ = board
+    a = ImmunizationReport.load(out / "gradient_ascent" / "immunization_report.json")
+    b = ImmunizationReport.load(out / "vaccine" / "immunization_report.json")
+    a.helpfulness = {
+        "base": {"over_refusal_rate": 0.0, "exact_match": 1 / 3},
+        "immunized": {"over_refusal_rate": 0.1, "exact_match": 1 / 6},
+        "over_refusal_holds": False,
+        "exact_match_holds": False,
+    }
+    b.helpfulness = None
+    board2 = leaderboard_from_reports([a, b])
+    md = board2.to_markdown()
+    assert "| over refusal | generated exact match |" in md
+    row = next(r for r in board2.rows if r.defense == "gradient_ascent")
+    assert row.helpfulness == {"over_refusal": "0 -> 0.1 FAILS", "generated_exact_match": "0.333 -> 0.167 FAILS"}
+    assert next(r for r in board2.rows if r.defense == "vaccine").helpfulness == {}
+    rows = list(csv.DictReader(io.StringIO(board2.to_csv())))
+    assert {r["over_refusal"] for r in rows} == {"0 -> 0.1 FAILS", ""}
+
+
 def test_unknown_defense_and_stray_per_defense_args_fail_before_training(tmp_path):
     base, tok = tiny_causal_lm("llama", seed=0), tiny_tokenizer()
     with pytest.raises(ConfigError, match="no_such_defense"):

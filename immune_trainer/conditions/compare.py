@@ -381,16 +381,34 @@ def _measure_differences(report: ImmunizationReport, ref: ImmunizationReport) ->
     return out
 
 
+def _search_settings(report: ImmunizationReport) -> dict | None:
+    """A calibrated report's search, as configured (space, trials, seeds, budget, cap), without its results;
+    None for a fixed grid or another search."""
+    search = report.search or {}
+    if search.get("kind") != "calibrated":
+        return None
+    return {k: v for k, v in search.items() if k != "sets"}
+
+
 def _grid_differences(report: ImmunizationReport, ref: ImmunizationReport) -> list[str]:
-    """Within one attack family: a different grid or budget measures a different attacker."""
+    """Within one attack family: a different grid, search or budget measures a different attacker."""
     out = []
     tm, rt = report.threat_model, ref.threat_model
-    # The grid's top-level max_steps lists every run length, including runs extended past the budget to
-    # decide a claim (the calibrated attack's extensions): the same attacker, measured longer. The budget
-    # itself is compared below.
-    grid, ref_grid = ({k: v for k, v in g.items() if k != "max_steps"} for g in (tm.grid or {}, rt.grid or {}))
-    if grid != ref_grid:
-        out.append(f"different attack grid ({tm.grid} vs {rt.grid})")
+    search, ref_search = _search_settings(report), _search_settings(ref)
+    if search is not None or ref_search is not None:
+        # A calibrated attack searches each model for its own winner: its grid is the union of the winners,
+        # which differ from model to model under the same attacker. The search's settings are the attacker.
+        if search != ref_search:
+            what = "a calibrated search vs a fixed grid" if None in (search, ref_search) else (
+                f"{search} vs {ref_search}"
+            )
+            out.append(f"different attack search ({what})")
+    else:
+        # The grid's top-level max_steps lists every run length, including runs extended past the budget
+        # to decide a claim: the same attacker, measured longer. The budget itself is compared below.
+        grid, ref_grid = ({k: v for k, v in g.items() if k != "max_steps"} for g in (tm.grid or {}, rt.grid or {}))
+        if grid != ref_grid:
+            out.append(f"different attack grid ({tm.grid} vs {rt.grid})")
     if tm.max_steps != rt.max_steps:
         out.append(f"different attack budget ({tm.max_steps} vs {rt.max_steps} steps)")
     return out

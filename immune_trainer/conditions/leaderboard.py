@@ -117,20 +117,23 @@ def _cell(result: FamilyResistance | ResistanceResult | None) -> FamilyCell | No
     )
 
 
+# (label of the column, key of the measured rate in the report's helpfulness block, key of its verdict)
+_HELPFULNESS_ROWS = (
+    ("over_refusal", "over_refusal_rate", "over_refusal_holds"),
+    ("generated_exact_match", "exact_match", "exact_match_holds"),
+)
+
+
 def _helpfulness(report: ImmunizationReport) -> dict[str, str]:
-    """The helpfulness rows of stability (over-refusal, generated capability) when the report has them."""
-    stab = report.conditions.stability
+    """Stability's helpfulness rows (benign over-refusal and generated exact match, base -> immunized, and
+    whether each holds) when the report measured them: a model that refuses benign requests is not stable,
+    whatever its perplexity."""
+    block = report.helpfulness or {}
+    base, immunized = block.get("base") or {}, block.get("immunized") or {}
     out: dict[str, str] = {}
-    help_result = getattr(stab, "helpfulness", None) if stab is not None else None
-    if help_result is None:
-        help_result = getattr(report.conditions, "helpfulness", None)
-    if help_result is None:
-        return out
-    data = help_result.to_dict() if hasattr(help_result, "to_dict") else dict(help_result)
-    for key in ("over_refusal", "generated_capability", "exact_match"):
-        row = data.get(key)
-        if isinstance(row, dict) and "base" in row and "immunized" in row:
-            out[key] = f"{fmt_number(row['base'], 3)} -> {fmt_number(row['immunized'], 3)}"
+    for label, key, holds in _HELPFULNESS_ROWS:
+        if base.get(key) is not None and immunized.get(key) is not None:
+            out[label] = f"{fmt_number(base[key], 3)} -> {fmt_number(immunized[key], 3)} {_yes(block.get(holds))}"
     return out
 
 
