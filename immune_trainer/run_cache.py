@@ -171,3 +171,28 @@ class ModelCache:
         for old in entries[self.keep :]:
             shutil.rmtree(old, ignore_errors=True)
         return path
+
+
+# The record beside a model that a run wrote into its own output folder (see record_training).
+TRAINING_RECORD = "training_key.json"
+
+
+def record_training(folder: str | Path, key: dict[str, Any], extra: dict | None = None) -> None:
+    """Write beside the model saved in ``folder`` the key of everything its training depended on (as
+    :class:`ModelCache` keys it), so a later run writing to the same folder can reuse it
+    (:func:`recorded_training`) after the cache has evicted its copy."""
+    record = {"key": _normalized(key), "extra": extra or {}}
+    (Path(folder) / TRAINING_RECORD).write_text(json.dumps(record, indent=1, default=str))
+
+
+def recorded_training(folder: str | Path, key: dict[str, Any]) -> dict | None:
+    """The extras recorded with the model in ``folder`` when it was trained with ``key``; None when the folder
+    holds no record, an unreadable one, or one of another training."""
+    path = Path(folder) / TRAINING_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != _normalized(key):
+        return None
+    return record.get("extra", {})

@@ -158,6 +158,41 @@ def test_demo_reuses_the_immunized_model_only_for_the_same_training(tmp_path, mo
     assert not immunize("d", no_cache=True)[2]
 
 
+def test_a_model_left_in_the_output_folder_is_reused_after_the_cache_evicted_it(tmp_path, monkeypatch):
+    """The cache keeps two models; a leaderboard trains eleven. Run again into the same folder, every model
+    the earlier run finished is read back from its folder, and only for the same training."""
+    import torch
+    from conftest import make_benign, make_pairs
+
+    from immune_trainer.data import assets, embedded
+    from immune_trainer.defenses import get_defense
+    from immune_trainer.demo import run as demo
+    from immune_trainer.run_cache import TRAINING_RECORD
+    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
+
+    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(embedded, "load_embedded", lambda *a, **k: make_benign(8))
+    monkeypatch.setattr(demo, "_cuda", lambda: False)
+    base, tok = tiny_causal_lm("llama", seed=0), tiny_tokenizer()
+    splits = {"defense": make_pairs(8)}
+
+    def immunize(name, folder, **overrides):
+        cfg = demo.DemoConfig(quick=True, defense_steps=2, max_length=32, batch_size=2, **overrides)
+        return demo._immunize(get_defense(name), cfg, base, tok, splits, tmp_path / folder)
+
+    first, log, _ = immunize("gradient_ascent", "out/gradient_ascent")
+    for name in ("vaccine", "repnoise"):  # two more models: the first one leaves the cache
+        immunize(name, f"out/{name}")
+    again, log_again, reused = immunize("gradient_ascent", "out/gradient_ascent")
+    assert reused and log_again == log
+    for p, q in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(p, q)
+    # another training into the same folder: trained again, and the record then names the new training
+    assert not immunize("gradient_ascent", "out/gradient_ascent", defense_lr=1e-4)[2]
+    assert immunize("gradient_ascent", "out/gradient_ascent", defense_lr=1e-4)[2]
+    assert (tmp_path / "out" / "gradient_ascent" / TRAINING_RECORD).exists()
+
+
 def test_demo_harmless_weight_is_each_defenses_own_unless_given(tmp_path):
     """--harmless_weight reaches the defense's config; unset, every defense keeps its own default (security
     vectors requires 0, the others weigh the refusal term 1)."""

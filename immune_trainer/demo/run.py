@@ -365,7 +365,7 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
     from ..data import assets, embedded
     from ..evaluation import dependency_versions
     from ..progress import StepBar
-    from ..run_cache import ModelCache, content_hash
+    from ..run_cache import TRAINING_RECORD, ModelCache, content_hash, record_training, recorded_training
 
     args = build_defense_config(spec, cfg, str(immunized_dir))
     # A defense that trains on harmful data only (Security Vectors) gets no retain set.
@@ -384,6 +384,11 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
             "versions": {"immune_trainer": __version__, **dependency_versions()},
         }
         hit = cache.get(key)
+        if hit is None:
+            # The cache keeps the two most recent models; an earlier run into this output folder (a killed
+            # leaderboard of 11 defenses) left its model here, with the key it was trained with.
+            extra = recorded_training(immunized_dir, key)
+            hit = None if extra is None else (Path(immunized_dir), extra)
         if hit is not None:
             path, extra = hit
             _say(
@@ -392,11 +397,16 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
             )
             immunized = AutoModelForCausalLM.from_pretrained(path, dtype=base.dtype, use_safetensors=True)
             immunized.to(base.device)
-            immunized.save_pretrained(str(immunized_dir))
-            tokenizer.save_pretrained(str(immunized_dir))
+            if Path(path) != Path(immunized_dir):
+                immunized.save_pretrained(str(immunized_dir))
+                tokenizer.save_pretrained(str(immunized_dir))
+                record_training(immunized_dir, key, extra)
             immunized.eval()
             return immunized, list(extra.get("log_history", [])), True
 
+    # Training into this folder: its record goes first, so a run killed after saving new weights never
+    # leaves them beside the record of the old ones.
+    (Path(immunized_dir) / TRAINING_RECORD).unlink(missing_ok=True)
     immunized = copy.deepcopy(base)
     trainer = spec.trainer_class(
         model=immunized,
@@ -414,6 +424,7 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
     log_history = list(trainer.state.log_history)
     del trainer
     if key is not None:
+        record_training(immunized_dir, key, {"log_history": log_history})
         cache.put(key, lambda d: immunized.save_pretrained(str(d)), extra={"log_history": log_history})
     return immunized, log_history, False
 
