@@ -173,8 +173,7 @@ def run_leaderboard(
             model=immunized,
             args=config,
             harmful_dataset=harmful_dataset,
-            # a defense that trains on harmful data only (Security Vectors) takes no retain set
-            retain_dataset=retain_dataset if spec.trainer_class.takes_retain_dataset else None,
+            retain_dataset=spec.trainer_class.retain_for(retain_dataset),
             processing_class=tokenizer,
         )
         trainer.train()

@@ -46,6 +46,21 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(_normalized(key), sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _read_keyed(path: Path | None, key: dict[str, Any], what: str) -> dict | None:
+    """The JSON object at ``path`` when it was stored under ``key`` (its ``"key"`` field); None when absent,
+    stored under another key, or unreadable (logged, naming ``what`` it was)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        logger.warning("ignoring unreadable %s %s", what, path)
+        return None
+    if not isinstance(payload, dict) or payload.get("key") != _normalized(key):
+        return None
+    return payload
+
+
 class RunCache:
     """One JSON file per (kind, key) under ``root``; ``None`` as root caches nothing.
 
@@ -69,17 +84,8 @@ class RunCache:
 
     def get(self, kind: str, key: dict[str, Any]) -> Any | None:
         """The stored value for ``key``, or None when absent, unreadable or stored under another key."""
-        path = self.path(kind, key)
-        if path is None or not path.exists():
-            return None
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            logger.warning("ignoring unreadable cached result %s", path)
-            return None
-        if payload.get("key") != _normalized(key):
-            return None
-        return payload.get("value")
+        payload = _read_keyed(self.path(kind, key), key, "cached result")
+        return None if payload is None else payload.get("value")
 
     def put(self, kind: str, key: dict[str, Any], value: Any) -> None:
         path = self.path(kind, key)
@@ -107,6 +113,12 @@ class RunCache:
         return value
 
 
+# The record beside a model that a run wrote into its own output folder (see record_training), and the one
+# beside each ModelCache entry.
+TRAINING_RECORD = "training_key.json"
+_ENTRY = "entry.json"
+
+
 class ModelCache:
     """Trained models kept by a hash of everything their training depended on, the most recent ``keep``.
 
@@ -128,17 +140,11 @@ class ModelCache:
     def get(self, key: dict[str, Any]) -> tuple[Path, dict] | None:
         """``(directory, recorded extras)`` of the entry for ``key``, or None."""
         path = self.path(key)
-        if path is None or not (path / "entry.json").exists():
-            return None
-        try:
-            entry = json.loads((path / "entry.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            logger.warning("ignoring unreadable cached model %s", path)
-            return None
-        if entry.get("key") != _normalized(key):
+        extra = None if path is None else recorded_training(path, key, name=_ENTRY)
+        if extra is None:
             return None
         path.touch()  # most recently used
-        return path, entry.get("extra", {})
+        return path, extra
 
     def put(
         self, key: dict[str, Any], save: Callable[[Path], None], extra: dict | None = None
@@ -154,9 +160,7 @@ class ModelCache:
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".partial-"))
         try:
             save(tmp)
-            (tmp / "entry.json").write_text(
-                json.dumps({"key": _normalized(key), "extra": extra or {}}, indent=1, default=str)
-            )
+            record_training(tmp, key, extra, name=_ENTRY)
             if path.exists():
                 shutil.rmtree(path)
             tmp.rename(path)
@@ -173,26 +177,18 @@ class ModelCache:
         return path
 
 
-# The record beside a model that a run wrote into its own output folder (see record_training).
-TRAINING_RECORD = "training_key.json"
-
-
-def record_training(folder: str | Path, key: dict[str, Any], extra: dict | None = None) -> None:
+def record_training(
+    folder: str | Path, key: dict[str, Any], extra: dict | None = None, name: str = TRAINING_RECORD
+) -> None:
     """Write beside the model saved in ``folder`` the key of everything its training depended on (as
-    :class:`ModelCache` keys it), so a later run writing to the same folder can reuse it
-    (:func:`recorded_training`) after the cache has evicted its copy."""
+    :class:`ModelCache` keys it) and ``extra`` (e.g. the training log), so a later run writing to the same
+    folder can reuse it (:func:`recorded_training`) after the cache has evicted its copy."""
     record = {"key": _normalized(key), "extra": extra or {}}
-    (Path(folder) / TRAINING_RECORD).write_text(json.dumps(record, indent=1, default=str))
+    (Path(folder) / name).write_text(json.dumps(record, indent=1, default=str))
 
 
-def recorded_training(folder: str | Path, key: dict[str, Any]) -> dict | None:
+def recorded_training(folder: str | Path, key: dict[str, Any], name: str = TRAINING_RECORD) -> dict | None:
     """The extras recorded with the model in ``folder`` when it was trained with ``key``; None when the folder
-    holds no record, an unreadable one, or one of another training."""
-    path = Path(folder) / TRAINING_RECORD
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("key") != _normalized(key):
-        return None
-    return record.get("extra", {})
+    holds no record, an unreadable one (logged), or one of another training."""
+    record = _read_keyed(Path(folder) / name, key, "record of a trained model")
+    return None if record is None else record.get("extra", {})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from immune_trainer.progress import StageBar, StepBar
 from immune_trainer.run_cache import RunCache, content_hash
 
@@ -90,7 +92,6 @@ def test_content_hash_tells_datasets_apart():
 
 
 def test_model_cache_keeps_recent_entries_and_never_a_partial_one(tmp_path, model):
-    import pytest
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -126,48 +127,15 @@ def test_model_cache_keeps_recent_entries_and_never_a_partial_one(tmp_path, mode
     assert ModelCache(None).get({"a": 6}) is None and ModelCache(None).put({"a": 6}, fail) is None
 
 
-def test_demo_reuses_the_immunized_model_only_for_the_same_training(tmp_path, monkeypatch):
-    import torch
+@pytest.fixture
+def demo_immunize(tmp_path, monkeypatch):
+    """The demo's ``_immunize`` on a tiny llama (the base) with tiny data and budgets, the user cache under
+    tmp_path: ``immunize(defense, folder, **DemoConfig changes) -> (model, log, reused)``."""
     from conftest import make_benign, make_pairs
 
     from immune_trainer.data import assets, embedded
     from immune_trainer.defenses import get_defense
     from immune_trainer.demo import run as demo
-    from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
-
-    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path / "cache")
-    monkeypatch.setattr(embedded, "load_embedded", lambda *a, **k: make_benign(8))
-    monkeypatch.setattr(demo, "_cuda", lambda: False)
-    base, tok = tiny_causal_lm("llama", seed=0), tiny_tokenizer()
-    splits = {"defense": make_pairs(8)}
-    spec = get_defense("gradient_ascent")
-
-    def immunize(name, **overrides):
-        cfg = demo.DemoConfig(quick=True, defense_steps=2, max_length=32, batch_size=2, **overrides)
-        return demo._immunize(spec, cfg, base, tok, splits, tmp_path / name)
-
-    first, log, reused = immunize("a")
-    assert not reused and any("loss" in h for h in log)
-    assert any(not torch.equal(p, q) for p, q in zip(first.parameters(), base.parameters()))
-    again, log_again, reused = immunize("b")
-    assert reused and log_again == log
-    for p, q in zip(first.state_dict().values(), again.state_dict().values()):
-        assert torch.equal(p, q)
-    assert (tmp_path / "b" / "model.safetensors").exists()  # the output folder is complete either way
-    assert not immunize("c", defense_lr=1e-4)[2]  # other settings: trained again
-    assert not immunize("d", no_cache=True)[2]
-
-
-def test_a_model_left_in_the_output_folder_is_reused_after_the_cache_evicted_it(tmp_path, monkeypatch):
-    """The cache keeps two models; a leaderboard trains eleven. Run again into the same folder, every model
-    the earlier run finished is read back from its folder, and only for the same training."""
-    import torch
-    from conftest import make_benign, make_pairs
-
-    from immune_trainer.data import assets, embedded
-    from immune_trainer.defenses import get_defense
-    from immune_trainer.demo import run as demo
-    from immune_trainer.run_cache import TRAINING_RECORD
     from immune_trainer.testing import tiny_causal_lm, tiny_tokenizer
 
     monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path / "cache")
@@ -180,6 +148,36 @@ def test_a_model_left_in_the_output_folder_is_reused_after_the_cache_evicted_it(
         cfg = demo.DemoConfig(quick=True, defense_steps=2, max_length=32, batch_size=2, **overrides)
         return demo._immunize(get_defense(name), cfg, base, tok, splits, tmp_path / folder)
 
+    immunize.base = base
+    return immunize
+
+
+def test_demo_reuses_the_immunized_model_only_for_the_same_training(tmp_path, demo_immunize):
+    import torch
+
+    def immunize(folder, **overrides):
+        return demo_immunize("gradient_ascent", folder, **overrides)
+
+    first, log, reused = immunize("a")
+    assert not reused and any("loss" in h for h in log)
+    assert any(not torch.equal(p, q) for p, q in zip(first.parameters(), demo_immunize.base.parameters()))
+    again, log_again, reused = immunize("b")
+    assert reused and log_again == log
+    for p, q in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(p, q)
+    assert (tmp_path / "b" / "model.safetensors").exists()  # the output folder is complete either way
+    assert not immunize("c", defense_lr=1e-4)[2]  # other settings: trained again
+    assert not immunize("d", no_cache=True)[2]
+
+
+def test_a_model_left_in_the_output_folder_is_reused_after_the_cache_evicted_it(tmp_path, demo_immunize):
+    """The cache keeps two models; a leaderboard trains eleven. Run again into the same folder, every model
+    the earlier run finished is read back from its folder, and only for the same training."""
+    import torch
+
+    from immune_trainer.run_cache import TRAINING_RECORD
+
+    immunize = demo_immunize
     first, log, _ = immunize("gradient_ascent", "out/gradient_ascent")
     for name in ("vaccine", "repnoise"):  # two more models: the first one leaves the cache
         immunize(name, f"out/{name}")

@@ -368,8 +368,7 @@ def _immunize(spec, cfg: DemoConfig, base, tokenizer, splits, immunized_dir: Pat
     from ..run_cache import TRAINING_RECORD, ModelCache, content_hash, record_training, recorded_training
 
     args = build_defense_config(spec, cfg, str(immunized_dir))
-    # A defense that trains on harmful data only (Security Vectors) gets no retain set.
-    retain = embedded.load_embedded("benign_qa") if spec.trainer_class.takes_retain_dataset else None
+    retain = spec.trainer_class.retain_for(embedded.load_embedded("benign_qa"))
     cache = ModelCache(None if cfg.no_cache else assets.cache_dir() / "runs", kind="immunized", keep=2)
     key = None
     if cache.root is not None:

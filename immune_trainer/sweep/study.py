@@ -428,7 +428,7 @@ class DefenseSweep:
                 model=copy.deepcopy(self.base),
                 args=self._defense_config(params, tmp),
                 harmful_dataset=self.harmful,
-                retain_dataset=self.retain if self.spec.trainer_class.takes_retain_dataset else None,
+                retain_dataset=self.spec.trainer_class.retain_for(self.retain),
                 processing_class=self.tokenizer,
             )
             trainer.remove_callback(PrinterCallback)  # the trial bar is the progress; no log dictionaries

@@ -116,9 +116,14 @@ class ImmunizationTrainer(Trainer):
     # compute_defense_loss returns a per-batch mean: the Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
     config_class = ImmunizationConfig
-    # False for a defense that trains on harmful data only (Security Vectors): callers that hold a retain
-    # set for every defense (the demo, the sweep, the leaderboard) leave it out for such a defense.
+    # False for a defense that trains on harmful data only (Security Vectors), which refuses a retain set.
     takes_retain_dataset = True
+
+    @classmethod
+    def retain_for(cls, retain_dataset):
+        """``retain_dataset``, or None for a defense that takes none: what a caller holding one retain set for
+        every defense (the demo, the sweep, the leaderboard) passes to this one."""
+        return retain_dataset if cls.takes_retain_dataset else None
 
     def __init__(
         self,
