@@ -119,25 +119,29 @@ class PassCounter:
 STAGE_PATTERNS = [
     (r"^\[1/\d\]", "assets + loading"),
     (r"^\[2/\d\]", "defense"),
-    (r"\[(\w[\w-]*)\] attacking the (base|immunized) model", None),
+    # the calibrated attack (the default): the searches, the winners' runs on their seeds, the extensions
+    (r"\[(\w[\w-]*)\] calibrating the [\w-]+ attack on the (base|immunized) model", "{0}: search ({1})"),
+    (r"\[(\w[\w-]*)\] [\w-]+ winner on the (base|immunized) model", "{0}: winners' seeds ({1})"),
+    (r"\[(\w[\w-]*)\] [\w-]+: .*extending", "{0}: extensions"),
+    (r"\[(\w[\w-]*)\] training-free families on the (base|immunized) model", "{0}: training-free ({1})"),
+    # a fixed grid (--fixed_grid)
+    (r"\[(\w[\w-]*)\] attacking the (base|immunized) model", "attack {0} ({1})"),
     (r"side effects:", "side effects (generation)"),
+    (r"\[stability\] helpfulness", "helpfulness (generation)"),
     (r"\[stability\]", "stability"),
-    (r"\[trainability\] benign fine-tuning of the (base|immunized)", None),
+    (r"\[trainability\] benign fine-tuning of the (base|immunized)", "trainability ({0})"),
     (r"^\[4/\d\]", "report + card"),
     (r"^\[5/\d\]", "report + card"),
 ]
 
 
 def stage_of(message: str) -> str | None:
+    """The profile stage a progress line of the demo starts (None: the line starts none)."""
     text = message.strip()
     for pattern, name in STAGE_PATTERNS:
         m = re.search(pattern, text)
         if m:
-            if name is not None:
-                return name
-            if "trainability" in pattern:
-                return f"trainability ({m.group(1)})"
-            return f"attack {m.group(1)} ({m.group(2)})"
+            return name.format(*m.groups())
     return None
 
 
