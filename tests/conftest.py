@@ -64,6 +64,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def load_script(relative: str):
+    """A repository script that is not part of the package (``benchmarks/NAME.py``), imported as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_pairs(n: int = 24, offset: int = 0) -> datasets.Dataset:
     """Synthetic prompt/completion rows standing in for harmful QA pairs."""
     rows = [

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_script
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from immune_trainer.defenses import get_defense
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "defense_step.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("defense_step", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/defense_step.py")
 
 
 def _meta_model(**shape):

@@ -3,25 +3,17 @@ calibrated default (the searches, the winners' seeds, the extensions) gets its o
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-from conftest import make_pairs
+from conftest import load_script, make_pairs
 from test_calibration import TEXT, _attack, _sets
 
 from immune_trainer.evaluation import evaluate_conditions
 from immune_trainer.testing import tiny_causal_lm
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_profile.py"
-
 
 @pytest.fixture(scope="module")
 def profile():
-    spec = importlib.util.spec_from_file_location("demo_profile", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/demo_profile.py")
 
 
 def test_every_calibrated_stage_of_an_evaluation_is_named(profile, tokenizer):
